@@ -1,0 +1,71 @@
+//! Where a guest memory file's pages come from.
+//!
+//! A backing owns the file descriptor and answers what only it knows: its kind, its
+//! allocation unit, which creation flags the kernel object itself enforces, and the raw
+//! `fallocate`. Everything else (attributes, conversion, host-view enforcement) is gmem's and
+//! is the same for every backing.
+
+mod shmem;
+
+pub use shmem::Shmem;
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use crate::flags::Flags;
+
+/// Which kind of object holds the pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackingKind {
+    /// A memfd (shmem) with 4 KiB pages.
+    Shmem,
+    /// A HugeTLB memfd with huge pages of the given size in bytes.
+    HugeTlb(u64),
+    /// The kernel's own guest_memfd, created through KVM.
+    KernelGuestMemfd,
+}
+
+impl fmt::Display for BackingKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackingKind::Shmem => write!(f, "shmem"),
+            BackingKind::HugeTlb(sz) => write!(f, "hugetlb-{}k", sz / 1024),
+            BackingKind::KernelGuestMemfd => write!(f, "kernel-guest-memfd"),
+        }
+    }
+}
+
+/// The object that holds a guest memory file's pages.
+///
+/// Implemented by [`Shmem`] here and by the KVM crate for the kernel's guest_memfd.
+pub trait Backing: AsFd + fmt::Debug + Send + Sync + 'static {
+    /// The kind of object.
+    fn kind(&self) -> BackingKind;
+
+    /// The allocation unit in bytes: sizes and fallocate ranges are multiples of it.
+    fn block_size(&self) -> u64;
+
+    /// True when `read(2)`/`write(2)` on the descriptor already fail in the kernel, as they do
+    /// for the kernel guest_memfd. For other backings gmem refuses them itself.
+    fn kernel_refuses_io(&self) -> bool {
+        false
+    }
+
+    /// True when gmem may map the descriptor for its own guest view and accessors. The kernel
+    /// guest_memfd without `MMAP` cannot be mapped at all.
+    fn mappable(&self, flags: Flags) -> bool {
+        let _ = flags;
+        true
+    }
+
+    /// Raw `fallocate(2)` on the descriptor; gmem has validated mode and range already.
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        crate::sys::fd::fallocate(self.as_fd(), mode, offset, len)
+    }
+
+    /// The descriptor, for callers that need it raw (KVM memslots, hand-over).
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+}

@@ -1,0 +1,219 @@
+//! In-place conversion between shared and private.
+//!
+//! `convert(offset, len, to)` follows the kernel's guest_memfd conversion:
+//!
+//! 1. the range is page aligned, non-empty, does not wrap and lies inside the file (`EINVAL`);
+//! 2. a range already entirely in the target state succeeds at once, touching nothing;
+//! 3. listeners are asked and may veto (`EAGAIN` naming their offset);
+//! 4. to private: every host view of this process is zapped first, then, under the attribute
+//!    lock, host references are checked; any page still referenced fails the whole call with
+//!    `EAGAIN` and `error_offset` = that page, changing nothing. Then peer processes revoke
+//!    theirs (each may refuse the same way), and finally the range is poisoned in every view;
+//! 5. to shared: attributes change, poison markers are removed, peers follow; no reference
+//!    check.
+//!
+//! The call is atomic: on any failure the attributes, the views and the peers are put back as
+//! they were. Contents are never touched, so they survive in both directions.
+
+use std::io;
+
+use crate::attr::{Attr, Run};
+use crate::file::{Control, GuestMemfd, Inner};
+use crate::listener::Conversion;
+use crate::range::{ByteRange, RangeError};
+use crate::sys::PAGE_SIZE;
+use crate::view::host::ViewSlot;
+
+/// Why a conversion failed. The file is unchanged after every error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// Bad range (`EINVAL`).
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// A page still has a host user: a pin, a borrow, an accessor in flight, in this process
+    /// or a peer (`EAGAIN`). `offset` is the first such page.
+    #[error("page at offset {offset:#x} is in use by the host")]
+    Busy {
+        /// First page in the range with a host user.
+        offset: u64,
+    },
+    /// A listener refused (`EAGAIN`).
+    #[error("listener vetoed at offset {offset:#x}: {reason}")]
+    Vetoed {
+        /// Offset the listener named.
+        offset: u64,
+        /// The listener's reason.
+        reason: String,
+    },
+    /// This handle follows another process's file; conversions are made by the owner
+    /// (`EPERM`).
+    #[error("conversions are made by the owning process")]
+    NotOwner,
+    /// Revoking or restoring host mappings failed (the OS error's errno).
+    #[error("revoking host access at offset {offset:#x}: {source}")]
+    Os {
+        /// Start of the range being changed.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A peer process did not answer in time or answered with an error.
+    #[error("peer process failed at offset {offset:#x}: errno {errno}")]
+    Peer {
+        /// Start of the range being changed.
+        offset: u64,
+        /// The errno the peer reported (`ETIMEDOUT` when it did not answer).
+        errno: i32,
+    },
+}
+
+impl ConvertError {
+    /// The errno the kernel returns for the same case.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ConvertError::Range(_) => libc::EINVAL,
+            ConvertError::Busy { .. } | ConvertError::Vetoed { .. } => libc::EAGAIN,
+            ConvertError::NotOwner => libc::EPERM,
+            ConvertError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ConvertError::Peer { errno, .. } => *errno,
+        }
+    }
+
+    /// The offending offset (`error_offset`), where there is one.
+    pub fn error_offset(&self) -> Option<u64> {
+        match self {
+            ConvertError::Range(e) => Some(e.offset()),
+            ConvertError::Busy { offset }
+            | ConvertError::Vetoed { offset, .. }
+            | ConvertError::Os { offset, .. }
+            | ConvertError::Peer { offset, .. } => Some(*offset),
+            ConvertError::NotOwner => None,
+        }
+    }
+}
+
+impl GuestMemfd {
+    /// Converts `[offset, offset + len)` to `to`, in place. See the [module docs](crate::convert).
+    pub fn convert(&self, offset: u64, len: u64, to: Attr) -> Result<(), ConvertError> {
+        let inner = &self.inner;
+        let r = inner.page_range(offset, len)?;
+        if inner.follower {
+            return Err(ConvertError::NotOwner);
+        }
+        let ctl = inner.control();
+        if inner.attrs_read().all(r.start / PAGE_SIZE, r.end / PAGE_SIZE, to) {
+            return Ok(());
+        }
+        let conv = Conversion {
+            offset,
+            len,
+            to,
+        };
+        ctl.listeners.prepare(&conv).map_err(|v| ConvertError::Vetoed {
+            offset: v.offset,
+            reason: v.reason,
+        })?;
+        let res = match to {
+            Attr::Private => to_private(inner, &ctl, r),
+            Attr::Shared => to_shared(inner, &ctl, r),
+        };
+        match &res {
+            Ok(()) => ctl.listeners.commit(&conv),
+            Err(_) => ctl.listeners.abort(&conv),
+        }
+        res
+    }
+}
+
+/// Sets `r` to `to` under the write lock, returning the runs it replaced.
+fn set_attrs(inner: &Inner, r: ByteRange, to: Attr, check_refs: bool) -> Result<Vec<Run>, ConvertError> {
+    let (first, end) = (r.start / PAGE_SIZE, r.end / PAGE_SIZE);
+    let mut attrs = inner.attrs_write();
+    if check_refs {
+        if let Some(p) = inner.refs.first_busy(first, end) {
+            return Err(ConvertError::Busy {
+                offset: p * PAGE_SIZE,
+            });
+        }
+    }
+    let old = attrs.runs(first, end).collect();
+    attrs.set(first, end, to);
+    Ok(old)
+}
+
+/// Makes `r` private in this process: zaps the views (host mappings go first, as in the
+/// kernel), checks host references and marks the range under the write lock, then poisons
+/// the range in every view. Returns the runs it replaced; on failure nothing has changed.
+pub(crate) fn revoke_local(inner: &Inner, views: &[ViewSlot], r: ByteRange) -> Result<Vec<Run>, ConvertError> {
+    let os = |source| ConvertError::Os {
+        offset: r.start,
+        source,
+    };
+    for v in views {
+        v.zap(r).map_err(os)?;
+    }
+    let old = set_attrs(inner, r, Attr::Private, true)?;
+    for v in views {
+        if let Err(e) = v.revoke(r) {
+            undo_revoke(inner, views, &old);
+            return Err(os(e));
+        }
+    }
+    Ok(old)
+}
+
+/// Undoes [`revoke_local`]: puts the old runs back and lifts the markers from what was shared.
+pub(crate) fn undo_revoke(inner: &Inner, views: &[ViewSlot], old: &[Run]) {
+    let mut attrs = inner.attrs_write();
+    for run in old {
+        attrs.set(run.start, run.end, run.attr);
+    }
+    drop(attrs);
+    for run in old.iter().filter(|r| r.attr == Attr::Shared) {
+        for v in views {
+            // Zapping a range of our own live mapping cannot fail for a valid range.
+            let _ = v.zap(run.bytes());
+        }
+    }
+}
+
+/// Makes `r` shared in this process: marks it and lifts the markers. On failure the old
+/// runs are back and every view is poisoned where they were private.
+pub(crate) fn restore_local(inner: &Inner, views: &[ViewSlot], r: ByteRange) -> Result<(), ConvertError> {
+    let old = set_attrs(inner, r, Attr::Shared, false)?;
+    for v in views {
+        if let Err(source) = v.zap(r) {
+            let mut attrs = inner.attrs_write();
+            for run in &old {
+                attrs.set(run.start, run.end, run.attr);
+            }
+            drop(attrs);
+            for run in old.iter().filter(|r| r.attr == Attr::Private) {
+                for v in views {
+                    let _ = v.revoke(run.bytes());
+                }
+            }
+            return Err(ConvertError::Os {
+                offset: r.start,
+                source,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn to_private(inner: &Inner, ctl: &Control, r: ByteRange) -> Result<(), ConvertError> {
+    let old = revoke_local(inner, &ctl.views, r)?;
+    if let Err(e) = ctl.peers.revoke(r) {
+        undo_revoke(inner, &ctl.views, &old);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn to_shared(inner: &Inner, ctl: &Control, r: ByteRange) -> Result<(), ConvertError> {
+    restore_local(inner, &ctl.views, r)?;
+    ctl.peers.restore(r);
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! `fallocate` with the kernel guest_memfd's rules.
+//!
+//! Checked in the order the kernel checks them: `vfs_fallocate` first (zero length or
+//! negative offset `EINVAL`, unknown mode bits `EOPNOTSUPP`, `offset + len` past the largest
+//! file `EFBIG`), then guest_memfd (`KEEP_SIZE` required and only `PUNCH_HOLE` besides it,
+//! `EOPNOTSUPP`; unaligned `EINVAL`; allocation past the end `EINVAL`; punch-hole past the
+//! end clipped, and a no-op at or beyond it). Punch-hole discards contents (they read back
+//! zero) and never changes attributes.
+
+use std::io;
+
+use crate::file::GuestMemfd;
+use crate::range::RangeError;
+
+/// `fallocate` mode bits, with the kernel's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FallocMode(pub i32);
+
+impl FallocMode {
+    /// Allocate without changing the size (`FALLOC_FL_KEEP_SIZE`); required.
+    pub const KEEP_SIZE: FallocMode = FallocMode(libc::FALLOC_FL_KEEP_SIZE);
+    /// Discard the range (`FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE`).
+    pub const PUNCH_HOLE: FallocMode =
+        FallocMode(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE);
+}
+
+/// Bits `vfs_fallocate` knows at all; others are `EOPNOTSUPP` before the file is asked.
+const VFS_SUPPORTED: i32 = libc::FALLOC_FL_KEEP_SIZE
+    | libc::FALLOC_FL_PUNCH_HOLE
+    | libc::FALLOC_FL_COLLAPSE_RANGE
+    | libc::FALLOC_FL_ZERO_RANGE
+    | libc::FALLOC_FL_INSERT_RANGE
+    | libc::FALLOC_FL_UNSHARE_RANGE
+    | 0x80; // FALLOC_FL_WRITE_ZEROES (6.17)
+
+/// Why `fallocate` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FallocateError {
+    /// Mode not supported on guest memory (`EOPNOTSUPP`).
+    #[error("fallocate mode {mode:#x} is not supported")]
+    Unsupported {
+        /// The mode given.
+        mode: i32,
+    },
+    /// Zero length, unaligned, or allocation past the end (`EINVAL`).
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// `offset + len` exceeds the largest file size (`EFBIG`).
+    #[error("range {offset:#x}+{len:#x} exceeds the largest file")]
+    TooBig {
+        /// Offset given.
+        offset: u64,
+        /// Length given.
+        len: u64,
+    },
+    /// The backing failed (`ENOSPC`, `ENOMEM`, ...).
+    #[error("fallocate at {offset:#x}: {source}")]
+    Os {
+        /// Offset given.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl FallocateError {
+    /// The errno the kernel returns for the same case.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FallocateError::Unsupported { .. } => libc::EOPNOTSUPP,
+            FallocateError::Range(_) => libc::EINVAL,
+            FallocateError::TooBig { .. } => libc::EFBIG,
+            FallocateError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+impl GuestMemfd {
+    /// Allocates or punches `[offset, offset + len)` with the kernel's rules (module docs).
+    pub fn fallocate(&self, mode: FallocMode, offset: u64, len: u64) -> Result<(), FallocateError> {
+        let inner = &self.inner;
+        let max = u64::try_from(i64::MAX).unwrap_or(u64::MAX);
+        if len == 0 || offset > max || len > max {
+            return Err(RangeError::Empty { offset }.into_fallocate(offset, len));
+        }
+        if mode.0 & !VFS_SUPPORTED != 0 {
+            return Err(FallocateError::Unsupported { mode: mode.0 });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > max) {
+            return Err(FallocateError::TooBig { offset, len });
+        }
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE;
+        if mode.0 & keep == 0 || mode.0 & !(keep | punch) != 0 {
+            return Err(FallocateError::Unsupported { mode: mode.0 });
+        }
+        let block = inner.backing.block_size();
+        if offset % block != 0 || len % block != 0 {
+            return Err(RangeError::Unaligned {
+                offset,
+                len,
+                align: block,
+            }
+            .into());
+        }
+        let end = offset + len;
+        let os = |source| FallocateError::Os { offset, source };
+        if mode.0 & punch != 0 {
+            let end = end.min(inner.size);
+            if offset >= end {
+                return Ok(());
+            }
+            inner.backing.fallocate(mode.0, offset, end - offset).map_err(os)
+        } else {
+            if end > inner.size {
+                return Err(RangeError::OutOfBounds {
+                    offset,
+                    len,
+                    size: inner.size,
+                }
+                .into());
+            }
+            inner.backing.fallocate(mode.0, offset, len).map_err(os)
+        }
+    }
+}
+
+impl RangeError {
+    /// The `EINVAL` vfs gives for a zero length or a negative offset or length.
+    fn into_fallocate(self, offset: u64, len: u64) -> FallocateError {
+        if len == 0 {
+            FallocateError::Range(self)
+        } else {
+            FallocateError::Range(RangeError::Overflow { offset, len })
+        }
+    }
+}

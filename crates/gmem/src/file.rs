@@ -1,0 +1,436 @@
+//! The guest memory file: creation, identity, queries, and the refused file operations.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
+
+use crate::attr::{Attr, RunMap};
+use crate::backing::{Backing, BackingKind, Shmem};
+use crate::flags::Flags;
+use crate::listener::ListenerSet;
+use crate::range::{ByteRange, RangeError};
+use crate::refs::RefTable;
+use crate::sys::mapping::Mapping;
+use crate::sys::uffd::Uffd;
+use crate::sys::{to_usize, PAGE_SIZE};
+use crate::view::host::ViewSlot;
+
+/// Why a guest memory file could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// Size is zero or not a multiple of the backing's block size (`EINVAL`).
+    #[error("size {size:#x} is zero or not a multiple of {block:#x}")]
+    InvalidSize {
+        /// Size requested.
+        size: u64,
+        /// Block size of the backing.
+        block: u64,
+    },
+    /// A flag bit gmem does not know (`EINVAL`).
+    #[error("unknown flags {bits:#x}")]
+    UnknownFlags {
+        /// The unknown bits.
+        bits: u64,
+    },
+    /// The backing could not be created or mapped.
+    #[error("{op} failed: {source}")]
+    Backing {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl CreateError {
+    /// The errno the kernel returns for the same case.
+    pub fn errno(&self) -> i32 {
+        match self {
+            CreateError::InvalidSize { .. } | CreateError::UnknownFlags { .. } => libc::EINVAL,
+            CreateError::Backing { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// Errors of the file operations a guest memory file refuses (`read`, `write`, resize) and of
+/// attribute queries.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The operation is not supported on guest memory (`EINVAL`, as the kernel answers).
+    #[error("{op} is not supported on guest memory")]
+    Unsupported {
+        /// The refused operation.
+        op: &'static str,
+    },
+    /// The size of a guest memory file never changes (`EINVAL`).
+    #[error("guest memory cannot be resized to {size:#x}")]
+    Resize {
+        /// Size requested.
+        size: u64,
+    },
+    /// A range argument was invalid (`EINVAL`).
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// The kernel refused the operation itself (kernel backing).
+    #[error("{op}: {source}")]
+    Os {
+        /// The operation.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl FileError {
+    /// The errno the kernel returns for the same case.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FileError::Unsupported { .. } | FileError::Resize { .. } | FileError::Range(_) => {
+                libc::EINVAL
+            }
+            FileError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// A file's identity: distinct files have distinct identities, like distinct inodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// Device of the inode.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+/// One run of equal attributes, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttrRun {
+    /// First byte of the run.
+    pub offset: u64,
+    /// Length of the run in bytes.
+    pub len: u64,
+    /// Attribute of every page in the run.
+    pub attr: Attr,
+}
+
+/// State that changes only under the control lock: the views to revoke, the listeners, the
+/// userfaultfd. Conversion, mapping and listener registration serialise on it.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    pub views: Vec<ViewSlot>,
+    pub next_view: u64,
+    pub listeners: ListenerSet,
+    pub uffd: Option<Arc<Uffd>>,
+    pub peers: crate::peer::PeerSet,
+}
+
+/// Shared state of one guest memory file; [`GuestMemfd`] and its views hold it by `Arc`.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub backing: Box<dyn Backing>,
+    pub size: u64,
+    pub flags: Flags,
+    pub attrs: ShardedLock<RunMap>,
+    pub refs: RefTable,
+    pub control: Mutex<Control>,
+    /// gmem's own mapping of the whole file: the guest view, and the path accessors copy
+    /// through after checking attributes. Never registered for enforcement, never forked.
+    pub guest: Option<Mapping>,
+    /// Set on a file attached to another process's owner: conversions come from the owner.
+    pub follower: bool,
+}
+
+impl Inner {
+    pub fn attrs_read(&self) -> ShardedLockReadGuard<'_, RunMap> {
+        self.attrs.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn attrs_write(&self) -> ShardedLockWriteGuard<'_, RunMap> {
+        self.attrs.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks a page-aligned range inside the file.
+    pub fn page_range(&self, offset: u64, len: u64) -> Result<ByteRange, RangeError> {
+        ByteRange::checked(offset, len, PAGE_SIZE, self.size)
+    }
+}
+
+/// Which backing a [`Builder`] creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackingChoice {
+    /// memfd with 4 KiB pages.
+    #[default]
+    Shmem,
+}
+
+/// Builder for [`GuestMemfd`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    size: u64,
+    flags: Flags,
+    backing: BackingChoice,
+}
+
+impl Builder {
+    /// Sets the creation flags.
+    pub fn flags(mut self, flags: Flags) -> Self {
+        self.flags = flags;
+        self
+    }
+
+    /// Chooses the backing.
+    pub fn backing(mut self, backing: BackingChoice) -> Self {
+        self.backing = backing;
+        self
+    }
+
+    /// Creates the file.
+    pub fn create(self) -> Result<GuestMemfd, CreateError> {
+        check_args(self.size, self.flags, crate::sys::PAGE_SIZE)?;
+        let backing = match self.backing {
+            BackingChoice::Shmem => Shmem::create(self.size).map_err(|source| CreateError::Backing {
+                op: "memfd_create",
+                source,
+            })?,
+        };
+        GuestMemfd::from_backing(Box::new(backing), self.size, self.flags)
+    }
+}
+
+fn check_args(size: u64, flags: Flags, block: u64) -> Result<(), CreateError> {
+    let unknown = flags.difference(Flags::ALL);
+    if !unknown.is_empty() {
+        return Err(CreateError::UnknownFlags {
+            bits: unknown.bits(),
+        });
+    }
+    if size == 0 || size % block != 0 {
+        return Err(CreateError::InvalidSize { size, block });
+    }
+    Ok(())
+}
+
+/// A guest memory file: pages that are each shared or private, with host access enforced.
+///
+/// Cloning is cheap and yields another handle to the same file (like `dup(2)`); the file lives
+/// until the last handle, view and pin is gone.
+///
+/// ```
+/// use gmem::{Attr, Flags, GuestMemfd};
+///
+/// let mem = GuestMemfd::builder(4 * 4096)
+///     .flags(Flags::MMAP | Flags::INIT_SHARED)
+///     .create()?;
+/// mem.write_at(0, b"hello")?;
+/// mem.convert(0, 4096, Attr::Private)?;
+/// // The host can no longer read the page; the guest still can.
+/// assert_eq!(mem.read_at(0, &mut [0u8; 5]).unwrap_err().errno(), libc::EFAULT);
+/// let mut buf = [0u8; 5];
+/// mem.guest().read(0, &mut buf)?;
+/// assert_eq!(&buf, b"hello");
+/// mem.convert(0, 4096, Attr::Shared)?;
+/// mem.read_at(0, &mut buf)?;
+/// assert_eq!(&buf, b"hello");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct GuestMemfd {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl GuestMemfd {
+    /// Starts building a file of `size` bytes (shmem backing, no flags).
+    pub fn builder(size: u64) -> Builder {
+        Builder {
+            size,
+            flags: Flags::NONE,
+            backing: BackingChoice::Shmem,
+        }
+    }
+
+    /// Creates a shmem-backed file of `size` bytes with `flags`.
+    pub fn create(size: u64, flags: Flags) -> Result<Self, CreateError> {
+        Self::builder(size).flags(flags).create()
+    }
+
+    /// Wraps a backing created elsewhere (for example the kernel guest_memfd from the KVM
+    /// crate). `size` and `flags` are validated against the backing's block size.
+    pub fn from_backing(
+        backing: Box<dyn Backing>,
+        size: u64,
+        flags: Flags,
+    ) -> Result<Self, CreateError> {
+        Self::assemble(backing, size, flags, None, false)
+    }
+
+    pub(crate) fn assemble(
+        backing: Box<dyn Backing>,
+        size: u64,
+        flags: Flags,
+        attrs: Option<RunMap>,
+        follower: bool,
+    ) -> Result<Self, CreateError> {
+        check_args(size, flags, backing.block_size())?;
+        let pages = size / PAGE_SIZE;
+        let init = if flags.contains(Flags::INIT_SHARED) {
+            Attr::Shared
+        } else {
+            Attr::Private
+        };
+        let attrs = attrs.unwrap_or_else(|| RunMap::new(pages, init));
+        let len = to_usize(size).map_err(|source| CreateError::Backing { op: "size", source })?;
+        let guest = if backing.mappable(flags) {
+            let map = Mapping::shared(backing.as_fd(), 0, len, libc::MAP_NORESERVE)
+                .map_err(|source| CreateError::Backing { op: "mmap", source })?;
+            map.advise(0, len, libc::MADV_DONTFORK)
+                .map_err(|source| CreateError::Backing { op: "madvise", source })?;
+            Some(map)
+        } else {
+            None
+        };
+        let refs = RefTable::new(to_usize(pages).map_err(|source| CreateError::Backing {
+            op: "size",
+            source,
+        })?);
+        Ok(GuestMemfd {
+            inner: Arc::new(Inner {
+                backing,
+                size,
+                flags,
+                attrs: ShardedLock::new(attrs),
+                refs,
+                control: Mutex::new(Control::default()),
+                guest,
+                follower,
+            }),
+        })
+    }
+
+    /// Size in bytes (never changes).
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// Creation flags.
+    pub fn flags(&self) -> Flags {
+        self.inner.flags
+    }
+
+    /// The allocation unit: 4 KiB, or the huge page size for HugeTLB.
+    pub fn block_size(&self) -> u64 {
+        self.inner.backing.block_size()
+    }
+
+    /// The backing's kind.
+    pub fn backing_kind(&self) -> BackingKind {
+        self.inner.backing.kind()
+    }
+
+    /// Size and block size as the kernel reports them for the descriptor (`fstat`).
+    pub fn stat(&self) -> Result<(u64, u64), FileError> {
+        let st = crate::sys::fd::fstat(self.as_fd()).map_err(|source| FileError::Os {
+            op: "fstat",
+            source,
+        })?;
+        let size = u64::try_from(st.st_size).unwrap_or(0);
+        let blksize = u64::try_from(st.st_blksize).unwrap_or(0);
+        Ok((size, blksize))
+    }
+
+    /// The file's identity (device and inode of the descriptor).
+    pub fn id(&self) -> Result<FileId, FileError> {
+        let st = crate::sys::fd::fstat(self.as_fd()).map_err(|source| FileError::Os {
+            op: "fstat",
+            source,
+        })?;
+        Ok(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+
+    /// The attribute of the page containing `offset`.
+    pub fn attr(&self, offset: u64) -> Result<Attr, FileError> {
+        if offset >= self.inner.size {
+            return Err(RangeError::OutOfBounds {
+                offset,
+                len: 1,
+                size: self.inner.size,
+            }
+            .into());
+        }
+        Ok(self.inner.attrs_read().get(offset / PAGE_SIZE))
+    }
+
+    /// The runs of equal attributes inside `[offset, offset + len)` (page aligned), clipped.
+    pub fn runs(&self, offset: u64, len: u64) -> Result<Vec<AttrRun>, FileError> {
+        let r = self.inner.page_range(offset, len)?;
+        let attrs = self.inner.attrs_read();
+        Ok(attrs
+            .runs(r.start / PAGE_SIZE, r.end / PAGE_SIZE)
+            .map(|run| AttrRun {
+                offset: run.start * PAGE_SIZE,
+                len: (run.end - run.start) * PAGE_SIZE,
+                attr: run.attr,
+            })
+            .collect())
+    }
+
+    /// The number of runs covering the whole file.
+    pub fn run_count(&self) -> usize {
+        self.inner.attrs_read().len()
+    }
+
+    /// `read(2)` on guest memory: refused with `EINVAL`, as by the kernel.
+    pub fn read(&self, buf: &mut [u8]) -> Result<usize, FileError> {
+        self.raw_io("read", |fd| crate::sys::fd::pread(fd, buf, 0))
+    }
+
+    /// `write(2)` on guest memory: refused with `EINVAL`, as by the kernel.
+    pub fn write(&self, buf: &[u8]) -> Result<usize, FileError> {
+        self.raw_io("write", |fd| crate::sys::fd::pwrite(fd, buf, 0))
+    }
+
+    /// `pread(2)` on guest memory: refused with `EINVAL`, as by the kernel.
+    pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<usize, FileError> {
+        self.raw_io("pread", |fd| crate::sys::fd::pread(fd, buf, offset))
+    }
+
+    /// `pwrite(2)` on guest memory: refused with `EINVAL`, as by the kernel.
+    pub fn pwrite(&self, buf: &[u8], offset: u64) -> Result<usize, FileError> {
+        self.raw_io("pwrite", |fd| crate::sys::fd::pwrite(fd, buf, offset))
+    }
+
+    fn raw_io(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(BorrowedFd<'_>) -> io::Result<usize>,
+    ) -> Result<usize, FileError> {
+        if self.inner.backing.kernel_refuses_io() {
+            // The kernel object answers for itself; its answer is what conformance compares.
+            return f(self.as_fd()).map_err(|source| FileError::Os { op, source });
+        }
+        Err(FileError::Unsupported { op })
+    }
+
+    /// Resizing is refused with `EINVAL`: a guest memory file has a fixed size.
+    pub fn set_len(&self, size: u64) -> Result<(), FileError> {
+        Err(FileError::Resize { size })
+    }
+}
+
+impl AsFd for GuestMemfd {
+    /// The backing descriptor. Memory reached through a raw mapping of it is outside gmem's
+    /// enforcement: pass it only to KVM memslots or to a gmem peer.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.backing.as_fd()
+    }
+}

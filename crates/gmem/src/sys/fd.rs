@@ -1,0 +1,66 @@
+//! File-descriptor syscalls: memfd creation, sealing, fallocate, fstat.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use super::{cvt, to_off};
+
+/// Creates a memfd with `MFD_CLOEXEC | MFD_ALLOW_SEALING | extra`.
+pub fn memfd_create(name: &CStr, extra: libc::c_uint) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a valid NUL-terminated string; the flags are plain integers.
+    let fd = unsafe {
+        libc::memfd_create(
+            name.as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | extra,
+        )
+    };
+    let fd = cvt(fd)?;
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets the file's size.
+pub fn ftruncate(fd: BorrowedFd<'_>, size: u64) -> io::Result<()> {
+    let size = to_off(size)?;
+    // SAFETY: plain syscall on a valid descriptor.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) }).map(drop)
+}
+
+/// Adds seals to a memfd.
+pub fn add_seals(fd: BorrowedFd<'_>, seals: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) }).map(drop)
+}
+
+/// `fallocate(2)` with the raw mode bits.
+pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (to_off(offset)?, to_off(len)?);
+    // SAFETY: plain syscall on a valid descriptor.
+    cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) }).map(drop)
+}
+
+/// `fstat(2)`.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: `st` is a valid, writable `struct stat`.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so it filled `st`; a zeroed stat is valid anyway.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `pread(2)` into `buf`, returning the byte count.
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let offset = to_off(offset)?;
+    // SAFETY: `buf` is valid for `buf.len()` writable bytes.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// `pwrite(2)` from `buf`, returning the byte count.
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+    let offset = to_off(offset)?;
+    // SAFETY: `buf` is valid for `buf.len()` readable bytes.
+    let n = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), offset) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}

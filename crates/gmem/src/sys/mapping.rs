@@ -1,0 +1,131 @@
+//! An owned memory mapping, unmapped on drop.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use super::{cvt, to_off};
+
+/// An owned `mmap(2)` region. Dropping it unmaps the region.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access is coordinated by its users.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; the type hands out only raw pointers.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` at `offset`, read-write and `MAP_SHARED` with `extra` flags.
+    pub fn shared(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        extra: libc::c_int,
+    ) -> io::Result<Self> {
+        Self::map(
+            Some(fd),
+            offset,
+            len,
+            libc::MAP_SHARED | extra,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    }
+
+    /// Maps `len` bytes of private anonymous memory, zero-filled on first touch.
+    pub fn anonymous(len: usize) -> io::Result<Self> {
+        Self::map(
+            None,
+            0,
+            len,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    }
+
+    /// The general form: `flags` and `prot` are passed to `mmap(2)` unchanged.
+    pub fn map(
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        len: usize,
+        flags: libc::c_int,
+        prot: libc::c_int,
+    ) -> io::Result<Self> {
+        let raw = fd.map_or(-1, |f| f.as_raw_fd());
+        let off = to_off(offset)?;
+        // SAFETY: a fresh mapping at an address of the kernel's choice aliases no Rust object.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, raw, off) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let addr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(Mapping { addr, len })
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+
+    /// Address of the mapping as an integer.
+    pub fn addr(&self) -> usize {
+        self.addr.as_ptr() as usize
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the mapping is zero bytes long (never, in practice).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `madvise(2)` on `[offset, offset + len)` of this mapping.
+    pub fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        debug_assert!(end <= self.len);
+        // SAFETY: the range lies inside this mapping; madvise does not create Rust references.
+        cvt(unsafe { libc::madvise(self.as_ptr().add(offset).cast(), len, advice) }).map(drop)
+    }
+
+    /// `mbind(2)` the whole mapping with `mode` and the node mask `nodes` (bit n = node n).
+    pub fn mbind(&self, mode: libc::c_int, nodes: &[libc::c_ulong], flags: u32) -> io::Result<()> {
+        let maxnode = nodes.len() * libc::c_ulong::BITS as usize + 1;
+        let mask = if nodes.is_empty() { std::ptr::null() } else { nodes.as_ptr() };
+        // SAFETY: the range is this mapping; `mask` is valid for `maxnode - 1` bits or null.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_mbind,
+                self.as_ptr(),
+                self.len,
+                mode,
+                mask,
+                maxnode,
+                flags,
+            )
+        };
+        if ret == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: this value owns the region; nothing borrows it past drop.
+        let ret = unsafe { libc::munmap(self.as_ptr().cast(), self.len) };
+        if ret != 0 {
+            tracing::error!(addr = self.addr(), len = self.len, "munmap failed: {}", io::Error::last_os_error());
+        }
+    }
+}

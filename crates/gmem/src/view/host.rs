@@ -1,0 +1,248 @@
+//! Host views: mappings of the file in which private pages raise `SIGBUS`.
+//!
+//! # Mechanism
+//!
+//! Each view is one `MAP_SHARED` mapping, registered with a userfaultfd in write-protect mode
+//! (which by itself intercepts nothing) so that gmem can place `UFFDIO_POISON` markers on the
+//! page-table entries of private pages. A touch of a marked page is a real `SIGBUS`
+//! (`BUS_ADRERR` on kernels without `CONFIG_MEMORY_FAILURE`), and a kernel access through the
+//! address fails with `EFAULT`. Shared pages fault in normally, whichever mapping allocated
+//! them. The whole view stays one VMA however many runs the file has, so the design is not
+//! bounded by `vm.max_map_count`.
+//!
+//! - revoke (to private): `MADV_DONTNEED` on the range, then `UFFDIO_POISON`; a concurrent
+//!   fault that re-maps a page in between makes the poison stop with `EEXIST` at that page,
+//!   which is zapped again.
+//! - restore (to shared): `MADV_DONTNEED` removes the markers; the pages fault in on use.
+//! - punch-hole keeps the markers (the kernel does not drop them when it unmaps a file range).
+//!
+//! Views are `MADV_DONTFORK`: a forked child inherits no view (userfaultfd state does not
+//! follow a fork, so an inherited view would not be enforced). A second process reaches the
+//! memory through [`crate::peer`].
+
+use std::io;
+use std::sync::Arc;
+
+use crate::file::{GuestMemfd, Inner};
+use crate::flags::Flags;
+use crate::range::{ByteRange, RangeError};
+use crate::sys::mapping::Mapping;
+use crate::sys::uffd::Uffd;
+use crate::sys::to_usize;
+
+/// Why a host view could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The file was created without [`Flags::MMAP`] (`ENODEV`).
+    #[error("the file was created without MMAP")]
+    NotMappable,
+    /// A private (copy-on-write) mapping was requested (`EINVAL`).
+    #[error("copy-on-write mappings of guest memory are refused")]
+    CopyOnWrite,
+    /// Offset not aligned to the block size, zero length, or wrapping range (`EINVAL`).
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// A syscall failed.
+    #[error("{op} at offset {offset:#x}: {source}")]
+    Os {
+        /// The operation.
+        op: &'static str,
+        /// File offset of the view.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl MapError {
+    /// The errno the kernel returns for the same case.
+    pub fn errno(&self) -> i32 {
+        match self {
+            MapError::NotMappable => libc::ENODEV,
+            MapError::CopyOnWrite | MapError::Range(_) => libc::EINVAL,
+            MapError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// How a view is mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// `MAP_SHARED`: writes reach the file. The only kind guest memory allows.
+    #[default]
+    Shared,
+    /// `MAP_PRIVATE` (copy-on-write): refused with `EINVAL`.
+    CopyOnWrite,
+}
+
+/// A registered view, as conversion sees it.
+#[derive(Debug)]
+pub(crate) struct ViewSlot {
+    pub id: u64,
+    pub map: Arc<Mapping>,
+    pub offset: u64,
+    pub uffd: Arc<Uffd>,
+}
+
+/// Consecutive `EEXIST` retries allowed while a host thread keeps faulting the same range.
+const REVOKE_RETRIES: u32 = 1000;
+
+impl ViewSlot {
+    /// The part of this view that maps `r` (file bytes), as (offset in view, len).
+    fn span(&self, r: ByteRange) -> Option<(usize, usize)> {
+        let len = u64::try_from(self.map.len()).ok()?;
+        let mine = ByteRange {
+            start: self.offset,
+            end: self.offset.checked_add(len)?,
+        };
+        let hit = mine.intersect(&r)?;
+        Some((
+            usize::try_from(hit.start - self.offset).ok()?,
+            usize::try_from(hit.len()).ok()?,
+        ))
+    }
+
+    /// Zaps the entries mapping `r` (removing poison markers too).
+    pub fn zap(&self, r: ByteRange) -> io::Result<()> {
+        match self.span(r) {
+            Some((off, len)) => self.map.advise(off, len, libc::MADV_DONTNEED),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes every page of `r` fault with `SIGBUS` in this view.
+    pub fn revoke(&self, r: ByteRange) -> io::Result<()> {
+        let Some((mut off, mut len)) = self.span(r) else {
+            return Ok(());
+        };
+        let mut retries = 0;
+        loop {
+            self.map.advise(off, len, libc::MADV_DONTNEED)?;
+            match self.uffd.poison(self.map.addr() + off, len) {
+                Ok(()) => return Ok(()),
+                Err((e, done)) if e.raw_os_error() == Some(libc::EEXIST) && retries < REVOKE_RETRIES => {
+                    retries += 1;
+                    off += done;
+                    len -= done;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A host mapping of guest memory. Private pages in it raise `SIGBUS`.
+///
+/// The view hands out raw pointers only: memory behind them can become private (and fault) at
+/// any time the guest converts it, and the guest may write shared pages concurrently. For
+/// checked access use [`GuestMemfd::read_at`], [`GuestMemfd::write_at`] or a
+/// [`crate::Pin`].
+#[derive(Debug)]
+pub struct HostView {
+    inner: Arc<Inner>,
+    map: Arc<Mapping>,
+    id: u64,
+    offset: u64,
+}
+
+impl HostView {
+    /// Start of the view.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// Length of the view in bytes (may extend past the end of the file).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Never true: views are at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// File offset the view starts at.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+impl Drop for HostView {
+    fn drop(&mut self) {
+        // Unregister before the mapping goes, so no conversion touches a freed address.
+        self.inner.control().views.retain(|v| v.id != self.id);
+    }
+}
+
+impl GuestMemfd {
+    /// Maps `len` bytes of the file from `offset` for the host (`MAP_SHARED`).
+    ///
+    /// Needs [`Flags::MMAP`] (`ENODEV` otherwise). The view may extend past the end of the
+    /// file; touching there is `SIGBUS`, as is touching a private page.
+    pub fn map(&self, offset: u64, len: u64) -> Result<HostView, MapError> {
+        self.map_with(offset, len, Sharing::Shared)
+    }
+
+    /// [`GuestMemfd::map`] with an explicit sharing mode; [`Sharing::CopyOnWrite`] is refused.
+    pub fn map_with(&self, offset: u64, len: u64, sharing: Sharing) -> Result<HostView, MapError> {
+        let inner = &self.inner;
+        if !inner.flags.contains(Flags::MMAP) {
+            return Err(MapError::NotMappable);
+        }
+        if sharing == Sharing::CopyOnWrite {
+            return Err(MapError::CopyOnWrite);
+        }
+        let block = inner.backing.block_size();
+        let r = ByteRange::checked(offset, len, 1, u64::MAX)?;
+        if offset % block != 0 {
+            return Err(RangeError::Unaligned { offset, len, align: block }.into());
+        }
+        let os = |op, source| MapError::Os { op, offset, source };
+        let map_len = to_usize(r.len().div_ceil(block) * block).map_err(|e| os("mmap", e))?;
+
+        let mut ctl = inner.control();
+        let uffd = match &ctl.uffd {
+            Some(u) => u.clone(),
+            None => {
+                let u = Arc::new(Uffd::new().map_err(|e| os("userfaultfd", e))?);
+                ctl.uffd = Some(u.clone());
+                u
+            }
+        };
+        let map = Mapping::shared(inner.backing.fd(), offset, map_len, 0).map_err(|e| os("mmap", e))?;
+        map.advise(0, map_len, libc::MADV_DONTFORK)
+            .map_err(|e| os("madvise(DONTFORK)", e))?;
+        uffd.register(map.addr(), map_len)
+            .map_err(|e| os("userfaultfd register", e))?;
+        let slot = ViewSlot {
+            id: ctl.next_view,
+            map: Arc::new(map),
+            offset,
+            uffd,
+        };
+        // Private pages are poisoned before the view is handed out. The control lock keeps
+        // conversions out until the view is registered.
+        {
+            let attrs = inner.attrs_read();
+            let end = r.end.min(inner.size);
+            if offset < end {
+                let pages = (offset / crate::sys::PAGE_SIZE, end.div_ceil(crate::sys::PAGE_SIZE));
+                for run in attrs.runs(pages.0, pages.1) {
+                    if run.attr == crate::Attr::Private {
+                        slot.revoke(run.bytes()).map_err(|e| os("poison", e))?;
+                    }
+                }
+            }
+        }
+        let view = HostView {
+            inner: inner.clone(),
+            map: slot.map.clone(),
+            id: slot.id,
+            offset,
+        };
+        ctl.next_view += 1;
+        ctl.views.push(slot);
+        Ok(view)
+    }
+}
