@@ -101,7 +101,7 @@ impl GuestMemfd {
         if inner.follower {
             return Err(ConvertError::NotOwner);
         }
-        let ctl = inner.control();
+        let mut ctl = inner.control();
         if inner.attrs_read().all(r.start / PAGE_SIZE, r.end / PAGE_SIZE, to) {
             return Ok(());
         }
@@ -115,8 +115,8 @@ impl GuestMemfd {
             reason: v.reason,
         })?;
         let res = match to {
-            Attr::Private => to_private(inner, &ctl, r),
-            Attr::Shared => to_shared(inner, &ctl, r),
+            Attr::Private => to_private(inner, &mut ctl, r),
+            Attr::Shared => to_shared(inner, &mut ctl, r),
         };
         match &res {
             Ok(()) => ctl.listeners.commit(&conv),
@@ -143,19 +143,23 @@ fn set_attrs(inner: &Inner, r: ByteRange, to: Attr, check_refs: bool) -> Result<
 }
 
 /// Makes `r` private in this process: zaps the views (host mappings go first, as in the
-/// kernel), checks host references and marks the range under the write lock, then poisons
+/// kernel), checks host references and marks the range under the write lock, then revokes
 /// the range in every view. Returns the runs it replaced; on failure nothing has changed.
-pub(crate) fn revoke_local(inner: &Inner, views: &[ViewSlot], r: ByteRange) -> Result<Vec<Run>, ConvertError> {
+pub(crate) fn revoke_local(
+    inner: &Inner,
+    views: &mut [ViewSlot],
+    r: ByteRange,
+) -> Result<Vec<Run>, ConvertError> {
     let os = |source| ConvertError::Os {
         offset: r.start,
         source,
     };
-    for v in views {
+    for v in views.iter() {
         v.zap(r).map_err(os)?;
     }
     let old = set_attrs(inner, r, Attr::Private, true)?;
-    for v in views {
-        if let Err(e) = v.revoke(r) {
+    for i in 0..views.len() {
+        if let Err(e) = views[i].revoke(r) {
             undo_revoke(inner, views, &old);
             return Err(os(e));
         }
@@ -163,35 +167,44 @@ pub(crate) fn revoke_local(inner: &Inner, views: &[ViewSlot], r: ByteRange) -> R
     Ok(old)
 }
 
-/// Undoes [`revoke_local`]: puts the old runs back and lifts the markers from what was shared.
-pub(crate) fn undo_revoke(inner: &Inner, views: &[ViewSlot], old: &[Run]) {
+/// Puts `old` runs back into the attribute map.
+fn put_back(inner: &Inner, old: &[Run]) {
     let mut attrs = inner.attrs_write();
     for run in old {
         attrs.set(run.start, run.end, run.attr);
     }
-    drop(attrs);
+}
+
+/// Undoes [`revoke_local`]: puts the old runs back and lets the host reach what was shared.
+pub(crate) fn undo_revoke(inner: &Inner, views: &mut [ViewSlot], old: &[Run]) {
+    put_back(inner, old);
+    let fd = inner.backing.fd();
     for run in old.iter().filter(|r| r.attr == Attr::Shared) {
-        for v in views {
-            // Zapping a range of our own live mapping cannot fail for a valid range.
-            let _ = v.zap(run.bytes());
+        for v in views.iter_mut() {
+            if let Err(e) = v.restore(fd, run.bytes()) {
+                tracing::error!(offset = run.bytes().start, "restoring a host view: {e}");
+            }
         }
     }
 }
 
-/// Makes `r` shared in this process: marks it and lifts the markers. On failure the old
-/// runs are back and every view is poisoned where they were private.
-pub(crate) fn restore_local(inner: &Inner, views: &[ViewSlot], r: ByteRange) -> Result<(), ConvertError> {
+/// Makes `r` shared in this process: marks it and lets every view reach it. On failure the
+/// old runs are back and every view is revoked where they were private.
+pub(crate) fn restore_local(
+    inner: &Inner,
+    views: &mut [ViewSlot],
+    r: ByteRange,
+) -> Result<(), ConvertError> {
     let old = set_attrs(inner, r, Attr::Shared, false)?;
-    for v in views {
-        if let Err(source) = v.zap(r) {
-            let mut attrs = inner.attrs_write();
-            for run in &old {
-                attrs.set(run.start, run.end, run.attr);
-            }
-            drop(attrs);
+    let fd = inner.backing.fd();
+    for i in 0..views.len() {
+        if let Err(source) = views[i].restore(fd, r) {
+            put_back(inner, &old);
             for run in old.iter().filter(|r| r.attr == Attr::Private) {
-                for v in views {
-                    let _ = v.revoke(run.bytes());
+                for v in views.iter_mut() {
+                    if let Err(e) = v.revoke(run.bytes()) {
+                        tracing::error!(offset = run.bytes().start, "re-revoking a host view: {e}");
+                    }
                 }
             }
             return Err(ConvertError::Os {
@@ -203,17 +216,17 @@ pub(crate) fn restore_local(inner: &Inner, views: &[ViewSlot], r: ByteRange) -> 
     Ok(())
 }
 
-fn to_private(inner: &Inner, ctl: &Control, r: ByteRange) -> Result<(), ConvertError> {
-    let old = revoke_local(inner, &ctl.views, r)?;
+fn to_private(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), ConvertError> {
+    let old = revoke_local(inner, &mut ctl.views, r)?;
     if let Err(e) = ctl.peers.revoke(r) {
-        undo_revoke(inner, &ctl.views, &old);
+        undo_revoke(inner, &mut ctl.views, &old);
         return Err(e);
     }
     Ok(())
 }
 
-fn to_shared(inner: &Inner, ctl: &Control, r: ByteRange) -> Result<(), ConvertError> {
-    restore_local(inner, &ctl.views, r)?;
+fn to_shared(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), ConvertError> {
+    restore_local(inner, &mut ctl.views, r)?;
     ctl.peers.restore(r);
     Ok(())
 }

@@ -449,10 +449,10 @@ fn decode_request(b: &[u8; MSG_LEN]) -> (u32, u32, u64, u64) {
 
 /// Applies one request locally; returns (errno, offset), `(0, 0)` on success.
 fn apply(inner: &Inner, op: u32, r: ByteRange) -> (i32, u64) {
-    let ctl = inner.control();
+    let mut ctl = inner.control();
     let res = match op {
-        OP_REVOKE => revoke_local(inner, &ctl.views, r).map(drop),
-        OP_RESTORE => restore_local(inner, &ctl.views, r),
+        OP_REVOKE => revoke_local(inner, &mut ctl.views, r).map(drop),
+        OP_RESTORE => restore_local(inner, &mut ctl.views, r),
         _ => return (libc::EINVAL, r.start),
     };
     match res {

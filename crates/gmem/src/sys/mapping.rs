@@ -96,6 +96,38 @@ impl Mapping {
         cvt(unsafe { libc::madvise(self.as_ptr().add(offset).cast(), len, advice) }).map(drop)
     }
 
+    /// Replaces `[offset, offset + len)` of this mapping with `MAP_SHARED | MAP_FIXED` of `fd`
+    /// at `fd_offset`, read-write. The range stays owned by this mapping (unmapped on drop).
+    pub fn map_fixed(
+        &self,
+        offset: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        fd_offset: u64,
+    ) -> io::Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let at = self.as_ptr().wrapping_add(offset);
+        let off = to_off(fd_offset)?;
+        // SAFETY: the range lies inside this mapping, which no Rust reference aliases; MAP_FIXED
+        // replaces the pages in place and the mapping's owner still unmaps the whole region.
+        let p = unsafe {
+            libc::mmap(
+                at.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// `mbind(2)` the whole mapping with `mode` and the node mask `nodes` (bit n = node n).
     pub fn mbind(&self, mode: libc::c_int, nodes: &[libc::c_ulong], flags: u32) -> io::Result<()> {
         let maxnode = nodes.len() * libc::c_ulong::BITS as usize + 1;
