@@ -154,8 +154,18 @@ pub(crate) fn revoke_local(
         offset: r.start,
         source,
     };
+    // Only the shared runs are zapped: the private ones already fault, and zapping them would
+    // lift their markers, leaving them readable if the reference check below fails.
+    let shared: Vec<ByteRange> = inner
+        .attrs_read()
+        .runs(r.start / PAGE_SIZE, r.end / PAGE_SIZE)
+        .filter(|run| run.attr == Attr::Shared)
+        .map(|run| run.bytes())
+        .collect();
     for v in views.iter() {
-        v.zap(r).map_err(os)?;
+        for part in &shared {
+            v.zap(*part).map_err(os)?;
+        }
     }
     let old = set_attrs(inner, r, Attr::Private, true)?;
     for i in 0..views.len() {
