@@ -243,6 +243,9 @@ impl Backing for Received {
     fn mappable(&self, flags: Flags) -> bool {
         self.kind != BackingKind::KernelGuestMemfd || flags.contains(Flags::MMAP)
     }
+    fn userfaultfd_capable(&self) -> bool {
+        self.kind != BackingKind::KernelGuestMemfd
+    }
 }
 
 fn kind_code(k: BackingKind) -> (u32, u64) {

@@ -59,6 +59,14 @@ pub trait Backing: AsFd + fmt::Debug + Send + Sync + 'static {
         true
     }
 
+    /// True when userfaultfd can register mappings of the descriptor (shmem, HugeTLB), so host
+    /// views are enforced with poison markers. When false (the kernel guest_memfd, whose
+    /// mappings userfaultfd refuses with `EINVAL`), every private page of a view is covered by
+    /// a hole mapping instead; [`crate::view::host`] gives the cost of that.
+    fn userfaultfd_capable(&self) -> bool {
+        true
+    }
+
     /// Raw `fallocate(2)` on the descriptor; gmem has validated mode and range already.
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         crate::sys::fd::fallocate(self.as_fd(), mode, offset, len)

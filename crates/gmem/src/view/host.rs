@@ -25,6 +25,16 @@
 //! stay private, so holes only ever cover whole private chunks. The number of VMAs per view is
 //! thus bounded by `2 * size / HOLE_CHUNK + 1` (1,025 for 1 GiB), never by the number of runs.
 //!
+//! # Backings userfaultfd cannot register
+//!
+//! userfaultfd registers only anonymous, shmem and HugeTLB mappings; a mapping of the kernel
+//! guest_memfd is refused (`EINVAL`). For such a backing
+//! ([`crate::Backing::userfaultfd_capable`] false) the hole chunk is the block size, so every
+//! private page of a view lies in a hole and no marker is needed. The cost is one VMA per
+//! private run in the view (two with the shared run after it), so the number of private runs a
+//! view of such a backing can show is bounded by `vm.max_map_count / 2` (about 32,000 by
+//! default); past that, a conversion fails with `ENOMEM` and is rolled back.
+//!
 //! Views are `MADV_DONTFORK`: a forked child inherits no view (userfaultfd state does not
 //! follow a fork, so an inherited view would not be enforced). A second process reaches the
 //! memory through [`crate::peer`].
@@ -111,7 +121,9 @@ pub(crate) struct ViewSlot {
     pub id: u64,
     pub map: Arc<Mapping>,
     pub offset: u64,
-    pub uffd: Arc<Uffd>,
+    /// The userfaultfd placing markers; `None` for a backing it cannot register, whose
+    /// chunk is then the block size (every private page is in a hole).
+    pub uffd: Option<Arc<Uffd>>,
     /// Chunk size of holes for this view (a multiple of the backing's block size).
     pub chunk: u64,
     /// File offsets of the chunks currently mapped as holes.
@@ -214,7 +226,11 @@ impl ViewSlot {
         let mut retries = 0;
         loop {
             self.map.advise(off, len, libc::MADV_DONTNEED)?;
-            match self.uffd.poison(self.map.addr() + off, len) {
+            let Some(uffd) = &self.uffd else {
+                // Unreachable: without a userfaultfd every private range is whole chunks.
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            };
+            match uffd.poison(self.map.addr() + off, len) {
                 Ok(()) => return Ok(()),
                 Err((e, done))
                     if e.raw_os_error() == Some(libc::EEXIST) && retries < REVOKE_RETRIES =>
@@ -228,21 +244,30 @@ impl ViewSlot {
         }
     }
 
-    /// Lets the host reach `r` again. Hole chunks touched by `r` are mapped back whole and
-    /// their pages outside `r`, which stay private, are poisoned.
+    /// Lets the host reach `r` again. Hole chunks touched by `r` are mapped back whole (each
+    /// group of adjacent chunks with one call) and their pages outside `r`, which stay
+    /// private, are poisoned.
     pub fn restore(&mut self, fd: BorrowedFd<'_>, r: ByteRange) -> io::Result<()> {
         let Some(r) = self.view_range().and_then(|v| v.intersect(&r)) else {
             return Ok(());
         };
+        let mut groups: Vec<ByteRange> = Vec::new();
         for h in self.holes_in(r) {
-            let chunk = ByteRange { start: h, end: h + self.chunk };
-            self.map_fixed(fd, h, chunk)?;
-            if let Some((off, len)) = self.span(chunk) {
-                self.uffd.register(self.map.addr() + off, len)?;
+            match groups.last_mut() {
+                Some(g) if g.end == h => g.end = h + self.chunk,
+                _ => groups.push(ByteRange { start: h, end: h + self.chunk }),
             }
-            self.holes.remove(&h);
-            self.poison(ByteRange { start: h, end: r.start.max(h) })?;
-            self.poison(ByteRange { start: r.end.min(chunk.end), end: chunk.end })?;
+        }
+        for g in groups {
+            self.map_fixed(fd, g.start, g)?;
+            if let (Some(uffd), Some((off, len))) = (&self.uffd, self.span(g)) {
+                uffd.register(self.map.addr() + off, len)?;
+            }
+            for h in (g.start..g.end).step_by(self.chunk_step()) {
+                self.holes.remove(&h);
+            }
+            self.poison(ByteRange { start: g.start, end: r.start.max(g.start) })?;
+            self.poison(ByteRange { start: r.end.min(g.end), end: g.end })?;
         }
         self.zap(r)
     }
@@ -319,24 +344,28 @@ impl GuestMemfd {
 
         let mut ctl = inner.control();
         let uffd = match &ctl.uffd {
-            Some(u) => u.clone(),
+            _ if !inner.backing.userfaultfd_capable() => None,
+            Some(u) => Some(u.clone()),
             None => {
                 let u = Arc::new(Uffd::new().map_err(|e| os("userfaultfd", e))?);
                 ctl.uffd = Some(u.clone());
-                u
+                Some(u)
             }
         };
         let map = Mapping::shared(inner.backing.fd(), offset, map_len, 0).map_err(|e| os("mmap", e))?;
         map.advise(0, map_len, libc::MADV_DONTFORK)
             .map_err(|e| os("madvise(DONTFORK)", e))?;
-        uffd.register(map.addr(), map_len)
-            .map_err(|e| os("userfaultfd register", e))?;
+        if let Some(u) = &uffd {
+            u.register(map.addr(), map_len)
+                .map_err(|e| os("userfaultfd register", e))?;
+        }
+        let chunk = if uffd.is_some() { HOLE_CHUNK.max(block) } else { block };
         let mut slot = ViewSlot {
             id: ctl.next_view,
             map: Arc::new(map),
             offset,
             uffd,
-            chunk: HOLE_CHUNK.max(block),
+            chunk,
             holes: BTreeSet::new(),
         };
         // Private pages are poisoned before the view is handed out. The control lock keeps
