@@ -1,4 +1,161 @@
 //! The guest_memfd conformance catalogue, written once and run against every gmem backing.
+//!
+//! The catalogue ports the kernel's own guest_memfd selftests (`guest_memfd_test.c` and
+//! `x86/private_mem_conversions_test.c`) to gmem's API: file creation and its errnos, the
+//! refused file operations, host mappings and their `SIGBUS`es, `fallocate`, and in-place
+//! conversion between shared and private, including a second process and pinned pages. Every
+//! case asserts the exact errno, the `SIGBUS`, or the bytes.
+//!
+//! A backing plugs in by implementing [`Backend`] and instantiating the suite in an
+//! integration test:
+//!
+//! ```ignore
+//! // tests/shmem.rs
+//! gmem_conformance::conformance_suite!(shmem, gmem_conformance::Shmem);
+//! ```
+//!
+//! which expands to one `#[test] fn conformance_<case>()` per case in a module `shmem`, so
+//! `cargo test --workspace conformance` runs the whole catalogue for every backing. Cases size
+//! files and `fallocate` ranges in multiples of [`Backend::block_size`] (a huge page for
+//! HugeTLB) and convert, probe and check bytes per 4 KiB page.
 #![deny(missing_docs)]
 
+pub mod backend;
+pub mod cases;
+pub mod child;
 pub mod probe;
+pub mod touch;
+
+pub use backend::{Backend, Shmem};
+
+use gmem::{CreateError, Flags, GuestMemfd};
+
+/// What a case runs with: the backing and the name of the test running it.
+pub struct Ctx<'a> {
+    backend: &'a dyn Backend,
+    test: &'static str,
+}
+
+impl std::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("backend", &self.backend.name())
+            .field("test", &self.test)
+            .finish()
+    }
+}
+
+impl<'a> Ctx<'a> {
+    /// A context for running a case by hand. `test` is the test's full name as the test
+    /// harness knows it (`module::test_fn`), used to re-run the test in a child process.
+    pub fn new(backend: &'a dyn Backend, test: &'static str) -> Self {
+        Ctx { backend, test }
+    }
+
+    /// The backing.
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend
+    }
+
+    /// The backing's allocation unit.
+    pub fn block(&self) -> u64 {
+        self.backend.block_size()
+    }
+
+    /// The test's full name as the test harness knows it.
+    pub fn test_name(&self) -> &'static str {
+        self.test
+    }
+
+    /// `bytes` rounded up to a whole number of blocks.
+    pub fn size_for(&self, bytes: u64) -> u64 {
+        bytes.div_ceil(self.block()) * self.block()
+    }
+
+    /// Creates a file through the backing or panics with the backing's name and the error.
+    #[track_caller]
+    pub fn create(&self, size: u64, flags: Flags) -> GuestMemfd {
+        self.try_create(size, flags).unwrap_or_else(|e| {
+            panic!(
+                "{}: create({size:#x}, {flags:?}) failed: {e} (errno {})",
+                self.backend.name(),
+                e.errno()
+            )
+        })
+    }
+
+    /// Creates a file through the backing.
+    pub fn try_create(&self, size: u64, flags: Flags) -> Result<GuestMemfd, CreateError> {
+        self.backend.create(size, flags)
+    }
+
+    /// True when the backing accepts every bit of `flags`.
+    pub fn supports(&self, flags: Flags) -> bool {
+        flags.difference(self.backend.supported_flags()).is_empty()
+    }
+}
+
+/// Runs one case against `backend`, printing `skipped: <reason>` instead when the backing
+/// cannot run on this machine. `module_test_path` is `module_path!()::test_fn` of the calling
+/// test; its first segment (the test crate) is dropped to get the harness's test name.
+pub fn run<B: Backend>(backend: &B, module_test_path: &'static str, case: fn(&Ctx<'_>)) {
+    if let Some(reason) = backend.unavailable() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let test = module_test_path
+        .split_once("::")
+        .map_or(module_test_path, |(_, rest)| rest);
+    case(&Ctx::new(backend, test));
+}
+
+/// Instantiates the whole catalogue for one backing.
+///
+/// `conformance_suite!(name, backend_expr)` expands to `mod name { ... }` holding one
+/// `#[test] fn conformance_<case>()` per case of [`cases`]; each test evaluates
+/// `backend_expr` (an expression of a type implementing [`Backend`], resolved in the calling
+/// module) and runs its case with [`run`].
+#[macro_export]
+macro_rules! conformance_suite {
+    ($name:ident, $backend:expr $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::__conformance_tests!($backend;
+                conformance_create_flags_single_bits => $crate::cases::file::flags_single_bits,
+                conformance_create_invalid_sizes => $crate::cases::file::invalid_sizes,
+                conformance_create_distinct_files => $crate::cases::file::distinct_files,
+                conformance_file_io_refused => $crate::cases::file::io_refused,
+                conformance_file_size_and_block => $crate::cases::file::size_and_block,
+                conformance_mmap_shared_punch_rewrite => $crate::cases::mmap::shared_punch_rewrite,
+                conformance_mmap_past_end_sigbus => $crate::cases::mmap::past_end_sigbus,
+                conformance_mmap_private_sigbus => $crate::cases::mmap::private_sigbus,
+                conformance_mmap_needs_mmap_flag => $crate::cases::mmap::needs_mmap_flag,
+                conformance_mmap_copy_on_write_refused => $crate::cases::mmap::copy_on_write_refused,
+                conformance_fallocate_sequence => $crate::cases::fallocate::sequence,
+                conformance_fallocate_invalid_punch => $crate::cases::fallocate::invalid_punch,
+                conformance_fallocate_modes => $crate::cases::fallocate::modes,
+            );
+        }
+    };
+}
+
+/// One `#[test]` per `test_name => case_fn` pair (used by [`conformance_suite!`]).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_tests {
+    ($backend:expr; $($test:ident => $case:path),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                let backend = $backend;
+                $crate::run(
+                    &backend,
+                    concat!(module_path!(), "::", stringify!($test)),
+                    $case,
+                );
+            }
+        )*
+    };
+}

@@ -1,0 +1,3 @@
+//! The conformance catalogue on the shmem backing.
+
+gmem_conformance::conformance_suite!(shmem, gmem_conformance::Shmem);
