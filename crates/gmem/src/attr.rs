@@ -1,12 +1,10 @@
 //! Per-page shared/private attributes, kept as merged runs.
 //!
-//! The kernel keeps guest_memfd attributes in a maple tree keyed by range; gmem keeps a
-//! `BTreeMap` from the first page of each run to the run's attribute. The runs cover the whole
-//! file and neighbours with equal attributes are always merged, so a uniform file is a single
-//! entry whatever its size, and every operation costs `O(log runs)` plus the runs it touches.
+//! The kernel keeps guest_memfd attributes in a maple tree keyed by range; gmem keeps merged
+//! runs that cover the whole file (see [`RunMap`] for the layout), so a uniform file costs the
+//! same few bytes whatever its size, and every operation costs `O(log runs)` plus the runs it
+//! touches.
 
-use std::collections::BTreeMap;
-use std::ops::Bound;
 
 /// Whether the host may reach a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,19 +46,54 @@ impl Run {
     }
 }
 
+/// Keys per chunk before it splits.
+const CHUNK_MAX: usize = 64;
+
+/// A slice of consecutive boundaries, with the attribute of the run starting at the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chunk {
+    keys: Vec<u64>,
+    attr: Attr,
+}
+
+impl Chunk {
+    /// Attribute of the run starting at `keys[i]`: attributes alternate at every boundary.
+    fn attr_at(&self, i: usize) -> Attr {
+        if i % 2 == 0 {
+            self.attr
+        } else {
+            self.attr.flip()
+        }
+    }
+}
+
 /// Attributes of `pages` pages as merged runs.
+///
+/// Stored as the sorted *boundaries* (the first page of every run but the first), split into
+/// chunks of at most 64, with a top-level index of each chunk's first boundary. Because there
+/// are two attributes and neighbours are merged, attributes alternate at every boundary, so a
+/// chunk records only the attribute of its first run. A lookup is a binary search of the
+/// index (about 128 KiB at a million runs, so it stays in cache) and one of a chunk; an update
+/// touches only the chunks it overlaps. A uniform file has no chunk at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunMap {
     pages: u64,
-    starts: BTreeMap<u64, Attr>,
+    first: Attr,
+    index: Vec<u64>,
+    chunks: Vec<Chunk>,
+    keys: usize,
 }
 
 impl RunMap {
     /// A map of `pages` pages (at least one), all with attribute `attr`.
     pub fn new(pages: u64, attr: Attr) -> Self {
-        let mut starts = BTreeMap::new();
-        starts.insert(0, attr);
-        RunMap { pages, starts }
+        RunMap {
+            pages,
+            first: attr,
+            index: Vec::new(),
+            chunks: Vec::new(),
+            keys: 0,
+        }
     }
 
     /// Number of pages covered.
@@ -70,7 +103,7 @@ impl RunMap {
 
     /// Number of runs.
     pub fn len(&self) -> usize {
-        self.starts.len()
+        self.keys + 1
     }
 
     /// Always false: a map covers at least one page.
@@ -78,27 +111,43 @@ impl RunMap {
         false
     }
 
+    /// Position of the last boundary `<= page`: (chunk, key index), or `None` before any.
+    fn locate(&self, page: u64) -> Option<(usize, usize)> {
+        let c = self.index.partition_point(|&k| k <= page).checked_sub(1)?;
+        let i = self.chunks[c].keys.partition_point(|&k| k <= page).checked_sub(1)?;
+        Some((c, i))
+    }
+
+    /// The boundary after position `(c, i)`, or `pages` when it is the last.
+    fn next_key(&self, c: usize, i: usize) -> u64 {
+        match self.chunks[c].keys.get(i + 1) {
+            Some(&k) => k,
+            None => self.index.get(c + 1).copied().unwrap_or(self.pages),
+        }
+    }
+
     /// The attribute of `page`. `page` must be below [`RunMap::pages`].
     pub fn get(&self, page: u64) -> Attr {
-        self.run_at(page).attr
+        match self.locate(page) {
+            None => self.first,
+            Some((c, i)) => self.chunks[c].attr_at(i),
+        }
     }
 
     /// The run containing `page`.
     pub fn run_at(&self, page: u64) -> Run {
-        let (&start, &attr) = self
-            .starts
-            .range(..=page)
-            .next_back()
-            .unwrap_or((&0, &Attr::Shared));
-        let end = self.next_start(start);
-        Run { start, end, attr }
-    }
-
-    fn next_start(&self, start: u64) -> u64 {
-        self.starts
-            .range((Bound::Excluded(start), Bound::Unbounded))
-            .next()
-            .map_or(self.pages, |(&s, _)| s)
+        match self.locate(page) {
+            None => Run {
+                start: 0,
+                end: self.index.first().copied().unwrap_or(self.pages),
+                attr: self.first,
+            },
+            Some((c, i)) => Run {
+                start: self.chunks[c].keys[i],
+                end: self.next_key(c, i),
+                attr: self.chunks[c].attr_at(i),
+            },
+        }
     }
 
     /// True when every page of `[start, end)` has attribute `attr`.
@@ -113,41 +162,144 @@ impl RunMap {
     }
 
     /// The runs overlapping `[start, end)`, clipped to it, in order.
-    pub fn runs(&self, start: u64, end: u64) -> impl Iterator<Item = Run> + '_ {
-        let first = self.run_at(start);
-        let rest = self
-            .starts
-            .range((Bound::Excluded(first.start), Bound::Excluded(end)));
-        std::iter::once((first.start, first.attr))
-            .chain(rest.map(|(&s, &a)| (s, a)))
-            .map(move |(s, attr)| {
-                let run_end = self.next_start(s);
-                Run {
-                    start: s.max(start),
-                    end: run_end.min(end),
-                    attr,
-                }
-            })
+    pub fn runs(&self, start: u64, end: u64) -> RunIter<'_> {
+        let run = self.run_at(start);
+        let next = match self.locate(start) {
+            None => (!self.chunks.is_empty()).then_some((0, 0)),
+            Some((c, i)) => self.step(c, i),
+        };
+        RunIter {
+            map: self,
+            cur: run.start,
+            attr: run.attr,
+            next,
+            start,
+            end,
+        }
+    }
+
+    /// The position after `(c, i)`.
+    fn step(&self, c: usize, i: usize) -> Option<(usize, usize)> {
+        if i + 1 < self.chunks[c].keys.len() {
+            Some((c, i + 1))
+        } else if c + 1 < self.chunks.len() {
+            Some((c + 1, 0))
+        } else {
+            None
+        }
     }
 
     /// Sets `[start, end)` to `attr`, merging with equal neighbours.
     ///
     /// `start < end <= pages()` must hold; callers validate ranges before they get here.
     pub fn set(&mut self, start: u64, end: u64, attr: Attr) {
-        let after = (end < self.pages).then(|| self.get(end));
-        let before = start.checked_sub(1).map(|p| self.get(p));
-        let inner: Vec<u64> = self.starts.range(start..=end).map(|(&s, _)| s).collect();
-        for s in inner {
-            self.starts.remove(&s);
+        if start >= end {
+            return;
         }
-        if before != Some(attr) {
-            self.starts.insert(start, attr);
+        let before = start.checked_sub(1).map(|p| self.get(p));
+        let after = (end < self.pages).then(|| self.get(end));
+        self.remove_keys(start, end);
+        if start == 0 {
+            self.first = attr;
+        } else if before != Some(attr) {
+            self.insert_key(start, attr);
         }
         if let Some(a) = after {
             if a != attr {
-                self.starts.insert(end, a);
+                self.insert_key(end, a);
             }
         }
+    }
+
+    /// Removes every boundary in `[lo, hi]`, keeping each chunk's first attribute right.
+    fn remove_keys(&mut self, lo: u64, hi: u64) {
+        let mut c = self.index.partition_point(|&k| k <= lo).saturating_sub(1);
+        while c < self.chunks.len() && self.index[c] <= hi {
+            let ch = &mut self.chunks[c];
+            let a = ch.keys.partition_point(|&k| k < lo);
+            let b = ch.keys.partition_point(|&k| k <= hi);
+            if a < b {
+                if a == 0 && b < ch.keys.len() {
+                    ch.attr = ch.attr_at(b);
+                }
+                ch.keys.drain(a..b);
+                self.keys -= b - a;
+            }
+            if ch.keys.is_empty() {
+                self.chunks.remove(c);
+                self.index.remove(c);
+            } else {
+                self.index[c] = ch.keys[0];
+                c += 1;
+            }
+        }
+    }
+
+    /// Inserts boundary `key` (not present) where the run starting at it has `attr`.
+    fn insert_key(&mut self, key: u64, attr: Attr) {
+        self.keys += 1;
+        let c = self.index.partition_point(|&k| k <= key);
+        if c == 0 {
+            match self.chunks.first_mut() {
+                Some(ch) if ch.keys.len() < CHUNK_MAX => {
+                    ch.keys.insert(0, key);
+                    ch.attr = attr;
+                    self.index[0] = key;
+                }
+                _ => {
+                    self.chunks.insert(0, Chunk { keys: vec![key], attr });
+                    self.index.insert(0, key);
+                }
+            }
+            return;
+        }
+        let c = c - 1;
+        let ch = &mut self.chunks[c];
+        let at = ch.keys.partition_point(|&k| k < key);
+        ch.keys.insert(at, key);
+        if ch.keys.len() > CHUNK_MAX {
+            let mid = ch.keys.len() / 2;
+            let tail = Chunk {
+                attr: ch.attr_at(mid),
+                keys: ch.keys.split_off(mid),
+            };
+            self.index.insert(c + 1, tail.keys[0]);
+            self.chunks.insert(c + 1, tail);
+        }
+    }
+}
+
+/// Iterator over runs, see [`RunMap::runs`].
+#[derive(Debug, Clone)]
+pub struct RunIter<'a> {
+    map: &'a RunMap,
+    cur: u64,
+    attr: Attr,
+    next: Option<(usize, usize)>,
+    start: u64,
+    end: u64,
+}
+
+impl Iterator for RunIter<'_> {
+    type Item = Run;
+
+    fn next(&mut self) -> Option<Run> {
+        if self.cur >= self.end {
+            return None;
+        }
+        let stop = match self.next {
+            Some((c, i)) => self.map.chunks[c].keys[i],
+            None => self.map.pages,
+        };
+        let run = Run {
+            start: self.cur.max(self.start),
+            end: stop.min(self.end),
+            attr: self.attr,
+        };
+        self.cur = stop;
+        self.attr = self.attr.flip();
+        self.next = self.next.and_then(|(c, i)| self.map.step(c, i));
+        Some(run)
     }
 }
 
@@ -191,17 +343,20 @@ mod tests {
         assert_eq!(m.len(), 1);
     }
 
+    const N: u64 = 600;
+
     #[test]
     fn matches_per_page_model() {
-        let mut m = RunMap::new(64, Attr::Shared);
-        let mut model = [Attr::Shared; 64];
+        let mut m = RunMap::new(N, Attr::Shared);
+        let mut model = [Attr::Shared; N as usize];
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..2000 {
+        for _ in 0..4000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let a = x % 64;
-            let b = a + 1 + (x >> 8) % (64 - a);
+            let a = x % N;
+            let len = if x & 2 == 0 { 1 + (x >> 8) % 4 } else { 1 + (x >> 8) % (N - a) };
+            let b = (a + len).min(N);
             let attr = if x & 1 == 0 { Attr::Shared } else { Attr::Private };
             m.set(a, b, attr);
             for p in a..b {
@@ -211,6 +366,13 @@ mod tests {
                 assert_eq!(m.get(p as u64), *want);
             }
             let rs = runs(&m);
+            assert_eq!(rs.len(), m.len());
+            assert_eq!(rs.first().map(|r| r.0), Some(0));
+            assert_eq!(rs.last().map(|r| r.1), Some(N));
+            let mid = a.min(N - 1);
+            let clipped: Vec<_> = m.runs(mid, N).collect();
+            assert_eq!(clipped[0].start, mid);
+            assert_eq!(clipped[0].attr, model[mid as usize]);
             for w in rs.windows(2) {
                 assert_ne!(w[0].2, w[1].2, "unmerged neighbours");
                 assert_eq!(w[0].1, w[1].0);
