@@ -168,10 +168,14 @@ pub(crate) fn revoke_local(
         }
     }
     let old = set_attrs(inner, r, Attr::Private, true)?;
+    // Likewise only what was shared is revoked: re-revoking a private page zaps its marker
+    // before placing it again, a window in which a host touch would map the private page.
     for i in 0..views.len() {
-        if let Err(e) = views[i].revoke(r) {
-            undo_revoke(inner, views, &old);
-            return Err(os(e));
+        for part in &shared {
+            if let Err(e) = views[i].revoke(*part) {
+                undo_revoke(inner, views, &old);
+                return Err(os(e));
+            }
         }
     }
     Ok(old)

@@ -232,8 +232,11 @@ impl ViewSlot {
             };
             match uffd.poison(self.map.addr() + off, len) {
                 Ok(()) => return Ok(()),
+                // A concurrent fault stops the poison at the page it mapped: `EEXIST` when
+                // that is the first page, `EAGAIN` with the bytes done when it is a later one.
                 Err((e, done))
-                    if e.raw_os_error() == Some(libc::EEXIST) && retries < REVOKE_RETRIES =>
+                    if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::EAGAIN))
+                        && retries < REVOKE_RETRIES =>
                 {
                     retries += 1;
                     off += done;
