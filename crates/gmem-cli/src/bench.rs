@@ -1,0 +1,404 @@
+//! The core performance bars (P1–P5), each measured against its baseline in the same run.
+//!
+//! Every figure is the median of several repetitions; ratios compare gmem with the bare
+//! kernel work (or plain memory operation) done on the same mapping in the same process.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use gmem::{Attr, Flags, GuestMemfd, RunMap, PAGE_SIZE};
+
+/// One measured bar.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    /// Bar identifier (P1..P5).
+    pub bar: &'static str,
+    /// What was measured.
+    pub what: String,
+    /// gmem's figure.
+    pub value: f64,
+    /// The baseline's figure, in the same unit.
+    pub baseline: f64,
+    /// Unit of both figures.
+    pub unit: &'static str,
+    /// `value / baseline` (for throughput: `baseline / value`, so lower is always better).
+    pub ratio: f64,
+    /// The bar, as a human-readable limit.
+    pub limit: &'static str,
+    /// Whether the bar is met.
+    pub pass: bool,
+}
+
+/// Counts live heap bytes; install as the global allocator to measure memory per run.
+#[derive(Debug)]
+pub struct CountingAlloc;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged, only counting sizes.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        LIVE.fetch_add(n, Ordering::Relaxed);
+        // SAFETY: same contract as ours.
+        unsafe { std::alloc::System.realloc(p, l, n) }
+    }
+}
+
+fn live_bytes() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn ns(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e9
+}
+
+fn madvise(ptr: *mut u8, len: usize, advice: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: callers pass a range inside a live mapping they own.
+    let ret = unsafe { libc::madvise(ptr.cast(), len, advice) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+type R<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn row(bar: &'static str, what: String, value: f64, baseline: f64, unit: &'static str, limit: &'static str, max_ratio: f64) -> Row {
+    let ratio = value / baseline;
+    Row {
+        bar,
+        what,
+        value,
+        baseline,
+        unit,
+        ratio,
+        limit,
+        pass: ratio <= max_ratio,
+    }
+}
+
+/// P1: 1 GiB uniform, populated: shared → private → shared and re-populated, against
+/// `MADV_DONTNEED` + `MADV_POPULATE_WRITE` on the same view.
+pub fn p1(size: u64, reps: usize) -> R<Vec<Row>> {
+    let mem = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
+    let view = mem.map(0, size)?;
+    let len = view.len();
+    madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+    let (mut g, mut b, mut gc) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        madvise(view.as_ptr(), len, libc::MADV_DONTNEED)?;
+        madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+        b.push(t.elapsed());
+        let t = Instant::now();
+        mem.convert(0, size, Attr::Private)?;
+        mem.convert(0, size, Attr::Shared)?;
+        let conv = t.elapsed();
+        madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+        g.push(t.elapsed());
+        gc.push(conv);
+    }
+    let (g, b, gc) = (median(g), median(b), median(gc));
+    Ok(vec![row(
+        "P1",
+        format!(
+            "convert {} MiB shared→private→shared + re-map (conversion alone {:.1} ms) vs zap + re-map",
+            size >> 20,
+            ms(gc)
+        ),
+        ms(g),
+        ms(b),
+        "ms",
+        "≤ 1.5×",
+        1.5,
+    )])
+}
+
+/// P2: every other 4 KiB page to private with one call per page, and the whole pattern back
+/// to shared with one call, against a bare per-page `MADV_DONTNEED` loop on the same pages.
+pub fn p2(size: u64) -> R<Vec<Row>> {
+    let mem = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
+    let view = mem.map(0, size)?;
+    let len = view.len();
+    madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+    let pages = size / PAGE_SIZE;
+    let step = usize::try_from(PAGE_SIZE)?;
+    let t = Instant::now();
+    for p in (0..pages).step_by(2) {
+        let off = usize::try_from(p * PAGE_SIZE)?;
+        madvise(view.as_ptr().wrapping_add(off), step, libc::MADV_DONTNEED)?;
+    }
+    let base = t.elapsed();
+    madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+    let t = Instant::now();
+    for p in (0..pages).step_by(2) {
+        mem.convert(p * PAGE_SIZE, PAGE_SIZE, Attr::Private)?;
+    }
+    let per_page = t.elapsed();
+    let runs = mem.run_count();
+    let t = Instant::now();
+    mem.convert(0, size, Attr::Shared)?;
+    let bulk = t.elapsed();
+    let n = f64::from(u32::try_from(pages / 2)?);
+    Ok(vec![
+        row(
+            "P2",
+            format!("{} per-page to-private calls ({} runs) vs per-page madvise loop", pages / 2, runs),
+            ns(per_page) / n,
+            ns(base) / n,
+            "ns/page",
+            "≤ 2×",
+            2.0,
+        ),
+        row(
+            "P2",
+            format!("one bulk call over the {runs}-run pattern back to shared vs per-page madvise loop"),
+            ms(bulk),
+            ms(base),
+            "ms",
+            "≤ 2×",
+            2.0,
+        ),
+    ])
+}
+
+/// P3: attribute lookup at 1M runs, memory per run, and memory of a uniform file.
+pub fn p3() -> R<Vec<Row>> {
+    let runs: u64 = 1 << 20;
+    let before = live_bytes();
+    let mut map = RunMap::new(runs, Attr::Shared);
+    for p in (1..runs).step_by(2) {
+        map.set(p, p + 1, Attr::Private);
+    }
+    let bytes = live_bytes().saturating_sub(before);
+    let per_run = bytes as f64 / map.len() as f64;
+    // Baseline: binary search over a plain sorted array of the same run starts.
+    let starts: Vec<u64> = (0..runs).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut keys = Vec::with_capacity(1 << 16);
+    for _ in 0..(1 << 16) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        keys.push(x % runs);
+    }
+    let mut sink = 0u64;
+    let (mut g, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..9 {
+        let t = Instant::now();
+        for &k in &keys {
+            sink += u64::from(map.get(k) == Attr::Private);
+        }
+        g.push(t.elapsed());
+        let t = Instant::now();
+        for &k in &keys {
+            let i = starts.partition_point(|&s| s <= k);
+            sink += u64::try_from(i & 1).unwrap_or(0);
+        }
+        b.push(t.elapsed());
+    }
+    std::hint::black_box(sink);
+    let n = keys.len() as f64;
+    let (g, b) = (ns(median(g)) / n, ns(median(b)) / n);
+    let uniform = |pages: u64| {
+        let before = live_bytes();
+        let m = RunMap::new(pages, Attr::Private);
+        let used = live_bytes().saturating_sub(before);
+        drop(m);
+        used
+    };
+    let (u1, u16) = (uniform(1 << 18), uniform(1 << 22));
+    let lookup = Row {
+        bar: "P3",
+        what: format!("random attribute lookup at {} runs vs binary search of a sorted array", map.len()),
+        value: g,
+        baseline: b,
+        unit: "ns",
+        ratio: g / b,
+        limit: "≤ 100 ns",
+        pass: g <= 100.0,
+    };
+    let mem_row = Row {
+        bar: "P3",
+        what: "heap bytes per run at 1M runs (baseline: 8 B, one u64 per run)".into(),
+        value: per_run,
+        baseline: 8.0,
+        unit: "B/run",
+        ratio: per_run / 8.0,
+        limit: "≤ 48 B/run",
+        pass: per_run <= 48.0,
+    };
+    let uni = Row {
+        bar: "P3",
+        what: "heap bytes of a uniform 16 GiB file's attributes vs a uniform 1 GiB file's".into(),
+        value: u16 as f64,
+        baseline: u1 as f64,
+        unit: "B",
+        ratio: u16 as f64 / u1.max(1) as f64,
+        limit: "O(1)",
+        pass: u16 == u1,
+    };
+    Ok(vec![lookup, mem_row, uni])
+}
+
+/// P4: `read_at` throughput against `memcpy` from the same mapping.
+pub fn p4(size: u64) -> R<Vec<Row>> {
+    let mem = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
+    let chunk = 1usize << 20;
+    let mut buf = vec![0u8; chunk];
+    let src = mem.guest();
+    for off in (0..size).step_by(chunk) {
+        mem.write_at(off, &buf)?;
+    }
+    let step = u64::try_from(chunk)?;
+    let (mut g, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        let t = Instant::now();
+        for off in (0..size).step_by(chunk) {
+            mem.read_at(off, &mut buf)?;
+        }
+        g.push(t.elapsed());
+        let t = Instant::now();
+        let base = src.as_ptr();
+        for off in (0..size).step_by(chunk) {
+            let at = usize::try_from(off)?;
+            // SAFETY: `[at, at + chunk)` lies inside the guest mapping of `size` bytes, which
+            // does not overlap `buf`.
+            unsafe { std::ptr::copy_nonoverlapping(base.add(at), buf.as_mut_ptr(), chunk) };
+        }
+        std::hint::black_box(&buf);
+        b.push(t.elapsed());
+    }
+    let gbps = |d: Duration| size as f64 / d.as_secs_f64() / 1e9;
+    let (g, b) = (gbps(median(g)), gbps(median(b)));
+    let _ = step;
+    Ok(vec![Row {
+        bar: "P4",
+        what: format!("read_at 1 MiB chunks over {} MiB vs memcpy from the same mapping", size >> 20),
+        value: g,
+        baseline: b,
+        unit: "GB/s",
+        ratio: g / b,
+        limit: "≥ 90% of memcpy",
+        pass: g / b >= 0.9,
+    }])
+}
+
+fn pin_loop(mem: &GuestMemfd, base: u64, iters: u32) -> R<Duration> {
+    let t = Instant::now();
+    for i in 0..iters {
+        let off = base + u64::from(i % 64) * PAGE_SIZE;
+        let p = mem.pin(off, PAGE_SIZE)?;
+        drop(std::hint::black_box(p));
+    }
+    Ok(t.elapsed())
+}
+
+/// P5: pin + unpin of one page, uncontended and with two threads pinning at once.
+pub fn p5() -> R<Vec<Row>> {
+    let mem = GuestMemfd::create(64 << 20, Flags::MMAP | Flags::INIT_SHARED)?;
+    let iters = 2_000_000u32;
+    let mut single = Vec::new();
+    for _ in 0..5 {
+        single.push(pin_loop(&mem, 0, iters)?);
+    }
+    let one = ns(median(single)) / f64::from(iters);
+    let mut two = Vec::new();
+    for _ in 0..5 {
+        let results: Vec<Result<Duration, String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let mem = &mem;
+                    s.spawn(move || pin_loop(mem, t * (32 << 20), iters).map_err(|e| e.to_string()))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".to_string())))
+                .collect()
+        });
+        let mut worst = Duration::ZERO;
+        for r in results {
+            worst = worst.max(r?);
+        }
+        two.push(worst);
+    }
+    let both = ns(median(two)) / f64::from(iters);
+    Ok(vec![
+        Row {
+            bar: "P5",
+            what: "pin + unpin of one page, one thread (baseline: the 100 ns bar)".into(),
+            value: one,
+            baseline: 100.0,
+            unit: "ns",
+            ratio: one / 100.0,
+            limit: "≤ 100 ns",
+            pass: one <= 100.0,
+        },
+        row(
+            "P5",
+            "pin + unpin per op, two threads at once vs one thread".into(),
+            both,
+            one,
+            "ns",
+            "≤ 2×",
+            2.0,
+        ),
+    ])
+}
+
+/// Runs P1–P5 at the given file size (the bars are defined at 1 GiB).
+pub fn run_core(size: u64) -> R<Vec<Row>> {
+    let mut rows = Vec::new();
+    rows.extend(p1(size, 5)?);
+    rows.extend(p2(size)?);
+    rows.extend(p3()?);
+    rows.extend(p4(size.min(256 << 20))?);
+    rows.extend(p5()?);
+    Ok(rows)
+}
+
+/// Formats rows as a Markdown table.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from("| bar | what | gmem | baseline | ratio | bar limit | met |\n|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.2} {} | {:.2} {} | {:.2}× | {} | {} |\n",
+            r.bar,
+            r.what,
+            r.value,
+            r.unit,
+            r.baseline,
+            r.unit,
+            r.ratio,
+            r.limit,
+            if r.pass { "yes" } else { "**no**" }
+        ));
+    }
+    s
+}

@@ -1,0 +1,153 @@
+//! The demo: a software guest writes a secret, converts it to private, and the host is kept
+//! out, in this process and in a child process, until the guest shares it again.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::Command;
+use std::time::Instant;
+
+use gmem::{Attr, Flags, GuestMemfd, PAGE_SIZE};
+
+/// One step of the demo, with its timing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Step {
+    /// What happened.
+    pub what: String,
+    /// The outcome, as shown to the user.
+    pub outcome: String,
+    /// Time the step took, in microseconds.
+    pub micros: f64,
+}
+
+type R<T> = Result<T, Box<dyn std::error::Error>>;
+
+const SECRET: &[u8] = b"guest secret: 0xfeedface";
+
+fn timed<T>(steps: &mut Vec<Step>, what: &str, f: impl FnOnce() -> R<(T, String)>) -> R<T> {
+    let t = Instant::now();
+    let (v, outcome) = f()?;
+    steps.push(Step {
+        what: what.to_string(),
+        outcome,
+        micros: t.elapsed().as_secs_f64() * 1e6,
+    });
+    Ok(v)
+}
+
+fn clear_cloexec(fd: &OwnedFd) -> R<()> {
+    // SAFETY: plain fcntl on a descriptor we own.
+    let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
+    if ret == -1 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// Runs the software-guest demo on a shmem file of `size` bytes.
+pub fn run_software(size: u64) -> R<Vec<Step>> {
+    let mut steps = Vec::new();
+    let secret_at = PAGE_SIZE;
+    let dma_at = 2 * PAGE_SIZE;
+    let mem = timed(&mut steps, "create guest memory (shmem, MMAP|INIT_SHARED)", || {
+        let m = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
+        let s = format!("{} MiB, {} run(s), all shared", size >> 20, m.run_count());
+        Ok((m, s))
+    })?;
+    let guest = mem.guest();
+    timed(&mut steps, "guest writes a secret at 0x1000", || {
+        guest.write(secret_at, SECRET)?;
+        Ok(((), format!("{:?}", String::from_utf8_lossy(SECRET))))
+    })?;
+    timed(&mut steps, "guest converts 0x1000 to private", || {
+        mem.convert(secret_at, PAGE_SIZE, Attr::Private)?;
+        Ok(((), format!("{} runs now", mem.run_count())))
+    })?;
+    timed(&mut steps, "host child process maps the file and touches 0x1000", || {
+        let sock = mem.share_with_process()?;
+        clear_cloexec(&sock)?;
+        let exe = std::env::current_exe()?;
+        let status = Command::new(exe)
+            .args(["__touch", &sock.as_raw_fd().to_string(), &secret_at.to_string()])
+            .status()?;
+        drop(sock);
+        use std::os::unix::process::ExitStatusExt;
+        let outcome = match status.signal() {
+            Some(libc::SIGBUS) => "child killed by SIGBUS, as with the kernel's guest_memfd".to_string(),
+            Some(s) => format!("child killed by signal {s} (expected SIGBUS)"),
+            None => format!("child exited with {status} (expected SIGBUS)"),
+        };
+        Ok(((), outcome))
+    })?;
+    timed(&mut steps, "host safe accessor reads 0x1000", || {
+        let mut buf = [0u8; 8];
+        let outcome = match mem.read_at(secret_at, &mut buf) {
+            Err(e) => format!("refused: {e} (errno {})", e.errno()),
+            Ok(()) => "read succeeded (unexpected)".to_string(),
+        };
+        Ok(((), outcome))
+    })?;
+    let pin = timed(&mut steps, "host device pins 0x2000 for DMA", || {
+        let p = mem.pin(dma_at, PAGE_SIZE)?;
+        Ok((p, "pinned".to_string()))
+    })?;
+    timed(&mut steps, "guest asks for 0x0..0x3000 private while pinned", || {
+        let outcome = match mem.convert(0, 3 * PAGE_SIZE, Attr::Private) {
+            Err(e) => format!(
+                "refused: {e} (errno {}, error_offset {:#x}); nothing changed: {} runs",
+                e.errno(),
+                e.error_offset().unwrap_or(0),
+                mem.run_count()
+            ),
+            Ok(()) => "converted (unexpected)".to_string(),
+        };
+        Ok(((), outcome))
+    })?;
+    timed(&mut steps, "device unpins; the same request is retried", || {
+        drop(pin);
+        mem.convert(0, 3 * PAGE_SIZE, Attr::Private)?;
+        Ok(((), format!("converted; {} runs", mem.run_count())))
+    })?;
+    timed(&mut steps, "guest converts 0x0..0x3000 back to shared", || {
+        mem.convert(0, 3 * PAGE_SIZE, Attr::Shared)?;
+        Ok(((), format!("{} run(s)", mem.run_count())))
+    })?;
+    timed(&mut steps, "host reads 0x1000 through the safe accessor", || {
+        let mut buf = vec![0u8; SECRET.len()];
+        mem.read_at(secret_at, &mut buf)?;
+        let same = buf == SECRET;
+        Ok((
+            (),
+            format!(
+                "{:?} ({})",
+                String::from_utf8_lossy(&buf),
+                if same { "preserved in place" } else { "CHANGED" }
+            ),
+        ))
+    })?;
+    Ok(steps)
+}
+
+/// The child side of the demo: attach, map, touch one byte (dies with `SIGBUS` if private).
+pub fn touch_child(fd: i32, offset: u64) -> R<u8> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the parent passed this descriptor to us and nothing else in this process owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mem = GuestMemfd::attach(sock)?;
+    let view = mem.map(0, mem.size())?;
+    let at = usize::try_from(offset)?;
+    if at >= view.len() {
+        return Err("offset past the view".into());
+    }
+    // SAFETY: `at` is inside the view; the read may raise SIGBUS, which is the point.
+    let b = unsafe { std::ptr::read_volatile(view.as_ptr().add(at)) };
+    Ok(b)
+}
+
+/// Prints steps as a table.
+pub fn print(steps: &[Step], out: &mut impl Write) -> std::io::Result<()> {
+    for (i, s) in steps.iter().enumerate() {
+        writeln!(out, "{:>2}. {:<58} {:>10.1} µs", i + 1, s.what, s.micros)?;
+        writeln!(out, "    -> {}", s.outcome)?;
+    }
+    Ok(())
+}
