@@ -82,7 +82,8 @@ impl Fault {
     }
 }
 
-/// Reduces a real error to a [`Fault`].
+/// Reduces a real error to a [`Fault`]. Variants this crate does not know yet reduce to
+/// [`Class::Os`] with their errno, so they show up as a divergence rather than a build error.
 pub trait Reduce {
     /// The error's class, errno and offset.
     fn reduce(&self) -> Fault;
@@ -111,6 +112,8 @@ impl Reduce for AccessError {
             AccessError::Private { offset } => Fault::at(Class::Private, errno, *offset),
             AccessError::TooManyRefs { offset } => Fault::at(Class::TooManyRefs, errno, *offset),
             AccessError::NoMapping => Fault::bare(Class::NoMapping, errno),
+            #[allow(unreachable_patterns)]
+            _ => Fault::bare(Class::Os, errno),
         }
     }
 }
@@ -131,6 +134,8 @@ impl Reduce for ConvertError {
             ConvertError::NotOwner => Class::NotOwner,
             ConvertError::Os { .. } => Class::Os,
             ConvertError::Peer { .. } => Class::Peer,
+            #[allow(unreachable_patterns)]
+            _ => Class::Os,
         };
         Fault {
             class,
@@ -151,6 +156,8 @@ impl Reduce for FallocateError {
             FallocateError::Unsupported { .. } => Fault::bare(Class::Unsupported, errno),
             FallocateError::TooBig { offset, .. } => Fault::at(Class::TooBig, errno, *offset),
             FallocateError::Os { offset, .. } => Fault::at(Class::Os, errno, *offset),
+            #[allow(unreachable_patterns)]
+            _ => Fault::bare(Class::Os, errno),
         }
     }
 }
@@ -167,6 +174,8 @@ impl Reduce for FileError {
                 Fault::bare(Class::Unsupported, errno)
             }
             FileError::Os { .. } => Fault::bare(Class::Os, errno),
+            #[allow(unreachable_patterns)]
+            _ => Fault::bare(Class::Os, errno),
         }
     }
 }
@@ -182,6 +191,8 @@ impl Reduce for MapError {
             MapError::NotMappable => Fault::bare(Class::NotMappable, errno),
             MapError::CopyOnWrite => Fault::bare(Class::CopyOnWrite, errno),
             MapError::Os { offset, .. } => Fault::at(Class::Os, errno, *offset),
+            #[allow(unreachable_patterns)]
+            _ => Fault::bare(Class::Os, errno),
         }
     }
 }
