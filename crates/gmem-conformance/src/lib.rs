@@ -9,7 +9,7 @@
 //! A backing plugs in by implementing [`Backend`] and instantiating the suite in an
 //! integration test:
 //!
-//! ```ignore
+//! ```
 //! // tests/shmem.rs
 //! gmem_conformance::conformance_suite!(shmem, gmem_conformance::Shmem);
 //! ```
@@ -136,6 +136,17 @@ macro_rules! conformance_suite {
                 conformance_fallocate_sequence => $crate::cases::fallocate::sequence,
                 conformance_fallocate_invalid_punch => $crate::cases::fallocate::invalid_punch,
                 conformance_fallocate_modes => $crate::cases::fallocate::modes,
+                conformance_convert_invalid_ranges => $crate::cases::convert::invalid_ranges,
+                conformance_convert_in_place => $crate::cases::convert::in_place,
+                conformance_convert_per_page => $crate::cases::convert::per_page,
+                conformance_convert_before_allocation => $crate::cases::convert::before_allocation,
+                conformance_convert_mixed_allocation => $crate::cases::convert::mixed_allocation,
+                conformance_convert_punch_keeps_attributes => $crate::cases::convert::punch_keeps_attributes,
+                conformance_convert_other_process => $crate::cases::convert::other_process,
+                conformance_convert_pinned_page => $crate::cases::convert::pinned_page,
+                conformance_ranges_explicit_conversion => $crate::cases::ranges::explicit_conversion,
+                conformance_ranges_explicit_conversion_fallocate => $crate::cases::ranges::explicit_conversion_fallocate,
+                conformance_ranges_punch_hole => $crate::cases::ranges::punch_hole,
             );
         }
     };

@@ -1,6 +1,6 @@
 //! Touching memory that may raise `SIGBUS`, without dying: a real signal, handled.
 //!
-//! [`read`] and [`write`] touch one byte through a tiny assembly routine. If the touch raises
+//! [`read()`] and [`write()`] touch one byte through a tiny assembly routine. If the touch raises
 //! `SIGBUS`, a signal handler installed once per process sees that the faulting instruction is
 //! the probe's own, sets the return value to `-si_code` and resumes at the routine's return:
 //! the caller gets [`Touch::Sigbus`] with the kernel's `si_code` (`BUS_ADRERR` for a poison

@@ -1,6 +1,6 @@
-//! The catalogue's cases, one function per case, each taking a [`Ctx`](crate::Ctx).
+//! The catalogue's cases, one function per case, each taking a [`Ctx`].
 //!
-//! - [`file`]: creation flags and sizes, identity, the refused file operations, size and
+//! - [`file`](mod@file): creation flags and sizes, identity, the refused file operations, size and
 //!   block size (DESIGN §7 items 1 and 2).
 //! - [`mmap`]: host mappings, `SIGBUS` past the end and on private pages, `ENODEV` without
 //!   `MMAP`, copy-on-write refused (item 3).
@@ -11,9 +11,11 @@
 //! - [`ranges`]: the ranges and patterns of the kernel's `private_mem_conversions_test`, on
 //!   several threads at once (item 6).
 
+pub mod convert;
 pub mod fallocate;
 pub mod file;
 pub mod mmap;
+pub mod ranges;
 
 use gmem::{
     AccessError, ConvertError, CreateError, FallocateError, FileError, Flags, MapError, PeerError,
@@ -24,6 +26,11 @@ use crate::Ctx;
 
 /// The base page: conversions, probes and byte checks work per 4 KiB page on every backing.
 pub const PAGE: u64 = PAGE_SIZE;
+
+/// [`PAGE`] as a buffer length.
+pub const PAGE_BYTES: usize = 4096;
+
+const _: () = assert!(PAGE_BYTES as u64 == PAGE);
 
 /// gmem errors, by the errno the kernel gives for the same case.
 pub trait Errno {
