@@ -29,6 +29,13 @@ pub enum AccessError {
     /// (`ENODEV`).
     #[error("the file has no host mapping")]
     NoMapping,
+    /// The page at `offset` is poisoned (memory failure): `EHWPOISON`, as the kernel reports
+    /// an access to a hardware-poisoned page.
+    #[error("page at offset {offset:#x} is poisoned")]
+    Poisoned {
+        /// First poisoned page in the range.
+        offset: u64,
+    },
     /// A page already holds the maximum number of references (`ENOMEM`, like GUP).
     #[error("page at offset {offset:#x} holds too many references")]
     TooManyRefs {
@@ -45,13 +52,16 @@ impl AccessError {
             AccessError::Range(_) => libc::EINVAL,
             AccessError::NoMapping => libc::ENODEV,
             AccessError::TooManyRefs { .. } => libc::ENOMEM,
+            AccessError::Poisoned { .. } => libc::EHWPOISON,
         }
     }
 
     /// The offending offset, where there is one.
     pub fn offset(&self) -> Option<u64> {
         match self {
-            AccessError::Private { offset } | AccessError::TooManyRefs { offset } => Some(*offset),
+            AccessError::Private { offset }
+            | AccessError::TooManyRefs { offset }
+            | AccessError::Poisoned { offset } => Some(*offset),
             AccessError::Range(e) => Some(e.offset()),
             AccessError::NoMapping => None,
         }
@@ -68,6 +78,7 @@ impl Inner {
     pub(crate) fn take_refs(&self, r: ByteRange) -> Result<(), AccessError> {
         let (first, end) = pages_of(r);
         let attrs = self.attrs_read();
+        self.check_poison(r)?;
         if let Some(p) = attrs.first(first, end, Attr::Private) {
             return Err(AccessError::Private {
                 offset: (p * PAGE_SIZE).max(r.start),
@@ -81,6 +92,18 @@ impl Inner {
     pub(crate) fn drop_refs(&self, r: ByteRange) {
         let (first, end) = pages_of(r);
         self.refs.put(first, end);
+        crate::restructure::step::after_put(self, first, end);
+    }
+
+    /// Fails with [`AccessError::Poisoned`] when a page of `r` is poisoned.
+    pub(crate) fn check_poison(&self, r: ByteRange) -> Result<(), AccessError> {
+        let (first, end) = pages_of(r);
+        match self.poison.first_in(first, end) {
+            Some(p) => Err(AccessError::Poisoned {
+                offset: (p * PAGE_SIZE).max(r.start),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn mapping(&self) -> Result<&Mapping, AccessError> {

@@ -66,6 +66,17 @@ pub enum ConvertError {
         /// The errno the peer reported (`ETIMEDOUT` when it did not answer).
         errno: i32,
     },
+    /// A HugeTLB conversion, which proceeds one huge page at a time, stopped part way:
+    /// `[offset, reached)` was converted, nothing from `reached` on. `errno()` and
+    /// `error_offset()` are those of `source`, the error that stopped it.
+    #[error("conversion stopped at {reached:#x}: {source}")]
+    Partial {
+        /// First byte not converted (a huge page boundary).
+        reached: u64,
+        /// Why it stopped.
+        #[source]
+        source: Box<ConvertError>,
+    },
 }
 
 impl ConvertError {
@@ -77,6 +88,16 @@ impl ConvertError {
             ConvertError::NotOwner => libc::EPERM,
             ConvertError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             ConvertError::Peer { errno, .. } => *errno,
+            ConvertError::Partial { source, .. } => source.errno(),
+        }
+    }
+
+    /// For a conversion that stopped part way ([`ConvertError::Partial`]), the first byte not
+    /// converted.
+    pub fn reached(&self) -> Option<u64> {
+        match self {
+            ConvertError::Partial { reached, .. } => Some(*reached),
+            _ => None,
         }
     }
 
@@ -89,6 +110,7 @@ impl ConvertError {
             | ConvertError::Os { offset, .. }
             | ConvertError::Peer { offset, .. } => Some(*offset),
             ConvertError::NotOwner => None,
+            ConvertError::Partial { source, .. } => source.error_offset(),
         }
     }
 }
@@ -114,13 +136,26 @@ impl GuestMemfd {
             offset: v.offset,
             reason: v.reason,
         })?;
-        let res = match to {
-            Attr::Private => to_private(inner, &mut ctl, r),
-            Attr::Shared => to_shared(inner, &mut ctl, r),
+        let res = match (&inner.restructure, to) {
+            (Some(rs), _) => crate::restructure::step::convert(inner, rs, &mut ctl, r, to),
+            (None, Attr::Private) => to_private(inner, &mut ctl, r),
+            (None, Attr::Shared) => to_shared(inner, &mut ctl, r).and_then(|()| {
+                crate::poison::reapply(inner, &mut ctl.views, r)
+                    .map_err(|source| ConvertError::Os { offset, source })
+            }),
         };
         match &res {
             Ok(()) => ctl.listeners.commit(&conv),
-            Err(_) => ctl.listeners.abort(&conv),
+            Err(e) => {
+                ctl.listeners.abort(&conv);
+                if let Some(reached) = e.reached() {
+                    ctl.listeners.commit(&Conversion {
+                        offset,
+                        len: reached - offset,
+                        to,
+                    });
+                }
+            }
         }
         res
     }
@@ -230,7 +265,7 @@ pub(crate) fn restore_local(
     Ok(())
 }
 
-fn to_private(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), ConvertError> {
+pub(crate) fn to_private(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), ConvertError> {
     let old = revoke_local(inner, &mut ctl.views, r)?;
     if let Err(e) = ctl.peers.revoke(r) {
         undo_revoke(inner, &mut ctl.views, &old);
@@ -239,7 +274,7 @@ fn to_private(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), Conv
     Ok(())
 }
 
-fn to_shared(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), ConvertError> {
+pub(crate) fn to_shared(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), ConvertError> {
     restore_local(inner, &mut ctl.views, r)?;
     ctl.peers.restore(r);
     Ok(())

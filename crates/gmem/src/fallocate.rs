@@ -111,7 +111,8 @@ impl GuestMemfd {
             if offset >= end {
                 return Ok(());
             }
-            inner.backing.fallocate(mode.0, offset, end - offset).map_err(os)
+            let r = crate::range::ByteRange { start: offset, end };
+            crate::restructure::step::punch_hole(inner, mode.0, r).map_err(os)
         } else {
             if end > inner.size {
                 return Err(RangeError::OutOfBounds {

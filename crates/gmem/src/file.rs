@@ -34,6 +34,16 @@ pub enum CreateError {
         /// The unknown bits.
         bits: u64,
     },
+    /// The HugeTLB backing could not be created: unsupported page size (`EINVAL`) or a pool
+    /// too short to reserve the whole file (`ENOMEM`, naming the shortfall).
+    #[error(transparent)]
+    HugeTlb(#[from] crate::backing::hugetlb::HugeTlbError),
+    /// The NUMA policy was refused (`EINVAL`) or could not be applied.
+    #[error(transparent)]
+    Numa(#[from] crate::numa::NumaError),
+    /// Preallocation failed.
+    #[error(transparent)]
+    Prealloc(#[from] crate::prealloc::PreallocError),
     /// The backing could not be created or mapped.
     #[error("{op} failed: {source}")]
     Backing {
@@ -51,6 +61,9 @@ impl CreateError {
         match self {
             CreateError::InvalidSize { .. } | CreateError::UnknownFlags { .. } => libc::EINVAL,
             CreateError::Backing { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            CreateError::HugeTlb(e) => e.errno(),
+            CreateError::Numa(e) => e.errno(),
+            CreateError::Prealloc(e) => e.errno(),
         }
     }
 }
@@ -142,6 +155,12 @@ pub(crate) struct Inner {
     pub guest: Option<Mapping>,
     /// Set on a file attached to another process's owner: conversions come from the owner.
     pub follower: bool,
+    /// Split/merge state of a HugeTLB file (`None` for other backings).
+    pub restructure: Option<crate::restructure::Restructure>,
+    /// Poisoned pages.
+    pub poison: crate::poison::PoisonSet,
+    /// NUMA policy set on the file, re-applied to every window gmem maps afresh.
+    pub numa: Mutex<Option<crate::numa::NumaPolicy>>,
 }
 
 impl Inner {
@@ -169,6 +188,10 @@ pub enum BackingChoice {
     /// memfd with 4 KiB pages.
     #[default]
     Shmem,
+    /// HugeTLB memfd with huge pages of this size in bytes
+    /// ([`HUGE_2M`](crate::HUGE_2M) or [`HUGE_1G`](crate::HUGE_1G)), the whole size reserved at
+    /// creation.
+    HugeTlb(u64),
 }
 
 /// Builder for [`GuestMemfd`].
@@ -177,6 +200,8 @@ pub struct Builder {
     size: u64,
     flags: Flags,
     backing: BackingChoice,
+    numa: Option<crate::numa::NumaPolicy>,
+    prealloc: Option<crate::prealloc::Prealloc>,
 }
 
 impl Builder {
@@ -192,16 +217,55 @@ impl Builder {
         self
     }
 
+    /// Sets the NUMA policy, applied before any page is allocated (validated at
+    /// [`Builder::create`]).
+    pub fn numa(mut self, policy: crate::numa::NumaPolicy) -> Self {
+        self.numa = Some(policy);
+        self
+    }
+
+    /// Preallocates every page at creation (`None`: pages are allocated on first use).
+    pub fn prealloc(mut self, prealloc: Option<crate::prealloc::Prealloc>) -> Self {
+        self.prealloc = prealloc;
+        self
+    }
+
     /// Creates the file.
     pub fn create(self) -> Result<GuestMemfd, CreateError> {
-        check_args(self.size, self.flags, crate::sys::PAGE_SIZE)?;
-        let backing = match self.backing {
-            BackingChoice::Shmem => Shmem::create(self.size).map_err(|source| CreateError::Backing {
-                op: "memfd_create",
-                source,
-            })?,
+        let block = match self.backing {
+            BackingChoice::Shmem => crate::sys::PAGE_SIZE,
+            BackingChoice::HugeTlb(page) => page,
         };
-        GuestMemfd::from_backing(Box::new(backing), self.size, self.flags)
+        if let BackingChoice::HugeTlb(page_size) = self.backing {
+            if page_size != crate::HUGE_2M && page_size != crate::HUGE_1G {
+                return Err(crate::HugeTlbError::UnsupportedPageSize { page_size }.into());
+            }
+        }
+        check_args(self.size, self.flags, block)?;
+        if let Some(p) = &self.numa {
+            p.validate()?;
+        }
+        let backing: Box<dyn Backing> = match self.backing {
+            BackingChoice::Shmem => {
+                Box::new(
+                    Shmem::create(self.size).map_err(|source| CreateError::Backing {
+                        op: "memfd_create",
+                        source,
+                    })?,
+                )
+            }
+            BackingChoice::HugeTlb(page) => {
+                Box::new(crate::backing::HugeTlb::create(self.size, page)?)
+            }
+        };
+        let mem = GuestMemfd::from_backing(backing, self.size, self.flags)?;
+        if let Some(p) = &self.numa {
+            mem.set_numa_policy(p)?;
+        }
+        if let Some(p) = &self.prealloc {
+            mem.preallocate(p)?;
+        }
+        Ok(mem)
     }
 }
 
@@ -253,6 +317,8 @@ impl GuestMemfd {
             size,
             flags: Flags::NONE,
             backing: BackingChoice::Shmem,
+            numa: None,
+            prealloc: None,
         }
     }
 
@@ -296,6 +362,17 @@ impl GuestMemfd {
         } else {
             None
         };
+        let restructure = match backing.as_hugetlb() {
+            Some(h) => Some(
+                crate::restructure::Restructure::new(size, h.page_size()).map_err(|source| {
+                    CreateError::Backing {
+                        op: "memfd_create(pieces)",
+                        source,
+                    }
+                })?,
+            ),
+            None => None,
+        };
         let refs = RefTable::new(to_usize(pages).map_err(|source| CreateError::Backing {
             op: "size",
             source,
@@ -310,6 +387,9 @@ impl GuestMemfd {
                 control: Mutex::new(Control::default()),
                 guest,
                 follower,
+                restructure,
+                poison: crate::poison::PoisonSet::default(),
+                numa: Mutex::new(None),
             }),
         })
     }

@@ -5,8 +5,10 @@
 //! `fallocate`. Everything else (attributes, conversion, host-view enforcement) is gmem's and
 //! is the same for every backing.
 
+pub mod hugetlb;
 mod shmem;
 
+pub use hugetlb::HugeTlb;
 pub use shmem::Shmem;
 
 use std::fmt;
@@ -75,5 +77,10 @@ pub trait Backing: AsFd + fmt::Debug + Send + Sync + 'static {
     /// The descriptor, for callers that need it raw (KVM memslots, hand-over).
     fn fd(&self) -> BorrowedFd<'_> {
         self.as_fd()
+    }
+
+    /// The HugeTLB backing, when this is one (restructuring needs its huge-page mapping).
+    fn as_hugetlb(&self) -> Option<&HugeTlb> {
+        None
     }
 }

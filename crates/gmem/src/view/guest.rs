@@ -26,6 +26,7 @@ impl GuestView {
     /// Reads guest memory at `offset` (any attribute).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let r = self.range(offset, buf.len())?;
+        self.inner.check_poison(r)?;
         copy_out(self.inner.mapping()?, r, buf);
         Ok(())
     }
@@ -33,6 +34,7 @@ impl GuestView {
     /// Writes guest memory at `offset` (any attribute).
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), AccessError> {
         let r = self.range(offset, buf.len())?;
+        self.inner.check_poison(r)?;
         copy_in(self.inner.mapping()?, r, buf);
         Ok(())
     }

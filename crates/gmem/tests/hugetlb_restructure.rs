@@ -1,0 +1,270 @@
+//! Restructuring HugeTLB memory: split of mixed huge pages, merge when whole and free,
+//! punch-hole while split, pins, and pieces that outlive the file.
+
+mod hugepool;
+
+use gmem::{Attr, BackingChoice, ConvertError, FallocMode, Flags, GuestMemfd, HUGE_2M};
+use hugepool::{pattern, pool, stats, touch, Touch};
+
+const M2: u64 = HUGE_2M;
+const P: u64 = 4096;
+
+fn huge(pages: u64) -> GuestMemfd {
+    let mem = GuestMemfd::builder(pages * M2)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(BackingChoice::HugeTlb(M2))
+        .create()
+        .expect("create");
+    mem.write_at(0, &pattern(0, (pages * M2) as usize))
+        .expect("fill");
+    mem
+}
+
+fn guest_bytes(mem: &GuestMemfd, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    mem.guest().read(off, &mut b).expect("guest read");
+    b
+}
+
+/// Checks, page by page over `[0, len)`, that the view faults exactly on private pages and
+/// shows the pattern on shared ones.
+fn check_view(mem: &GuestMemfd, view: &gmem::HostView, len: u64) {
+    for page in 0..len / P {
+        let off = page * P + 17;
+        let t = touch(view.as_ptr().wrapping_add(off as usize));
+        match mem.attr(off).expect("attr") {
+            Attr::Private => assert!(t.is_sigbus(), "private page {page} readable: {t:?}"),
+            Attr::Shared => assert_eq!(t, Touch::Ok(pattern(off, 1)[0]), "shared page {page}"),
+        }
+    }
+}
+
+#[test]
+fn conformance_hugetlb_one_private_page_inside_a_huge_page() {
+    let Some(_pool) = pool(M2, 2) else { return };
+    let mem = huge(2);
+    let view = mem.map(0, 2 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    mem.convert(5 * P, P, Attr::Private).expect("convert");
+    assert_eq!((acct.split_pages(), acct.splits()), (1, 1));
+    assert_eq!(acct.piece_bytes(), M2);
+    check_view(&mem, &view, 2 * M2);
+    assert_eq!(
+        mem.read_at(5 * P, &mut [0u8; 1])
+            .expect_err("private")
+            .errno(),
+        libc::EFAULT
+    );
+    assert_eq!(
+        guest_bytes(&mem, 0, M2 as usize),
+        pattern(0, M2 as usize),
+        "guest sees all"
+    );
+    mem.convert(5 * P, P, Attr::Shared).expect("back");
+    assert_eq!((acct.split_pages(), acct.merges()), (0, 1));
+    check_view(&mem, &view, 2 * M2);
+    assert_eq!(
+        guest_bytes(&mem, 0, (2 * M2) as usize),
+        pattern(0, (2 * M2) as usize)
+    );
+}
+
+#[test]
+fn conformance_hugetlb_every_other_page_private() {
+    let Some(_pool) = pool(M2, 2) else { return };
+    let mem = huge(2);
+    let view = mem.map(0, 2 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    for page in (0..M2 / P).step_by(2) {
+        mem.convert(page * P, P, Attr::Private).expect("convert");
+    }
+    assert_eq!(
+        mem.run_count(),
+        512,
+        "256 private runs, the shared ones between"
+    );
+    assert_eq!(acct.split_pages(), 1);
+    check_view(&mem, &view, 2 * M2);
+    // A view made while split shows the same.
+    let late = mem.map(0, 2 * M2).expect("map while split");
+    check_view(&mem, &late, 2 * M2);
+    for page in (0..M2 / P).step_by(2) {
+        mem.convert(page * P, P, Attr::Shared).expect("back");
+    }
+    assert_eq!((acct.split_pages(), acct.merges()), (0, 1));
+    check_view(&mem, &view, 2 * M2);
+    check_view(&mem, &late, 2 * M2);
+    assert_eq!(
+        guest_bytes(&mem, 0, (2 * M2) as usize),
+        pattern(0, (2 * M2) as usize)
+    );
+}
+
+#[test]
+fn conformance_hugetlb_whole_huge_page_converts_without_split() {
+    let Some(_pool) = pool(M2, 2) else { return };
+    let mem = huge(2);
+    let view = mem.map(0, 2 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    mem.convert(M2, M2, Attr::Private).expect("whole page");
+    assert_eq!(acct.splits(), 0);
+    check_view(&mem, &view, 2 * M2);
+    // Part of it back, then the rest: split, then merged.
+    mem.convert(M2, 64 * P, Attr::Shared).expect("part back");
+    assert_eq!(acct.split_pages(), 1);
+    check_view(&mem, &view, 2 * M2);
+    mem.convert(M2 + 64 * P, M2 - 64 * P, Attr::Shared)
+        .expect("rest back");
+    assert_eq!(
+        (acct.split_pages(), acct.splits(), acct.merges()),
+        (0, 1, 1)
+    );
+    check_view(&mem, &view, 2 * M2);
+    assert_eq!(guest_bytes(&mem, M2, M2 as usize), pattern(M2, M2 as usize));
+}
+
+#[test]
+fn conformance_hugetlb_pin_during_split() {
+    let Some(_pool) = pool(M2, 1) else { return };
+    let mem = huge(1);
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    let pin = mem.pin(3 * P, P).expect("pin");
+    // Splitting needs every piece free: the pinned page is named, nothing changes.
+    let err = mem
+        .convert(7 * P, P, Attr::Private)
+        .expect_err("split with a pin");
+    assert!(
+        matches!(err, ConvertError::Busy { offset } if offset == 3 * P),
+        "{err:?}"
+    );
+    assert_eq!(err.errno(), libc::EAGAIN);
+    assert_eq!(err.error_offset(), Some(3 * P));
+    assert_eq!(mem.attr(7 * P).expect("attr"), Attr::Shared);
+    assert_eq!(acct.split_pages(), 0);
+    drop(pin);
+    mem.convert(7 * P, P, Attr::Private).expect("retry");
+    assert_eq!(acct.split_pages(), 1);
+    // A pin on a shared piece keeps the page split after it is whole again.
+    let pin = mem.pin(3 * P, P).expect("pin piece");
+    mem.convert(7 * P, P, Attr::Shared).expect("back");
+    assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (1, 1));
+    let mut b = [0u8; 16];
+    pin.read(0, &mut b).expect("pin read");
+    assert_eq!(b.to_vec(), pattern(3 * P, 16));
+    drop(pin);
+    assert_eq!(
+        (acct.split_pages(), acct.waiting_to_merge(), acct.merges()),
+        (0, 0, 1)
+    );
+    assert_eq!(guest_bytes(&mem, 0, M2 as usize), pattern(0, M2 as usize));
+}
+
+#[test]
+fn conformance_hugetlb_punch_hole_while_split() {
+    let Some(_pool) = pool(M2, 2) else { return };
+    let base = stats(M2);
+    let mem = huge(2);
+    let view = mem.map(0, 2 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    mem.convert(9 * P, P, Attr::Private).expect("split");
+    assert_eq!(stats(M2).free, base.free - 2);
+    mem.fallocate(FallocMode::PUNCH_HOLE, 0, M2).expect("punch");
+    assert_eq!(
+        stats(M2).free,
+        base.free - 1,
+        "the huge page went back to the pool"
+    );
+    assert_eq!(acct.split_pages(), 1, "still mixed, still split");
+    assert!(guest_bytes(&mem, 0, M2 as usize).iter().all(|&b| b == 0));
+    assert!(touch(view.as_ptr().wrapping_add(9 * P as usize)).is_sigbus());
+    assert_eq!(touch(view.as_ptr()), Touch::Ok(0));
+    mem.write_at(0, b"fresh").expect("write");
+    mem.convert(9 * P, P, Attr::Shared).expect("merge");
+    assert_eq!(acct.split_pages(), 0);
+    let got = guest_bytes(&mem, 0, M2 as usize);
+    assert_eq!(&got[..5], b"fresh");
+    assert!(got[5..].iter().all(|&b| b == 0));
+    assert_eq!(guest_bytes(&mem, M2, M2 as usize), pattern(M2, M2 as usize));
+    // Punching a whole split page that is whole again merges it without copying.
+    mem.convert(M2 + 9 * P, P, Attr::Private)
+        .expect("split second");
+    let pin = mem.pin(M2, P).expect("pin");
+    mem.convert(M2 + 9 * P, P, Attr::Shared)
+        .expect("whole, waiting");
+    assert_eq!(acct.waiting_to_merge(), 1);
+    drop(pin);
+    assert_eq!(acct.split_pages(), 0);
+    mem.fallocate(FallocMode::PUNCH_HOLE, 0, 2 * M2)
+        .expect("punch all");
+    assert_eq!(stats(M2).free, base.free, "both pages back in the pool");
+    assert_eq!(
+        stats(M2).reserved,
+        base.reserved + 2,
+        "and reserved for the file"
+    );
+}
+
+#[test]
+fn conformance_hugetlb_pieces_outlive_the_file() {
+    let Some(_pool) = pool(M2, 1) else { return };
+    let base = stats(M2);
+    let mem = huge(1);
+    let view = mem.map(0, M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    mem.convert(100 * P, P, Attr::Private).expect("split");
+    let pin = mem.pin(3 * P, 2 * P).expect("pin a piece");
+    mem.convert(100 * P, P, Attr::Shared).expect("whole again");
+    drop(view);
+    drop(mem);
+    // The file is closed; its pieces are held by the pin and wait to merge.
+    assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (1, 1));
+    assert_eq!(stats(M2).free, base.free - 1);
+    let mut b = vec![0u8; 2 * P as usize];
+    pin.read(0, &mut b).expect("read through the pin");
+    assert_eq!(b, pattern(3 * P, 2 * P as usize));
+    pin.write(0, b"late").expect("write through the pin");
+    drop(pin);
+    assert_eq!(
+        (acct.split_pages(), acct.waiting_to_merge(), acct.merges()),
+        (0, 0, 1)
+    );
+    let s = stats(M2);
+    assert_eq!(
+        (s.free, s.reserved),
+        (base.free, base.reserved),
+        "all back in the pool"
+    );
+}
+
+#[test]
+fn conformance_hugetlb_multi_page_conversion_reports_how_far_it_got() {
+    let Some(_pool) = pool(M2, 3) else { return };
+    let mem = huge(3);
+    let pin = mem.pin(M2 + 5 * P, P).expect("pin");
+    let err = mem
+        .convert(0, 3 * M2, Attr::Private)
+        .expect_err("stops at the pin");
+    assert_eq!(err.errno(), libc::EAGAIN);
+    assert_eq!(err.reached(), Some(M2));
+    assert_eq!(err.error_offset(), Some(M2 + 5 * P));
+    assert!(
+        matches!(&err, ConvertError::Partial { source, .. } if matches!(**source, ConvertError::Busy { .. }))
+    );
+    assert_eq!(mem.attr(0).expect("attr"), Attr::Private);
+    assert_eq!(mem.attr(M2 - 1).expect("attr"), Attr::Private);
+    assert_eq!(mem.attr(M2).expect("attr"), Attr::Shared);
+    assert_eq!(mem.attr(2 * M2).expect("attr"), Attr::Shared);
+    // The first huge page failing is an ordinary error, not a partial one.
+    let err = mem
+        .convert(M2, 2 * M2, Attr::Private)
+        .expect_err("busy at once");
+    assert!(matches!(err, ConvertError::Busy { offset } if offset == M2 + 5 * P));
+    drop(pin);
+    mem.convert(0, 3 * M2, Attr::Private).expect("all");
+    mem.convert(0, 3 * M2, Attr::Shared).expect("all back");
+    assert_eq!(
+        guest_bytes(&mem, 0, (3 * M2) as usize),
+        pattern(0, (3 * M2) as usize)
+    );
+    assert_eq!(mem.hugetlb_accounting().expect("acct").splits(), 0);
+}
