@@ -213,6 +213,7 @@ impl FromStr for NumaPolicy {
         match name {
             "default" if nodes.is_empty() => Ok(NumaPolicy::Default),
             "preferred" => Self::from_raw(MPOL_PREFERRED, &list),
+            "bind" | "interleave" if list.is_empty() => Err(NumaError::NoNodes("bind/interleave")),
             "bind" => Ok(NumaPolicy::Bind(list)),
             "interleave" => Ok(NumaPolicy::Interleave(list)),
             _ => Err(NumaError::BadPolicy(s.to_owned())),
