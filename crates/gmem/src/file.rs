@@ -72,7 +72,8 @@ impl CreateError {
 /// attribute queries.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    /// The operation is not supported on guest memory (`EINVAL`, as the kernel answers).
+    /// The operation is not supported on guest memory. The errno is the kernel guest_memfd's:
+    /// `EINVAL` for `read`/`write`, `ESPIPE` for `pread`/`pwrite` (the file is not seekable).
     #[error("{op} is not supported on guest memory")]
     Unsupported {
         /// The refused operation.
@@ -102,6 +103,7 @@ impl FileError {
     /// The errno the kernel returns for the same case.
     pub fn errno(&self) -> i32 {
         match self {
+            FileError::Unsupported { op: "pread" | "pwrite" } => libc::ESPIPE,
             FileError::Unsupported { .. } | FileError::Resize { .. } | FileError::Range(_) => {
                 libc::EINVAL
             }
@@ -471,20 +473,20 @@ impl GuestMemfd {
 
     /// `read(2)` on guest memory: refused with `EINVAL`, as by the kernel.
     pub fn read(&self, buf: &mut [u8]) -> Result<usize, FileError> {
-        self.raw_io("read", |fd| crate::sys::fd::pread(fd, buf, 0))
+        self.raw_io("read", |fd| crate::sys::fd::read(fd, buf))
     }
 
     /// `write(2)` on guest memory: refused with `EINVAL`, as by the kernel.
     pub fn write(&self, buf: &[u8]) -> Result<usize, FileError> {
-        self.raw_io("write", |fd| crate::sys::fd::pwrite(fd, buf, 0))
+        self.raw_io("write", |fd| crate::sys::fd::write(fd, buf))
     }
 
-    /// `pread(2)` on guest memory: refused with `EINVAL`, as by the kernel.
+    /// `pread(2)` on guest memory: refused with `ESPIPE`, as by the kernel (not seekable).
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> Result<usize, FileError> {
         self.raw_io("pread", |fd| crate::sys::fd::pread(fd, buf, offset))
     }
 
-    /// `pwrite(2)` on guest memory: refused with `EINVAL`, as by the kernel.
+    /// `pwrite(2)` on guest memory: refused with `ESPIPE`, as by the kernel (not seekable).
     pub fn pwrite(&self, buf: &[u8], offset: u64) -> Result<usize, FileError> {
         self.raw_io("pwrite", |fd| crate::sys::fd::pwrite(fd, buf, offset))
     }

@@ -89,6 +89,7 @@ pub fn errno_name(errno: i32) -> &'static str {
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         libc::EFBIG => "EFBIG",
         libc::EPERM => "EPERM",
+        libc::ESPIPE => "ESPIPE",
         _ => "?",
     }
 }
