@@ -123,7 +123,9 @@ impl GuestMemfd {
         if inner.follower {
             return Err(ConvertError::NotOwner);
         }
-        let mut ctl = inner.control();
+        // A live-update hand-over freezes the file: wait for it to end; once the file is
+        // handed over, this process no longer owns it (`EPERM`).
+        let mut ctl = inner.freeze.lock_control(inner)?;
         if inner.attrs_read().all(r.start / PAGE_SIZE, r.end / PAGE_SIZE, to) {
             return Ok(());
         }

@@ -106,6 +106,11 @@ impl GuestMemfd {
         }
         let end = offset + len;
         let os = |source| FallocateError::Os { offset, source };
+        // Frozen for a live-update hand-over (or handed over): `EPERM`, as the kernel's
+        // live-update freeze answers.
+        if inner.freeze.refuses_allocation() {
+            return Err(os(io::Error::from_raw_os_error(libc::EPERM)));
+        }
         if mode.0 & punch != 0 {
             let end = end.min(inner.size);
             if offset >= end {

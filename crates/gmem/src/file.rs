@@ -163,6 +163,8 @@ pub(crate) struct Inner {
     pub poison: crate::poison::PoisonSet,
     /// NUMA policy set on the file, re-applied to every window gmem maps afresh.
     pub numa: Mutex<Option<crate::numa::NumaPolicy>>,
+    /// Live-update freeze: conversions wait and allocation is refused while a hand-over runs.
+    pub freeze: crate::preserve::Freeze,
 }
 
 impl Inner {
@@ -392,6 +394,7 @@ impl GuestMemfd {
                 restructure,
                 poison: crate::poison::PoisonSet::default(),
                 numa: Mutex::new(None),
+                freeze: crate::preserve::Freeze::default(),
             }),
         })
     }

@@ -31,6 +31,7 @@ pub mod numa;
 pub mod peer;
 pub mod poison;
 pub mod prealloc;
+pub mod preserve;
 pub mod range;
 pub mod restructure;
 pub mod sys;

@@ -1,0 +1,58 @@
+//! Preservation across live update: hand guest memory and all its state to a new process.
+//!
+//! - [`format`]: the preserved state (documented byte layout, versioned, checksummed,
+//!   size-limited, parsed as untrusted input).
+//! - [`handover`]: the two-phase hand-over over a Unix socket with `SCM_RIGHTS`
+//!   ([`hand_over`] / [`receive`]), crash-safe at every step.
+//! - [`exec`]: the same hand-over to a process started with inherited descriptors.
+//! - [`copy`]: the honest path for the kernel guest_memfd, which cannot be bound to another VM:
+//!   a new file, contents copied, attributes restored, measured as a copy.
+//! - [`freeze`]: what a frozen file refuses and what waits.
+//!
+//! Contents are never copied by the hand-over: the files themselves travel as descriptors.
+//!
+//! ```
+//! use gmem::preserve::{hand_over, receive, FileOffer, Options};
+//! use gmem::{Attr, Flags, GuestMemfd};
+//! use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+//! use std::os::fd::AsFd;
+//!
+//! let mem = GuestMemfd::create(8 * 4096, Flags::MMAP | Flags::INIT_SHARED)?;
+//! mem.write_at(0, b"kept")?;
+//! mem.convert(4096, 4096, Attr::Private)?;
+//! let (old, new) = socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+//! // The new owner is usually another process; a thread shows the same protocol.
+//! let taker = std::thread::spawn(move || receive(new.as_fd(), &Options::default()));
+//! let done = hand_over(old.as_fd(), &[FileOffer::new(&mem)], &Options::default())?;
+//! let restored = taker.join().unwrap()?;
+//! let got = &restored.files[0].mem;
+//! let mut buf = [0u8; 4];
+//! got.read_at(0, &mut buf)?;
+//! assert_eq!(&buf, b"kept");
+//! assert_eq!(got.attr(4096)?, Attr::Private);
+//! // The old handle no longer owns the file.
+//! assert_eq!(mem.convert(0, 4096, Attr::Private).unwrap_err().errno(), libc::EPERM);
+//! println!("paused {:?}", done.pause);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod copy;
+mod crc;
+pub mod error;
+pub mod exec;
+pub mod format;
+pub mod freeze;
+pub mod handover;
+
+pub use copy::{copy_into_new, CopyReport};
+pub use crc::{crc32c, update as crc32c_update};
+pub use error::{FormatError, HandoverError};
+pub use exec::{exec_replacing, receive_inherited, spawn_with_inherited, Spawned, HANDOVER_ENV};
+pub use format::{
+    Binding, FileState, NumaMode, NumaRecord, PinRecord, RestructureKind, Restructured, RunRecord,
+    State, VmLink,
+};
+pub use freeze::{Freeze, Phase};
+pub use handover::{
+    hand_over, receive, FileOffer, HandedOver, Options, Restored, RestoredFile, Step,
+};

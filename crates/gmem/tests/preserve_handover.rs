@@ -1,0 +1,446 @@
+//! The two-phase hand-over, in process (a thread plays the new owner) and with an inherited-
+//! descriptor child process: contents, attributes, pins and bindings survive; the freeze
+//! refuses allocation and holds conversions; failures leave the old owner in charge.
+// Test patterns truncate counters to bytes on purpose.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::Command;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gmem::preserve::{
+    crc32c, hand_over, receive, receive_inherited, spawn_with_inherited, Binding, FileOffer,
+    HandoverError, Options, Phase, Step, VmLink,
+};
+use gmem::{Attr, FallocMode, Flags, GuestMemfd};
+use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+
+const P: u64 = 4096;
+const PAGES: u64 = 256;
+
+fn pair() -> (OwnedFd, OwnedFd) {
+    socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap()
+}
+
+/// A file with a known pattern in every page and alternating runs of several lengths.
+fn build() -> GuestMemfd {
+    let mem = GuestMemfd::create(PAGES * P, Flags::MMAP | Flags::INIT_SHARED).unwrap();
+    let g = mem.guest();
+    for p in 0..PAGES {
+        let fill = vec![(p as u8).wrapping_mul(31).wrapping_add(7); P as usize];
+        g.write(p * P, &fill).unwrap();
+        g.write(p * P, &p.to_le_bytes()).unwrap();
+    }
+    let mut p = 1;
+    while p < PAGES {
+        let len = (p % 5) + 1;
+        mem.convert(p * P, len.min(PAGES - p) * P, Attr::Private)
+            .unwrap();
+        p += len + (p % 3) + 1;
+    }
+    mem
+}
+
+fn digest(mem: &GuestMemfd) -> (u32, Vec<(u64, u64, Attr)>) {
+    let g = mem.guest();
+    let mut page = vec![0u8; P as usize];
+    let mut crcs = Vec::new();
+    for p in 0..mem.size() / P {
+        g.read(p * P, &mut page).unwrap();
+        crcs.extend_from_slice(&crc32c(&page).to_le_bytes());
+    }
+    let runs = mem
+        .runs(0, mem.size())
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.offset, r.len, r.attr))
+        .collect();
+    (crc32c(&crcs), runs)
+}
+
+fn first_shared(mem: &GuestMemfd) -> u64 {
+    mem.runs(0, mem.size())
+        .unwrap()
+        .into_iter()
+        .find(|r| r.attr == Attr::Shared && r.offset > 0)
+        .unwrap()
+        .offset
+}
+
+#[test]
+fn handover_keeps_contents_attributes_pins_and_bindings() {
+    let mem = build();
+    let before = digest(&mem);
+    assert!(before.1.len() > 60, "{} runs", before.1.len());
+    let pin_at = first_shared(&mem);
+    let pin = mem.pin(pin_at, P).unwrap();
+    let offer = FileOffer::new(&mem)
+        .binding(Binding {
+            slot: 1,
+            offset: 0,
+            gpa: 0x1_0000_0000,
+            size: PAGES * P,
+        })
+        .pin(&pin, 77);
+    let (a, b) = pair();
+    let taker = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    let done = hand_over(a.as_fd(), &[offer], &Options::default()).unwrap();
+    assert!(done.confirmed);
+    assert!(done.state_len > 48);
+    let got = taker.join().unwrap().unwrap();
+    assert_eq!(got.generation, 1);
+    assert!(!got.old_owner_gone);
+    let f = &got.files[0];
+    // Same file (zero copy), same bytes, same attributes.
+    assert_eq!(f.mem.id().unwrap(), mem.id().unwrap());
+    assert_eq!(digest(&f.mem), before);
+    assert_eq!(
+        f.state.bindings,
+        vec![Binding {
+            slot: 1,
+            offset: 0,
+            gpa: 0x1_0000_0000,
+            size: PAGES * P
+        }]
+    );
+    assert_eq!(f.state.vm, VmLink::None);
+    // The pin is held again in the new owner.
+    assert_eq!(f.pins.len(), 1);
+    assert_eq!(
+        (f.pins[0].0, f.pins[0].1.offset(), f.pins[0].1.len()),
+        (77, pin_at, P)
+    );
+    let e = f.mem.convert(pin_at, P, Attr::Private).unwrap_err();
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(pin_at)));
+    // Private pages stay closed to the host in the new owner.
+    let private = before.1.iter().find(|r| r.2 == Attr::Private).unwrap().0;
+    assert_eq!(
+        f.mem.read_at(private, &mut [0u8; 8]).unwrap_err().errno(),
+        libc::EFAULT
+    );
+    // The old handles no longer own the file.
+    assert_eq!(
+        mem.convert(0, P, Attr::Private).unwrap_err().errno(),
+        libc::EPERM
+    );
+    let e = mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap_err();
+    assert_eq!(e.errno(), libc::EPERM);
+    // The new owner converts and allocates.
+    f.mem.convert(0, P, Attr::Private).unwrap();
+    f.mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap();
+    assert_eq!(f.mem.attr(0).unwrap(), Attr::Private);
+    drop(pin);
+}
+
+#[test]
+fn handover_carries_numa_policy_and_poison() {
+    let mem = build();
+    mem.set_numa_policy(&gmem::NumaPolicy::Bind(vec![0]))
+        .unwrap();
+    let shared = first_shared(&mem);
+    mem.inject_poison(shared).unwrap();
+    mem.inject_poison(0).unwrap();
+    let (a, b) = pair();
+    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap();
+    let got = t.join().unwrap().unwrap();
+    let f = &got.files[0];
+    assert_eq!(f.state.poison, vec![0, shared]);
+    assert_eq!(f.mem.poisoned_pages(), vec![0, shared]);
+    assert!(f.mem.is_poisoned(shared));
+    assert!(f.mem.read_at(shared, &mut [0u8; 8]).is_err());
+    assert_eq!(f.state.numa.mode, gmem::preserve::NumaMode::Bind);
+    assert_eq!(
+        f.mem.numa_policy().unwrap(),
+        gmem::NumaPolicy::Bind(vec![0])
+    );
+}
+
+#[test]
+fn hugetlb_files_are_refused_before_anything_is_sent() {
+    let Ok(_pool) = gmem::PoolGuard::grow(gmem::HUGE_2M, 1) else {
+        eprintln!("skipped: cannot reserve a 2 MiB huge page");
+        return;
+    };
+    let mem = match GuestMemfd::builder(2 << 20)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(gmem::BackingChoice::HugeTlb(gmem::HUGE_2M))
+        .create()
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipped: HugeTLB file: {e}");
+            return;
+        }
+    };
+    let (a, b) = pair();
+    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap_err();
+    assert_eq!(e.errno(), libc::EOPNOTSUPP);
+    // Nothing was sent, nothing stayed frozen.
+    let mut buf = [0u8; 32];
+    assert_eq!(
+        rustix::net::recv(&b, &mut buf, rustix::net::RecvFlags::DONTWAIT).unwrap_err(),
+        rustix::io::Errno::AGAIN
+    );
+    mem.convert(0, P, Attr::Private).unwrap();
+}
+
+#[test]
+fn handover_twice_counts_generations() {
+    let mem = build();
+    let before = digest(&mem);
+    let (a, b) = pair();
+    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap();
+    let first = t.join().unwrap().unwrap();
+    let (a, b) = pair();
+    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    let opts = Options {
+        generation: first.generation + 1,
+        ..Options::default()
+    };
+    hand_over(a.as_fd(), &[FileOffer::new(&first.files[0].mem)], &opts).unwrap();
+    let second = t.join().unwrap().unwrap();
+    assert_eq!(second.generation, 2);
+    assert_eq!(digest(&second.files[0].mem), before);
+}
+
+#[test]
+fn frozen_file_refuses_allocation_and_holds_conversions_until_thawed() {
+    let mem = build();
+    let shared = first_shared(&mem);
+    let (a, b) = pair();
+    let (tx, rx) = mpsc::channel();
+    let m2 = mem.clone();
+    let tx = std::sync::Mutex::new(tx);
+    let hook = move |s: Step| {
+        let tx = tx.lock().unwrap().clone();
+        if s == Step::OfferSent {
+            // While frozen: allocation and punch-hole are EPERM, conversions wait.
+            let e = m2.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap_err();
+            let p = m2.fallocate(FallocMode::PUNCH_HOLE, 0, P).unwrap_err();
+            let m3 = m2.clone();
+            let tx2 = tx.clone();
+            std::thread::spawn(move || {
+                let r = m3.convert(shared, P, Attr::Private);
+                tx2.send(("converted", r.map_err(|e| e.errno()).err().unwrap_or(0)))
+                    .unwrap();
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            let still = m2.attr(shared).unwrap() == Attr::Shared;
+            tx.send(("fallocate", e.errno())).unwrap();
+            tx.send(("punch", p.errno())).unwrap();
+            tx.send(("still shared while frozen", i32::from(still)))
+                .unwrap();
+        }
+    };
+    // The "new owner" reads the offer and goes away without answering.
+    let taker = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        rustix::net::recv(&b, &mut buf, rustix::net::RecvFlags::empty()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(b);
+    });
+    let opts = Options {
+        on_step: Some(Arc::new(hook)),
+        ..Options::default()
+    };
+    let err = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HandoverError::PeerGone {
+                step: Step::OfferSent
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.errno(), libc::ECONNRESET);
+    taker.join().unwrap();
+    assert_eq!(rx.recv().unwrap(), ("fallocate", libc::EPERM));
+    assert_eq!(rx.recv().unwrap(), ("punch", libc::EPERM));
+    assert_eq!(rx.recv().unwrap(), ("still shared while frozen", 1));
+    // The conversion went through only after the thaw.
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        ("converted", 0)
+    );
+    assert_eq!(mem.attr(shared).unwrap(), Attr::Private);
+    mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap();
+}
+
+#[test]
+fn conversion_waiting_on_a_freeze_fails_eperm_once_handed_over() {
+    let mem = build();
+    let shared = first_shared(&mem);
+    let (a, b) = pair();
+    let (tx, rx) = mpsc::channel();
+    let m2 = mem.clone();
+    let tx = std::sync::Mutex::new(tx);
+    let hook = move |s: Step| {
+        let tx = tx.lock().unwrap().clone();
+        if s == Step::OfferSent {
+            let m3 = m2.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                tx.send(m3.convert(shared, P, Attr::Private).unwrap_err().errno())
+                    .unwrap()
+            });
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    let opts = Options {
+        on_step: Some(Arc::new(hook)),
+        ..Options::default()
+    };
+    hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).unwrap();
+    let got = t.join().unwrap().unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        libc::EPERM
+    );
+    assert_eq!(got.files[0].mem.attr(shared).unwrap(), Attr::Shared);
+}
+
+#[test]
+fn garbage_reply_or_silence_leaves_the_old_owner_in_charge() {
+    let mem = build();
+    let before = digest(&mem);
+    // A reply that is not ACCEPT.
+    let (a, b) = pair();
+    let t = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        rustix::net::recv(&b, &mut buf, rustix::net::RecvFlags::empty()).unwrap();
+        rustix::net::send(&b, &[0xa5; 32], rustix::net::SendFlags::empty()).unwrap();
+        b
+    });
+    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap_err();
+    assert_eq!(e.errno(), libc::EPROTO, "{e:?}");
+    drop(t.join().unwrap());
+    // No reply at all.
+    let (a, b) = pair();
+    let opts = Options {
+        timeout: Duration::from_millis(200),
+        ..Options::default()
+    };
+    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HandoverError::Timeout {
+                step: Step::OfferSent
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.errno(), libc::ETIMEDOUT);
+    drop(b);
+    // Still the owner, nothing changed.
+    assert_eq!(digest(&mem), before);
+    mem.convert(0, P, Attr::Private).unwrap();
+    mem.convert(0, P, Attr::Shared).unwrap();
+    mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap();
+}
+
+#[test]
+fn files_that_cannot_be_handed_over() {
+    let mem = build();
+    let (a, _b) = pair();
+    let e = hand_over(
+        a.as_fd(),
+        &[FileOffer::new(&mem), FileOffer::new(&mem)],
+        &Options::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e:?}");
+    let e = hand_over(a.as_fd(), &[], &Options::default()).unwrap_err();
+    assert_eq!(e.errno(), libc::EPROTO);
+    // A follower of another owner.
+    let sock = mem.share_with_process().unwrap();
+    let follower = GuestMemfd::attach(sock).unwrap();
+    let e = hand_over(a.as_fd(), &[FileOffer::new(&follower)], &Options::default()).unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY);
+    // Nothing stayed frozen.
+    mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap();
+    mem.convert(0, P, Attr::Private).unwrap();
+}
+
+#[test]
+fn several_files_in_one_handover() {
+    let a_mem = build();
+    let b_mem = GuestMemfd::create(16 * P, Flags::MMAP).unwrap();
+    b_mem.guest().write(5 * P, b"private contents").unwrap();
+    let (a, b) = pair();
+    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    hand_over(
+        a.as_fd(),
+        &[FileOffer::new(&a_mem), FileOffer::new(&b_mem)],
+        &Options::default(),
+    )
+    .unwrap();
+    let got = t.join().unwrap().unwrap();
+    assert_eq!(got.files.len(), 2);
+    assert_eq!(digest(&got.files[0].mem), digest(&a_mem));
+    let nb = &got.files[1].mem;
+    assert_eq!(nb.flags(), Flags::MMAP);
+    assert_eq!(nb.run_count(), 1);
+    assert_eq!(nb.attr(0).unwrap(), Attr::Private);
+    let mut buf = [0u8; 16];
+    nb.guest().read(5 * P, &mut buf).unwrap();
+    assert_eq!(&buf, b"private contents");
+}
+
+/// Child entry for `inherited_descriptors_spawn_mode`: does nothing unless started for a
+/// hand-over.
+#[test]
+fn preserve_exec_child() {
+    if std::env::var("GMEM_PRESERVE_EXEC_CHILD").is_err() {
+        return;
+    }
+    // SAFETY: the descriptors named in GMEM_HANDOVER were inherited and nothing owns them.
+    let got = unsafe { receive_inherited(&Options::default()) }
+        .unwrap()
+        .unwrap();
+    let (crc, runs) = digest(&got.files[0].mem);
+    println!("CHILD digest={crc:08x} runs={}", runs.len());
+}
+
+#[test]
+fn inherited_descriptors_spawn_mode() {
+    let mem = build();
+    let (crc, runs) = digest(&mem);
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "preserve_exec_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("GMEM_PRESERVE_EXEC_CHILD", "1")
+    .stdout(std::process::Stdio::piped());
+    let spawned =
+        spawn_with_inherited(&[FileOffer::new(&mem)], &mut cmd, &Options::default()).unwrap();
+    let done = spawned.outcome.unwrap();
+    assert!(done.confirmed);
+    let out = spawned.child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("CHILD digest={crc:08x} runs={}", runs.len())),
+        "{text}"
+    );
+    assert_eq!(
+        mem.convert(0, P, Attr::Private).unwrap_err().errno(),
+        libc::EPERM
+    );
+    assert_eq!(gmem::preserve::Phase::Released, Phase::Released);
+}
