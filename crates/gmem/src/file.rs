@@ -366,16 +366,15 @@ impl GuestMemfd {
         } else {
             None
         };
-        let restructure = match backing.as_hugetlb() {
-            Some(h) => Some(
-                crate::restructure::Restructure::new(size, h.page_size()).map_err(|source| {
-                    CreateError::Backing {
+        let restructure = match backing.kind() {
+            BackingKind::HugeTlb(page) => Some(
+                crate::restructure::Restructure::for_backing(backing.as_ref(), size, page)
+                    .map_err(|source| CreateError::Backing {
                         op: "memfd_create(pieces)",
                         source,
-                    }
-                })?,
+                    })?,
             ),
-            None => None,
+            _ => None,
         };
         let refs = RefTable::new(to_usize(pages).map_err(|source| CreateError::Backing {
             op: "size",

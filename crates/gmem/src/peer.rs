@@ -7,14 +7,17 @@
 //! socket pair, keeps one end and returns the other, to be inherited by a child or sent with
 //! `SCM_RIGHTS`. The owner writes one *hello* packet on it at once, carrying the file's size,
 //! flags, block size and backing kind, with two descriptors: the memory itself and a sealed
-//! memfd holding the attribute runs at that instant. The other process calls
-//! [`GuestMemfd::attach`], which builds a *follower* file from the hello and starts an agent
+//! memfd holding the attribute runs at that instant (HugeTLB: a third, the companion file of
+//! split pieces, followed by one `SPLIT` request per huge page split at that instant). The
+//! other process calls [`GuestMemfd::attach`], which builds a *follower* file from the hello and starts an agent
 //! thread that serves the owner's requests:
 //!
 //! | request (owner → follower) | the follower | reply |
 //! |---|---|---|
 //! | `REVOKE offset len` | zaps its views, checks its own host references, marks the range private, poisons it in its views | `0`, or `EAGAIN` + first busy page |
 //! | `RESTORE offset len` | marks the range shared and lifts the markers | `0` |
+//! | `SPLIT offset len` (HugeTLB) | maps the owner's pieces of that huge page over its windows (see [`crate::restructure`]) | `0`, or `EAGAIN` + a page it holds |
+//! | `MERGE offset len` (HugeTLB) | maps the huge page back over its windows | `0`, or `EAGAIN` + a page it holds |
 //!
 //! Packets are 24 bytes, little-endian: `op:u32 seq:u32 offset:u64 len:u64`; replies
 //! `seq:u32 errno:i32 offset:u64 0:u64`. A conversion in the owner waits for every follower's
@@ -62,6 +65,11 @@ const HELLO_LEN: usize = 48;
 const MSG_LEN: usize = 24;
 const OP_REVOKE: u32 = 1;
 const OP_RESTORE: u32 = 2;
+/// HugeTLB: the owner split the huge page at `offset` (its contents are in the companion file
+/// sent with the hello); map the pieces over its window.
+const OP_SPLIT: u32 = 3;
+/// HugeTLB: the owner is merging the huge page at `offset`; map the huge page back.
+const OP_MERGE: u32 = 4;
 /// Largest number of runs a hello may announce (2^30 runs = 8 GiB of run table).
 const MAX_RUNS: u64 = 1 << 30;
 
@@ -146,6 +154,55 @@ impl PeerSet {
         Ok(())
     }
 
+    /// Tells every follower that the huge page `r` is split; on a refusal (`EAGAIN`, a
+    /// follower's reference on a page of it), merges back those that accepted.
+    pub fn split(&self, r: ByteRange) -> Result<(), ConvertError> {
+        self.all_or_undo(OP_SPLIT, OP_MERGE, r)
+    }
+
+    /// Tells every follower that the huge page `r` merges; on a refusal, splits back those
+    /// that accepted.
+    pub fn merge(&self, r: ByteRange) -> Result<(), ConvertError> {
+        self.all_or_undo(OP_MERGE, OP_SPLIT, r)
+    }
+
+    fn all_or_undo(&self, op: u32, undo: u32, r: ByteRange) -> Result<(), ConvertError> {
+        let mut links = self.links();
+        let mut done = 0;
+        let mut dead = Vec::new();
+        for (i, link) in links.iter().enumerate() {
+            match self.call(link.as_fd(), op, r) {
+                Ok(None) => done = i + 1,
+                Ok(Some(e)) => {
+                    for link in &links[..done] {
+                        let _ = self.call(link.as_fd(), undo, r);
+                    }
+                    return Err(e);
+                }
+                Err(()) => {
+                    dead.push(i);
+                    done = i + 1;
+                }
+            }
+        }
+        for i in dead.into_iter().rev() {
+            links.remove(i);
+        }
+        Ok(())
+    }
+
+    /// Queues a request without waiting for its reply (a later call skips the reply).
+    fn post(&self, sock: BorrowedFd<'_>, op: u32, r: ByteRange) -> Result<(), PeerError> {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut msg = [0u8; MSG_LEN];
+        msg[0..4].copy_from_slice(&op.to_le_bytes());
+        msg[4..8].copy_from_slice(&seq.to_le_bytes());
+        msg[8..16].copy_from_slice(&r.start.to_le_bytes());
+        msg[16..24].copy_from_slice(&r.len().to_le_bytes());
+        rustix::net::send(sock, &msg, SendFlags::NOSIGNAL).map_err(os("send"))?;
+        Ok(())
+    }
+
     /// Tells every follower `r` is shared.
     pub fn restore(&self, r: ByteRange) {
         self.restore_runs(std::iter::once(r));
@@ -222,6 +279,8 @@ struct Received {
     fd: OwnedFd,
     kind: BackingKind,
     block: u64,
+    /// The owner's companion file of split pieces (HugeTLB).
+    pieces: Option<OwnedFd>,
 }
 
 impl AsFd for Received {
@@ -245,6 +304,9 @@ impl Backing for Received {
     }
     fn userfaultfd_capable(&self) -> bool {
         self.kind != BackingKind::KernelGuestMemfd
+    }
+    fn companion(&self) -> Option<BorrowedFd<'_>> {
+        self.pieces.as_ref().map(|f| f.as_fd())
     }
 }
 
@@ -284,12 +346,25 @@ impl GuestMemfd {
         hello[24..32].copy_from_slice(&inner.backing.block_size().to_le_bytes());
         hello[32..40].copy_from_slice(&huge.to_le_bytes());
         hello[40..48].copy_from_slice(&runs.to_le_bytes());
-        let fds = [inner.backing.fd(), runs_fd.as_fd()];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut fds = vec![inner.backing.fd(), runs_fd.as_fd()];
+        if let Some(rs) = inner.restructure.as_ref() {
+            fds.push(rs.companion());
+        }
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut anc = SendAncillaryBuffer::new(&mut space);
         anc.push(SendAncillaryMessage::ScmRights(&fds));
         sendmsg(mine.as_fd(), &[IoSlice::new(&hello)], &mut anc, SendFlags::NOSIGNAL)
             .map_err(os("sendmsg"))?;
+        if let Some(rs) = inner.restructure.as_ref() {
+            // Huge pages split now: the follower maps their pieces before any later request.
+            for h in rs.split_in(0, u64::MAX) {
+                let r = ByteRange {
+                    start: h * rs.page,
+                    end: (h + 1) * rs.page,
+                };
+                ctl.peers.post(mine.as_fd(), OP_SPLIT, r)?;
+            }
+        }
         ctl.peers.links().push(mine);
         Ok(theirs)
     }
@@ -300,7 +375,7 @@ impl GuestMemfd {
     /// to private.
     pub fn attach(sock: OwnedFd) -> Result<GuestMemfd, PeerError> {
         let mut hello = [0u8; HELLO_LEN];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut anc = RecvAncillaryBuffer::new(&mut space);
         let msg = recvmsg(
             sock.as_fd(),
@@ -315,7 +390,7 @@ impl GuestMemfd {
                 fds.extend(r);
             }
         }
-        if msg.bytes != HELLO_LEN || fds.len() != 2 {
+        if msg.bytes != HELLO_LEN || !(2..=3).contains(&fds.len()) {
             return Err(PeerError::Protocol("short hello or missing descriptors"));
         }
         let word = |i: usize| {
@@ -341,7 +416,13 @@ impl GuestMemfd {
             return Err(PeerError::Protocol("missing descriptors"));
         };
         let attrs = read_runs(runs_fd.as_fd(), runs, size / PAGE_SIZE)?;
-        let backing = Received { fd: mem, kind, block };
+        let pieces = fds.next();
+        let backing = Received {
+            fd: mem,
+            kind,
+            block,
+            pieces,
+        };
         let file = GuestMemfd::assemble(Box::new(backing), size, flags, Some(attrs), true)?;
         let weak = Arc::downgrade(&file.inner);
         std::thread::Builder::new()
@@ -456,6 +537,8 @@ fn apply(inner: &Inner, op: u32, r: ByteRange) -> (i32, u64) {
     let res = match op {
         OP_REVOKE => revoke_local(inner, &mut ctl.views, r).map(drop),
         OP_RESTORE => restore_local(inner, &mut ctl.views, r),
+        OP_SPLIT => crate::restructure::follow(inner, &mut ctl.views, true, r),
+        OP_MERGE => crate::restructure::follow(inner, &mut ctl.views, false, r),
         _ => return (libc::EINVAL, r.start),
     };
     match res {

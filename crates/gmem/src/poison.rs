@@ -18,7 +18,8 @@
 //! On HugeTLB a poisoned page inside a huge page that has shared pages splits the huge page
 //! (only 4 KiB of it is lost, unlike the kernel, which loses the whole huge page); injection
 //! serialises with restructuring on the control lock, so it never races a split or merge. It
-//! fails with `EBUSY` when the split is refused because a page of the huge page is referenced.
+//! fails with `EBUSY` only when a peer process refuses the split (it holds a page of the huge
+//! page).
 //!
 //! [`AccessError::Poisoned`]: crate::AccessError::Poisoned
 
@@ -40,7 +41,7 @@ pub enum PoisonError {
     /// The offset is past the end of the file (`EINVAL`).
     #[error(transparent)]
     Range(#[from] RangeError),
-    /// The huge page holding the page must be split and a page of it is in use by the host
+    /// The huge page holding the page must be split and a peer process holds a page of it
     /// (`EBUSY`).
     #[error("page at offset {offset:#x} is in use; the huge page cannot be split")]
     Busy {
@@ -206,7 +207,7 @@ impl GuestMemfd {
                 .attrs_read()
                 .all(h * per, (h + 1) * per, Attr::Private);
             if !all_private && !rs.is_split(h) {
-                crate::restructure::split(inner, rs, &mut ctl.views, h).map_err(|e| match e {
+                crate::restructure::split(inner, rs, &mut ctl, h).map_err(|e| match e {
                     ConvertError::Busy { offset } => PoisonError::Busy { offset },
                     other => PoisonError::Os {
                         offset: at,

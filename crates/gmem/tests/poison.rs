@@ -167,15 +167,18 @@ fn poison_in_a_huge_page_splits_it_and_punch_hole_merges_it() {
 }
 
 #[test]
-fn poison_injection_is_refused_while_a_needed_split_is_blocked_by_a_pin() {
+fn poison_injection_splits_a_huge_page_holding_a_pin() {
     let Some(_pool) = pool(M2, 1) else { return };
     let mem = huge(1);
+    let view = mem.map(0, M2).expect("map");
     let pin = mem.pin(0, P).expect("pin");
-    let e = mem.inject_poison(9 * P).expect_err("split blocked");
-    assert_eq!((e.errno(), e.offset()), (libc::EBUSY, 0));
-    assert!(!mem.is_poisoned(9 * P));
-    drop(pin);
-    mem.inject_poison(9 * P).expect("inject");
+    mem.inject_poison(9 * P).expect("inject next to a pin");
+    assert_poisoned(&mem, &view, 9);
+    let mut b = [0u8; 16];
+    pin.read(0, &mut b).expect("pinned page still reachable");
+    assert_eq!(b.to_vec(), pattern(0, 16));
+    pin.write(0, b"pinned").expect("pin write");
+    assert_eq!(at(&view, 0), Touch::Ok(b'p'));
 }
 
 #[test]

@@ -83,4 +83,10 @@ pub trait Backing: AsFd + fmt::Debug + Send + Sync + 'static {
     fn as_hugetlb(&self) -> Option<&HugeTlb> {
         None
     }
+
+    /// The companion file holding the split pieces of a HugeTLB file received from its owner
+    /// (see [`crate::restructure`]); `None` otherwise.
+    fn companion(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
 }

@@ -19,41 +19,53 @@
 //! Every HugeTLB file has a *companion* memfd (shmem, 4 KiB pages, same size, sparse). To split
 //! huge page `H`, with the file's control lock held:
 //!
-//! 1. under the attribute write lock (so no checked accessor or pin can be in the middle of a
-//!    copy), refuse with `EAGAIN` naming the page if any 4 KiB page of `H` holds a host
-//!    reference (the kernel refuses to split a folio with unexpected references the same way);
-//! 2. copy `H` into the companion at the same offset (one `pwrite` from gmem's never-remapped
-//!    mapping of the huge pages, allocating 512 pieces);
-//! 3. `MAP_FIXED` the companion over `H`'s 2 MiB window in gmem's guest mapping, then in every
-//!    host view, where the new VMA is registered with the same userfaultfd in write-protect
-//!    mode and `MADV_DONTFORK`ed, and its private (and poisoned) 4 KiB pages get poison markers,
-//!    so the usual per-page enforcement applies.
+//! 1. *freeze*: `H`'s 2 MiB window is write-protected with the file's userfaultfd in gmem's
+//!    guest mapping and in every host view. Readers go on; a writer (a pin holder, the guest
+//!    view, a host view, the kernel through any of them) blocks in its page fault. Nobody reads
+//!    the userfaultfd: the writers only wait;
+//! 2. *copy*: `H` is copied into the companion at the same offset (one `pwrite` from gmem's
+//!    never-remapped mapping of the huge pages, allocating 512 pieces);
+//! 3. *remap*: the companion is mapped (`MAP_FIXED`) over `H`'s window in the guest mapping and
+//!    in every host view; each new VMA is registered with the same userfaultfd in write-protect
+//!    mode and `MADV_DONTFORK`ed, and in views its private (and poisoned) 4 KiB pages get poison
+//!    markers, so the usual per-page enforcement applies;
+//! 4. *thaw*: the waiting writers are woken; their faults retry on the pieces.
+//!
+//! Nothing written is lost, so a split needs no free pages: pinned pages of `H` stay pinned
+//! (their address does not change, only what backs it), and per-page conversions of the other
+//! pages of a huge page succeed while one is pinned, as the kernel's rules require.
 //!
 //! The huge page stays allocated (and reserved) while `H` is split, so the pool accounting is
 //! honest: the file never holds less than its size in huge pages, and merging never needs a new
-//! page. To merge, the companion range is copied back (`pread` into the huge mapping), the
-//! HugeTLB file is mapped back over the window everywhere (re-registered, and poisoned whole
-//! when the page is uniformly private), and the pieces are punched out of the companion.
+//! page. To merge, which needs `H` uniform, unpoisoned and *no host reference on any piece*,
+//! the windows are frozen again, the companion range is copied back (`pread` into the huge
+//! mapping), the HugeTLB file is mapped back over the window everywhere (re-registered, and
+//! poisoned whole when the page is uniformly private), writers are woken, and the pieces are
+//! punched out of the companion.
 //!
 //! A split huge page that is uniform again but still has a referenced piece (a pin, possibly
 //! outliving every handle of the file) *waits*: it merges when the last reference is dropped
 //! (the drop tries the control lock; if a conversion holds it, the merge happens at the end of
 //! the next conversion or [`GuestMemfd::merge_pending`]).
 //!
+//! Peer processes ([`crate::peer`]) receive the companion with the file and follow every split
+//! and merge (`SPLIT`/`MERGE` requests, before the owner remaps); a peer holding a reference on
+//! a page of the huge page refuses (`EAGAIN`) and the owner backs out.
+//!
 //! # Cost
 //!
-//! A split is one 2 MiB copy into freshly allocated shmem pages plus `1 + v` `mmap` calls and
-//! `v` userfaultfd registrations (`v` = host views covering the page); a merge is one 2 MiB
-//! copy back, the same remaps, and a punch-hole of the pieces. `BENCHMARKS.md` (P8) compares
-//! split plus merge with one 2 MiB `memcpy`. While split, a huge page costs 2 MiB of shmem on
-//! top of the huge page, and its window takes 512 TLB entries instead of one.
+//! A split is one 2 MiB copy into freshly allocated shmem pages, `1 + v` `mmap` calls,
+//! `1 + v` write-protect and wake calls and as many userfaultfd registrations (`v` = host views
+//! covering the page); a merge is one 2 MiB copy back, the same calls, and a punch-hole of the
+//! pieces. `BENCHMARKS.md` (P8) compares split plus merge with one 2 MiB `memcpy`. While split,
+//! a huge page costs 2 MiB of shmem on top of the huge page, and its window takes 512 TLB
+//! entries instead of one.
 //!
 //! # Limits
 //!
-//! A host thread that writes through a raw host-view pointer into `H` *during* its split or
-//! merge may lose that write (gmem's checked accessors and pins are excluded by step 1).
-//! HugeTLB files are not shared with peer processes ([`crate::peer`]): a peer's mappings would
-//! not follow the companion.
+//! A writer in a peer process is not frozen: the peer refuses a split or merge only while it
+//! holds a checked reference (pin, accessor), so a raw write through a peer's view during the
+//! copy can be lost. Poison is recorded per process and not sent to peers.
 
 mod split;
 pub(crate) mod step;
@@ -67,7 +79,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::file::GuestMemfd;
 use crate::sys::fd;
 
-pub(crate) use split::split;
+pub(crate) use split::{follow, split};
 
 /// Restructuring counters of one HugeTLB file. The handle outlives the file, so a caller can
 /// watch pieces that outlive it (a pin held after the last handle is closed) come back.
@@ -138,14 +150,21 @@ pub(crate) struct Restructure {
 }
 
 impl Restructure {
-    /// State for a HugeTLB file of `size` bytes with `page`-byte huge pages.
-    pub fn new(size: u64, page: u64) -> io::Result<Self> {
-        let companion = fd::memfd_create(c"gmem-pieces", 0)?;
-        fd::ftruncate(companion.as_fd(), size)?;
-        fd::add_seals(
-            companion.as_fd(),
-            libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
-        )?;
+    /// State for a HugeTLB file of `size` bytes with `page`-byte huge pages: a new companion
+    /// file, or the owner's when the backing was received from another process.
+    pub fn for_backing(backing: &dyn crate::Backing, size: u64, page: u64) -> io::Result<Self> {
+        let companion = match backing.companion() {
+            Some(fd) => fd.try_clone_to_owned()?,
+            None => {
+                let fd = fd::memfd_create(c"gmem-pieces", 0)?;
+                fd::ftruncate(fd.as_fd(), size)?;
+                fd::add_seals(
+                    fd.as_fd(),
+                    libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+                )?;
+                fd
+            }
+        };
         Ok(Restructure {
             page,
             companion,
@@ -245,7 +264,7 @@ impl GuestMemfd {
         let all = rs.split_in(0, u64::MAX);
         let mut n = 0;
         for h in all {
-            if step::try_merge(&self.inner, rs, &mut ctl.views, h)? {
+            if step::try_merge(&self.inner, rs, &mut ctl, h)? {
                 n += 1;
             }
         }

@@ -2,13 +2,15 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
 
 use super::Restructure;
 use crate::attr::Attr;
 use crate::convert::ConvertError;
-use crate::file::Inner;
+use crate::file::{Control, Inner};
 use crate::range::ByteRange;
 use crate::sys::mapping::Mapping;
+use crate::sys::uffd::Uffd;
 use crate::sys::{to_off, to_usize, PAGE_SIZE};
 use crate::view::host::ViewSlot;
 
@@ -114,11 +116,13 @@ pub(crate) fn huge_range(rs: &Restructure, h: u64) -> ByteRange {
 }
 
 /// Splits huge page `h` into companion pieces (the caller holds the control lock and has
-/// checked that `h` is not split). Fails with `EAGAIN` naming the first referenced page.
+/// checked that `h` is not split). Writers to the huge page are held off (write-protected)
+/// while its contents move, so nothing written through a pin, the guest view or a host view
+/// is lost. Fails with `EAGAIN` when a peer process holds a page of it, changing nothing.
 pub(crate) fn split(
     inner: &Inner,
     rs: &Restructure,
-    views: &mut [ViewSlot],
+    ctl: &mut Control,
     h: u64,
 ) -> Result<(), ConvertError> {
     let hr = huge_range(rs, h);
@@ -127,22 +131,147 @@ pub(crate) fn split(
         source,
     };
     let (huge, guest) = parts(inner).map_err(os)?;
-    let (first, end) = (hr.start / PAGE_SIZE, hr.end / PAGE_SIZE);
-    {
-        let _attrs = inner.attrs_write();
+    let frozen = freeze(ctl, guest, hr).map_err(os)?;
+    let res = (|| {
+        copy(huge, rs.companion(), hr, Dir::ToPieces).map_err(os)?;
+        if let Err(e) = ctl.peers.split(hr) {
+            punch_pieces(rs, hr).map_err(os)?;
+            return Err(e);
+        }
+        remap_guest(inner, guest, rs.companion(), hr).map_err(os)?;
+        register_guest(&frozen, guest, hr).map_err(os)?;
+        rs.set_split(h, true);
+        for v in ctl.views.iter_mut() {
+            remap_view_pieces(inner, rs, v, h)?;
+        }
+        Ok(())
+    })();
+    thaw(&frozen);
+    res
+}
+
+/// Write-protected windows of one huge page: gmem's guest mapping first, then the views.
+struct Frozen {
+    uffd: Arc<Uffd>,
+    windows: Vec<(usize, usize)>,
+}
+
+/// Write-protects the window of `hr` in gmem's guest mapping and in every host view that maps
+/// it, so that writers wait while the contents move.
+fn freeze(ctl: &mut Control, guest: &Mapping, hr: ByteRange) -> io::Result<Frozen> {
+    let uffd = match &ctl.uffd {
+        Some(u) => u.clone(),
+        None => {
+            let u = Arc::new(Uffd::new()?);
+            ctl.uffd = Some(u.clone());
+            u
+        }
+    };
+    let mut frozen = Frozen {
+        uffd,
+        windows: Vec::new(),
+    };
+    let g = (guest.addr() + to_usize(hr.start)?, to_usize(hr.len())?);
+    frozen.uffd.register(g.0, g.1)?;
+    let mut windows = vec![g];
+    for v in &ctl.views {
+        if v.holes.contains(&hr.start) || v.uffd.is_none() {
+            continue;
+        }
+        if let Some((off, len, _)) = window(v, hr) {
+            windows.push((v.map.addr() + off, len));
+        }
+    }
+    for w in windows {
+        if let Err(e) = frozen.uffd.write_protect(w.0, w.1, true) {
+            thaw(&frozen);
+            return Err(e);
+        }
+        frozen.windows.push(w);
+    }
+    Ok(frozen)
+}
+
+/// Registers the guest window of `hr` (just remapped) with the userfaultfd, so the next split
+/// or merge can write-protect it.
+fn register_guest(frozen: &Frozen, guest: &Mapping, hr: ByteRange) -> io::Result<()> {
+    frozen
+        .uffd
+        .register(guest.addr() + to_usize(hr.start)?, to_usize(hr.len())?)
+}
+
+/// Lifts the protection (a no-op on windows remapped since) and wakes the waiting writers,
+/// which retry on whatever is mapped now.
+fn thaw(frozen: &Frozen) {
+    for &(addr, len) in &frozen.windows {
+        if let Err(e) = frozen.uffd.write_protect(addr, len, false) {
+            tracing::debug!(addr, "write-unprotect after a remap: {e}");
+        }
+        if let Err(e) = frozen.uffd.wake(addr, len) {
+            tracing::error!(addr, "waking writers: {e}");
+        }
+    }
+}
+
+/// Drops the pieces of `hr` from the companion file.
+fn punch_pieces(rs: &Restructure, hr: ByteRange) -> io::Result<()> {
+    crate::sys::fd::fallocate(
+        rs.companion(),
+        libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
+        hr.start,
+        hr.len(),
+    )
+}
+
+/// A peer process follows its owner's split (`split`) or merge of the huge page at `r`: the
+/// owner has already moved the contents; the follower checks its own host references
+/// (`EAGAIN`) and remaps its guest mapping and views.
+pub(crate) fn follow(
+    inner: &Inner,
+    views: &mut [ViewSlot],
+    split: bool,
+    r: ByteRange,
+) -> Result<(), ConvertError> {
+    let einval = || ConvertError::Os {
+        offset: r.start,
+        source: io::Error::from_raw_os_error(libc::EINVAL),
+    };
+    let rs = inner.restructure.as_ref().ok_or_else(einval)?;
+    let h = r.start / rs.page;
+    if huge_range(rs, h) != r {
+        return Err(einval());
+    }
+    let os = |source| ConvertError::Os {
+        offset: r.start,
+        source,
+    };
+    let (first, end) = (r.start / PAGE_SIZE, r.end / PAGE_SIZE);
+    let private = {
+        let attrs = inner.attrs_write();
         if let Some(p) = inner.refs.first_busy(first, end) {
             return Err(ConvertError::Busy {
                 offset: p * PAGE_SIZE,
             });
         }
-        copy(huge, rs.companion(), hr, Dir::ToPieces).map_err(os)?;
-        remap_guest(inner, guest, rs.companion(), hr).map_err(os)?;
-        rs.set_split(h, true);
+        if let Some(guest) = inner.guest.as_ref() {
+            let fd = if split {
+                rs.companion()
+            } else {
+                inner.backing.fd()
+            };
+            remap_guest(inner, guest, fd, r).map_err(os)?;
+        }
+        rs.set_split(h, split);
+        attrs.all(first, end, Attr::Private)
+    };
+    if split {
+        for v in views.iter_mut() {
+            remap_view_pieces(inner, rs, v, h)?;
+        }
+        Ok(())
+    } else {
+        views_to_huge(inner, views, r, private)
     }
-    for v in views.iter_mut() {
-        remap_view_pieces(inner, rs, v, h)?;
-    }
-    Ok(())
 }
 
 /// Maps the pieces of split huge page `h` over its window in view `v` and marks the pages that
@@ -196,12 +325,12 @@ pub(crate) fn remap_view_pieces(
 }
 
 /// Merges split huge page `h` (uniform, unpoisoned, unreferenced: checked by the caller and
-/// again here under the attribute lock). With `keep` the pieces' contents are copied back;
-/// without (a punch-hole) they are dropped.
+/// again here under the attribute lock, and by every peer process). With `keep` the pieces'
+/// contents are copied back; without (a punch-hole) they are dropped.
 pub(crate) fn merge(
     inner: &Inner,
     rs: &Restructure,
-    views: &mut [ViewSlot],
+    ctl: &mut Control,
     h: u64,
     keep: bool,
 ) -> Result<(), ConvertError> {
@@ -212,20 +341,39 @@ pub(crate) fn merge(
     };
     let (huge, guest) = parts(inner).map_err(os)?;
     let (first, end) = (hr.start / PAGE_SIZE, hr.end / PAGE_SIZE);
-    let private = {
-        let attrs = inner.attrs_write();
-        if let Some(p) = inner.refs.first_busy(first, end) {
-            return Err(ConvertError::Busy {
-                offset: p * PAGE_SIZE,
-            });
-        }
+    if let Some(p) = inner.refs.first_busy(first, end) {
+        return Err(ConvertError::Busy {
+            offset: p * PAGE_SIZE,
+        });
+    }
+    let frozen = freeze(ctl, guest, hr).map_err(os)?;
+    let res = (|| {
         if keep {
             copy(huge, rs.companion(), hr, Dir::FromPieces).map_err(os)?;
         }
+        ctl.peers.merge(hr)?;
         remap_guest(inner, guest, inner.backing.fd(), hr).map_err(os)?;
-        attrs.all(first, end, Attr::Private)
+        register_guest(&frozen, guest, hr).map_err(os)?;
+        let private = inner.attrs_read().all(first, end, Attr::Private);
+        rs.set_split(h, false);
+        views_to_huge(inner, &mut ctl.views, hr, private)
+    })();
+    thaw(&frozen);
+    res?;
+    punch_pieces(rs, hr).map_err(os)
+}
+
+/// Maps the huge page back over its window `hr` in every view, whole-page marked when private.
+fn views_to_huge(
+    inner: &Inner,
+    views: &mut [ViewSlot],
+    hr: ByteRange,
+    private: bool,
+) -> Result<(), ConvertError> {
+    let os = |source| ConvertError::Os {
+        offset: hr.start,
+        source,
     };
-    rs.set_split(h, false);
     for v in views.iter_mut() {
         if v.holes.contains(&hr.start) {
             // A hole already makes the whole (private) page fault; it stays.
@@ -236,11 +384,5 @@ pub(crate) fn merge(
             v.revoke(hr).map_err(os)?;
         }
     }
-    crate::sys::fd::fallocate(
-        rs.companion(),
-        libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
-        hr.start,
-        hr.len(),
-    )
-    .map_err(os)
+    Ok(())
 }

@@ -80,7 +80,7 @@ fn one(
         !(uniform_after && (to == Attr::Private || !inner.poison.any_in(hf, he)))
     };
     if needs_split && !rs.is_split(h) {
-        split(inner, rs, &mut ctl.views, h)?;
+        split(inner, rs, ctl, h)?;
     }
     let res = match to {
         Attr::Private => crate::convert::to_private(inner, ctl, c),
@@ -98,7 +98,7 @@ fn one(
     });
     // Merge when whole again; this also undoes a split made for a conversion that failed.
     let merged = if rs.is_split(h) {
-        try_merge(inner, rs, &mut ctl.views, h).map(drop)
+        try_merge(inner, rs, ctl, h).map(drop)
     } else {
         Ok(())
     };
@@ -110,7 +110,7 @@ fn one(
 pub(crate) fn try_merge(
     inner: &Inner,
     rs: &Restructure,
-    views: &mut [ViewSlot],
+    ctl: &mut Control,
     h: u64,
 ) -> Result<bool, ConvertError> {
     let (hf, he) = pages(huge_range(rs, h));
@@ -125,7 +125,7 @@ pub(crate) fn try_merge(
         rs.set_waiting(h, true);
         return Ok(false);
     }
-    match merge(inner, rs, views, h, true) {
+    match merge(inner, rs, ctl, h, true) {
         Ok(()) => Ok(true),
         Err(ConvertError::Busy { .. }) => {
             rs.set_waiting(h, true);
@@ -156,7 +156,7 @@ pub(crate) fn after_put(inner: &Inner, first: u64, end: u64) {
         Err(std::sync::TryLockError::WouldBlock) => return,
     };
     for h in hs {
-        if let Err(e) = try_merge(inner, rs, &mut ctl.views, h) {
+        if let Err(e) = try_merge(inner, rs, &mut ctl, h) {
             tracing::error!(offset = h * rs.page, "merging a huge page: {e}");
         }
     }
@@ -184,9 +184,9 @@ pub(crate) fn punch_hole(inner: &Inner, mode: libc::c_int, r: ByteRange) -> io::
         let free =
             whole(inner, &inner.attrs_read(), hf, he) && inner.refs.first_busy(hf, he).is_none();
         if free {
-            merge(inner, rs, &mut ctl.views, h, false).map_err(into_io)?;
+            merge(inner, rs, &mut ctl, h, false).map_err(into_io)?;
         } else {
-            try_merge(inner, rs, &mut ctl.views, h).map_err(into_io)?;
+            try_merge(inner, rs, &mut ctl, h).map_err(into_io)?;
         }
     }
     match inner.backing.as_hugetlb() {

@@ -65,6 +65,35 @@ impl Mapping {
         Ok(Mapping { addr, len })
     }
 
+    /// Reserves `len` bytes of address space aligned to `align` (a power of two, such as a
+    /// huge page size), inaccessible until parts are mapped over it with
+    /// [`Mapping::map_fixed`].
+    pub fn reserve_aligned(len: usize, align: usize) -> io::Result<Self> {
+        let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+        if !align.is_power_of_two() {
+            return Err(einval());
+        }
+        let total = len.checked_add(align).ok_or_else(einval)?;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let wide = std::mem::ManuallyDrop::new(Self::map(None, 0, total, flags, libc::PROT_NONE)?);
+        let start = wide.addr();
+        let aligned = (start + align - 1) & !(align - 1);
+        let head = aligned - start;
+        let tail = total - head - len;
+        if head > 0 {
+            // SAFETY: `[start, aligned)` is the unused head of the reservation just made.
+            cvt(unsafe { libc::munmap(wide.as_ptr().cast(), head) })?;
+        }
+        if tail > 0 {
+            let at = wide.as_ptr().wrapping_add(head + len);
+            // SAFETY: `[aligned + len, start + total)` is the unused tail of the reservation.
+            cvt(unsafe { libc::munmap(at.cast(), tail) })?;
+        }
+        let addr = NonNull::new(wide.as_ptr().wrapping_add(head))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(Mapping { addr, len })
+    }
+
     /// Start of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
         self.addr.as_ptr()

@@ -53,6 +53,15 @@ const fn iowr(nr: u64, size: usize) -> u64 {
 const UFFDIO_API_IOCTL: u64 = iowr(0x3f, std::mem::size_of::<UffdioApi>());
 const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
 const UFFDIO_POISON: u64 = iowr(0x08, std::mem::size_of::<UffdioPoison>());
+const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
+const UFFDIO_WAKE: u64 = (2 << 30) | ((std::mem::size_of::<UffdioRange>() as u64) << 16) | (UFFDIO << 8) | 0x02;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
 
 /// A userfaultfd configured for poison markers on shmem and HugeTLB mappings.
 #[derive(Debug)]
@@ -94,6 +103,33 @@ impl Uffd {
         };
         // SAFETY: `reg` is a valid `struct uffdio_register` for the duration of the call.
         cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) }).map(drop)
+    }
+
+    /// Write-protects `[addr, addr + len)` (`protect`), or lifts the protection and wakes
+    /// the threads that faulted on it. A write to a protected page blocks the writing thread
+    /// until the protection is lifted or [`Uffd::wake`] is called on it (nobody reads the
+    /// events: gmem uses this only to hold writers off for a moment).
+    pub fn write_protect(&self, addr: usize, len: usize, protect: bool) -> io::Result<()> {
+        let mut wp = UffdioWriteprotect {
+            range: UffdioRange {
+                start: addr as u64,
+                len: len as u64,
+            },
+            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        // SAFETY: `wp` is a valid `struct uffdio_writeprotect` for the duration of the call.
+        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) }).map(drop)
+    }
+
+    /// Wakes the threads waiting on a fault in `[addr, addr + len)`; they retry the access
+    /// (on whatever is mapped there now).
+    pub fn wake(&self, addr: usize, len: usize) -> io::Result<()> {
+        let mut r = UffdioRange {
+            start: addr as u64,
+            len: len as u64,
+        };
+        // SAFETY: `r` is a valid `struct uffdio_range` for the duration of the call.
+        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) }).map(drop)
     }
 
     /// Installs poison markers on `[addr, addr + len)`, which must have no present entries.

@@ -115,6 +115,26 @@ fn hole_fd() -> io::Result<BorrowedFd<'static>> {
     Ok(HOLE.get_or_init(|| fd).as_fd())
 }
 
+/// Maps `len` bytes of the file from `offset` for a view. A writable mapping of a HugeTLB
+/// file grows the file to cover it (hugetlbfs ignores `F_SEAL_GROW` there), so the part of a
+/// HugeTLB view past the end is a hole instead: touching it is `SIGBUS`, as past the end of
+/// any file, and the size stays.
+fn map_file(inner: &Inner, offset: u64, len: usize) -> io::Result<Mapping> {
+    let crate::BackingKind::HugeTlb(page) = inner.backing.kind() else {
+        return Mapping::shared(inner.backing.fd(), offset, len, 0);
+    };
+    let in_file = to_usize(inner.size.saturating_sub(offset))?;
+    if len <= in_file {
+        return Mapping::shared(inner.backing.fd(), offset, len, 0);
+    }
+    let map = Mapping::reserve_aligned(len, to_usize(page)?)?;
+    map.map_fixed(0, len, hole_fd()?, 0)?;
+    if in_file > 0 {
+        map.map_fixed(0, in_file, inner.backing.fd(), offset)?;
+    }
+    Ok(map)
+}
+
 /// A registered view, as conversion sees it.
 #[derive(Debug)]
 pub(crate) struct ViewSlot {
@@ -355,7 +375,7 @@ impl GuestMemfd {
                 Some(u)
             }
         };
-        let map = Mapping::shared(inner.backing.fd(), offset, map_len, 0).map_err(|e| os("mmap", e))?;
+        let map = map_file(inner, offset, map_len).map_err(|e| os("mmap", e))?;
         map.advise(0, map_len, libc::MADV_DONTFORK)
             .map_err(|e| os("madvise(DONTFORK)", e))?;
         if let Some(u) = &uffd {

@@ -1,0 +1,247 @@
+//! The conformance catalogue on the HugeTLB backing (2 MiB pages), and the restructuring cases:
+//! a huge page split because its 4 KiB pages are mixed, merged back when whole and free.
+//!
+//! Each test grows the HugeTLB pool for its own run and gives the pages back when it ends
+//! (root only; the tests print `skipped: <reason>` when the pool cannot be grown). Pool changes
+//! are serialised within the process, so the tests of this binary take turns.
+
+use gmem::{
+    Attr, BackingChoice, CreateError, FallocMode, Flags, GuestMemfd, HostView, PoolGuard, HUGE_2M,
+};
+use gmem_conformance::{touch, Backend};
+
+/// Huge pages each test may use: enough for every case's files at once.
+const POOL_PAGES: u64 = 24;
+
+/// HugeTLB with 2 MiB pages; holds the pool it grew until the test ends.
+struct HugeTlb2M {
+    pool: Result<PoolGuard, String>,
+}
+
+impl HugeTlb2M {
+    fn new() -> Self {
+        // A child process started by a case reaches the memory through its parent.
+        let in_child = std::env::var_os(gmem_conformance::child::ROLE_ENV).is_some();
+        let pool = if in_child {
+            Err("child process".to_string())
+        } else {
+            PoolGuard::grow(HUGE_2M, POOL_PAGES).map_err(|e| e.to_string())
+        };
+        HugeTlb2M { pool }
+    }
+}
+
+impl Backend for HugeTlb2M {
+    fn name(&self) -> String {
+        "hugetlb-2048k".to_string()
+    }
+
+    fn block_size(&self) -> u64 {
+        HUGE_2M
+    }
+
+    fn supported_flags(&self) -> Flags {
+        Flags::MMAP | Flags::INIT_SHARED
+    }
+
+    fn create(&self, size: u64, flags: Flags) -> Result<GuestMemfd, CreateError> {
+        GuestMemfd::builder(size)
+            .flags(flags)
+            .backing(BackingChoice::HugeTlb(HUGE_2M))
+            .create()
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.pool
+            .as_ref()
+            .err()
+            .map(|e| format!("cannot reserve {POOL_PAGES} huge pages of 2 MiB: {e}"))
+    }
+}
+
+gmem_conformance::conformance_suite!(hugetlb, super::HugeTlb2M::new());
+
+const P: u64 = 4096;
+const M2: u64 = HUGE_2M;
+
+/// A HugeTLB file of `pages` huge pages, shared, filled with a per-page stamp; `None` (and a
+/// printed reason) when the pool cannot be grown.
+fn setup(pages: u64) -> Option<(PoolGuard, GuestMemfd)> {
+    let pool = match PoolGuard::grow(M2, pages) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped: cannot reserve {pages} huge pages of 2 MiB: {e}");
+            return None;
+        }
+    };
+    let mem = GuestMemfd::builder(pages * M2)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(BackingChoice::HugeTlb(M2))
+        .create()
+        .expect("create");
+    for p in 0..pages * M2 / P {
+        mem.write_at(p * P, &stamp(p)).expect("stamp");
+    }
+    Some((pool, mem))
+}
+
+fn stamp(page: u64) -> [u8; 8] {
+    (page ^ 0x4855_4745_0000_0000).to_le_bytes()
+}
+
+/// Every 4 KiB page of `[0, len)`: private ones fault in the view (first and last byte) and
+/// are refused by the accessor; shared ones read their stamp; the guest reads every stamp.
+fn check(mem: &GuestMemfd, view: &HostView, len: u64) {
+    for p in 0..len / P {
+        let at = p * P;
+        match mem.attr(at).expect("attr") {
+            Attr::Private => {
+                for byte in [at, at + P - 1] {
+                    let f = touch::read_byte(view, byte).expect_err("private page readable");
+                    assert!(f.is_access_error(), "page {p}: {f:?}");
+                }
+                let e = mem.read_at(at, &mut [0u8; 8]).expect_err("read_at private");
+                assert_eq!((e.errno(), e.offset()), (libc::EFAULT, Some(at)));
+            }
+            Attr::Shared => {
+                let got = touch::read(view, at, 8).unwrap_or_else(|f| panic!("page {p}: {f:?}"));
+                assert_eq!(got, stamp(p), "shared page {p}");
+            }
+        }
+        let mut g = [0u8; 8];
+        mem.guest().read(at, &mut g).expect("guest read");
+        assert_eq!(g, stamp(p), "guest view of page {p}");
+    }
+}
+
+#[test]
+fn conformance_hugetlb_restructure_one_private_page_inside_a_huge_page() {
+    let Some((_pool, mem)) = setup(2) else { return };
+    let view = mem.map(0, 2 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    mem.convert(M2 + 77 * P, P, Attr::Private)
+        .expect("one page private");
+    assert_eq!((acct.split_pages(), acct.splits()), (1, 1));
+    check(&mem, &view, 2 * M2);
+    let late = mem.map(0, 2 * M2).expect("a view made while split");
+    check(&mem, &late, 2 * M2);
+    mem.convert(M2 + 77 * P, P, Attr::Shared).expect("back");
+    assert_eq!((acct.split_pages(), acct.merges()), (0, 1));
+    check(&mem, &view, 2 * M2);
+    check(&mem, &late, 2 * M2);
+}
+
+#[test]
+fn conformance_hugetlb_restructure_every_other_page() {
+    let Some((_pool, mem)) = setup(2) else { return };
+    let view = mem.map(0, 2 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    for p in (1..2 * M2 / P).step_by(2) {
+        mem.convert(p * P, P, Attr::Private)
+            .expect("odd page private");
+    }
+    assert_eq!(mem.run_count() as u64, 2 * M2 / P, "one run per page");
+    assert_eq!(acct.split_pages(), 2);
+    check(&mem, &view, 2 * M2);
+    mem.convert(0, 2 * M2, Attr::Shared).expect("bulk back");
+    assert_eq!(
+        (mem.run_count(), acct.split_pages(), acct.merges()),
+        (1, 0, 2)
+    );
+    check(&mem, &view, 2 * M2);
+}
+
+#[test]
+fn conformance_hugetlb_restructure_whole_page_back() {
+    let Some((_pool, mem)) = setup(2) else { return };
+    let view = mem.map(0, 2 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    mem.convert(0, M2, Attr::Private)
+        .expect("whole page private");
+    assert_eq!(
+        acct.splits(),
+        0,
+        "a whole huge page converts without a split"
+    );
+    check(&mem, &view, 2 * M2);
+    mem.convert(0, 8 * P, Attr::Shared).expect("part back");
+    assert_eq!(acct.split_pages(), 1);
+    check(&mem, &view, 2 * M2);
+    mem.convert(0, M2, Attr::Shared).expect("whole page back");
+    assert_eq!((acct.split_pages(), acct.merges()), (0, 1));
+    check(&mem, &view, 2 * M2);
+}
+
+#[test]
+fn conformance_hugetlb_restructure_pin_during_split() {
+    let Some((_pool, mem)) = setup(1) else { return };
+    let view = mem.map(0, M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    let pin = mem.pin(40 * P, P).expect("pin");
+    mem.convert(41 * P, P, Attr::Private)
+        .expect("split next to a pin");
+    assert_eq!(acct.split_pages(), 1);
+    let mut b = [0u8; 8];
+    pin.read(0, &mut b).expect("pinned page");
+    assert_eq!(b, stamp(40));
+    check(&mem, &view, M2);
+    let e = mem
+        .convert(40 * P, P, Attr::Private)
+        .expect_err("the pinned page");
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(40 * P)));
+    mem.convert(41 * P, P, Attr::Shared).expect("whole again");
+    assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (1, 1));
+    check(&mem, &view, M2);
+    drop(pin);
+    assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (0, 0));
+    check(&mem, &view, M2);
+}
+
+#[test]
+fn conformance_hugetlb_restructure_punch_hole_while_split() {
+    let Some((_pool, mem)) = setup(2) else { return };
+    let view = mem.map(0, 2 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    mem.convert(3 * P, 2 * P, Attr::Private).expect("split");
+    let before = gmem::PoolStats::read(M2).expect("pool");
+    mem.fallocate(FallocMode::PUNCH_HOLE, 0, M2).expect("punch");
+    assert_eq!(
+        gmem::PoolStats::read(M2).expect("pool").free,
+        before.free + 1
+    );
+    assert_eq!(acct.split_pages(), 1);
+    touch::expect_sigbus(&view, 3 * P, 2 * P, "punched private pages");
+    touch::expect_bytes(&view, 0, 3 * P, 0, "punched shared pages");
+    touch::expect_bytes(&view, 5 * P, M2 - 5 * P, 0, "punched shared pages");
+    mem.convert(3 * P, 2 * P, Attr::Shared).expect("merge");
+    assert_eq!(acct.split_pages(), 0);
+    touch::expect_bytes(&view, 0, M2, 0, "merged punched page");
+    let got = touch::read(&view, M2, 8).expect("second page");
+    assert_eq!(got, stamp(M2 / P));
+}
+
+#[test]
+fn conformance_hugetlb_restructure_pieces_outlive_the_file() {
+    let Some((_pool, mem)) = setup(1) else { return };
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    let base = gmem::PoolStats::read(M2).expect("pool");
+    mem.convert(9 * P, P, Attr::Private).expect("split");
+    let pin = mem.pin(8 * P, P).expect("pin a piece");
+    mem.convert(9 * P, P, Attr::Shared).expect("whole again");
+    drop(mem);
+    assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (1, 1));
+    let mut b = [0u8; 8];
+    pin.read(0, &mut b).expect("read through the pin");
+    assert_eq!(b, stamp(8));
+    drop(pin);
+    assert_eq!(
+        (acct.split_pages(), acct.waiting_to_merge(), acct.merges()),
+        (0, 0, 1)
+    );
+    let now = gmem::PoolStats::read(M2).expect("pool");
+    assert_eq!(
+        now.free,
+        base.free + 1,
+        "the file's huge page went back to the pool"
+    );
+}
