@@ -25,6 +25,10 @@ const VFS_KNOWN: i32 = libc::FALLOC_FL_KEEP_SIZE
     | libc::FALLOC_FL_UNSHARE_RANGE
     | 0x80;
 
+/// Mode words the VFS passes on to the file; other combinations of known bits are
+/// `EOPNOTSUPP` before the size check (measured against the kernel guest_memfd).
+const VFS_MODES: [i32; 10] = [0x0, 0x1, 0x3, 0x8, 0x10, 0x11, 0x20, 0x40, 0x41, 0x80];
+
 /// Checks `(offset, len)` the way every gmem range is checked: empty, unaligned, wrapping,
 /// past the end, in that order; all `EINVAL`, all naming `offset`.
 pub fn check_range(offset: u64, len: u64, align: u64, size: u64) -> Result<(u64, u64), Fault> {
@@ -259,7 +263,7 @@ impl Model {
             return Err(Fault::at(Class::Overflow, libc::EINVAL, offset));
         }
         let unsupported = Fault::bare(Class::Unsupported, libc::EOPNOTSUPP);
-        if mode & !VFS_KNOWN != 0 {
+        if mode & !VFS_KNOWN != 0 || !VFS_MODES.contains(&mode) {
             return Err(unsupported);
         }
         let end = match offset.checked_add(len) {

@@ -168,6 +168,7 @@ pub struct Generator {
     rng: Rng,
     size: u64,
     follower: bool,
+    fine: bool,
 }
 
 impl Generator {
@@ -178,7 +179,15 @@ impl Generator {
             rng: Rng::new(seed),
             size,
             follower,
+            fine: false,
         }
+    }
+
+    /// Makes most page ranges a single page, so the file fragments into many runs (hundreds,
+    /// past the attribute index's chunk size).
+    pub fn fine(mut self) -> Self {
+        self.fine = true;
+        self
     }
 
     /// A byte range, valid about 85% of the time, otherwise one of the invalid classes.
@@ -211,6 +220,9 @@ impl Generator {
     fn pages(&mut self) -> (u64, u64) {
         let pages = self.size / PAGE;
         let r = &mut self.rng;
+        if self.fine && r.chance(7, 10) {
+            return (r.below(pages) * PAGE, PAGE);
+        }
         if r.chance(80, 100) {
             let start = r.below(pages);
             let left = pages - start;

@@ -63,6 +63,8 @@ struct Config {
     pages: u64,
     init_shared: bool,
     follower: bool,
+    /// Mostly single-page ranges: hundreds of runs.
+    fine: bool,
 }
 
 /// The real side: the file, its views, pins, an in-process follower.
@@ -572,50 +574,28 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// The configurations a CI run cycles through: small files (cheap probes, dense operations),
-/// and a file of 2.5 hole chunks so whole private chunks become holes in the views.
+/// a fragmented file (mostly single-page conversions: hundreds of runs, past the attribute
+/// index's chunk size), and files of 2.5 hole chunks so whole private chunks become holes in
+/// the views.
 fn configs() -> Vec<(Config, u64)> {
     let hole_pages = gmem::view::host::HOLE_CHUNK / PAGE;
+    let cfg = |pages, init_shared, follower, fine| Config {
+        pages,
+        init_shared,
+        follower,
+        fine,
+    };
     vec![
+        (cfg(64, true, false, false), 30),
+        (cfg(64, false, false, false), 10),
+        (cfg(128, true, true, false), 20),
+        (cfg(512, true, false, true), 15),
+        (cfg(384, false, true, true), 10),
         (
-            Config {
-                pages: 64,
-                init_shared: true,
-                follower: false,
-            },
-            40,
+            cfg(2 * hole_pages + hole_pages / 2 + 3, true, false, false),
+            10,
         ),
-        (
-            Config {
-                pages: 64,
-                init_shared: false,
-                follower: false,
-            },
-            15,
-        ),
-        (
-            Config {
-                pages: 128,
-                init_shared: true,
-                follower: true,
-            },
-            25,
-        ),
-        (
-            Config {
-                pages: 2 * hole_pages + hole_pages / 2 + 3,
-                init_shared: true,
-                follower: false,
-            },
-            15,
-        ),
-        (
-            Config {
-                pages: 2 * hole_pages + 5,
-                init_shared: false,
-                follower: true,
-            },
-            5,
-        ),
+        (cfg(2 * hole_pages + 5, false, true, false), 5),
     ]
 }
 
@@ -647,6 +627,9 @@ fn model_based_random_operations() {
         let seed = base.wrapping_add(run_no.wrapping_mul(0x9e37_79b9));
         let n = per_run.min(total - done);
         let mut generator = Generator::new(seed, cfg.pages * PAGE, cfg.follower);
+        if cfg.fine {
+            generator = generator.fine();
+        }
         let ops: Vec<Op> = (0..n).map(|_| generator.op()).collect();
         if let Err((i, reason)) = execute(cfg, seed, &ops) {
             eprintln!("divergence at step {i} (seed {seed:#x}, {cfg:?}): {reason}\nshrinking...");

@@ -87,6 +87,14 @@ fn converter(mem: &GuestMemfd, sh: &Shared, me: usize, lo: u64, hi: u64, seed: u
             let span = (start - lo) as usize..(start - lo + n) as usize;
             match mem.convert(start * PAGE, n * PAGE, Attr::Private) {
                 Ok(()) => {
+                    if let Some(p) =
+                        (start..start + n).find(|&p| mem.attr(p * PAGE).ok() != Some(Attr::Private))
+                    {
+                        sh.violate(format!(
+                            "page {p} reads back shared after converting {start}+{n} to private; runs {:?}",
+                            mem.runs(lo * PAGE, (hi - lo) * PAGE)
+                        ));
+                    }
                     let fill = vec![PRIVATE; (n * PAGE) as usize];
                     if let Err(e) = guest.write(start * PAGE, &fill) {
                         sh.violate(format!("guest write failed: {e}"));
@@ -111,6 +119,17 @@ fn converter(mem: &GuestMemfd, sh: &Shared, me: usize, lo: u64, hi: u64, seed: u
                 sh.violate(format!("convert to shared failed: {e}"));
             }
             attrs[(first - lo) as usize..(first - lo + n) as usize].fill(Attr::Shared);
+        }
+        // The converter's pages read back as it set them (nobody else converts them).
+        if let Some(p) =
+            (lo..hi).find(|&p| mem.attr(p * PAGE).ok() != Some(attrs[(p - lo) as usize]))
+        {
+            sh.violate(format!(
+                "page {p} reads back {:?}, converter set {:?}; runs {:?}",
+                mem.attr(p * PAGE),
+                attrs[(p - lo) as usize],
+                mem.runs(lo * PAGE, (hi - lo) * PAGE)
+            ));
         }
     }
     eprintln!("converter {me}: {busy} conversions refused as busy");

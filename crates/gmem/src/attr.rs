@@ -209,6 +209,27 @@ impl RunMap {
                 self.insert_key(end, a);
             }
         }
+        // Split only now: between the two insertions a chunk's parity is not yet right, and
+        // a split then would fix a wrong attribute into the new chunk.
+        self.split_if_full(start);
+        self.split_if_full(end);
+    }
+
+    /// Splits the chunk holding `key` in two if it has grown past [`CHUNK_MAX`].
+    fn split_if_full(&mut self, key: u64) {
+        let Some(c) = self.index.partition_point(|&k| k <= key).checked_sub(1) else {
+            return;
+        };
+        let ch = &mut self.chunks[c];
+        if ch.keys.len() > CHUNK_MAX {
+            let mid = ch.keys.len() / 2;
+            let tail = Chunk {
+                attr: ch.attr_at(mid),
+                keys: ch.keys.split_off(mid),
+            };
+            self.index.insert(c + 1, tail.keys[0]);
+            self.chunks.insert(c + 1, tail);
+        }
     }
 
     /// Removes every boundary in `[lo, hi]`, keeping each chunk's first attribute right.
@@ -257,15 +278,6 @@ impl RunMap {
         let ch = &mut self.chunks[c];
         let at = ch.keys.partition_point(|&k| k < key);
         ch.keys.insert(at, key);
-        if ch.keys.len() > CHUNK_MAX {
-            let mid = ch.keys.len() / 2;
-            let tail = Chunk {
-                attr: ch.attr_at(mid),
-                keys: ch.keys.split_off(mid),
-            };
-            self.index.insert(c + 1, tail.keys[0]);
-            self.chunks.insert(c + 1, tail);
-        }
     }
 }
 

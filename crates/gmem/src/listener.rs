@@ -52,7 +52,6 @@ pub struct ListenerId(u64);
 /// The listeners of one file, in registration order.
 #[derive(Default)]
 pub(crate) struct ListenerSet {
-    next: u64,
     list: Vec<(ListenerId, Arc<dyn ConversionListener>)>,
 }
 
@@ -66,8 +65,10 @@ impl fmt::Debug for ListenerSet {
 
 impl ListenerSet {
     pub fn add(&mut self, l: Arc<dyn ConversionListener>) -> ListenerId {
-        let id = ListenerId(self.next);
-        self.next += 1;
+        // Ids are unique across files, so an id from another file never removes a listener
+        // of this one.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = ListenerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         self.list.push((id, l));
         id
     }
