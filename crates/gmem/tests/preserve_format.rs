@@ -540,3 +540,50 @@ fn random_and_mutated_inputs_never_panic() {
     // Resealed single-field mutations are sometimes valid states; most are not.
     assert!(accepted < 200_000);
 }
+
+/// The fuzz seed corpus (`fuzz/seeds/state_parser`) holds valid states of every section kind;
+/// `GMEM_BLESS_SEEDS=1` rewrites it.
+#[test]
+fn fuzz_seed_corpus_is_current() {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/state_parser");
+    let mut minimal = State {
+        generation: 1,
+        files: vec![file(P)],
+    };
+    let seeds = [
+        ("minimal", minimal.encode().unwrap()),
+        ("full", full().encode().unwrap()),
+        (
+            "optional-section",
+            one_file_with(&[runs_ok(), section(77, 9, 0, 1, b"future")]),
+        ),
+        ("many-runs", {
+            minimal.files[0] = file(4096 * P);
+            minimal.files[0].runs = (0..4096)
+                .map(|i| RunRecord {
+                    start_page: i,
+                    attr: if i % 2 == 0 {
+                        Attr::Shared
+                    } else {
+                        Attr::Private
+                    },
+                })
+                .collect();
+            minimal.encode().unwrap()
+        }),
+    ];
+    for (name, bytes) in seeds {
+        State::decode(&bytes).unwrap();
+        let path = dir.join(name);
+        if std::env::var("GMEM_BLESS_SEEDS").is_ok() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "{name} is stale: run with GMEM_BLESS_SEEDS=1"
+        );
+    }
+}
