@@ -199,36 +199,23 @@ impl RunMap {
         let before = start.checked_sub(1).map(|p| self.get(p));
         let after = (end < self.pages).then(|| self.get(end));
         self.remove_keys(start, end);
+        let mut inserted = [None, None];
         if start == 0 {
             self.first = attr;
         } else if before != Some(attr) {
             self.insert_key(start, attr);
+            inserted[0] = Some(start);
         }
         if let Some(a) = after {
             if a != attr {
                 self.insert_key(end, a);
+                inserted[1] = Some(end);
             }
         }
-        // Split only now: between the two insertions a chunk's parity is not yet right, and
-        // a split then would fix a wrong attribute into the new chunk.
-        self.split_if_full(start);
-        self.split_if_full(end);
-    }
-
-    /// Splits the chunk holding `key` in two if it has grown past [`CHUNK_MAX`].
-    fn split_if_full(&mut self, key: u64) {
-        let Some(c) = self.index.partition_point(|&k| k <= key).checked_sub(1) else {
-            return;
-        };
-        let ch = &mut self.chunks[c];
-        if ch.keys.len() > CHUNK_MAX {
-            let mid = ch.keys.len() / 2;
-            let tail = Chunk {
-                attr: ch.attr_at(mid),
-                keys: ch.keys.split_off(mid),
-            };
-            self.index.insert(c + 1, tail.keys[0]);
-            self.chunks.insert(c + 1, tail);
+        // Split only now: between the two insertions a chunk need not alternate, and a split
+        // derives the new chunk's first attribute from the alternation.
+        for key in inserted.into_iter().flatten() {
+            self.split_if_full(key);
         }
     }
 
@@ -262,22 +249,43 @@ impl RunMap {
         let c = self.index.partition_point(|&k| k <= key);
         if c == 0 {
             match self.chunks.first_mut() {
-                Some(ch) if ch.keys.len() < CHUNK_MAX => {
+                Some(ch) => {
                     ch.keys.insert(0, key);
                     ch.attr = attr;
                     self.index[0] = key;
                 }
-                _ => {
-                    self.chunks.insert(0, Chunk { keys: vec![key], attr });
-                    self.index.insert(0, key);
+                None => {
+                    self.chunks.push(Chunk {
+                        keys: vec![key],
+                        attr,
+                    });
+                    self.index.push(key);
                 }
             }
             return;
         }
-        let c = c - 1;
-        let ch = &mut self.chunks[c];
+        let ch = &mut self.chunks[c - 1];
         let at = ch.keys.partition_point(|&k| k < key);
         ch.keys.insert(at, key);
+    }
+
+    /// Splits the chunk holding `key` in two if it grew past [`CHUNK_MAX`]. Every chunk must
+    /// alternate when this runs.
+    fn split_if_full(&mut self, key: u64) {
+        let Some(c) = self.index.partition_point(|&k| k <= key).checked_sub(1) else {
+            return;
+        };
+        let ch = &mut self.chunks[c];
+        if ch.keys.len() <= CHUNK_MAX {
+            return;
+        }
+        let mid = ch.keys.len() / 2;
+        let tail = Chunk {
+            attr: ch.attr_at(mid),
+            keys: ch.keys.split_off(mid),
+        };
+        self.index.insert(c + 1, tail.keys[0]);
+        self.chunks.insert(c + 1, tail);
     }
 }
 
@@ -376,6 +384,28 @@ mod tests {
             }
             for (p, want) in model.iter().enumerate() {
                 assert_eq!(m.get(p as u64), *want);
+                let run = m.run_at(p as u64);
+                let i = p;
+                let mut s0 = i;
+                while s0 > 0 && model[s0 - 1] == *want {
+                    s0 -= 1;
+                }
+                let mut e0 = i + 1;
+                while e0 < model.len() && model[e0] == *want {
+                    e0 += 1;
+                }
+                assert_eq!((run.start, run.end, run.attr), (s0 as u64, e0 as u64, *want), "run_at({p})");
+            }
+            for q in [a, b.saturating_sub(1), (a + b) / 2] {
+                let q = q.min(N - 1);
+                for e in [q + 1, (q + 7).min(N), N] {
+                    for at in [Attr::Shared, Attr::Private] {
+                        let want = model[q as usize..e as usize].iter().all(|x| *x == at);
+                        assert_eq!(m.all(q, e, at), want, "all({q},{e},{at:?})");
+                        let wf = model[q as usize..e as usize].iter().position(|x| *x == at).map(|i| q + i as u64);
+                        assert_eq!(m.first(q, e, at), wf, "first({q},{e},{at:?})");
+                    }
+                }
             }
             let rs = runs(&m);
             assert_eq!(rs.len(), m.len());
@@ -390,5 +420,47 @@ mod tests {
                 assert_eq!(w[0].1, w[1].0);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod replay {
+    use super::*;
+
+    /// The pattern of the kernel's private_mem_conversions test on four areas of one map:
+    /// many chunks, splits between the two boundaries one `set` inserts.
+    #[test]
+    fn four_areas_odd_frames() {
+        let pages = 4096u64;
+        let mut m = RunMap::new(pages, Attr::Shared);
+        let mut model = vec![Attr::Shared; 4096];
+        let mut set = |m: &mut RunMap, a: u64, b: u64, at: Attr, what: &str| {
+            m.set(a, b, at);
+            for p in a..b {
+                model[usize::try_from(p).unwrap()] = at;
+            }
+            let mut got = Vec::with_capacity(model.len());
+            for run in m.runs(0, pages) {
+                got.extend((run.start..run.end).map(|_| run.attr));
+            }
+            assert!(got == model, "{what}: set({a},{b},{at:?}) diverged");
+        };
+        for (off, sz) in [(0u64, 1u64), (0, 512), (1, 1), (1, 512), (512, 1)] {
+            for t in 0..4u64 {
+                let base = t * 1024;
+                set(&mut m, base + off, base + off + sz, Attr::Private, "to private");
+            }
+            for j in (1..sz).step_by(2) {
+                for t in 0..4u64 {
+                    let base = t * 1024 + off + j;
+                    set(&mut m, base, base + 1, Attr::Shared, "odd frame");
+                }
+            }
+            for t in 0..4u64 {
+                let base = t * 1024;
+                set(&mut m, base + off, base + off + sz, Attr::Shared, "back");
+            }
+        }
+        assert_eq!(m.len(), 1);
     }
 }
