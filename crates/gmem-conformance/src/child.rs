@@ -57,13 +57,17 @@ impl Channel {
     /// Receives one line (without its newline); panics on timeout or end of stream.
     #[track_caller]
     pub fn recv(&mut self) -> String {
+        self.try_recv().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Receives one line (without its newline), or says why none came.
+    pub fn try_recv(&mut self) -> Result<String, String> {
         let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .expect("read from control socket (timed out?)");
-        assert!(n > 0, "control socket closed by the other process");
-        line.trim_end_matches('\n').to_string()
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("control socket closed by the other process".to_string()),
+            Ok(_) => Ok(line.trim_end_matches('\n').to_string()),
+            Err(e) => Err(format!("reading the control socket: {e}")),
+        }
     }
 }
 
@@ -71,8 +75,7 @@ impl Channel {
 #[derive(Debug)]
 pub struct ChildProcess {
     child: Option<Child>,
-    /// The parent's end of the control channel.
-    pub ctl: Channel,
+    ctl: Channel,
 }
 
 /// Clears `FD_CLOEXEC` on `fd`. Runs in the child between `fork` and `exec`.
@@ -119,19 +122,55 @@ impl ChildProcess {
         }
     }
 
+    /// Sends one line to the child.
+    #[track_caller]
+    pub fn send(&mut self, line: &str) {
+        self.ctl.send(line);
+    }
+
+    /// Receives one line from the child. If none comes (the child failed, exited or hung),
+    /// stops the child and panics with its output.
+    #[track_caller]
+    pub fn recv(&mut self) -> String {
+        match self.ctl.try_recv() {
+            Ok(line) => line,
+            Err(e) => {
+                let output = self.stop();
+                panic!("no answer from the child: {e}\n{output}")
+            }
+        }
+    }
+
+    /// Kills the child if it still runs, reaps it and returns its status and output.
+    fn stop(&mut self) -> String {
+        let Some(mut child) = self.child.take() else {
+            return "(child already reaped)".to_string();
+        };
+        let _ = child.kill();
+        match child.wait_with_output() {
+            Ok(out) => describe(&out),
+            Err(e) => format!("(waiting for the child failed: {e})"),
+        }
+    }
+
     /// Waits for the child to exit and asserts that it succeeded; returns its output.
     #[track_caller]
     pub fn finish(mut self) -> String {
         let child = self.child.take().expect("child already reaped");
         let out = child.wait_with_output().expect("wait for child");
-        let text = format!(
-            "--- child stdout ---\n{}\n--- child stderr ---\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "child failed: {}\n{text}", out.status);
+        let text = describe(&out);
+        assert!(out.status.success(), "child failed: {text}");
         text
     }
+}
+
+fn describe(out: &std::process::Output) -> String {
+    format!(
+        "child {}\n--- child stdout ---\n{}\n--- child stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 impl Drop for ChildProcess {

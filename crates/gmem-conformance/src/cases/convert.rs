@@ -430,17 +430,17 @@ pub fn other_process(ctx: &Ctx<'_>) {
     let both = |s: &str| format!("{s} {s}");
     let shared_all = "ok:11 ok:22 ok:33 ok:00";
     assert_eq!(
-        child.ctl.recv(),
+        child.recv(),
         format!("mapped {} {shared_all}", both(shared_all)),
         "the child sees the shared pages"
     );
 
     convert(&mem, PAGE, PAGE, Attr::Private);
     guest_fill(&mem, PAGE, PAGE, 0x44);
-    child.ctl.send("probe");
+    child.send("probe");
     let private_1 = "ok:11 bus ok:33 ok:00";
     assert_eq!(
-        child.ctl.recv(),
+        child.recv(),
         format!(
             "probed {} ok:11 err:{} ok:33 ok:00",
             both(private_1),
@@ -450,24 +450,24 @@ pub fn other_process(ctx: &Ctx<'_>) {
     );
 
     convert(&mem, PAGE, PAGE, Attr::Shared);
-    child.ctl.send("probe");
+    child.send("probe");
     let shared_new = "ok:11 ok:44 ok:33 ok:00";
     assert_eq!(
-        child.ctl.recv(),
+        child.recv(),
         format!("probed {} {shared_new}", both(shared_new)),
         "the child sees the guest's bytes once the page is shared again"
     );
 
     // The whole file private, then shared again.
     convert(&mem, 0, size, Attr::Private);
-    child.ctl.send("probe");
+    child.send("probe");
     let e = libc::EFAULT;
     assert_eq!(
-        child.ctl.recv(),
+        child.recv(),
         format!("probed bus bus bus bus bus bus bus bus err:{e} err:{e} err:{e} err:{e}")
     );
     convert(&mem, 0, size, Attr::Shared);
-    child.ctl.send("exit");
+    child.send("exit");
     child.finish();
 
     // The child is gone: conversions go on without it.

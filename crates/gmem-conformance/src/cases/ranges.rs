@@ -27,8 +27,11 @@ pub const RANGES: [(u64, u64); 5] = [
     (PAGE, SZ_2M),
     (SZ_2M, PAGE),
 ];
-/// Threads (the selftest's vCPUs) running at once.
+/// Threads (the selftest's vCPUs) running at once; two when an area is larger than
+/// [`SMALL_AREA`] (1 GiB huge pages), to keep the file small.
 pub const THREADS: u64 = 4;
+/// Largest area for which [`THREADS`] threads run.
+pub const SMALL_AREA: u64 = 64 << 20;
 
 const DEF_P: u8 = 0xaa;
 const INIT_P: u8 = 0xcc;
@@ -260,31 +263,39 @@ fn with_areas(ctx: &Ctx<'_>, body: impl Fn(&Area<'_>, u64) + Sync) {
         return;
     }
     let area_len = AREA_DATA.div_ceil(SZ_2M.max(ctx.block())) * SZ_2M.max(ctx.block());
-    let size = area_len * THREADS;
+    let threads = if area_len <= SMALL_AREA { THREADS } else { 2 };
+    let size = area_len * threads;
     let mem = ctx.create(size, flags);
     let all = mem.map(0, size).expect("map the whole file");
-    let start = Barrier::new(usize::try_from(THREADS).unwrap_or(1));
+    // Every thread's view is mapped before any thread starts, so a failure here cannot
+    // leave threads waiting at the barrier.
+    let areas: Vec<Area<'_>> = (0..threads)
+        .map(|t| {
+            let base = t * area_len;
+            let view = mem.map(base, AREA_DATA).expect("map the thread's area");
+            Area {
+                mem: &mem,
+                base,
+                view,
+                all: &all,
+                t,
+            }
+        })
+        .collect();
+    let start = Barrier::new(areas.len());
     std::thread::scope(|s| {
-        for t in 0..THREADS {
-            let (mem, all, start, body) = (&mem, &all, &start, &body);
+        for area in &areas {
+            let (start, body) = (&start, &body);
             std::thread::Builder::new()
-                .name(format!("area-{t}"))
+                .name(format!("area-{}", area.t))
                 .spawn_scoped(s, move || {
-                    let base = t * area_len;
-                    let view = mem.map(base, AREA_DATA).expect("map the thread's area");
-                    let area = Area {
-                        mem,
-                        base,
-                        view,
-                        all,
-                        t,
-                    };
                     start.wait();
-                    body(&area, area_len);
+                    body(area, area_len);
                 })
                 .expect("spawn area thread");
         }
     });
+    drop(areas);
     // Every area ends shared, and the file can be freed and allocated whole afterwards.
     assert_eq!(
         mem.run_count(),
