@@ -379,7 +379,11 @@ impl GuestMemfd {
         let refs = RefTable::new(to_usize(pages).map_err(|source| CreateError::Backing {
             op: "size",
             source,
-        })?);
+        })?)
+        .map_err(|source| CreateError::Backing {
+            op: "reference table",
+            source,
+        })?;
         Ok(GuestMemfd {
             inner: Arc::new(Inner {
                 backing,

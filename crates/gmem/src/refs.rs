@@ -22,24 +22,23 @@ pub(crate) struct RefTable {
 pub(crate) const MAX_REFS: u32 = u32::MAX / 2;
 
 impl RefTable {
-    /// A table for `pages` pages, all zero.
-    pub fn new(pages: usize) -> Self {
+    /// A table for `pages` pages, all zero. Fails with `ENOMEM` when it cannot be allocated
+    /// (a file far larger than memory), rather than aborting.
+    pub fn new(pages: usize) -> std::io::Result<Self> {
         let pages = pages.max(1);
-        let layout = match std::alloc::Layout::array::<AtomicU32>(pages) {
-            Ok(l) => l,
-            Err(_) => std::alloc::handle_alloc_error(std::alloc::Layout::new::<AtomicU32>()),
-        };
+        let enomem = || std::io::Error::from_raw_os_error(libc::ENOMEM);
+        let layout = std::alloc::Layout::array::<AtomicU32>(pages).map_err(|_| enomem())?;
         // SAFETY: `layout` has a non-zero size; zeroed memory is a valid `AtomicU32` array.
         // Large zeroed allocations come lazily from mmap, so untouched counts cost nothing.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU32>();
         if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
+            return Err(enomem());
         }
         let slice = std::ptr::slice_from_raw_parts_mut(ptr, pages);
         // SAFETY: `slice` was allocated by the global allocator with the layout of
         // `[AtomicU32; pages]` and is initialised (zeroed); the box takes sole ownership.
         let counts = unsafe { Box::from_raw(slice) };
-        RefTable { counts }
+        Ok(RefTable { counts })
     }
 
     fn slot(&self, page: u64) -> &AtomicU32 {
