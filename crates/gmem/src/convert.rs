@@ -179,9 +179,13 @@ fn set_attrs(inner: &Inner, r: ByteRange, to: Attr, check_refs: bool) -> Result<
     Ok(old)
 }
 
-/// Makes `r` private in this process: zaps the views (host mappings go first, as in the
-/// kernel), checks host references and marks the range under the write lock, then revokes
-/// the range in every view. Returns the runs it replaced; on failure nothing has changed.
+/// Makes `r` private in this process: checks host references and marks the range under the
+/// write lock, then revokes what was shared in every view. Returns the runs it replaced; on
+/// failure nothing has changed.
+///
+/// The kernel unmaps before it checks references because a mapped page holds one; a gmem
+/// view holds none (pins and accessors do), so checking first is equivalent, zaps each page
+/// once, and leaves the views untouched when the call fails with `EAGAIN`.
 pub(crate) fn revoke_local(
     inner: &Inner,
     views: &mut [ViewSlot],
@@ -191,31 +195,26 @@ pub(crate) fn revoke_local(
         offset: r.start,
         source,
     };
-    // Only the shared runs are zapped: the private ones already fault, and zapping them would
-    // lift their markers, leaving them readable if the reference check below fails.
-    let shared: Vec<ByteRange> = inner
-        .attrs_read()
-        .runs(r.start / PAGE_SIZE, r.end / PAGE_SIZE)
-        .filter(|run| run.attr == Attr::Shared)
-        .map(|run| run.bytes())
-        .collect();
-    for v in views.iter() {
-        for part in &shared {
-            v.zap(*part).map_err(os)?;
-        }
-    }
     let old = set_attrs(inner, r, Attr::Private, true)?;
-    // Likewise only what was shared is revoked: re-revoking a private page zaps its marker
-    // before placing it again, a window in which a host touch would map the private page.
+    // Only what was shared is revoked: the private runs already fault, and re-revoking a
+    // private page zaps its marker before placing it again, a window in which a host touch
+    // would map the private page.
     for i in 0..views.len() {
-        for part in &shared {
-            if let Err(e) = views[i].revoke(*part) {
+        for part in shared_parts(&old) {
+            if let Err(e) = views[i].revoke(part) {
                 undo_revoke(inner, views, &old);
                 return Err(os(e));
             }
         }
     }
     Ok(old)
+}
+
+/// The byte ranges of the runs in `old` that were shared.
+fn shared_parts(old: &[Run]) -> impl Iterator<Item = ByteRange> + '_ {
+    old.iter()
+        .filter(|run| run.attr == Attr::Shared)
+        .map(Run::bytes)
 }
 
 /// Puts `old` runs back into the attribute map.
