@@ -30,7 +30,8 @@
 //! userfaultfd registers only anonymous, shmem and HugeTLB mappings; a mapping of the kernel
 //! guest_memfd is refused (`EINVAL`). For such a backing
 //! ([`crate::Backing::userfaultfd_capable`] false) the hole chunk is the block size, so every
-//! private page of a view lies in a hole and no marker is needed. The cost is one VMA per
+//! private page of a view lies in a hole and no marker is needed. Holes map the empty memfd
+//! at their own file offset, so adjacent holes merge into one mapping. The cost is one VMA per
 //! private run in the view (two with the shared run after it), so the number of private runs a
 //! view of such a backing can show is bounded by `vm.max_map_count / 2` (about 32,000 by
 //! default); past that, a conversion fails with `ENOMEM` and is rolled back.
@@ -220,7 +221,9 @@ impl ViewSlot {
             let ce = part.end - part.end % self.chunk;
             if cs < ce {
                 let whole = ByteRange { start: cs, end: ce };
-                self.map_fixed(hole_fd()?, 0, whole)?;
+                // The hole memfd is mapped at the chunk's own file offset, so adjacent holes
+                // are contiguous and the kernel merges them into one mapping.
+                self.map_fixed(hole_fd()?, whole.start, whole)?;
                 self.holes.extend((cs..ce).step_by(self.chunk_step()));
                 self.poison(ByteRange { start: part.start, end: cs })?;
                 self.poison(ByteRange { start: ce, end: part.end })?;
