@@ -1,0 +1,166 @@
+//! P7: live-update pause against a copy-based hand-over, measured in the same run.
+//!
+//! `cargo bench -p gmem --bench preserve_pause`
+//!
+//! For 1, 4 and 16 GiB files with 10,000 attribute runs, the pause is the time the files are
+//! frozen: from the freeze in the old owner to its reading `DONE`, with the new owner (a
+//! thread of this process on the other end of a `SOCK_SEQPACKET` pair, doing exactly what a
+//! new process does: receive the descriptors, read and verify the state, `fstat` the file,
+//! map it, rebuild the runs) confirming. The files are sparse (one written page per run):
+//! the pause does not touch contents, so it does not depend on how much is populated.
+//!
+//! The baseline is a copy-based hand-over of the same memory: [`copy_into_new`] (what the
+//! kernel guest_memfd backing must do today) of a fully written file into a fresh one, with
+//! the attributes restored. It is measured at 1 and 4 GiB; 16 GiB is extrapolated linearly
+//! from the 4 GiB figure (16 GiB written twice would not fit this machine's memory next to
+//! everything else).
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gmem::preserve::{copy_into_new, hand_over, receive, FileOffer, Options};
+use gmem::{Attr, Flags, GuestMemfd};
+use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+
+const GIB: u64 = 1 << 30;
+const P: u64 = 4096;
+const RUNS: u64 = 10_000;
+const ROUNDS: usize = 31;
+
+fn with_runs(size: u64) -> GuestMemfd {
+    let mem = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED).expect("create");
+    let stride = size / P / (RUNS / 2);
+    for i in 0..RUNS / 2 {
+        let page = i * stride + 1;
+        mem.guest()
+            .write(page * P, &i.to_le_bytes())
+            .expect("write");
+        mem.convert(page * P, P, Attr::Private).expect("convert");
+    }
+    mem
+}
+
+/// One hand-over of `mem` to a thread; returns the pause and the new owner's file.
+fn one(mem: GuestMemfd, generation: u64) -> (Duration, GuestMemfd) {
+    let (a, b) = socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .expect("socketpair");
+    let taker = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    let marks = Arc::new(Mutex::new(Vec::new()));
+    let m2 = marks.clone();
+    let t0 = Instant::now();
+    let opts = Options {
+        generation,
+        on_step: Some(Arc::new(move |s| {
+            m2.lock().unwrap().push((s, t0.elapsed()))
+        })),
+        ..Options::default()
+    };
+    let done = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).expect("hand over");
+    drop(mem);
+    if std::env::var("GMEM_BENCH_STEPS").is_ok() {
+        eprintln!("{:?}", marks.lock().unwrap());
+    }
+    let mut got = taker.join().expect("join").expect("receive");
+    (done.pause, got.files.remove(0).mem)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn copy_time(size: u64) -> Duration {
+    let mem = with_runs(size);
+    // Populate every page, as a running guest's memory is.
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        mem.guest().write(at, &chunk).expect("fill");
+        at += 1 << 20;
+    }
+    let (new, report) = copy_into_new(&mem, |size, flags| {
+        GuestMemfd::create(size, flags).map_err(Into::into)
+    })
+    .expect("copy");
+    assert_eq!(report.copied, size);
+    assert_eq!(new.run_count(), mem.run_count());
+    report.elapsed
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs this once quickly.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let sizes: &[u64] = if quick {
+        &[GIB / 16]
+    } else {
+        &[GIB, 4 * GIB, 16 * GIB]
+    };
+    // GMEM_BENCH_PAUSE_ONLY=16,1,4 measures only the pause, in that order of sizes (GiB).
+    if let Ok(list) = std::env::var("GMEM_BENCH_PAUSE_ONLY") {
+        for gib in list.split(',').filter_map(|s| s.parse::<u64>().ok()) {
+            let mut mem = with_runs(gib * GIB);
+            let mut times = Vec::new();
+            for round in 0..ROUNDS {
+                let (pause, next) = one(mem, round as u64 + 1);
+                times.push(pause);
+                mem = next;
+            }
+            let (min, med) = (*times.iter().min().expect("rounds"), median(times));
+            println!(
+                "pause {gib:>2} GiB: median {:.3} ms, min {:.3} ms",
+                med.as_secs_f64() * 1e3,
+                min.as_secs_f64() * 1e3
+            );
+        }
+        return;
+    }
+    let mut pauses = Vec::new();
+    for &size in sizes {
+        let mut mem = with_runs(size);
+        let runs = mem.run_count();
+        let mut times = Vec::new();
+        for round in 0..if quick { 2 } else { ROUNDS } {
+            let (pause, next) = one(mem, round as u64 + 1);
+            times.push(pause);
+            mem = next;
+        }
+        assert_eq!(mem.run_count(), runs);
+        let (min, med) = (*times.iter().min().expect("rounds"), median(times));
+        println!(
+            "pause {:>2} GiB, {runs} runs: median {:.3} ms, min {:.3} ms ({} rounds)",
+            size / GIB,
+            med.as_secs_f64() * 1e3,
+            min.as_secs_f64() * 1e3,
+            if quick { 2 } else { ROUNDS }
+        );
+        pauses.push((size, med));
+    }
+    if quick {
+        return;
+    }
+    let c1 = copy_time(GIB);
+    let c4 = copy_time(4 * GIB);
+    println!("copy  1 GiB (populated): {:.1} ms", c1.as_secs_f64() * 1e3);
+    println!("copy  4 GiB (populated): {:.1} ms", c4.as_secs_f64() * 1e3);
+    let c16 = c4 * 4;
+    println!(
+        "copy 16 GiB: {:.1} ms (extrapolated: 4 x the 4 GiB copy)",
+        c16.as_secs_f64() * 1e3
+    );
+    for ((size, pause), copy) in pauses.iter().zip([c1, c4, c16]) {
+        println!(
+            "ratio {:>2} GiB: pause / copy = {:.5} (copy is {:.0}x the pause)",
+            size / GIB,
+            pause.as_secs_f64() / copy.as_secs_f64(),
+            copy.as_secs_f64() / pause.as_secs_f64()
+        );
+    }
+    let growth = pauses[2].1.as_secs_f64() / pauses[0].1.as_secs_f64();
+    println!("growth of the pause from 1 to 16 GiB: {growth:.2}x");
+}
