@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gmem::preserve::{
-    crc32c, hand_over, receive, receive_inherited, spawn_with_inherited, Binding, FileOffer,
-    HandoverError, Options, Phase, Step, VmLink,
+    crc32c, exec_replacing, hand_over, receive, receive_inherited, spawn_with_inherited, Binding,
+    FileOffer, HandoverError, Options, Phase, Step, VmLink,
 };
 use gmem::{Attr, FallocMode, Flags, GuestMemfd};
 use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
@@ -443,4 +443,91 @@ fn inherited_descriptors_spawn_mode() {
         libc::EPERM
     );
     assert_eq!(gmem::preserve::Phase::Released, Phase::Released);
+}
+
+/// Child entry for `exec_replacing_hands_over_to_the_new_image`: the old image builds the
+/// file and replaces itself; the new image (same process) receives it.
+#[test]
+fn preserve_exec_replace_child() {
+    match std::env::var("GMEM_PRESERVE_REPLACE").as_deref() {
+        Ok("old") => {
+            let mem = build();
+            let (crc, runs) = digest(&mem);
+            println!("BEFORE digest={crc:08x} runs={}", runs.len());
+            let mut cmd = Command::new(std::env::current_exe().unwrap());
+            cmd.args([
+                "--exact",
+                "preserve_exec_replace_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("GMEM_PRESERVE_REPLACE", "new");
+            let e = exec_replacing(&[FileOffer::new(&mem)], &mut cmd, &Options::default());
+            panic!("exec failed: {e}");
+        }
+        Ok("new") => {
+            // SAFETY: the descriptors named in GMEM_HANDOVER were inherited across exec.
+            let got = unsafe { receive_inherited(&Options::default()) }
+                .unwrap()
+                .unwrap();
+            assert!(!got.old_owner_gone);
+            let (crc, runs) = digest(&got.files[0].mem);
+            got.files[0].mem.convert(0, P, Attr::Private).unwrap();
+            println!("AFTER digest={crc:08x} runs={}", runs.len());
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn exec_replacing_hands_over_to_the_new_image() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "preserve_exec_replace_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("GMEM_PRESERVE_REPLACE", "old")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let before = text
+        .split("BEFORE ")
+        .nth(1)
+        .and_then(|t| t.lines().next())
+        .expect("BEFORE");
+    let after = text
+        .split("AFTER ")
+        .nth(1)
+        .and_then(|t| t.lines().next())
+        .expect("AFTER");
+    assert_eq!(before, after);
+}
+
+#[test]
+fn failed_exec_leaves_the_old_owner_in_charge() {
+    let mem = build();
+    let before = digest(&mem);
+    let mut cmd = Command::new("/nonexistent/gmem-new-owner");
+    let e = exec_replacing(&[FileOffer::new(&mem)], &mut cmd, &Options::default());
+    assert_eq!(e.errno(), libc::ENOENT, "{e}");
+    assert_eq!(digest(&mem), before);
+    mem.convert(0, P, Attr::Private).unwrap();
+    mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap();
+    // The descriptors are close-on-exec again.
+    let flags = rustix::io::fcntl_getfd(mem.as_fd()).unwrap();
+    assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+}
+
+#[test]
+fn receive_inherited_without_environment_is_none() {
+    if std::env::var("GMEM_HANDOVER").is_ok() {
+        return;
+    }
+    // SAFETY: GMEM_HANDOVER is not set, so no descriptor is adopted.
+    assert!(unsafe { receive_inherited(&Options::default()) }
+        .unwrap()
+        .is_none());
 }
