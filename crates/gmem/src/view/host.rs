@@ -34,7 +34,10 @@
 //! at their own file offset, so adjacent holes merge into one mapping. The cost is one VMA per
 //! private run in the view (two with the shared run after it), so the number of private runs a
 //! view of such a backing can show is bounded by `vm.max_map_count / 2` (about 32,000 by
-//! default); past that, a conversion fails with `ENOMEM` and is rolled back.
+//! default); past that, a conversion fails with `ENOMEM` and is rolled back. The kernel lets
+//! the splits of the last successful `MAP_FIXED` take the process a little over the limit,
+//! and while it is over, every `mmap` fails, including the one that maps pages back to
+//! shared: dropping the view (or raising the sysctl) gets the process under the limit again.
 //!
 //! Views are `MADV_DONTFORK`: a forked child inherits no view (userfaultfd state does not
 //! follow a fork, so an inherited view would not be enforced). A second process reaches the
@@ -277,6 +280,9 @@ impl ViewSlot {
         let Some(r) = self.view_range().and_then(|v| v.intersect(&r)) else {
             return Ok(());
         };
+        if self.uffd.is_none() {
+            return self.restore_holes_only(fd, r);
+        }
         let mut groups: Vec<ByteRange> = Vec::new();
         for h in self.holes_in(r) {
             match groups.last_mut() {
@@ -296,6 +302,27 @@ impl ViewSlot {
             self.poison(ByteRange { start: r.end.min(g.end), end: g.end })?;
         }
         self.zap(r)
+    }
+
+    /// [`ViewSlot::restore`] for a view without markers (every private page is a hole): one
+    /// `MAP_FIXED` of the file from the first hole in `r` to the end of the last replaces the
+    /// holes and the shared mappings between them, so the number of mappings only goes down
+    /// (except where a hole reaches out of `r` and must be split), which matters when the
+    /// process is at `vm.max_map_count`. Fresh mappings carry no entries, so nothing is zapped.
+    fn restore_holes_only(&mut self, fd: BorrowedFd<'_>, r: ByteRange) -> io::Result<()> {
+        let holes = self.holes_in(r);
+        let (Some(&first), Some(&last)) = (holes.first(), holes.last()) else {
+            return self.zap(r);
+        };
+        let span = ByteRange {
+            start: first.max(r.start),
+            end: (last + self.chunk).min(r.end),
+        };
+        self.map_fixed(fd, span.start, span)?;
+        for h in holes {
+            self.holes.remove(&h);
+        }
+        Ok(())
     }
 }
 
