@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::attr::Attr;
-use crate::file::{GuestMemfd, Inner};
+use crate::file::{Anchor, GuestMemfd, Inner};
 use crate::range::{ByteRange, RangeError};
 use crate::sys::mapping::Mapping;
 use crate::sys::{to_usize, PAGE_SIZE};
@@ -168,7 +168,7 @@ impl GuestMemfd {
         self.inner.mapping()?;
         self.inner.take_refs(r)?;
         Ok(Pin {
-            inner: self.inner.clone(),
+            anchor: self.anchor(),
             range: r,
         })
     }
@@ -177,11 +177,15 @@ impl GuestMemfd {
 /// A pinned range of shared pages. Dropping it releases the pages.
 #[derive(Debug)]
 pub struct Pin {
-    inner: Arc<Inner>,
+    anchor: Arc<Anchor>,
     range: ByteRange,
 }
 
 impl Pin {
+    fn inner(&self) -> &Inner {
+        &self.anchor.inner
+    }
+
     /// File offset of the pinned range.
     pub fn offset(&self) -> u64 {
         self.range.start
@@ -209,21 +213,21 @@ impl Pin {
     /// Copies from `at` (relative to the pin) into `buf`.
     pub fn read(&self, at: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let r = self.sub(at, buf.len())?;
-        copy_out(self.inner.mapping()?, r, buf);
+        copy_out(self.inner().mapping()?, r, buf);
         Ok(())
     }
 
     /// Copies `buf` to `at` (relative to the pin).
     pub fn write(&self, at: u64, buf: &[u8]) -> Result<(), AccessError> {
         let r = self.sub(at, buf.len())?;
-        copy_in(self.inner.mapping()?, r, buf);
+        copy_in(self.inner().mapping()?, r, buf);
         Ok(())
     }
 
     /// Address of the pinned bytes in gmem's mapping, for DMA-like users. Valid while the pin
     /// lives; the pages stay shared and mapped until it is dropped.
     pub fn as_ptr(&self) -> *mut u8 {
-        match (self.inner.mapping(), to_usize(self.range.start)) {
+        match (self.inner().mapping(), to_usize(self.range.start)) {
             // Inside the mapping: the pin was checked against the file size.
             (Ok(m), Ok(off)) => m.as_ptr().wrapping_add(off),
             _ => std::ptr::null_mut(),
@@ -233,6 +237,6 @@ impl Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
-        self.inner.drop_refs(self.range);
+        self.anchor.inner.drop_refs(self.range);
     }
 }

@@ -312,6 +312,42 @@ fn check_args(size: u64, flags: Flags, block: u64) -> Result<(), CreateError> {
 #[derive(Debug, Clone)]
 pub struct GuestMemfd {
     pub(crate) inner: Arc<Inner>,
+    anchors: Arc<[Arc<Anchor>]>,
+}
+
+/// Keeps a file alive for the pins taken through it.
+///
+/// A pin must keep the file alive (it may outlive every handle), yet cloning the file's own
+/// `Arc` from several threads would make them all write one cache line. Each handle carries
+/// [`ANCHORS`] anchors, each its own allocation on its own cache line and holding the file;
+/// a pin clones the anchor of its thread's shard.
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct Anchor {
+    pub inner: Arc<Inner>,
+}
+
+/// Anchors per file handle.
+const ANCHORS: usize = 8;
+
+impl GuestMemfd {
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
+        let anchors = (0..ANCHORS)
+            .map(|_| Arc::new(Anchor { inner: inner.clone() }))
+            .collect();
+        GuestMemfd { inner, anchors }
+    }
+
+    /// The anchor of the calling thread's shard.
+    pub(crate) fn anchor(&self) -> Arc<Anchor> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        let shard = SHARD.with(|s| *s) % self.anchors.len();
+        self.anchors[shard].clone()
+    }
 }
 
 impl GuestMemfd {
@@ -384,8 +420,7 @@ impl GuestMemfd {
             op: "reference table",
             source,
         })?;
-        Ok(GuestMemfd {
-            inner: Arc::new(Inner {
+        Ok(GuestMemfd::from_inner(Arc::new(Inner {
                 backing,
                 size,
                 flags,
@@ -398,8 +433,7 @@ impl GuestMemfd {
                 poison: crate::poison::PoisonSet::default(),
                 numa: Mutex::new(None),
                 freeze: crate::preserve::Freeze::default(),
-            }),
-        })
+            })))
     }
 
     /// Size in bytes (never changes).
