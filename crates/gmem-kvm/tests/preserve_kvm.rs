@@ -1,0 +1,162 @@
+//! Live update of a kernel guest_memfd, on /dev/kvm, across a real process boundary.
+//!
+//! The old owner (this test) creates a VM, a kernel guest_memfd bound to it and a vCPU, and
+//! hands the file over to a new process started with inherited descriptors. The new process
+//! checks what the kernel allows: it maps and reads the old file (the bytes and gmem's
+//! attributes are all there), but binding it to a new VM fails with `EINVAL` and running the
+//! old VM's vCPU fails with `EIO`. It then takes the honest path, a new VM and a new file
+//! with the contents copied and the attributes restored (`copy_into_new`), binds that, and
+//! reports the copy's cost.
+// Test patterns truncate page numbers to bytes on purpose.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use gmem::preserve::{
+    copy_into_new, crc32c, receive_inherited, spawn_with_inherited, FileOffer, HandoverError,
+    Options,
+};
+use gmem::{Attr, BackingKind, Flags, GuestMemfd};
+use gmem_kvm::{BindError, Vm, VmError};
+
+const P: u64 = 4096;
+const SIZE: u64 = 2 << 20;
+
+fn digest(mem: &GuestMemfd) -> String {
+    let g = mem.guest();
+    let mut page = vec![0u8; P as usize];
+    let mut crcs = Vec::new();
+    for p in 0..mem.size() / P {
+        g.read(p * P, &mut page).unwrap();
+        crcs.extend_from_slice(&crc32c(&page).to_le_bytes());
+    }
+    let runs: Vec<String> = mem
+        .runs(0, mem.size())
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{:x}+{:x}{}",
+                r.offset,
+                r.len,
+                if r.attr == Attr::Private { "p" } else { "s" }
+            )
+        })
+        .collect();
+    format!("{:08x}/{}", crc32c(&crcs), runs.join(","))
+}
+
+fn open_vm() -> Option<Vm> {
+    match Vm::new() {
+        Ok(vm) => Some(vm),
+        Err(VmError::Open { errno }) => {
+            eprintln!("skipped: /dev/kvm does not open (errno {errno})");
+            None
+        }
+        Err(e) => panic!("VM: {e}"),
+    }
+}
+
+/// The new process.
+#[test]
+fn preserve_kvm_child() {
+    let Ok(vcpu) = std::env::var("GMEM_KVM_OLD_VCPU") else {
+        return;
+    };
+    let vcpu: i32 = vcpu.parse().unwrap();
+    // SAFETY: the hand-over descriptors were inherited and nothing here owns them.
+    let got = unsafe { receive_inherited(&Options::default()) }
+        .unwrap()
+        .unwrap();
+    let old = &got.files[0].mem;
+    assert_eq!(old.backing_kind(), BackingKind::KernelGuestMemfd);
+    println!("OLD {}", digest(old));
+    let vm = Vm::new().unwrap();
+    // The kernel ties the file to the VM that created it.
+    match vm.bind(old, 0, 0, SIZE) {
+        Err(BindError::Kernel { errno, .. }) => println!("BIND-OLD errno={errno}"),
+        other => panic!("binding the old file: {other:?}"),
+    }
+    // And the old VM cannot run from another process.
+    // SAFETY: KVM_RUN on an inherited vCPU descriptor; the kernel refuses it before it touches
+    // any memory of this process.
+    let ret = unsafe { libc::ioctl(vcpu, 0xAE80, 0) };
+    println!(
+        "RUN-OLD ret={ret} errno={}",
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    );
+    let (new, report) = copy_into_new(old, |size, flags| {
+        vm.create_guest_memfd(size, flags)
+            .map_err(HandoverError::from)
+    })
+    .unwrap();
+    assert_eq!(new.backing_kind(), BackingKind::KernelGuestMemfd);
+    assert_ne!(new.id().unwrap(), old.id().unwrap());
+    vm.bind(&new, 0, 0, SIZE).unwrap();
+    println!("NEW {}", digest(&new));
+    println!(
+        "COPY size={} copied={} runs={} elapsed_us={}",
+        report.size,
+        report.copied,
+        report.runs,
+        report.elapsed.as_micros()
+    );
+}
+
+#[test]
+fn kernel_guest_memfd_is_copied_into_a_new_vm() {
+    let Some(vm) = open_vm() else { return };
+    let mem = vm
+        .create_guest_memfd(SIZE, Flags::MMAP | Flags::INIT_SHARED)
+        .unwrap();
+    vm.bind(&mem, 0, 0, SIZE).unwrap();
+    let g = mem.guest();
+    for p in 0..SIZE / P {
+        g.write(p * P, &[(p as u8).wrapping_mul(7) | 1; 512])
+            .unwrap();
+    }
+    for p in (3..SIZE / P).step_by(9) {
+        mem.convert(p * P, 2 * P, Attr::Private).unwrap();
+    }
+    let want = digest(&mem);
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let vcpu_fd = vcpu.fd().as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "preserve_kvm_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("GMEM_KVM_OLD_VCPU", vcpu_fd.to_string())
+    .stdout(Stdio::piped());
+    let hook = move || {
+        // SAFETY: fcntl is async-signal-safe; the vCPU descriptor is open in the child.
+        if unsafe { libc::fcntl(vcpu_fd, libc::F_SETFD, 0) } == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only calls fcntl.
+    unsafe { cmd.pre_exec(hook) };
+    let spawned =
+        spawn_with_inherited(&[FileOffer::new(&mem)], &mut cmd, &Options::default()).unwrap();
+    spawned.outcome.unwrap();
+    let out = spawned.child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = |tag: &str| {
+        text.split(&format!("{tag} "))
+            .nth(1)
+            .and_then(|t| t.lines().next())
+            .unwrap_or_else(|| panic!("{tag}: {text}"))
+            .to_string()
+    };
+    assert_eq!(line("OLD"), want);
+    assert_eq!(line("NEW"), want);
+    assert_eq!(line("BIND-OLD"), format!("errno={}", libc::EINVAL));
+    assert_eq!(line("RUN-OLD"), format!("ret=-1 errno={}", libc::EIO));
+    println!("copy of a kernel guest_memfd: {}", line("COPY"));
+}
