@@ -4,6 +4,8 @@
 //! Each test grows the HugeTLB pool for its own run and gives the pages back when it ends
 //! (root only; the tests print `skipped: <reason>` when the pool cannot be grown). Pool changes
 //! are serialised within the process, so the tests of this binary take turns.
+// Sizes here are small multiples of pages on a 64-bit host: casts to usize and u8 are exact.
+#![allow(clippy::cast_possible_truncation)]
 
 use gmem::{
     Attr, BackingChoice, CreateError, FallocMode, Flags, GuestMemfd, HostView, PoolGuard, HUGE_2M,

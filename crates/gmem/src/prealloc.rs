@@ -1,14 +1,21 @@
 //! Preallocation: populating every page of a file up front.
 //!
-//! [`GuestMemfd::preallocate`] allocates (and zeroes) every page with `MADV_POPULATE_WRITE` on
-//! gmem's own mapping, in chunks handed out to worker threads. Page faults on disjoint ranges
-//! of one mapping run in parallel (the mapping lock is taken shared), so zeroing spreads over
-//! the cores, whereas `fallocate(2)` serialises on the inode lock. The pages end up mapped in
-//! gmem's mapping too, so the guest's first touches do not fault. Private pages are allocated
-//! like shared ones: the mapping used is never handed to host code.
+//! [`GuestMemfd::preallocate`] allocates (and zeroes) every page, in chunks, calling a
+//! progress callback after each. How depends on the backing, measured on this class of
+//! machine (`BENCHMARKS.md`, P6):
 //!
-//! The NUMA policy (set on the builder) is in force before preallocation starts. A progress
-//! callback hears of every finished chunk, from whichever worker finished it.
+//! - **HugeTLB**: `MADV_POPULATE_WRITE` on gmem's own mapping, the chunks handed out to worker
+//!   threads. Zeroing huge pages is the whole cost and faults on disjoint ranges of one
+//!   mapping run in parallel (the mapping lock is taken shared; HugeTLB faults serialise only
+//!   per huge page), so it spreads over the cores; `fallocate(2)` would zero them all under
+//!   the inode lock. The pages end up mapped in gmem's mapping too.
+//! - **other backings** (shmem, the kernel guest_memfd): `fallocate(2)`, chunk after chunk on
+//!   one thread. It allocates without building page tables, which costs about four times less
+//!   than populating a 4 KiB mapping, and it serialises on the inode lock anyway, so more
+//!   threads would not help.
+//!
+//! Private pages are allocated like shared ones (neither path goes through a host view). The
+//! NUMA policy (set on the builder) is in force before preallocation starts.
 
 use std::fmt;
 use std::io;
@@ -29,8 +36,9 @@ pub struct Progress {
 
 type Callback = Arc<dyn Fn(Progress) + Send + Sync>;
 
-/// Preallocation options. `Prealloc::default()` uses every available core (at most 16) and
-/// 64 MiB chunks, with no callback.
+/// Preallocation options. `Prealloc::default()` uses every available core (at most 16, for
+/// HugeTLB; other backings use one thread, see the [module docs](crate::prealloc)) and 64 MiB
+/// chunks, with no callback.
 #[derive(Clone)]
 pub struct Prealloc {
     threads: usize,
@@ -65,7 +73,7 @@ impl Prealloc {
         Self::default()
     }
 
-    /// Number of worker threads (at least 1).
+    /// Number of worker threads for HugeTLB files (at least 1).
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
         self
@@ -87,7 +95,7 @@ impl Prealloc {
 /// Why preallocation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PreallocError {
-    /// The file cannot be mapped by gmem (kernel guest_memfd without `MMAP`): `ENODEV`.
+    /// A HugeTLB file without gmem's mapping (never, in practice): `ENODEV`.
     #[error("the file has no mapping to populate")]
     NoMapping,
     /// Populating a chunk failed (`ENOMEM`, `EFAULT` past a HugeTLB reservation...).
@@ -115,14 +123,23 @@ impl GuestMemfd {
     /// Allocates every page of the file now (see the [module docs](crate::prealloc)).
     pub fn preallocate(&self, opts: &Prealloc) -> Result<(), PreallocError> {
         let inner = &self.inner;
-        let map = inner.guest.as_ref().ok_or(PreallocError::NoMapping)?;
+        let map = inner.guest.as_ref();
         let block = inner.backing.block_size();
         let chunk = opts.chunk.div_ceil(block) * block;
         let total = inner.size;
         let chunks = total.div_ceil(chunk);
-        let threads = u64::try_from(opts.threads)
-            .unwrap_or(1)
-            .clamp(1, chunks.max(1));
+        let hugetlb = matches!(inner.backing.kind(), crate::BackingKind::HugeTlb(_));
+        let map = match (hugetlb, map) {
+            (true, None) => return Err(PreallocError::NoMapping),
+            (_, m) => m,
+        };
+        let threads = if hugetlb {
+            u64::try_from(opts.threads)
+                .unwrap_or(1)
+                .clamp(1, chunks.max(1))
+        } else {
+            1
+        };
         let next = AtomicU64::new(0);
         let done = AtomicU64::new(0);
         let failure: Mutex<Option<PreallocError>> = Mutex::new(None);
@@ -136,9 +153,15 @@ impl GuestMemfd {
             }
             let start = i * chunk;
             let len = chunk.min(total - start);
-            let res = to_usize(start)
-                .and_then(|s| Ok((s, to_usize(len)?)))
-                .and_then(|(s, l)| map.advise(s, l, libc::MADV_POPULATE_WRITE));
+            let res = if let Some(map) = map.filter(|_| hugetlb) {
+                to_usize(start)
+                    .and_then(|s| Ok((s, to_usize(len)?)))
+                    .and_then(|(s, l)| map.advise(s, l, libc::MADV_POPULATE_WRITE))
+            } else {
+                inner
+                    .backing
+                    .fallocate(libc::FALLOC_FL_KEEP_SIZE, start, len)
+            };
             if let Err(source) = res {
                 if let Ok(mut f) = failure.lock() {
                     f.get_or_insert(PreallocError::Os {

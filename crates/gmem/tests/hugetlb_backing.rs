@@ -1,4 +1,6 @@
 //! HugeTLB backing: reservation at creation, alignment, block size, punch-hole to the pool.
+// Sizes here are small multiples of pages on a 64-bit host: casts to usize and u8 are exact.
+#![allow(clippy::cast_possible_truncation)]
 
 mod hugepool;
 

@@ -1,5 +1,7 @@
 //! Restructuring HugeTLB memory: split of mixed huge pages, merge when whole and free,
 //! punch-hole while split, pins, and pieces that outlive the file.
+// Sizes here are small multiples of pages on a 64-bit host: casts to usize and u8 are exact.
+#![allow(clippy::cast_possible_truncation)]
 
 mod hugepool;
 

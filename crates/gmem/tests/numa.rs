@@ -1,5 +1,7 @@
 //! NUMA policy: round trip of every policy, bind to node 0 verified with the kernel's own
 //! answers, bad policies and nodes refused.
+// Sizes here are small multiples of pages on a 64-bit host: casts to usize and u8 are exact.
+#![allow(clippy::cast_possible_truncation)]
 
 mod hugepool;
 

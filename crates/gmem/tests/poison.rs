@@ -1,4 +1,6 @@
 //! Memory failure: injected poison on shmem and HugeTLB files.
+// Sizes here are small multiples of pages on a 64-bit host: casts to usize and u8 are exact.
+#![allow(clippy::cast_possible_truncation)]
 
 mod hugepool;
 

@@ -23,7 +23,7 @@
 //! pool (root only) and gives the pages back on drop, serialising every grower in the process.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
@@ -236,13 +236,41 @@ static POOL_LOCK: Mutex<()> = Mutex::new(());
 
 /// Extra huge pages added to a pool, given back when dropped.
 ///
-/// Holding a guard also holds a process-wide lock, so tests and benchmarks that grow the pool
-/// run one after another and each sees the pool it asked for.
+/// Holding a guard also holds a lock shared by every process on the machine (`flock` on
+/// [`POOL_LOCK_PATH`], plus a mutex within the process), so tests and benchmarks that grow
+/// the pool run one after another, even from different test binaries, and each sees the pool
+/// it asked for.
 #[derive(Debug)]
 pub struct PoolGuard {
     page_size: u64,
     old_total: u64,
+    _file_lock: OwnedFd,
     _lock: MutexGuard<'static, ()>,
+}
+
+/// The lock file that serialises pool changes between processes.
+pub const POOL_LOCK_PATH: &str = "/tmp/gmem-hugetlb-pool.lock";
+
+/// Opens the lock file and takes an exclusive `flock` on it, waiting for other holders.
+fn lock_file() -> Result<OwnedFd, HugeTlbError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(POOL_LOCK_PATH)
+        .map_err(os("open pool lock"))?;
+    let fd = OwnedFd::from(file);
+    loop {
+        // SAFETY: plain syscall on a descriptor this function owns.
+        let r = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX) };
+        if r == 0 {
+            return Ok(fd);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(os("flock pool lock")(e));
+        }
+    }
 }
 
 impl PoolGuard {
@@ -251,11 +279,13 @@ impl PoolGuard {
     /// cannot find enough contiguous memory; the pool is then put back as it was.
     pub fn grow(page_size: u64, pages: u64) -> Result<PoolGuard, HugeTlbError> {
         let lock = POOL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let file_lock = lock_file()?;
         let before = PoolStats::read(page_size)?;
         let want = before.total + pages.saturating_sub(before.available());
         let guard = PoolGuard {
             page_size,
             old_total: before.total,
+            _file_lock: file_lock,
             _lock: lock,
         };
         write_total(page_size, want)?;

@@ -91,6 +91,7 @@ pub struct Accounting {
     waiting: AtomicU64,
     splits: AtomicU64,
     merges: AtomicU64,
+    cached: AtomicU64,
 }
 
 impl Accounting {
@@ -120,6 +121,12 @@ impl Accounting {
         self.split_pages() * self.page_size
     }
 
+    /// Bytes of pieces kept allocated after a merge, for a quick split of the same huge page
+    /// (at most [`PIECE_CACHE`] huge pages).
+    pub fn cached_piece_bytes(&self) -> u64 {
+        self.cached.load(Ordering::Acquire) * self.page_size
+    }
+
     /// Splits performed since creation.
     pub fn splits(&self) -> u64 {
         self.splits.load(Ordering::Acquire)
@@ -136,12 +143,23 @@ impl Accounting {
 pub(crate) struct State {
     pub split: BTreeSet<u64>,
     pub waiting: BTreeSet<u64>,
+    /// Merged huge pages whose pieces are still allocated (and mapped in gmem's mapping of the
+    /// companion), oldest first, at most [`PIECE_CACHE`].
+    pub cached: std::collections::VecDeque<u64>,
 }
+
+/// Huge pages per file whose pieces stay allocated after a merge, so that splitting one of
+/// them again copies into memory that is already there (a plain `memcpy`) instead of
+/// allocating 512 pages. Costs at most this many huge pages of shmem per file.
+pub const PIECE_CACHE: usize = 8;
 
 /// Restructuring state of a HugeTLB file.
 #[derive(Debug)]
 pub(crate) struct Restructure {
     pub page: u64,
+    /// gmem's mapping of the companion file (copies into cached pieces go through it).
+    /// Declared before the descriptor so it is unmapped first.
+    pieces: crate::sys::mapping::Mapping,
     companion: OwnedFd,
     state: Mutex<State>,
     /// Number of waiting pages, read without the lock on every reference drop.
@@ -165,8 +183,13 @@ impl Restructure {
                 fd
             }
         };
+        let len = crate::sys::to_usize(size)?;
+        let pieces =
+            crate::sys::mapping::Mapping::shared(companion.as_fd(), 0, len, libc::MAP_NORESERVE)?;
+        pieces.advise(0, len, libc::MADV_DONTFORK)?;
         Ok(Restructure {
             page,
+            pieces,
             companion,
             state: Mutex::new(State::default()),
             waiting_hint: AtomicUsize::new(0),
@@ -177,12 +200,47 @@ impl Restructure {
                 waiting: AtomicU64::new(0),
                 splits: AtomicU64::new(0),
                 merges: AtomicU64::new(0),
+                cached: AtomicU64::new(0),
             }),
         })
     }
 
     pub fn companion(&self) -> BorrowedFd<'_> {
         self.companion.as_fd()
+    }
+
+    /// gmem's mapping of the companion file.
+    pub fn pieces(&self) -> &crate::sys::mapping::Mapping {
+        &self.pieces
+    }
+
+    /// Takes `h` out of the piece cache; true when its pieces were still allocated.
+    pub fn take_cached(&self, h: u64) -> bool {
+        let mut st = self.state();
+        let hit = match st.cached.iter().position(|&c| c == h) {
+            Some(i) => st.cached.remove(i).is_some(),
+            None => false,
+        };
+        self.acct
+            .cached
+            .store(st.cached.len() as u64, Ordering::Release);
+        hit
+    }
+
+    /// Puts merged page `h` into the piece cache; returns the page pushed out, whose pieces
+    /// must be punched.
+    pub fn cache(&self, h: u64) -> Option<u64> {
+        let mut st = self.state();
+        st.cached.push_back(h);
+        let out = if st.cached.len() > PIECE_CACHE {
+            st.cached.pop_front()
+        } else {
+            None
+        };
+        self.acct
+            .cached
+            .store(st.cached.len() as u64, Ordering::Release);
+        out
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {

@@ -173,9 +173,11 @@ pub(crate) fn punch_hole(inner: &Inner, mode: libc::c_int, r: ByteRange) -> io::
         return crate::poison::clear(inner, &mut ctl.views, r);
     };
     let hs = rs.split_in(r.start / rs.page, r.end / rs.page);
-    for &h in &hs {
-        let hr = huge_range(rs, h);
-        crate::sys::fd::fallocate(rs.companion(), mode, hr.start, hr.len())?;
+    for h in r.start / rs.page..r.end / rs.page {
+        if rs.take_cached(h) || hs.contains(&h) {
+            let hr = huge_range(rs, h);
+            crate::sys::fd::fallocate(rs.companion(), mode, hr.start, hr.len())?;
+        }
     }
     inner.backing.fallocate(mode, r.start, r.len())?;
     crate::poison::clear(inner, &mut ctl.views, r)?;

@@ -54,7 +54,8 @@ const UFFDIO_API_IOCTL: u64 = iowr(0x3f, std::mem::size_of::<UffdioApi>());
 const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
 const UFFDIO_POISON: u64 = iowr(0x08, std::mem::size_of::<UffdioPoison>());
 const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
-const UFFDIO_WAKE: u64 = (2 << 30) | ((std::mem::size_of::<UffdioRange>() as u64) << 16) | (UFFDIO << 8) | 0x02;
+const UFFDIO_WAKE: u64 =
+    (2 << 30) | ((std::mem::size_of::<UffdioRange>() as u64) << 16) | (UFFDIO << 8) | 0x02;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 
 #[repr(C)]
@@ -115,7 +116,11 @@ impl Uffd {
                 start: addr as u64,
                 len: len as u64,
             },
-            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
         };
         // SAFETY: `wp` is a valid `struct uffdio_writeprotect` for the duration of the call.
         cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) }).map(drop)

@@ -422,7 +422,8 @@ impl GuestMemfd {
             holes: BTreeSet::new(),
         };
         // Split huge pages map their pieces, poisoned pages fault, the NUMA policy applies.
-        crate::restructure::step::prepare_view(inner, &mut slot).map_err(|e| os("restructure", e))?;
+        crate::restructure::step::prepare_view(inner, &mut slot)
+            .map_err(|e| os("restructure", e))?;
         // Private pages are poisoned before the view is handed out. The control lock keeps
         // conversions out until the view is registered.
         {

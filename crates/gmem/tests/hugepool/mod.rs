@@ -1,5 +1,5 @@
 //! Shared by the HugeTLB test binaries: growing the pool (restored on drop) and probing.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::cast_possible_truncation)]
 
 use gmem::{PoolGuard, PoolStats};
 pub use gmem_conformance::probe::Touch;

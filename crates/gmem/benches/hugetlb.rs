@@ -1,0 +1,318 @@
+//! `cargo bench -p gmem --bench hugetlb`: HugeTLB bars with their baselines, in one run.
+//!
+//! - P6: preallocating 1 GiB through gmem (4 KiB shmem, 2 MiB and, when the pool can provide
+//!   one, 1 GiB HugeTLB pages) against the raw kernel work on a bare memfd of the same kind:
+//!   `MADV_POPULATE_WRITE` on a fresh mapping and `fallocate`, whichever is faster.
+//! - P8: one split plus one merge of a 2 MiB huge page (a 4 KiB conversion to private and
+//!   back, with one host view) against one 2 MiB `memcpy`.
+//! - TLB: random 8-byte reads over 1 GiB of guest memory, HugeTLB (2 MiB) against shmem
+//!   (4 KiB).
+//!
+//! Grows the HugeTLB pool for the run (root) and gives the pages back at the end. Prints a
+//! markdown table. An optional argument scales the preallocation size in MiB (default 1024).
+// Sizes here are small multiples of pages on a 64-bit host: casts to usize and u8 are exact.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::hint::black_box;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use gmem::{Attr, BackingChoice, Flags, GuestMemfd, PoolGuard, Prealloc, HUGE_1G, HUGE_2M};
+
+const P: u64 = 4096;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn memfd(huge: Option<u64>, size: u64) -> OwnedFd {
+    let flags = match huge {
+        Some(page) => libc::MFD_HUGETLB | (page.trailing_zeros() << libc::MFD_HUGE_SHIFT),
+        None => 0,
+    };
+    // SAFETY: a NUL-terminated name and integer flags.
+    let fd = unsafe { libc::memfd_create(c"bench".as_ptr(), libc::MFD_CLOEXEC | flags) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain syscall on a valid descriptor.
+    let r = unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) };
+    assert_eq!(r, 0, "ftruncate: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// Raw baseline: a bare memfd of the same kind, mapped and populated with one
+/// `MADV_POPULATE_WRITE` (what a VMM does by hand), timed from creation to populated.
+fn raw_populate(huge: Option<u64>, size: u64) -> Duration {
+    let t = Instant::now();
+    let fd = memfd(huge, size);
+    let len = size as usize;
+    // SAFETY: a fresh shared mapping of our own descriptor.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the range is the mapping just made.
+    let r = unsafe { libc::madvise(p, len, libc::MADV_POPULATE_WRITE) };
+    assert_eq!(r, 0, "populate: {}", std::io::Error::last_os_error());
+    let d = t.elapsed();
+    // SAFETY: unmapping our own mapping.
+    unsafe { libc::munmap(p, len) };
+    d
+}
+
+/// Raw baseline: a bare memfd allocated with one `fallocate`.
+fn raw_fallocate(huge: Option<u64>, size: u64) -> Duration {
+    let t = Instant::now();
+    let fd = memfd(huge, size);
+    // SAFETY: plain syscall on a valid descriptor.
+    let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, size as libc::off_t) };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    let d = t.elapsed();
+    drop(fd);
+    d
+}
+
+/// gmem: create with preallocation on (default threads: every core).
+fn gmem_prealloc(backing: BackingChoice, size: u64) -> Duration {
+    let t = Instant::now();
+    let mem = GuestMemfd::builder(size)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(backing)
+        .prealloc(Some(Prealloc::new()))
+        .create()
+        .expect("gmem create + prealloc");
+    let d = t.elapsed();
+    drop(mem);
+    d
+}
+
+struct Row {
+    bar: &'static str,
+    what: String,
+    gmem: Duration,
+    base: Duration,
+    base_what: &'static str,
+    ratio: f64,
+    target: &'static str,
+}
+
+fn p6(rows: &mut Vec<Row>, label: &str, huge: Option<u64>, backing: BackingChoice, size: u64) {
+    const REPS: usize = 5;
+    let mut pop = Vec::new();
+    let mut fal = Vec::new();
+    let mut gm = Vec::new();
+    for _ in 0..REPS {
+        pop.push(raw_populate(huge, size));
+        fal.push(raw_fallocate(huge, size));
+        gm.push(gmem_prealloc(backing, size));
+    }
+    let (pop, fal, gm) = (median(pop), median(fal), median(gm));
+    let (base, base_what) = if pop <= fal {
+        (pop, "raw MADV_POPULATE_WRITE")
+    } else {
+        (fal, "raw fallocate")
+    };
+    rows.push(Row {
+        bar: "P6",
+        what: format!(
+            "prealloc {} MiB, {label} (populate {:.1} ms, fallocate {:.1} ms)",
+            size >> 20,
+            ms(pop),
+            ms(fal)
+        ),
+        gmem: gm,
+        base,
+        base_what,
+        ratio: base.as_secs_f64() / gm.as_secs_f64(),
+        target: "≥ 0.90 (throughput vs raw)",
+    });
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// P8: split + merge of one 2 MiB huge page against one 2 MiB memcpy.
+fn p8(rows: &mut Vec<Row>) {
+    const N: u32 = 300;
+    let mem = GuestMemfd::builder(2 * HUGE_2M)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(BackingChoice::HugeTlb(HUGE_2M))
+        .prealloc(Some(Prealloc::new()))
+        .create()
+        .expect("create");
+    let view = mem.map(0, 2 * HUGE_2M).expect("map");
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    let len = HUGE_2M as usize;
+    let src = vec![0x5au8; len];
+    let mut dst = vec![0u8; len];
+    let mut memcpy = Vec::new();
+    let mut restructure = Vec::new();
+    let mut shmem_pair = Vec::new();
+    let plain = GuestMemfd::builder(2 * HUGE_2M)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .prealloc(Some(Prealloc::new()))
+        .create()
+        .expect("shmem");
+    let _pview = plain.map(0, 2 * HUGE_2M).expect("map");
+    for i in 0..N {
+        let page = u64::from(5 + i % 400);
+        let t = Instant::now();
+        mem.convert(page * P, P, Attr::Private).expect("split");
+        mem.convert(page * P, P, Attr::Shared).expect("merge");
+        restructure.push(t.elapsed());
+        let t = Instant::now();
+        plain.convert(page * P, P, Attr::Private).expect("convert");
+        plain.convert(page * P, P, Attr::Shared).expect("convert");
+        shmem_pair.push(t.elapsed());
+        let t = Instant::now();
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+        memcpy.push(t.elapsed());
+    }
+    assert_eq!(acct.splits(), u64::from(N));
+    assert_eq!(acct.merges(), u64::from(N));
+    drop(view);
+    let (r, m, s) = (median(restructure), median(memcpy), median(shmem_pair));
+    rows.push(Row {
+        bar: "P8",
+        what: format!(
+            "split + merge of one 2 MiB page (4 KiB to private and back, 1 view); \
+             same conversions on 4 KiB shmem take {:.1} µs",
+            s.as_secs_f64() * 1e6
+        ),
+        gmem: r,
+        base: m,
+        base_what: "one 2 MiB memcpy",
+        ratio: r.as_secs_f64() / m.as_secs_f64(),
+        target: "≤ 2.0 (time vs memcpy)",
+    });
+}
+
+/// Random 8-byte reads over the guest view of a preallocated file.
+fn random_reads(mem: &GuestMemfd, reads: u64) -> Duration {
+    let base = mem.guest().as_ptr() as usize;
+    let words = mem.size() / 8;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut sum = 0u64;
+    let t = Instant::now();
+    for _ in 0..reads {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let at = base + ((x % words) * 8) as usize;
+        // SAFETY: `at` is an aligned word inside the populated, shared guest mapping.
+        sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(at as *const u64) });
+    }
+    let d = t.elapsed();
+    black_box(sum);
+    d
+}
+
+fn tlb(rows: &mut Vec<Row>, size: u64) {
+    const READS: u64 = 20_000_000;
+    let make = |backing| {
+        GuestMemfd::builder(size)
+            .flags(Flags::MMAP | Flags::INIT_SHARED)
+            .backing(backing)
+            .prealloc(Some(Prealloc::new()))
+            .create()
+            .expect("create")
+    };
+    let huge = make(BackingChoice::HugeTlb(HUGE_2M));
+    let small = make(BackingChoice::Shmem);
+    random_reads(&huge, READS / 10);
+    random_reads(&small, READS / 10);
+    let mut h = Vec::new();
+    let mut s = Vec::new();
+    for _ in 0..3 {
+        h.push(random_reads(&huge, READS));
+        s.push(random_reads(&small, READS));
+    }
+    let (h, s) = (median(h), median(s));
+    rows.push(Row {
+        bar: "TLB",
+        what: format!(
+            "{}M random 8-byte reads over {} MiB: {:.2} ns/read on 2 MiB pages, {:.2} ns/read on 4 KiB",
+            READS / 1_000_000,
+            size >> 20,
+            h.as_nanos() as f64 / READS as f64,
+            s.as_nanos() as f64 / READS as f64
+        ),
+        gmem: h,
+        base: s,
+        base_what: "same reads on 4 KiB shmem",
+        ratio: s.as_secs_f64() / h.as_secs_f64(),
+        target: "speed-up of HugeTLB (> 1)",
+    });
+}
+
+fn main() {
+    let mib: u64 = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1024);
+    let size = mib << 20;
+    let mut rows = Vec::new();
+    p6(&mut rows, "4 KiB shmem", None, BackingChoice::Shmem, size);
+    {
+        let pages = 2 * size / HUGE_2M + 4;
+        match PoolGuard::grow(HUGE_2M, pages) {
+            Ok(_pool) => {
+                p6(
+                    &mut rows,
+                    "2 MiB HugeTLB",
+                    Some(HUGE_2M),
+                    BackingChoice::HugeTlb(HUGE_2M),
+                    size,
+                );
+                p8(&mut rows);
+                tlb(&mut rows, size);
+            }
+            Err(e) => eprintln!("skipped 2 MiB rows: {e}"),
+        }
+    }
+    if size >= HUGE_1G {
+        let pages = 2 * size / HUGE_1G;
+        match PoolGuard::grow(HUGE_1G, pages) {
+            Ok(_pool) => p6(
+                &mut rows,
+                "1 GiB HugeTLB",
+                Some(HUGE_1G),
+                BackingChoice::HugeTlb(HUGE_1G),
+                size,
+            ),
+            Err(e) => println!("\n1 GiB pages skipped: {e}\n"),
+        }
+    }
+    println!("| bar | what | gmem | baseline | ratio | target |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.3} ms | {:.3} ms ({}) | {:.2} | {} |",
+            r.bar,
+            r.what,
+            ms(r.gmem),
+            ms(r.base),
+            r.base_what,
+            r.ratio,
+            r.target
+        );
+    }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+}
