@@ -194,6 +194,38 @@ fn hugetlb_files_are_refused_before_anything_is_sent() {
 }
 
 #[test]
+fn poison_arriving_during_the_freeze_aborts_the_handover() {
+    let mem = build();
+    let shared = first_shared(&mem);
+    let (a, b) = pair();
+    let m2 = mem.clone();
+    let hook = move |s: Step| {
+        if s == Step::AcceptReceived {
+            m2.inject_poison(shared).unwrap();
+        }
+    };
+    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    let opts = Options {
+        on_step: Some(Arc::new(hook)),
+        ..Options::default()
+    };
+    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e:?}");
+    let e = t.join().unwrap().unwrap_err();
+    assert!(matches!(e, HandoverError::Aborted), "{e:?}");
+    assert_eq!(e.errno(), libc::ECANCELED);
+    // The old owner keeps the file, poison included, and can hand it over again.
+    assert!(mem.is_poisoned(shared));
+    let (a, b) = pair();
+    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap();
+    assert_eq!(
+        t.join().unwrap().unwrap().files[0].mem.poisoned_pages(),
+        vec![shared]
+    );
+}
+
+#[test]
 fn handover_twice_counts_generations() {
     let mem = build();
     let before = digest(&mem);

@@ -31,6 +31,11 @@
 //! | new | after `ACCEPT`, before `DONE` | old owner: `COMMIT` fails or `DONE` never comes (end of file): thaws, goes on |
 //! | new | after `DONE` | nobody: the hand-over was complete; this is a crash of the new owner |
 //!
+//! Poison is the one change a freeze cannot hold back (a memory failure does not wait): the
+//! old owner compares each file's poison list again before `COMMIT` and, if it changed,
+//! sends `ABORT` and keeps the files ([`HandoverError::Busy`], `EBUSY`); the hand-over can be
+//! retried.
+//!
 //! Nothing is lost in any surviving case: contents are the files themselves, and while frozen
 //! the old owner changes no attribute, so the state read by the new owner stays exact.
 //! [`Options::timeout`] bounds the wait for `ACCEPT` (then the old owner sends `ABORT` and
@@ -387,6 +392,9 @@ fn recv(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<Got, Handover
 /// unless they were handed over.
 pub(crate) struct Frozen {
     files: Vec<GuestMemfd>,
+    /// Poisoned pages of each file when the state was written. Poison can arrive during the
+    /// freeze (a memory failure does not wait); it is compared again before `COMMIT`.
+    poison: Vec<Vec<u64>>,
     pub state_fd: OwnedFd,
     pub state_len: usize,
     pub crc: u32,
@@ -420,6 +428,14 @@ impl Frozen {
         }
     }
 
+    /// The first file whose poison list changed since the state was written.
+    fn poison_changed(&self) -> Option<usize> {
+        self.files
+            .iter()
+            .zip(&self.poison)
+            .position(|(f, p)| f.poisoned_pages() != *p)
+    }
+
     fn release(mut self) -> Duration {
         self.set_all(Phase::Released);
         self.released = true;
@@ -445,6 +461,7 @@ pub(crate) fn freeze(offers: &[FileOffer], generation: u64) -> Result<Frozen, Ha
     let started = Instant::now();
     let mut frozen = Frozen {
         files: Vec::with_capacity(offers.len()),
+        poison: Vec::new(),
         state_fd: fd::memfd_create(c"gmem-state", 0).map_err(io("memfd_create"))?,
         state_len: 0,
         crc: 0,
@@ -490,6 +507,7 @@ pub(crate) fn freeze(offers: &[FileOffer], generation: u64) -> Result<Frozen, Ha
     for o in offers {
         files.push(snapshot(o)?);
     }
+    frozen.poison = files.iter().map(|f: &FileState| f.poison.clone()).collect();
     let state = State { generation, files };
     let bytes = state.encode()?;
     write_sealed(frozen.state_fd.as_fd(), &bytes)?;
@@ -641,6 +659,13 @@ pub(crate) fn finish_old(
         }
     }
     opts.step(Step::AcceptReceived);
+    if let Some(file) = frozen.poison_changed() {
+        let _ = send(sock, &Msg::new(OP_ABORT, frozen.crc));
+        return Err(HandoverError::Busy {
+            file,
+            what: "a page was poisoned during the hand-over",
+        });
+    }
     if send(sock, &Msg::new(OP_COMMIT, frozen.crc)).is_err() {
         return Err(HandoverError::PeerGone {
             step: Step::AcceptReceived,
