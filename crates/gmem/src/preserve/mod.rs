@@ -1,6 +1,6 @@
 //! Preservation across live update: hand guest memory and all its state to a new process.
 //!
-//! - [`format`]: the preserved state (documented byte layout, versioned, checksummed,
+//! - [`format`](mod@format): the preserved state (documented byte layout, versioned, checksummed,
 //!   size-limited, parsed as untrusted input).
 //! - [`handover`]: the two-phase hand-over over a Unix socket with `SCM_RIGHTS`
 //!   ([`hand_over`] / [`receive`]), crash-safe at every step.
@@ -10,6 +10,31 @@
 //! - [`freeze`]: what a frozen file refuses and what waits.
 //!
 //! Contents are never copied by the hand-over: the files themselves travel as descriptors.
+//!
+//! # What travels, and from where
+//!
+//! | state | taken from |
+//! |---|---|
+//! | size, flags, backing kind, block size, identity | the file (`fstat` checked again by the new owner) |
+//! | attribute runs | the file's run map, frozen |
+//! | NUMA policy | the policy set with [`GuestMemfd::set_numa_policy`](crate::GuestMemfd::set_numa_policy); applied again by the new owner |
+//! | poison | [`GuestMemfd::poisoned_pages`](crate::GuestMemfd::poisoned_pages); injected again by the new owner |
+//! | restructuring | the split / waiting-to-merge huge pages of a HugeTLB file (see below) |
+//! | bindings, VM link | the VMM, through [`FileOffer`] (memslots belong to the VM, not to the file) |
+//! | pins | the VMM, through [`FileOffer::pin`]; taken again by the new owner, returned in [`RestoredFile::pins`] |
+//!
+//! # Limits
+//!
+//! - HugeTLB files are refused with `EOPNOTSUPP` before anything is frozen or sent. The
+//!   contents of a split huge page live in the file's companion file of pieces, and a split
+//!   page waiting to merge can merge on its own when a pin is dropped, which the freeze does
+//!   not hold back yet; carrying the companion descriptor and holding merges during the
+//!   freeze is what remains. The format's `RESTRUCTURE` section is defined, versioned and
+//!   parsed for it, and filled from the file by the snapshot.
+//! - Peers ([`crate::peer`]) are not handed over: they follow the old owner and stop when it
+//!   exits.
+//! - The kernel guest_memfd travels (the new owner can map and read it) but cannot be bound to
+//!   a new VM: [`copy_into_new`] is the path, a copy, measured as one.
 //!
 //! ```
 //! use gmem::preserve::{hand_over, receive, FileOffer, Options};
