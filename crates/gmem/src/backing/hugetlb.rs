@@ -196,6 +196,20 @@ impl HugeTlb {
         self.page_size
     }
 
+    /// Adopts a HugeTLB memfd of `size` bytes received from its owner (a live-update
+    /// hand-over): its pages are already allocated and reserved, so mapping them takes
+    /// nothing from the pool.
+    pub(crate) fn adopt(fd: OwnedFd, size: u64, page_size: u64) -> io::Result<Self> {
+        let len = to_usize(size)?;
+        let reservation = Mapping::shared(fd.as_fd(), 0, len, 0)?;
+        reservation.advise(0, len, libc::MADV_DONTFORK)?;
+        Ok(HugeTlb {
+            reservation,
+            fd,
+            page_size,
+        })
+    }
+
     /// Reserves `[offset, offset + len)` again after a punch-hole dropped its reservation:
     /// a transient shared mapping of the range reserves it in the file's reservation map,
     /// which outlives the mapping. Fails with `ENOMEM` when the pool is short.
@@ -309,9 +323,26 @@ impl PoolGuard {
 
 impl Drop for PoolGuard {
     fn drop(&mut self) {
-        if let Err(e) = write_total(self.page_size, self.old_total) {
-            tracing::error!("restoring the HugeTLB pool: {e}");
+        // Freed huge pages can reach the pool a moment after their last user is gone (1 GiB
+        // pages are released asynchronously), and a page still in use cannot be removed: retry
+        // for up to a second until the pool is back to its old size.
+        for _ in 0..50 {
+            if let Err(e) = write_total(self.page_size, self.old_total) {
+                tracing::error!("restoring the HugeTLB pool: {e}");
+                return;
+            }
+            match PoolStats::read(self.page_size) {
+                Ok(s) if s.total > self.old_total => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                _ => return,
+            }
         }
+        tracing::error!(
+            page_size = self.page_size,
+            "the HugeTLB pool could not be shrunk back to {} pages",
+            self.old_total
+        );
     }
 }
 
