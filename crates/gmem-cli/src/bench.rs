@@ -89,7 +89,15 @@ fn madvise(ptr: *mut u8, len: usize, advice: libc::c_int) -> std::io::Result<()>
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn row(bar: &'static str, what: String, value: f64, baseline: f64, unit: &'static str, limit: &'static str, max_ratio: f64) -> Row {
+fn row(
+    bar: &'static str,
+    what: String,
+    value: f64,
+    baseline: f64,
+    unit: &'static str,
+    limit: &'static str,
+    max_ratio: f64,
+) -> Row {
     let ratio = value / baseline;
     Row {
         bar,
@@ -169,7 +177,11 @@ pub fn p2(size: u64) -> R<Vec<Row>> {
     Ok(vec![
         row(
             "P2",
-            format!("{} per-page to-private calls ({} runs) vs per-page madvise loop", pages / 2, runs),
+            format!(
+                "{} per-page to-private calls ({} runs) vs per-page madvise loop",
+                pages / 2,
+                runs
+            ),
             ns(per_page) / n,
             ns(base) / n,
             "ns/page",
@@ -178,7 +190,9 @@ pub fn p2(size: u64) -> R<Vec<Row>> {
         ),
         row(
             "P2",
-            format!("one bulk call over the {runs}-run pattern back to shared vs per-page madvise loop"),
+            format!(
+                "one bulk call over the {runs}-run pattern back to shared vs per-page madvise loop"
+            ),
             ms(bulk),
             ms(base),
             "ms",
@@ -236,7 +250,10 @@ pub fn p3() -> R<Vec<Row>> {
     let (u1, u16) = (uniform(1 << 18), uniform(1 << 22));
     let lookup = Row {
         bar: "P3",
-        what: format!("random attribute lookup at {} runs vs binary search of a sorted array", map.len()),
+        what: format!(
+            "random attribute lookup at {} runs vs binary search of a sorted array",
+            map.len()
+        ),
         value: g,
         baseline: b,
         unit: "ns",
@@ -287,10 +304,10 @@ pub fn p4(size: u64) -> R<Vec<Row>> {
         let t = Instant::now();
         let base = src.as_ptr();
         for off in (0..size).step_by(chunk) {
-            let at = usize::try_from(off)?;
+            let src = base.wrapping_add(usize::try_from(off)?);
             // SAFETY: `[at, at + chunk)` lies inside the guest mapping of `size` bytes, which
             // does not overlap `buf`.
-            unsafe { std::ptr::copy_nonoverlapping(base.add(at), buf.as_mut_ptr(), chunk) };
+            unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), chunk) };
         }
         std::hint::black_box(&buf);
         b.push(t.elapsed());
@@ -300,7 +317,10 @@ pub fn p4(size: u64) -> R<Vec<Row>> {
     let _ = step;
     Ok(vec![Row {
         bar: "P4",
-        what: format!("read_at 1 MiB chunks over {} MiB vs memcpy from the same mapping", size >> 20),
+        what: format!(
+            "read_at 1 MiB chunks over {} MiB vs memcpy from the same mapping",
+            size >> 20
+        ),
         value: g,
         baseline: b,
         unit: "GB/s",
@@ -354,7 +374,10 @@ pub fn p5() -> R<Vec<Row>> {
                 })
                 .collect();
             hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".to_string())))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("thread panicked".to_string()))
+                })
                 .collect()
         });
         let mut worst = Duration::ZERO;
@@ -367,7 +390,8 @@ pub fn p5() -> R<Vec<Row>> {
     Ok(vec![
         Row {
             bar: "P5",
-            what: "pin + unpin of one page, one thread, thread CPU time (baseline: the 100 ns bar)".into(),
+            what: "pin + unpin of one page, one thread, thread CPU time (baseline: the 100 ns bar)"
+                .into(),
             value: one,
             baseline: 100.0,
             unit: "ns",

@@ -48,11 +48,15 @@ pub fn run_software(size: u64) -> R<Vec<Step>> {
     let mut steps = Vec::new();
     let secret_at = PAGE_SIZE;
     let dma_at = 2 * PAGE_SIZE;
-    let mem = timed(&mut steps, "create guest memory (shmem, MMAP|INIT_SHARED)", || {
-        let m = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
-        let s = format!("{} MiB, {} run(s), all shared", size >> 20, m.run_count());
-        Ok((m, s))
-    })?;
+    let mem = timed(
+        &mut steps,
+        "create guest memory (shmem, MMAP|INIT_SHARED)",
+        || {
+            let m = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
+            let s = format!("{} MiB, {} run(s), all shared", size >> 20, m.run_count());
+            Ok((m, s))
+        },
+    )?;
     let guest = mem.guest();
     timed(&mut steps, "guest writes a secret at 0x1000", || {
         guest.write(secret_at, SECRET)?;
@@ -62,22 +66,32 @@ pub fn run_software(size: u64) -> R<Vec<Step>> {
         mem.convert(secret_at, PAGE_SIZE, Attr::Private)?;
         Ok(((), format!("{} runs now", mem.run_count())))
     })?;
-    timed(&mut steps, "host child process maps the file and touches 0x1000", || {
-        let sock = mem.share_with_process()?;
-        clear_cloexec(&sock)?;
-        let exe = std::env::current_exe()?;
-        let status = Command::new(exe)
-            .args(["__touch", &sock.as_raw_fd().to_string(), &secret_at.to_string()])
-            .status()?;
-        drop(sock);
-        use std::os::unix::process::ExitStatusExt;
-        let outcome = match status.signal() {
-            Some(libc::SIGBUS) => "child killed by SIGBUS, as with the kernel's guest_memfd".to_string(),
-            Some(s) => format!("child killed by signal {s} (expected SIGBUS)"),
-            None => format!("child exited with {status} (expected SIGBUS)"),
-        };
-        Ok(((), outcome))
-    })?;
+    timed(
+        &mut steps,
+        "host child process maps the file and touches 0x1000",
+        || {
+            let sock = mem.share_with_process()?;
+            clear_cloexec(&sock)?;
+            let exe = std::env::current_exe()?;
+            let status = Command::new(exe)
+                .args([
+                    "__touch",
+                    &sock.as_raw_fd().to_string(),
+                    &secret_at.to_string(),
+                ])
+                .status()?;
+            drop(sock);
+            use std::os::unix::process::ExitStatusExt;
+            let outcome = match status.signal() {
+                Some(libc::SIGBUS) => {
+                    "child killed by SIGBUS, as with the kernel's guest_memfd".to_string()
+                }
+                Some(s) => format!("child killed by signal {s} (expected SIGBUS)"),
+                None => format!("child exited with {status} (expected SIGBUS)"),
+            };
+            Ok(((), outcome))
+        },
+    )?;
     timed(&mut steps, "host safe accessor reads 0x1000", || {
         let mut buf = [0u8; 8];
         let outcome = match mem.read_at(secret_at, &mut buf) {
@@ -90,40 +104,60 @@ pub fn run_software(size: u64) -> R<Vec<Step>> {
         let p = mem.pin(dma_at, PAGE_SIZE)?;
         Ok((p, "pinned".to_string()))
     })?;
-    timed(&mut steps, "guest asks for 0x0..0x3000 private while pinned", || {
-        let outcome = match mem.convert(0, 3 * PAGE_SIZE, Attr::Private) {
-            Err(e) => format!(
-                "refused: {e} (errno {}, error_offset {:#x}); nothing changed: {} runs",
-                e.errno(),
-                e.error_offset().unwrap_or(0),
-                mem.run_count()
-            ),
-            Ok(()) => "converted (unexpected)".to_string(),
-        };
-        Ok(((), outcome))
-    })?;
-    timed(&mut steps, "device unpins; the same request is retried", || {
-        drop(pin);
-        mem.convert(0, 3 * PAGE_SIZE, Attr::Private)?;
-        Ok(((), format!("converted; {} runs", mem.run_count())))
-    })?;
-    timed(&mut steps, "guest converts 0x0..0x3000 back to shared", || {
-        mem.convert(0, 3 * PAGE_SIZE, Attr::Shared)?;
-        Ok(((), format!("{} run(s)", mem.run_count())))
-    })?;
-    timed(&mut steps, "host reads 0x1000 through the safe accessor", || {
-        let mut buf = vec![0u8; SECRET.len()];
-        mem.read_at(secret_at, &mut buf)?;
-        let same = buf == SECRET;
-        Ok((
-            (),
-            format!(
-                "{:?} ({})",
-                String::from_utf8_lossy(&buf),
-                if same { "preserved in place" } else { "CHANGED" }
-            ),
-        ))
-    })?;
+    timed(
+        &mut steps,
+        "guest asks for 0x0..0x3000 private while pinned",
+        || {
+            let outcome = match mem.convert(0, 3 * PAGE_SIZE, Attr::Private) {
+                Err(e) => format!(
+                    "refused: {e} (errno {}, error_offset {:#x}); nothing changed: {} runs",
+                    e.errno(),
+                    e.error_offset().unwrap_or(0),
+                    mem.run_count()
+                ),
+                Ok(()) => "converted (unexpected)".to_string(),
+            };
+            Ok(((), outcome))
+        },
+    )?;
+    timed(
+        &mut steps,
+        "device unpins; the same request is retried",
+        || {
+            drop(pin);
+            mem.convert(0, 3 * PAGE_SIZE, Attr::Private)?;
+            Ok(((), format!("converted; {} runs", mem.run_count())))
+        },
+    )?;
+    timed(
+        &mut steps,
+        "guest converts 0x0..0x3000 back to shared",
+        || {
+            mem.convert(0, 3 * PAGE_SIZE, Attr::Shared)?;
+            Ok(((), format!("{} run(s)", mem.run_count())))
+        },
+    )?;
+    timed(
+        &mut steps,
+        "host reads 0x1000 through the safe accessor",
+        || {
+            let mut buf = vec![0u8; SECRET.len()];
+            mem.read_at(secret_at, &mut buf)?;
+            let same = buf == SECRET;
+            Ok((
+                (),
+                format!(
+                    "{:?} ({})",
+                    String::from_utf8_lossy(&buf),
+                    if same {
+                        "preserved in place"
+                    } else {
+                        "CHANGED"
+                    }
+                ),
+            ))
+        },
+    )?;
     Ok(steps)
 }
 
@@ -138,8 +172,9 @@ pub fn touch_child(fd: i32, offset: u64) -> R<u8> {
     if at >= view.len() {
         return Err("offset past the view".into());
     }
+    let p = view.as_ptr().wrapping_add(at);
     // SAFETY: `at` is inside the view; the read may raise SIGBUS, which is the point.
-    let b = unsafe { std::ptr::read_volatile(view.as_ptr().add(at)) };
+    let b = unsafe { std::ptr::read_volatile(p) };
     Ok(b)
 }
 

@@ -62,16 +62,24 @@ fn parse_conversion(s: &str) -> R<(u64, u64, Attr)> {
         "private" => Attr::Private,
         _ => return Err(format!("conversion target '{to}' is not shared or private").into()),
     };
-    Ok((object::parse_size("offset", off)?, object::parse_size("len", len)?, to))
+    Ok((
+        object::parse_size("offset", off)?,
+        object::parse_size("len", len)?,
+        to,
+    ))
 }
 
 fn create(json: bool, spec: &str, conversions: &[String]) -> R<()> {
     let obj = object::parse(spec)?;
     if obj.source != object::Source::Shmem {
-        return Err("hugetlb=on needs the HugeTLB backing, which this build does not have yet".into());
+        return Err(
+            "hugetlb=on needs the HugeTLB backing, which this build does not have yet".into(),
+        );
     }
     if obj.policy != object::PolicyKind::Default {
-        return Err("NUMA policies need the NUMA support, which this build does not have yet".into());
+        return Err(
+            "NUMA policies need the NUMA support, which this build does not have yet".into(),
+        );
     }
     let mut flags = Flags::NONE;
     if obj.mmap {
@@ -100,7 +108,12 @@ fn create(json: bool, spec: &str, conversions: &[String]) -> R<()> {
         println!("{obj}");
         println!("backing {}, {} run(s):", mem.backing_kind(), runs.len());
         for r in runs {
-            println!("  {:#014x}..{:#014x} {:?}", r.offset, r.offset + r.len, r.attr);
+            println!(
+                "  {:#014x}..{:#014x} {:?}",
+                r.offset,
+                r.offset + r.len,
+                r.attr
+            );
         }
     }
     Ok(())

@@ -68,7 +68,9 @@ pub enum ObjectError {
     #[error("missing object type")]
     MissingType,
     /// The type is not a guest memory backend gmem serves.
-    #[error("unknown object type '{0}' (expected memory-backend-guest-memfd or memory-backend-memfd)")]
+    #[error(
+        "unknown object type '{0}' (expected memory-backend-guest-memfd or memory-backend-memfd)"
+    )]
     UnknownType(String),
     /// A `key=value` pair had no `=` or an empty key.
     #[error("malformed property '{0}' (expected key=value)")]
@@ -114,7 +116,9 @@ fn split(s: &str) -> Vec<String> {
         if c == ',' {
             if chars.peek() == Some(&',') {
                 chars.next();
-                parts.last_mut().map(|p| p.push(','));
+                if let Some(p) = parts.last_mut() {
+                    p.push(',');
+                }
             } else {
                 parts.push(String::new());
             }
@@ -232,7 +236,11 @@ pub fn parse(s: &str) -> Result<MemoryObject, ObjectError> {
         }
         match k {
             "id" => {
-                if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                if v.is_empty()
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
                     return Err(invalid(k, v, "ids are letters, digits, '-', '_' and '.'"));
                 }
                 id = Some(v.to_string());
@@ -246,7 +254,13 @@ pub fn parse(s: &str) -> Result<MemoryObject, ObjectError> {
                     "preferred" => PolicyKind::Preferred,
                     "bind" => PolicyKind::Bind,
                     "interleave" => PolicyKind::Interleave,
-                    _ => return Err(invalid(k, v, "expected default, preferred, bind or interleave")),
+                    _ => {
+                        return Err(invalid(
+                            k,
+                            v,
+                            "expected default, preferred, bind or interleave",
+                        ))
+                    }
                 }
             }
             "mmap" => mmap = parse_bool(k, v)?,
@@ -313,7 +327,11 @@ pub fn parse(s: &str) -> Result<MemoryObject, ObjectError> {
     nodes.dedup();
     match (policy, nodes.is_empty()) {
         (PolicyKind::Default, false) => {
-            return Err(invalid("host-nodes", "", "policy=default takes no host-nodes"))
+            return Err(invalid(
+                "host-nodes",
+                "",
+                "policy=default takes no host-nodes",
+            ))
         }
         (PolicyKind::Bind | PolicyKind::Interleave | PolicyKind::Preferred, true) => {
             return Err(invalid("policy", "", "this policy needs host-nodes"))
@@ -365,7 +383,10 @@ mod tests {
 
     #[test]
     fn parses_guest_memfd_object() {
-        let o = parse("memory-backend-guest-memfd,id=ram0,size=1G,prealloc=on,host-nodes=0,policy=bind").unwrap();
+        let o = parse(
+            "memory-backend-guest-memfd,id=ram0,size=1G,prealloc=on,host-nodes=0,policy=bind",
+        )
+        .unwrap();
         assert_eq!(o.id, "ram0");
         assert_eq!(o.size, 1 << 30);
         assert!(o.prealloc);
@@ -377,7 +398,10 @@ mod tests {
 
     #[test]
     fn parses_memfd_object_with_hugetlb() {
-        let o = parse("memory-backend-memfd,id=m,size=4M,share=on,guest-memfd=on,hugetlb=on,hugetlbsize=2M").unwrap();
+        let o = parse(
+            "memory-backend-memfd,id=m,size=4M,share=on,guest-memfd=on,hugetlb=on,hugetlbsize=2M",
+        )
+        .unwrap();
         assert_eq!(o.source, Source::HugeTlb(2 << 20));
         assert_eq!(parse(&o.to_string()).unwrap(), o);
     }
@@ -396,25 +420,55 @@ mod tests {
     #[test]
     fn errors_name_the_property() {
         assert_eq!(parse(""), Err(ObjectError::MissingType));
-        assert_eq!(parse("memory-backend-file,id=a,size=4K"), Err(ObjectError::UnknownType("memory-backend-file".into())));
+        assert_eq!(
+            parse("memory-backend-file,id=a,size=4K"),
+            Err(ObjectError::UnknownType("memory-backend-file".into()))
+        );
         assert_eq!(
             parse("memory-backend-guest-memfd,id=a,size=4K,colour=red"),
-            Err(ObjectError::UnknownProperty { ty: "memory-backend-guest-memfd".into(), prop: "colour".into() })
+            Err(ObjectError::UnknownProperty {
+                ty: "memory-backend-guest-memfd".into(),
+                prop: "colour".into()
+            })
         );
-        assert_eq!(parse("memory-backend-guest-memfd,size=4K"), Err(ObjectError::Missing("id")));
-        assert_eq!(parse("memory-backend-guest-memfd,id=a,id=b,size=4K"), Err(ObjectError::Duplicate("id".into())));
-        assert!(matches!(parse("memory-backend-guest-memfd,id=a,size=4097"), Err(ObjectError::Invalid { prop, .. }) if prop == "size"));
-        assert!(matches!(parse("memory-backend-guest-memfd,id=a,size=4K,policy=odd"), Err(ObjectError::Invalid { prop, .. }) if prop == "policy"));
-        assert!(matches!(parse("memory-backend-memfd,id=a,size=4K,share=off,guest-memfd=on"), Err(ObjectError::Invalid { prop, .. }) if prop == "share"));
-        assert!(matches!(parse("memory-backend-memfd,id=a,size=4K,share=on"), Err(ObjectError::Invalid { prop, .. }) if prop == "guest-memfd"));
-        assert!(matches!(parse("memory-backend-guest-memfd,id=a,size=4K,host-nodes=3-1,policy=bind"), Err(ObjectError::Invalid { prop, .. }) if prop == "host-nodes"));
-        assert_eq!(parse("memory-backend-guest-memfd,id=a,size=4K,bogus"), Err(ObjectError::Malformed("bogus".into())));
-        assert!(matches!(parse("memory-backend-guest-memfd,id=a,,b,size=4K"), Err(ObjectError::Invalid { prop, .. }) if prop == "id"));
+        assert_eq!(
+            parse("memory-backend-guest-memfd,size=4K"),
+            Err(ObjectError::Missing("id"))
+        );
+        assert_eq!(
+            parse("memory-backend-guest-memfd,id=a,id=b,size=4K"),
+            Err(ObjectError::Duplicate("id".into()))
+        );
+        assert!(
+            matches!(parse("memory-backend-guest-memfd,id=a,size=4097"), Err(ObjectError::Invalid { prop, .. }) if prop == "size")
+        );
+        assert!(
+            matches!(parse("memory-backend-guest-memfd,id=a,size=4K,policy=odd"), Err(ObjectError::Invalid { prop, .. }) if prop == "policy")
+        );
+        assert!(
+            matches!(parse("memory-backend-memfd,id=a,size=4K,share=off,guest-memfd=on"), Err(ObjectError::Invalid { prop, .. }) if prop == "share")
+        );
+        assert!(
+            matches!(parse("memory-backend-memfd,id=a,size=4K,share=on"), Err(ObjectError::Invalid { prop, .. }) if prop == "guest-memfd")
+        );
+        assert!(
+            matches!(parse("memory-backend-guest-memfd,id=a,size=4K,host-nodes=3-1,policy=bind"), Err(ObjectError::Invalid { prop, .. }) if prop == "host-nodes")
+        );
+        assert_eq!(
+            parse("memory-backend-guest-memfd,id=a,size=4K,bogus"),
+            Err(ObjectError::Malformed("bogus".into()))
+        );
+        assert!(
+            matches!(parse("memory-backend-guest-memfd,id=a,,b,size=4K"), Err(ObjectError::Invalid { prop, .. }) if prop == "id")
+        );
     }
 
     #[test]
     fn repeated_host_nodes_accumulate() {
-        let o = parse("memory-backend-guest-memfd,id=a,size=8K,host-nodes=0-1,host-nodes=3,policy=interleave").unwrap();
+        let o = parse(
+            "memory-backend-guest-memfd,id=a,size=8K,host-nodes=0-1,host-nodes=3,policy=interleave",
+        )
+        .unwrap();
         assert_eq!(o.host_nodes, vec![0, 1, 3]);
     }
 }

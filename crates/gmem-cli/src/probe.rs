@@ -22,7 +22,9 @@ pub struct HostReport {
 }
 
 fn read(p: &str) -> String {
-    fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
+    fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn hugetlb() -> Vec<(u64, u64, u64)> {
@@ -78,7 +80,10 @@ pub fn run(json: bool) -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => format!("no ({e})"),
     };
     println!("kernel                 {}", r.kernel);
-    println!("host-view enforcement  {} (userfaultfd poison markers)", ok(&r.uffd_poison));
+    println!(
+        "host-view enforcement  {} (userfaultfd poison markers)",
+        ok(&r.uffd_poison)
+    );
     println!("/dev/kvm               {}", ok(&r.kvm));
     for (kb, total, free) in &r.hugetlb {
         println!("hugetlb {:>8} KiB   {total} pages, {free} free", kb);

@@ -84,9 +84,11 @@ impl Inner {
                 offset: (p * PAGE_SIZE).max(r.start),
             });
         }
-        self.refs.get(first, end).map_err(|p| AccessError::TooManyRefs {
-            offset: p * PAGE_SIZE,
-        })
+        self.refs
+            .get(first, end)
+            .map_err(|p| AccessError::TooManyRefs {
+                offset: p * PAGE_SIZE,
+            })
     }
 
     pub(crate) fn drop_refs(&self, r: ByteRange) {
@@ -115,23 +117,28 @@ impl Inner {
 pub(crate) fn copy_out(map: &Mapping, r: ByteRange, buf: &mut [u8]) {
     let Ok(off) = to_usize(r.start) else { return };
     debug_assert!(off + buf.len() <= map.len());
+    let src = map.as_ptr().wrapping_add(off);
     // SAFETY: `[off, off + len)` is inside the live mapping (the range was checked against the
     // file size, which the mapping covers) and does not overlap `buf`. The memory may change
     // under the copy (the guest runs concurrently); it is copied as plain bytes.
-    unsafe { std::ptr::copy_nonoverlapping(map.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+    unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
 }
 
 /// Copies `buf` into gmem's mapping at `r`.
 pub(crate) fn copy_in(map: &Mapping, r: ByteRange, buf: &[u8]) {
     let Ok(off) = to_usize(r.start) else { return };
     debug_assert!(off + buf.len() <= map.len());
+    let dst = map.as_ptr().wrapping_add(off);
     // SAFETY: as in `copy_out`, with the copy going the other way.
-    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), map.as_ptr().add(off), buf.len()) };
+    unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, buf.len()) };
 }
 
 impl GuestMemfd {
     fn byte_range(&self, offset: u64, len: usize) -> Result<ByteRange, AccessError> {
-        let len = u64::try_from(len).map_err(|_| RangeError::Overflow { offset, len: u64::MAX })?;
+        let len = u64::try_from(len).map_err(|_| RangeError::Overflow {
+            offset,
+            len: u64::MAX,
+        })?;
         Ok(ByteRange::checked(offset, len, 1, self.inner.size)?)
     }
 
@@ -202,7 +209,10 @@ impl Pin {
     }
 
     fn sub(&self, at: u64, len: usize) -> Result<ByteRange, AccessError> {
-        let len = u64::try_from(len).map_err(|_| RangeError::Overflow { offset: at, len: u64::MAX })?;
+        let len = u64::try_from(len).map_err(|_| RangeError::Overflow {
+            offset: at,
+            len: u64::MAX,
+        })?;
         let r = ByteRange::checked(at, len, 1, self.range.len())?;
         Ok(ByteRange {
             start: self.range.start + r.start,

@@ -5,7 +5,6 @@
 //! same few bytes whatever its size, and every operation costs `O(log runs)` plus the runs it
 //! touches.
 
-
 /// Whether the host may reach a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Attr {
@@ -114,7 +113,10 @@ impl RunMap {
     /// Position of the last boundary `<= page`: (chunk, key index), or `None` before any.
     fn locate(&self, page: u64) -> Option<(usize, usize)> {
         let c = self.index.partition_point(|&k| k <= page).checked_sub(1)?;
-        let i = self.chunks[c].keys.partition_point(|&k| k <= page).checked_sub(1)?;
+        let i = self.chunks[c]
+            .keys
+            .partition_point(|&k| k <= page)
+            .checked_sub(1)?;
         Some((c, i))
     }
 
@@ -158,7 +160,9 @@ impl RunMap {
 
     /// The first page in `[start, end)` whose attribute is `attr`, if any.
     pub fn first(&self, start: u64, end: u64, attr: Attr) -> Option<u64> {
-        self.runs(start, end).find(|r| r.attr == attr).map(|r| r.start)
+        self.runs(start, end)
+            .find(|r| r.attr == attr)
+            .map(|r| r.start)
     }
 
     /// The runs overlapping `[start, end)`, clipped to it, in order.
@@ -324,11 +328,15 @@ impl Iterator for RunIter<'_> {
 }
 
 #[cfg(test)]
+// Page numbers in these tests are small; indexing the per-page model with them cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 
     fn runs(m: &RunMap) -> Vec<(u64, u64, Attr)> {
-        m.runs(0, m.pages()).map(|r| (r.start, r.end, r.attr)).collect()
+        m.runs(0, m.pages())
+            .map(|r| (r.start, r.end, r.attr))
+            .collect()
     }
 
     #[test]
@@ -375,9 +383,17 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let a = x % N;
-            let len = if x & 2 == 0 { 1 + (x >> 8) % 4 } else { 1 + (x >> 8) % (N - a) };
+            let len = if x & 2 == 0 {
+                1 + (x >> 8) % 4
+            } else {
+                1 + (x >> 8) % (N - a)
+            };
             let b = (a + len).min(N);
-            let attr = if x & 1 == 0 { Attr::Shared } else { Attr::Private };
+            let attr = if x & 1 == 0 {
+                Attr::Shared
+            } else {
+                Attr::Private
+            };
             m.set(a, b, attr);
             for p in a..b {
                 model[usize::try_from(p).unwrap()] = attr;
@@ -394,7 +410,11 @@ mod tests {
                 while e0 < model.len() && model[e0] == *want {
                     e0 += 1;
                 }
-                assert_eq!((run.start, run.end, run.attr), (s0 as u64, e0 as u64, *want), "run_at({p})");
+                assert_eq!(
+                    (run.start, run.end, run.attr),
+                    (s0 as u64, e0 as u64, *want),
+                    "run_at({p})"
+                );
             }
             for q in [a, b.saturating_sub(1), (a + b) / 2] {
                 let q = q.min(N - 1);
@@ -402,7 +422,10 @@ mod tests {
                     for at in [Attr::Shared, Attr::Private] {
                         let want = model[q as usize..e as usize].iter().all(|x| *x == at);
                         assert_eq!(m.all(q, e, at), want, "all({q},{e},{at:?})");
-                        let wf = model[q as usize..e as usize].iter().position(|x| *x == at).map(|i| q + i as u64);
+                        let wf = model[q as usize..e as usize]
+                            .iter()
+                            .position(|x| *x == at)
+                            .map(|i| q + i as u64);
                         assert_eq!(m.first(q, e, at), wf, "first({q},{e},{at:?})");
                     }
                 }
@@ -448,7 +471,13 @@ mod replay {
         for (off, sz) in [(0u64, 1u64), (0, 512), (1, 1), (1, 512), (512, 1)] {
             for t in 0..4u64 {
                 let base = t * 1024;
-                set(&mut m, base + off, base + off + sz, Attr::Private, "to private");
+                set(
+                    &mut m,
+                    base + off,
+                    base + off + sz,
+                    Attr::Private,
+                    "to private",
+                );
             }
             for j in (1..sz).step_by(2) {
                 for t in 0..4u64 {

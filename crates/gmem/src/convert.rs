@@ -126,18 +126,19 @@ impl GuestMemfd {
         // A live-update hand-over freezes the file: wait for it to end; once the file is
         // handed over, this process no longer owns it (`EPERM`).
         let mut ctl = inner.freeze.lock_control(inner)?;
-        if inner.attrs_read().all(r.start / PAGE_SIZE, r.end / PAGE_SIZE, to) {
+        if inner
+            .attrs_read()
+            .all(r.start / PAGE_SIZE, r.end / PAGE_SIZE, to)
+        {
             return Ok(());
         }
-        let conv = Conversion {
-            offset,
-            len,
-            to,
-        };
-        ctl.listeners.prepare(&conv).map_err(|v| ConvertError::Vetoed {
-            offset: v.offset,
-            reason: v.reason,
-        })?;
+        let conv = Conversion { offset, len, to };
+        ctl.listeners
+            .prepare(&conv)
+            .map_err(|v| ConvertError::Vetoed {
+                offset: v.offset,
+                reason: v.reason,
+            })?;
         let res = match (&inner.restructure, to) {
             (Some(rs), _) => crate::restructure::step::convert(inner, rs, &mut ctl, r, to),
             (None, Attr::Private) => to_private(inner, &mut ctl, r),
@@ -164,7 +165,12 @@ impl GuestMemfd {
 }
 
 /// Sets `r` to `to` under the write lock, returning the runs it replaced.
-fn set_attrs(inner: &Inner, r: ByteRange, to: Attr, check_refs: bool) -> Result<Vec<Run>, ConvertError> {
+fn set_attrs(
+    inner: &Inner,
+    r: ByteRange,
+    to: Attr,
+    check_refs: bool,
+) -> Result<Vec<Run>, ConvertError> {
     let (first, end) = (r.start / PAGE_SIZE, r.end / PAGE_SIZE);
     let mut attrs = inner.attrs_write();
     if check_refs {
@@ -266,7 +272,11 @@ pub(crate) fn restore_local(
     Ok(())
 }
 
-pub(crate) fn to_private(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), ConvertError> {
+pub(crate) fn to_private(
+    inner: &Inner,
+    ctl: &mut Control,
+    r: ByteRange,
+) -> Result<(), ConvertError> {
     let old = revoke_local(inner, &mut ctl.views, r)?;
     if let Err(e) = ctl.peers.revoke(r) {
         undo_revoke(inner, &mut ctl.views, &old);
@@ -275,7 +285,11 @@ pub(crate) fn to_private(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Resu
     Ok(())
 }
 
-pub(crate) fn to_shared(inner: &Inner, ctl: &mut Control, r: ByteRange) -> Result<(), ConvertError> {
+pub(crate) fn to_shared(
+    inner: &Inner,
+    ctl: &mut Control,
+    r: ByteRange,
+) -> Result<(), ConvertError> {
     restore_local(inner, &mut ctl.views, r)?;
     ctl.peers.restore(r);
     Ok(())

@@ -215,12 +215,17 @@ impl PeerSet {
             return;
         }
         for part in parts {
-            links.retain(|l| !matches!(self.call(l.as_fd(), OP_RESTORE, part), Err(_)));
+            links.retain(|l| self.call(l.as_fd(), OP_RESTORE, part).is_ok());
         }
     }
 
     /// Sends one request and waits for its reply. `Err` means the follower is gone.
-    fn call(&self, sock: BorrowedFd<'_>, op: u32, r: ByteRange) -> Result<Option<ConvertError>, ()> {
+    fn call(
+        &self,
+        sock: BorrowedFd<'_>,
+        op: u32,
+        r: ByteRange,
+    ) -> Result<Option<ConvertError>, ()> {
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut msg = [0u8; MSG_LEN];
         msg[0..4].copy_from_slice(&op.to_le_bytes());
@@ -270,7 +275,11 @@ fn decode_reply(b: &[u8; MSG_LEN]) -> (u32, i32, u64) {
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let mut off = [0u8; 8];
     off.copy_from_slice(&b[8..16]);
-    (u32_at(0), i32::from_le_bytes(u32_at(4).to_le_bytes()), u64::from_le_bytes(off))
+    (
+        u32_at(0),
+        i32::from_le_bytes(u32_at(4).to_le_bytes()),
+        u64::from_le_bytes(off),
+    )
 }
 
 /// A descriptor received from another process, with the kind and block size it announced.
@@ -353,8 +362,13 @@ impl GuestMemfd {
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut anc = SendAncillaryBuffer::new(&mut space);
         anc.push(SendAncillaryMessage::ScmRights(&fds));
-        sendmsg(mine.as_fd(), &[IoSlice::new(&hello)], &mut anc, SendFlags::NOSIGNAL)
-            .map_err(os("sendmsg"))?;
+        sendmsg(
+            mine.as_fd(),
+            &[IoSlice::new(&hello)],
+            &mut anc,
+            SendFlags::NOSIGNAL,
+        )
+        .map_err(os("sendmsg"))?;
         if let Some(rs) = inner.restructure.as_ref() {
             // Huge pages split now: the follower maps their pieces before any later request.
             for h in rs.split_in(0, u64::MAX) {
@@ -393,24 +407,13 @@ impl GuestMemfd {
         if msg.bytes != HELLO_LEN || !(2..=3).contains(&fds.len()) {
             return Err(PeerError::Protocol("short hello or missing descriptors"));
         }
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&hello[i..i + 8]);
-            u64::from_le_bytes(b)
-        };
-        if hello[0..4] != MAGIC.to_le_bytes() {
-            return Err(PeerError::Protocol("bad magic"));
-        }
-        let kind = match (hello[4], word(32)) {
-            (0, _) => BackingKind::Shmem,
-            (1, sz) if sz.is_power_of_two() && sz >= PAGE_SIZE => BackingKind::HugeTlb(sz),
-            (2, _) => BackingKind::KernelGuestMemfd,
-            _ => return Err(PeerError::Protocol("unknown backing kind")),
-        };
-        let (size, flags, block, runs) = (word(8), Flags::from_bits_retain(word(16)), word(24), word(40));
-        if size == 0 || size % PAGE_SIZE != 0 || !block.is_power_of_two() || runs == 0 || runs > MAX_RUNS {
-            return Err(PeerError::Protocol("bad size, block size or run count"));
-        }
+        let Hello {
+            kind,
+            size,
+            flags,
+            block,
+            runs,
+        } = parse_hello(&hello)?;
         let mut fds = fds.into_iter();
         let (Some(mem), Some(runs_fd)) = (fds.next(), fds.next()) else {
             return Err(PeerError::Protocol("missing descriptors"));
@@ -428,7 +431,10 @@ impl GuestMemfd {
         std::thread::Builder::new()
             .name("gmem-peer".into())
             .spawn(move || serve(sock, weak))
-            .map_err(|source| PeerError::Os { op: "spawn", source })?;
+            .map_err(|source| PeerError::Os {
+                op: "spawn",
+                source,
+            })?;
         Ok(file)
     }
 }
@@ -459,7 +465,9 @@ fn write_runs(attrs: &RunMap) -> Result<OwnedFd, PeerError> {
 /// alternating attributes, all below `pages`.
 fn read_runs(f: BorrowedFd<'_>, runs: u64, pages: u64) -> Result<RunMap, PeerError> {
     let io = |op| move |source| PeerError::Os { op, source };
-    let bytes = runs.checked_mul(8).ok_or(PeerError::Protocol("run count overflows"))?;
+    let bytes = runs
+        .checked_mul(8)
+        .ok_or(PeerError::Protocol("run count overflows"))?;
     let (st_size, _) = {
         let st = fd::fstat(f).map_err(io("fstat"))?;
         (u64::try_from(st.st_size).unwrap_or(0), ())
@@ -467,17 +475,97 @@ fn read_runs(f: BorrowedFd<'_>, runs: u64, pages: u64) -> Result<RunMap, PeerErr
     if st_size != bytes {
         return Err(PeerError::Protocol("run table size does not match"));
     }
-    let map = Mapping::map(Some(f), 0, to_usize(bytes).map_err(io("size"))?, libc::MAP_SHARED, libc::PROT_READ)
-        .map_err(io("mmap"))?;
+    let map = Mapping::map(
+        Some(f),
+        0,
+        to_usize(bytes).map_err(io("size"))?,
+        libc::MAP_SHARED,
+        libc::PROT_READ,
+    )
+    .map_err(io("mmap"))?;
     let mut table = vec![0u8; map.len()];
-    crate::access::copy_out(&map, ByteRange { start: 0, end: bytes }, &mut table);
+    crate::access::copy_out(
+        &map,
+        ByteRange {
+            start: 0,
+            end: bytes,
+        },
+        &mut table,
+    );
+    parse_runs(&table, pages)
+}
+
+/// What a hello packet announces, as [`parse_hello`] validated it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Backing kind (with the huge page size for HugeTLB).
+    pub kind: BackingKind,
+    /// File size in bytes: non-zero, page aligned.
+    pub size: u64,
+    /// Creation flags, unknown bits kept (file creation refuses them).
+    pub flags: Flags,
+    /// Block size: a power of two.
+    pub block: u64,
+    /// Number of runs in the run table: at least one, at most one per page.
+    pub runs: u64,
+}
+
+/// Parses a hello packet: bytes received from another process, so untrusted. Never panics.
+pub fn parse_hello(hello: &[u8]) -> Result<Hello, PeerError> {
+    if hello.len() != HELLO_LEN {
+        return Err(PeerError::Protocol("short hello or missing descriptors"));
+    }
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&hello[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    if hello[0..4] != MAGIC.to_le_bytes() {
+        return Err(PeerError::Protocol("bad magic"));
+    }
+    let kind = match (hello[4], word(32)) {
+        (0, _) => BackingKind::Shmem,
+        (1, sz) if sz.is_power_of_two() && sz >= PAGE_SIZE => BackingKind::HugeTlb(sz),
+        (2, _) => BackingKind::KernelGuestMemfd,
+        _ => return Err(PeerError::Protocol("unknown backing kind")),
+    };
+    let (size, flags, block, runs) = (word(8), Flags::from_bits_retain(word(16)), word(24), word(40));
+    if size == 0 || size % PAGE_SIZE != 0 || !block.is_power_of_two() || runs == 0 || runs > MAX_RUNS {
+        return Err(PeerError::Protocol("bad size, block size or run count"));
+    }
+    if runs > size / PAGE_SIZE {
+        return Err(PeerError::Protocol("more runs than pages"));
+    }
+    Ok(Hello {
+        kind,
+        size,
+        flags,
+        block,
+        runs,
+    })
+}
+
+/// Parses a run table (`(start_page << 1) | private` little-endian words) for a file of
+/// `pages` pages: strictly increasing starts, the first at page 0, alternating attributes, all
+/// below `pages`. Untrusted input; never panics.
+pub fn parse_runs(table: &[u8], pages: u64) -> Result<RunMap, PeerError> {
+    if table.len() % 8 != 0 {
+        return Err(PeerError::Protocol("run table size does not match"));
+    }
     let mut result: Option<RunMap> = None;
     let mut prev: Option<(u64, Attr)> = None;
     for chunk in table.chunks_exact(8) {
         let mut w = [0u8; 8];
         w.copy_from_slice(chunk);
         let word = u64::from_le_bytes(w);
-        let (start, attr) = (word >> 1, if word & 1 == 1 { Attr::Private } else { Attr::Shared });
+        let (start, attr) = (
+            word >> 1,
+            if word & 1 == 1 {
+                Attr::Private
+            } else {
+                Attr::Shared
+            },
+        );
         match prev {
             None if start != 0 => return Err(PeerError::Protocol("first run does not start at 0")),
             Some((p, a)) if start <= p || a == attr => {
@@ -528,7 +616,12 @@ fn decode_request(b: &[u8; MSG_LEN]) -> (u32, u32, u64, u64) {
     let (op, seq, offset) = decode_reply(b);
     let mut len = [0u8; 8];
     len.copy_from_slice(&b[16..24]);
-    (op, u32::from_le_bytes(seq.to_le_bytes()), offset, u64::from_le_bytes(len))
+    (
+        op,
+        u32::from_le_bytes(seq.to_le_bytes()),
+        offset,
+        u64::from_le_bytes(len),
+    )
 }
 
 /// Applies one request locally; returns (errno, offset), `(0, 0)` on success.

@@ -61,7 +61,8 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let addr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let addr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         Ok(Mapping { addr, len })
     }
 
@@ -121,8 +122,9 @@ impl Mapping {
             .filter(|&e| e <= self.len)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         debug_assert!(end <= self.len);
+        let at = self.as_ptr().wrapping_add(offset);
         // SAFETY: the range lies inside this mapping; madvise does not create Rust references.
-        cvt(unsafe { libc::madvise(self.as_ptr().add(offset).cast(), len, advice) }).map(drop)
+        cvt(unsafe { libc::madvise(at.cast(), len, advice) }).map(drop)
     }
 
     /// Replaces `[offset, offset + len)` of this mapping with `MAP_SHARED | MAP_FIXED` of `fd`
@@ -160,7 +162,11 @@ impl Mapping {
     /// `mbind(2)` the whole mapping with `mode` and the node mask `nodes` (bit n = node n).
     pub fn mbind(&self, mode: libc::c_int, nodes: &[libc::c_ulong], flags: u32) -> io::Result<()> {
         let maxnode = nodes.len() * libc::c_ulong::BITS as usize + 1;
-        let mask = if nodes.is_empty() { std::ptr::null() } else { nodes.as_ptr() };
+        let mask = if nodes.is_empty() {
+            std::ptr::null()
+        } else {
+            nodes.as_ptr()
+        };
         // SAFETY: the range is this mapping; `mask` is valid for `maxnode - 1` bits or null.
         let ret = unsafe {
             libc::syscall(
@@ -186,7 +192,12 @@ impl Drop for Mapping {
         // SAFETY: this value owns the region; nothing borrows it past drop.
         let ret = unsafe { libc::munmap(self.as_ptr().cast(), self.len) };
         if ret != 0 {
-            tracing::error!(addr = self.addr(), len = self.len, "munmap failed: {}", io::Error::last_os_error());
+            tracing::error!(
+                addr = self.addr(),
+                len = self.len,
+                "munmap failed: {}",
+                io::Error::last_os_error()
+            );
         }
     }
 }

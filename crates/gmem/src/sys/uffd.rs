@@ -77,7 +77,8 @@ impl Uffd {
     /// older than 6.6 (no `UFFD_FEATURE_POISON`).
     pub fn new() -> io::Result<Self> {
         // SAFETY: plain syscall with integer flags.
-        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         let raw = libc::c_int::try_from(raw).map_err(|_| io::Error::last_os_error())?;
         let raw = cvt(raw)?;
         // SAFETY: `raw` is a fresh descriptor owned by nobody else.
