@@ -529,8 +529,18 @@ pub fn parse_hello(hello: &[u8]) -> Result<Hello, PeerError> {
         (2, _) => BackingKind::KernelGuestMemfd,
         _ => return Err(PeerError::Protocol("unknown backing kind")),
     };
-    let (size, flags, block, runs) = (word(8), Flags::from_bits_retain(word(16)), word(24), word(40));
-    if size == 0 || size % PAGE_SIZE != 0 || !block.is_power_of_two() || runs == 0 || runs > MAX_RUNS {
+    let (size, flags, block, runs) = (
+        word(8),
+        Flags::from_bits_retain(word(16)),
+        word(24),
+        word(40),
+    );
+    if size == 0
+        || size % PAGE_SIZE != 0
+        || !block.is_power_of_two()
+        || runs == 0
+        || runs > MAX_RUNS
+    {
         return Err(PeerError::Protocol("bad size, block size or run count"));
     }
     if runs > size / PAGE_SIZE {
