@@ -197,6 +197,14 @@ impl GuestMemfd {
         let page = offset / PAGE_SIZE;
         let at = page * PAGE_SIZE;
         let mut ctl = inner.control();
+        // Handed over by a live update: the new owner records poison now (`EPERM`), and a
+        // split here would write into pieces the new owner uses.
+        if inner.freeze.phase() == crate::preserve::Phase::Released {
+            return Err(PoisonError::Os {
+                offset: at,
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            });
+        }
         if inner.poison.any_in(page, page + 1) {
             return Ok(());
         }

@@ -77,8 +77,9 @@ fn die_hook(die: Option<Step>) -> Options {
     Options {
         on_step: Some(Arc::new(move |s| {
             if Some(s) == die {
-                // SAFETY: plain syscalls; SIGKILL ends this process on the spot.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                let me = std::process::id() as libc::pid_t;
+                // SAFETY: plain syscall; SIGKILL ends this process on the spot.
+                unsafe { libc::kill(me, libc::SIGKILL) };
             }
         })),
         ..Options::default()

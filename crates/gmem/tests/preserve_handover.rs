@@ -164,65 +164,82 @@ fn handover_carries_numa_policy_and_poison() {
     );
 }
 
-#[test]
-fn hugetlb_files_are_refused_before_anything_is_sent() {
-    let Ok(_pool) = gmem::PoolGuard::grow(gmem::HUGE_2M, 1) else {
-        eprintln!("skipped: cannot reserve a 2 MiB huge page");
-        return;
-    };
-    let mem = match GuestMemfd::builder(2 << 20)
-        .flags(Flags::MMAP | Flags::INIT_SHARED)
-        .backing(gmem::BackingChoice::HugeTlb(gmem::HUGE_2M))
-        .create()
-    {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("skipped: HugeTLB file: {e}");
-            return;
-        }
-    };
-    let (a, b) = pair();
-    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap_err();
-    assert_eq!(e.errno(), libc::EOPNOTSUPP);
-    // Nothing was sent, nothing stayed frozen.
-    let mut buf = [0u8; 32];
-    assert_eq!(
-        rustix::net::recv(&b, &mut buf, rustix::net::RecvFlags::DONTWAIT).unwrap_err(),
-        rustix::io::Errno::AGAIN
-    );
-    mem.convert(0, P, Attr::Private).unwrap();
+fn page_crcs(mem: &GuestMemfd) -> Vec<u32> {
+    let g = mem.guest();
+    let mut page = vec![0u8; P as usize];
+    (0..mem.size() / P)
+        .map(|p| {
+            g.read(p * P, &mut page).unwrap();
+            crc32c(&page)
+        })
+        .collect()
 }
 
 #[test]
-fn poison_arriving_during_the_freeze_aborts_the_handover() {
-    let mem = build();
-    let shared = first_shared(&mem);
-    let (a, b) = pair();
-    let m2 = mem.clone();
-    let hook = move |s: Step| {
-        if s == Step::AcceptReceived {
-            m2.inject_poison(shared).unwrap();
-        }
+fn hugetlb_handover_keeps_split_pages_and_pending_merges() {
+    const M2: u64 = gmem::HUGE_2M;
+    let Ok(_pool) = gmem::PoolGuard::grow(M2, 3) else {
+        eprintln!("skipped: cannot reserve three 2 MiB huge pages");
+        return;
     };
-    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
-    let opts = Options {
-        on_step: Some(Arc::new(hook)),
-        ..Options::default()
-    };
-    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).unwrap_err();
-    assert_eq!(e.errno(), libc::EBUSY, "{e:?}");
-    let e = t.join().unwrap().unwrap_err();
-    assert!(matches!(e, HandoverError::Aborted), "{e:?}");
-    assert_eq!(e.errno(), libc::ECANCELED);
-    // The old owner keeps the file, poison included, and can hand it over again.
-    assert!(mem.is_poisoned(shared));
+    let mem = GuestMemfd::builder(3 * M2)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(gmem::BackingChoice::HugeTlb(M2))
+        .create()
+        .unwrap();
+    let g = mem.guest();
+    for p in 0..3 * M2 / P {
+        g.write(p * P, &[(p % 251) as u8 + 1; 64]).unwrap();
+    }
+    // Huge page 1 split (one private page); huge page 2 uniform again but held by a pin on
+    // one of its pieces, so it waits to merge.
+    mem.convert(M2 + 5 * P, P, Attr::Private).unwrap();
+    let pin = mem.pin(2 * M2, P).unwrap();
+    mem.convert(2 * M2 + 7 * P, P, Attr::Private).unwrap();
+    mem.convert(2 * M2 + 7 * P, P, Attr::Shared).unwrap();
+    let acct = mem.hugetlb_accounting().unwrap();
+    assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (2, 1));
+    let before = digest(&mem);
     let (a, b) = pair();
     let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
-    hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap();
+    let offer = FileOffer::new(&mem).pin(&pin, 1);
+    hand_over(a.as_fd(), &[offer], &Options::default()).unwrap();
+    let mut got = t.join().unwrap().unwrap();
+    let f = got.files.remove(0);
+    use gmem::preserve::{RestructureKind, Restructured};
     assert_eq!(
-        t.join().unwrap().unwrap().files[0].mem.poisoned_pages(),
-        vec![shared]
+        f.state.restructure,
+        vec![
+            Restructured {
+                offset: M2,
+                len: M2,
+                kind: RestructureKind::Split
+            },
+            Restructured {
+                offset: 2 * M2,
+                len: M2,
+                kind: RestructureKind::PendingMerge
+            },
+        ]
     );
+    assert_eq!(f.mem.backing_kind(), gmem::BackingKind::HugeTlb(M2));
+    assert_eq!(digest(&f.mem), before);
+    let nacct = f.mem.hugetlb_accounting().unwrap();
+    assert_eq!((nacct.split_pages(), nacct.waiting_to_merge()), (2, 1));
+    // The old owner lets go of everything: nothing merges there any more.
+    drop(pin);
+    assert_eq!(acct.split_pages(), 2);
+    drop(mem);
+    assert_eq!(digest(&f.mem), before);
+    // The new owner's re-established pin is the last one: dropping it merges huge page 2.
+    let crcs = page_crcs(&f.mem);
+    drop(f.pins);
+    assert_eq!((nacct.split_pages(), nacct.waiting_to_merge()), (1, 0));
+    // Converting the private page back merges huge page 1; contents stay.
+    f.mem.convert(M2 + 5 * P, P, Attr::Shared).unwrap();
+    assert_eq!(nacct.split_pages(), 0);
+    assert_eq!(page_crcs(&f.mem), crcs);
+    assert_eq!(f.mem.run_count(), 1);
 }
 
 #[test]

@@ -155,14 +155,6 @@ pub enum HandoverError {
         /// Why.
         what: &'static str,
     },
-    /// A file of a kind the hand-over cannot carry (`EOPNOTSUPP`). `file` is its index.
-    #[error("file {file}: {what}")]
-    Unsupported {
-        /// Index of the file.
-        file: usize,
-        /// Why.
-        what: &'static str,
-    },
     /// Restoring part of a file's state in the new owner failed with `errno`.
     #[error("file {file}: restoring the {what} failed (errno {errno})")]
     Restore {
@@ -198,7 +190,6 @@ impl HandoverError {
             HandoverError::Aborted => libc::ECANCELED,
             HandoverError::Timeout { .. } => libc::ETIMEDOUT,
             HandoverError::Busy { .. } => libc::EBUSY,
-            HandoverError::Unsupported { .. } => libc::EOPNOTSUPP,
             HandoverError::Restore { errno, .. } => *errno,
             HandoverError::Create(e) => e.errno(),
             HandoverError::Access(e) => e.errno(),

@@ -55,6 +55,7 @@ use rustix::net::{
 
 use crate::access::Pin;
 use crate::attr::{Attr, RunMap};
+use crate::backing::hugetlb::HugeTlb;
 use crate::backing::{Backing, BackingKind};
 use crate::file::{FileId, GuestMemfd};
 use crate::flags::Flags;
@@ -392,9 +393,10 @@ fn recv(sock: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<Got, Handover
 /// unless they were handed over.
 pub(crate) struct Frozen {
     files: Vec<GuestMemfd>,
-    /// Poisoned pages of each file when the state was written. Poison can arrive during the
-    /// freeze (a memory failure does not wait); it is compared again before `COMMIT`.
-    poison: Vec<Vec<u64>>,
+    /// Poisoned pages and restructuring of each file when the state was written. Poison can
+    /// arrive during the freeze (a memory failure does not wait, and on HugeTLB it splits);
+    /// both are compared again before `COMMIT`.
+    poison: Vec<(Vec<u64>, Vec<Restructured>)>,
     pub state_fd: OwnedFd,
     pub state_len: usize,
     pub crc: u32,
@@ -412,8 +414,15 @@ impl Frozen {
 
     /// The descriptors to send: the state, then each file.
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        // The state, then each file, then the companion file of pieces of each HugeTLB file,
+        // in file order.
         std::iter::once(self.state_fd.as_fd())
             .chain(self.files.iter().map(|f| f.inner.backing.fd()))
+            .chain(
+                self.files
+                    .iter()
+                    .filter_map(|f| f.inner.restructure.as_ref().map(|rs| rs.companion())),
+            )
             .collect()
     }
 
@@ -433,7 +442,7 @@ impl Frozen {
         self.files
             .iter()
             .zip(&self.poison)
-            .position(|(f, p)| f.poisoned_pages() != *p)
+            .position(|(f, (p, r))| f.poisoned_pages() != *p || restructure_of(f) != *r)
     }
 
     fn release(mut self) -> Duration {
@@ -476,12 +485,6 @@ pub(crate) fn freeze(offers: &[FileOffer], generation: u64) -> Result<Frozen, Ha
                 what: "it follows another process",
             });
         }
-        if matches!(inner.backing.kind(), BackingKind::HugeTlb(_)) {
-            return Err(HandoverError::Unsupported {
-                file: i,
-                what: "HugeTLB files cannot be adopted by another process yet",
-            });
-        }
         if frozen
             .files
             .iter()
@@ -507,7 +510,10 @@ pub(crate) fn freeze(offers: &[FileOffer], generation: u64) -> Result<Frozen, Ha
     for o in offers {
         files.push(snapshot(o)?);
     }
-    frozen.poison = files.iter().map(|f: &FileState| f.poison.clone()).collect();
+    frozen.poison = files
+        .iter()
+        .map(|f: &FileState| (f.poison.clone(), f.restructure.clone()))
+        .collect();
     let state = State { generation, files };
     let bytes = state.encode()?;
     write_sealed(frozen.state_fd.as_fd(), &bytes)?;
@@ -540,24 +546,7 @@ fn snapshot(o: &FileOffer) -> Result<FileState, HandoverError> {
         .as_ref()
         .map(NumaRecord::from_policy)
         .unwrap_or_default();
-    let restructure = match inner.restructure.as_ref() {
-        Some(rs) => {
-            let st = rs.state();
-            st.split
-                .iter()
-                .map(|&h| Restructured {
-                    offset: h * rs.page,
-                    len: rs.page,
-                    kind: if st.waiting.contains(&h) {
-                        RestructureKind::PendingMerge
-                    } else {
-                        RestructureKind::Split
-                    },
-                })
-                .collect()
-        }
-        None => Vec::new(),
-    };
+    let restructure = restructure_of(mem);
     Ok(FileState {
         kind: mem.backing_kind(),
         block_size: mem.block_size(),
@@ -572,6 +561,26 @@ fn snapshot(o: &FileOffer) -> Result<FileState, HandoverError> {
         pins: o.pins.clone(),
         vm: o.vm,
     })
+}
+
+/// The split (and waiting-to-merge) huge pages of a HugeTLB file, one record per huge page.
+fn restructure_of(mem: &GuestMemfd) -> Vec<Restructured> {
+    let Some(rs) = mem.inner.restructure.as_ref() else {
+        return Vec::new();
+    };
+    let st = rs.state();
+    st.split
+        .iter()
+        .map(|&h| Restructured {
+            offset: h * rs.page,
+            len: rs.page,
+            kind: if st.waiting.contains(&h) {
+                RestructureKind::PendingMerge
+            } else {
+                RestructureKind::Split
+            },
+        })
+        .collect()
 }
 
 fn write_sealed(f: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), HandoverError> {
@@ -861,11 +870,19 @@ fn verify(
         });
     }
     let state = State::decode(&bytes)?;
-    if state.files.len() != files.len() || usize::try_from(offer.files).ok() != Some(files.len()) {
+    let huge = state
+        .files
+        .iter()
+        .filter(|f| matches!(f.kind, BackingKind::HugeTlb(_)))
+        .count();
+    let n = state.files.len();
+    if files.len() != n + huge || usize::try_from(offer.files).ok() != Some(n) {
         return Err(HandoverError::Protocol {
             what: "file count differs from the descriptors",
         });
     }
+    let mut files = files;
+    let mut companions = files.split_off(n).into_iter();
     let mut ids: Vec<FileId> = Vec::with_capacity(files.len());
     let mut out = Vec::with_capacity(files.len());
     for (i, (fs, f)) in state.files.into_iter().zip(files).enumerate() {
@@ -885,24 +902,34 @@ fn verify(
             return Err(mismatch("the same file twice"));
         }
         ids.push(id);
-        if let BackingKind::HugeTlb(_) = fs.kind {
-            return Err(HandoverError::Unsupported {
-                file: i,
-                what: "HugeTLB files cannot be adopted by another process yet",
-            });
-        }
         let attrs = run_map(&fs.runs, fs.pages());
-        let backing = Adopted {
-            fd: f,
-            kind: fs.kind,
-            block: fs.block_size,
+        let backing: Box<dyn Backing> = match fs.kind {
+            BackingKind::HugeTlb(page) => {
+                if u64::try_from(st.st_blksize).ok() != Some(page) {
+                    return Err(mismatch("huge page size differs from fstat"));
+                }
+                let pieces = companions.next().ok_or(mismatch("no companion file"))?;
+                let pst = fd::fstat(pieces.as_fd()).map_err(io("fstat companion"))?;
+                if u64::try_from(pst.st_size).ok() != Some(fs.size) {
+                    return Err(mismatch("companion size differs from the file's"));
+                }
+                let huge = HugeTlb::adopt(f, fs.size, page).map_err(io("map HugeTLB file"))?;
+                Box::new(AdoptedHuge { huge, pieces })
+            }
+            kind => Box::new(Adopted {
+                fd: f,
+                kind,
+                block: fs.block_size,
+            }),
         };
-        let mem = GuestMemfd::assemble(Box::new(backing), fs.size, fs.flags, Some(attrs), false)?;
+        let mem = GuestMemfd::assemble(backing, fs.size, fs.flags, Some(attrs), false)?;
         let restore = |what, errno| HandoverError::Restore {
             file: i,
             what,
             errno,
         };
+        restore_restructure(&mem, &fs.restructure)
+            .map_err(|e| restore("restructuring", e.errno()))?;
         for &p in &fs.poison {
             mem.inject_poison(p)
                 .map_err(|e| restore("poison", e.errno()))?;
@@ -930,6 +957,62 @@ fn verify(
         generation: state.generation,
         old_owner_gone: false,
     })
+}
+
+/// A HugeTLB file adopted from the old owner, with its companion file of split pieces.
+#[derive(Debug)]
+struct AdoptedHuge {
+    huge: HugeTlb,
+    pieces: OwnedFd,
+}
+
+impl AsFd for AdoptedHuge {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.huge.as_fd()
+    }
+}
+
+impl Backing for AdoptedHuge {
+    fn kind(&self) -> BackingKind {
+        self.huge.kind()
+    }
+    fn block_size(&self) -> u64 {
+        self.huge.page_size()
+    }
+    fn as_hugetlb(&self) -> Option<&HugeTlb> {
+        Some(&self.huge)
+    }
+    fn companion(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.pieces.as_fd())
+    }
+}
+
+/// Maps the pieces of every huge page the old owner had split over its window, and marks the
+/// pages waiting to merge (they merge once their pins are dropped, as in the old owner).
+fn restore_restructure(
+    mem: &GuestMemfd,
+    records: &[Restructured],
+) -> Result<(), crate::ConvertError> {
+    let inner = &mem.inner;
+    let Some(rs) = inner.restructure.as_ref() else {
+        return Ok(());
+    };
+    let mut ctl = inner.control();
+    for r in records {
+        let mut at = r.offset;
+        while at < r.offset + r.len {
+            let range = crate::range::ByteRange {
+                start: at,
+                end: at + rs.page,
+            };
+            crate::restructure::follow(inner, &mut ctl.views, true, range)?;
+            if r.kind == RestructureKind::PendingMerge {
+                rs.set_waiting(at / rs.page, true);
+            }
+            at += rs.page;
+        }
+    }
+    Ok(())
 }
 
 /// Builds the run map from validated runs (starts increasing from 0, below `pages`).

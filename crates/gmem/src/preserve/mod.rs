@@ -19,18 +19,18 @@
 //! | attribute runs | the file's run map, frozen |
 //! | NUMA policy | the policy set with [`GuestMemfd::set_numa_policy`](crate::GuestMemfd::set_numa_policy); applied again by the new owner |
 //! | poison | [`GuestMemfd::poisoned_pages`](crate::GuestMemfd::poisoned_pages); injected again by the new owner |
-//! | restructuring | the split / waiting-to-merge huge pages of a HugeTLB file (see below) |
+//! | restructuring | the split / waiting-to-merge huge pages of a HugeTLB file, with the companion file of pieces as a descriptor |
 //! | bindings, VM link | the VMM, through [`FileOffer`] (memslots belong to the VM, not to the file) |
 //! | pins | the VMM, through [`FileOffer::pin`]; taken again by the new owner, returned in [`RestoredFile::pins`] |
 //!
 //! # Limits
 //!
-//! - HugeTLB files are refused with `EOPNOTSUPP` before anything is frozen or sent. The
-//!   contents of a split huge page live in the file's companion file of pieces, and a split
-//!   page waiting to merge can merge on its own when a pin is dropped, which the freeze does
-//!   not hold back yet; carrying the companion descriptor and holding merges during the
-//!   freeze is what remains. The format's `RESTRUCTURE` section is defined, versioned and
-//!   parsed for it, and filled from the file by the snapshot.
+//! - HugeTLB files travel with their companion file of split pieces (one more descriptor per
+//!   HugeTLB file, after the files): the new owner maps the pieces of every split huge page
+//!   and marks those waiting to merge, so it can split and merge on its own afterwards. While
+//!   frozen, and once handed over, nothing merges in the old owner, and poison (which splits)
+//!   is compared again before `COMMIT`; after the hand-over the old owner refuses poison
+//!   (`EPERM`): the new owner records it.
 //! - Peers ([`crate::peer`]) are not handed over: they follow the old owner and stop when it
 //!   exits.
 //! - The kernel guest_memfd travels (the new owner can map and read it) but cannot be bound to

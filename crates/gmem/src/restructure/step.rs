@@ -113,6 +113,11 @@ pub(crate) fn try_merge(
     ctl: &mut Control,
     h: u64,
 ) -> Result<bool, ConvertError> {
+    // Frozen for a live-update hand-over, or handed over: the pieces are part of the state
+    // sent to the new owner (or are the new owner's), so nothing merges here.
+    if inner.freeze.phase() != crate::preserve::Phase::Live {
+        return Ok(false);
+    }
     let (hf, he) = pages(huge_range(rs, h));
     {
         let attrs = inner.attrs_read();
