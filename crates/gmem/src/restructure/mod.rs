@@ -38,10 +38,11 @@
 //! The huge page stays allocated (and reserved) while `H` is split, so the pool accounting is
 //! honest: the file never holds less than its size in huge pages, and merging never needs a new
 //! page. To merge, which needs `H` uniform, unpoisoned and *no host reference on any piece*,
-//! the windows are frozen again, the companion range is copied back (`pread` into the huge
-//! mapping), the HugeTLB file is mapped back over the window everywhere (re-registered, and
-//! poisoned whole when the page is uniformly private), writers are woken, and the pieces are
-//! punched out of the companion.
+//! the windows are frozen again, the companion range is copied back into the huge page, the HugeTLB file is mapped back over the window everywhere (re-registered, and
+//! poisoned whole when the page is uniformly private), and writers are woken. The pieces stay
+//! allocated for a quick split of the same page (the next copy goes through gmem's mapping of
+//! the companion, a plain `memcpy`), up to [`PIECE_CACHE_BYTES`] per file, oldest punched out
+//! first; a punch-hole drops them at once.
 //!
 //! A split huge page that is uniform again but still has a referenced piece (a pin, possibly
 //! outliving every handle of the file) *waits*: it merges when the last reference is dropped
@@ -54,12 +55,13 @@
 //!
 //! # Cost
 //!
-//! A split is one 2 MiB copy into freshly allocated shmem pages, `1 + v` `mmap` calls,
-//! `1 + v` write-protect and wake calls and as many userfaultfd registrations (`v` = host views
-//! covering the page); a merge is one 2 MiB copy back, the same calls, and a punch-hole of the
-//! pieces. `BENCHMARKS.md` (P8) compares split plus merge with one 2 MiB `memcpy`. While split,
-//! a huge page costs 2 MiB of shmem on top of the huge page, and its window takes 512 TLB
-//! entries instead of one.
+//! A split is one 2 MiB copy (into freshly allocated shmem pages, or into cached ones),
+//! `1 + v` `mmap` calls, `1 + v` write-protect and wake calls and as many userfaultfd
+//! registrations (`v` = host views covering the page); a merge is one 2 MiB copy back (a
+//! `memcpy` from gmem's mapping of the pieces) and the same calls. Two full copies make
+//! 2× a 2 MiB `memcpy` the floor of this mechanism; `BENCHMARKS.md` (P8) measures 2.3×.
+//! While split, a huge page costs 2 MiB of shmem on top of the huge page, and its window
+//! takes 512 TLB entries instead of one.
 //!
 //! # Limits
 //!
@@ -122,7 +124,7 @@ impl Accounting {
     }
 
     /// Bytes of pieces kept allocated after a merge, for a quick split of the same huge page
-    /// (at most [`PIECE_CACHE`] huge pages).
+    /// (at most [`PIECE_CACHE_BYTES`]).
     pub fn cached_piece_bytes(&self) -> u64 {
         self.cached.load(Ordering::Acquire) * self.page_size
     }
@@ -144,14 +146,14 @@ pub(crate) struct State {
     pub split: BTreeSet<u64>,
     pub waiting: BTreeSet<u64>,
     /// Merged huge pages whose pieces are still allocated (and mapped in gmem's mapping of the
-    /// companion), oldest first, at most [`PIECE_CACHE`].
+    /// companion), oldest first, at most [`PIECE_CACHE_BYTES`] of them.
     pub cached: std::collections::VecDeque<u64>,
 }
 
-/// Huge pages per file whose pieces stay allocated after a merge, so that splitting one of
-/// them again copies into memory that is already there (a plain `memcpy`) instead of
-/// allocating 512 pages. Costs at most this many huge pages of shmem per file.
-pub const PIECE_CACHE: usize = 8;
+/// Bytes of pieces per file that stay allocated after merges, so that splitting one of those
+/// huge pages again copies into memory that is already there (a plain `memcpy`) instead of
+/// allocating 512 pages: eight 2 MiB pages; 1 GiB pages are never cached.
+pub const PIECE_CACHE_BYTES: u64 = 16 << 20;
 
 /// Restructuring state of a HugeTLB file.
 #[derive(Debug)]
@@ -232,7 +234,8 @@ impl Restructure {
     pub fn cache(&self, h: u64) -> Option<u64> {
         let mut st = self.state();
         st.cached.push_back(h);
-        let out = if st.cached.len() > PIECE_CACHE {
+        let cap = usize::try_from(PIECE_CACHE_BYTES / self.page).unwrap_or(0);
+        let out = if st.cached.len() > cap {
             st.cached.pop_front()
         } else {
             None
