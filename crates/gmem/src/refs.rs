@@ -2,8 +2,11 @@
 //!
 //! This plays the role of the page refcount the kernel checks before converting a guest_memfd
 //! page to private: pins, borrowed ranges and accessor calls in flight each hold one reference
-//! on every page they use. The table is a zero-initialised allocation, so only the parts that
-//! are ever written cost memory (4 bytes per base page, like a sparse `struct page` refcount).
+//! on every page they use. The table is a private anonymous mapping, zero-filled by the kernel
+//! on first touch, so only the parts that are ever written cost memory (4 bytes per base page,
+//! like a sparse `struct page` refcount) and creating a table for a large file costs one
+//! `mmap`, never a `memset` (a heap allocation would be cleared eagerly once the allocator
+//! serves that size from its heap).
 //!
 //! References are taken only while holding the attribute lock for reading and after checking
 //! that the pages are shared; conversion to private checks them while holding it for writing.
@@ -11,10 +14,13 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::sys::mapping::Mapping;
+
 /// Reference counts, one per base page.
 #[derive(Debug)]
 pub(crate) struct RefTable {
-    counts: Box<[AtomicU32]>,
+    map: Mapping,
+    pages: usize,
 }
 
 /// Refused when a page already holds this many references (the kernel's GUP fails the same way
@@ -22,27 +28,34 @@ pub(crate) struct RefTable {
 pub(crate) const MAX_REFS: u32 = u32::MAX / 2;
 
 impl RefTable {
-    /// A table for `pages` pages, all zero. Fails with `ENOMEM` when it cannot be allocated
+    /// A table for `pages` pages, all zero. Fails with `ENOMEM` when it cannot be mapped
     /// (a file far larger than memory), rather than aborting.
     pub fn new(pages: usize) -> std::io::Result<Self> {
         let pages = pages.max(1);
         let enomem = || std::io::Error::from_raw_os_error(libc::ENOMEM);
-        let layout = std::alloc::Layout::array::<AtomicU32>(pages).map_err(|_| enomem())?;
-        // SAFETY: `layout` has a non-zero size; zeroed memory is a valid `AtomicU32` array.
-        // Large zeroed allocations come lazily from mmap, so untouched counts cost nothing.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU32>();
-        if ptr.is_null() {
-            return Err(enomem());
-        }
-        let slice = std::ptr::slice_from_raw_parts_mut(ptr, pages);
-        // SAFETY: `slice` was allocated by the global allocator with the layout of
-        // `[AtomicU32; pages]` and is initialised (zeroed); the box takes sole ownership.
-        let counts = unsafe { Box::from_raw(slice) };
-        Ok(RefTable { counts })
+        let len = pages
+            .checked_mul(std::mem::size_of::<AtomicU32>())
+            .ok_or_else(enomem)?;
+        // Accounted like the heap (no MAP_NORESERVE): a table larger than the commit limit
+        // fails here with ENOMEM.
+        let map = Mapping::map(
+            None,
+            0,
+            len,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )?;
+        Ok(RefTable { map, pages })
+    }
+
+    fn counts(&self) -> &[AtomicU32] {
+        // SAFETY: the mapping is `pages` zero-initialised (valid) `AtomicU32`s, page aligned,
+        // owned by this table and alive as long as it; shared access is through atomics only.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU32>(), self.pages) }
     }
 
     fn slot(&self, page: u64) -> &AtomicU32 {
-        &self.counts[usize::try_from(page).unwrap_or(usize::MAX)]
+        &self.counts()[usize::try_from(page).unwrap_or(usize::MAX)]
     }
 
     /// Takes one reference on each page of `[start, end)`. Returns the first page that is
