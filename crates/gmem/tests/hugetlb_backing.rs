@@ -7,7 +7,7 @@ mod hugepool;
 use gmem::{
     Attr, BackingChoice, CreateError, FallocMode, Flags, GuestMemfd, HugeTlbError, HUGE_1G, HUGE_2M,
 };
-use hugepool::{pattern, pool, stats};
+use hugepool::{pattern, poke, pool, stats, Touch};
 
 const M2: u64 = HUGE_2M;
 
@@ -170,4 +170,33 @@ fn huge_1g_unaligned() -> CreateError {
         .backing(BackingChoice::HugeTlb(HUGE_1G))
         .create()
         .expect_err("2 MiB file with 1 GiB pages")
+}
+
+#[test]
+fn a_created_file_never_faults_later_even_if_the_pool_is_shrunk() {
+    let Some(_pool) = pool(M2, 4) else { return };
+    let mem = huge(4 * M2).expect("create");
+    let view = mem.map(0, 4 * M2).expect("map");
+    // Someone shrinks the pool to nothing: the file's reserved pages stay (as surplus).
+    std::fs::write("/proc/sys/vm/nr_hugepages", "0").expect("shrink the pool");
+    assert_eq!(stats(M2).reserved, 4);
+    for i in 0..4 {
+        let p = view.as_ptr().wrapping_add((i * M2 + 5) as usize);
+        assert_eq!(
+            poke(p, 7),
+            Touch::Ok(0),
+            "huge page {i} is served from the reservation"
+        );
+    }
+    mem.write_at(3 * M2 + 9, b"ok").expect("checked write");
+    // A new file fails at creation instead.
+    let err = huge(M2).expect_err("no pool left");
+    assert_eq!(err.errno(), libc::ENOMEM);
+    drop(view);
+    drop(mem);
+    assert_eq!(
+        stats(M2).surplus,
+        0,
+        "the surplus pages went away with the file"
+    );
 }
