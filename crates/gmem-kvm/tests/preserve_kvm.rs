@@ -160,3 +160,103 @@ fn kernel_guest_memfd_is_copied_into_a_new_vm() {
     assert_eq!(line("RUN-OLD"), format!("ret=-1 errno={}", libc::EIO));
     println!("copy of a kernel guest_memfd: {}", line("COPY"));
 }
+
+/// Pages the KVM guest fills, from guest-physical 64 KiB on.
+const FILLS: u64 = 200;
+const FILL_BASE: u64 = 0x10000;
+
+fn fill_value(i: u64) -> u8 {
+    (i % 250) as u8 + 1
+}
+
+/// The new owner of `kvm_guest_writing_during_handover_loses_nothing`.
+#[test]
+fn preserve_kvm_writer_child() {
+    if std::env::var("GMEM_KVM_WRITER").is_err() {
+        return;
+    }
+    // SAFETY: the hand-over descriptors were inherited and nothing here owns them.
+    let got = unsafe { receive_inherited(&Options::default()) }
+        .unwrap()
+        .unwrap();
+    let mem = &got.files[0].mem;
+    // Wait for the old owner's guest to halt, then check every byte it wrote.
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let mut page = vec![0u8; P as usize];
+    for i in 0..FILLS {
+        mem.guest().read(FILL_BASE + i * P, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == fill_value(i)), "page {i}");
+    }
+    println!("KVM-GUEST-WRITES intact pages={FILLS}");
+}
+
+/// A KVM guest (real mode, run by KVM on a shmem file through an hva memslot) keeps filling
+/// pages while the file is handed over to a new process; every byte it wrote is in the file
+/// the new owner holds.
+#[test]
+fn kvm_guest_writing_during_handover_loses_nothing() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(vm) = open_vm() else { return };
+    let mem = GuestMemfd::create(SIZE, Flags::MMAP | Flags::INIT_SHARED).unwrap();
+    vm.bind(&mem, 0, 0, SIZE).unwrap();
+    let mut asm = gmem_kvm::payload::Asm::new();
+    for i in 0..FILLS {
+        asm.fill(FILL_BASE + i * P, P as u16, fill_value(i));
+    }
+    asm.hlt();
+    mem.guest().write(0x1000, &asm.finish().unwrap()).unwrap();
+    let halted = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let t0 = std::time::Instant::now();
+        let vcpu_thread = s.spawn(|| {
+            let mut vcpu = vm.create_vcpu(0).unwrap();
+            vcpu.set_real_mode_entry(0x1000).unwrap();
+            loop {
+                match vcpu.run().unwrap() {
+                    gmem_kvm::Exit::Halt => break,
+                    gmem_kvm::Exit::Interrupted => continue,
+                    other => panic!("unexpected exit {other:?}"),
+                }
+            }
+            halted.store(true, Ordering::Release);
+        });
+        // Start the hand-over once the guest is writing.
+        let mut b = [0u8; 1];
+        while b[0] == 0 {
+            mem.guest().read(FILL_BASE, &mut b).unwrap();
+            std::thread::yield_now();
+        }
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "preserve_kvm_writer_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("GMEM_KVM_WRITER", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        let mut spawned =
+            spawn_with_inherited(&[FileOffer::new(&mem)], &mut cmd, &Options::default()).unwrap();
+        let done = spawned.outcome.unwrap();
+        eprintln!(
+            "hand-over done at {:?} (pause {:?})",
+            t0.elapsed(),
+            done.pause
+        );
+        let overlapped = !halted.load(Ordering::Acquire);
+        vcpu_thread.join().unwrap();
+        eprintln!("guest halted by {:?}", t0.elapsed());
+        writeln!(spawned.child.stdin.take().unwrap(), "go").unwrap();
+        let out = spawned.child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("KVM-GUEST-WRITES intact pages={FILLS}")),
+            "{text}"
+        );
+        assert!(overlapped, "the guest finished before the hand-over did");
+    });
+}
