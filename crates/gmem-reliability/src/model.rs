@@ -7,7 +7,9 @@
 //! rules of the design (`DESIGN.md` §2) independently of gmem's code: range checks in the
 //! kernel's order, "already in the target state" before any other check, listener veto before
 //! the reference check, local references before a follower's, punch-hole that zeroes and
-//! deallocates but keeps attributes, contents that survive conversion.
+//! deallocates but keeps attributes, contents that survive conversion, poisoned pages that
+//! fault in every host view, are refused (`EHWPOISON`) by accessors and the guest view before
+//! any attribute check, survive conversions and are cleared by punch-hole.
 
 use gmem::Attr;
 
@@ -105,6 +107,7 @@ pub struct Model {
     refs: Vec<u32>,
     follower_refs: Vec<u32>,
     pins: Vec<PinRec>,
+    poisoned: Vec<bool>,
     veto: Option<u64>,
     commits: u64,
     aborts: u64,
@@ -129,6 +132,7 @@ impl Model {
             refs: vec![0; pages],
             follower_refs: vec![0; pages],
             pins: Vec::new(),
+            poisoned: vec![false; pages],
             veto: None,
             commits: 0,
             aborts: 0,
@@ -159,6 +163,35 @@ impl Model {
     /// Allocation state of page `p`.
     pub fn alloc(&self, p: u64) -> Alloc {
         self.allocated[idx(p)]
+    }
+
+    /// Whether page `p` is poisoned.
+    pub fn poisoned(&self, p: u64) -> bool {
+        self.poisoned[idx(p)]
+    }
+
+    /// Byte offsets of the poisoned pages, in order (`GuestMemfd::poisoned_pages`).
+    pub fn poisoned_pages(&self) -> Vec<u64> {
+        (0..self.pages())
+            .filter(|&p| self.poisoned[idx(p)])
+            .map(|p| p * PAGE)
+            .collect()
+    }
+
+    /// `GuestMemfd::inject_poison(offset)`: marks the page holding `offset` as failed.
+    pub fn inject_poison(&mut self, offset: u64) -> Result<(), Fault> {
+        if offset >= self.size {
+            return Err(Fault::at(Class::OutOfBounds, libc::EINVAL, offset));
+        }
+        self.poisoned[page(offset)] = true;
+        Ok(())
+    }
+
+    /// The first poisoned byte of `[s, e)`, as accessors report it.
+    fn first_poisoned(&self, s: u64, e: u64) -> Option<u64> {
+        (page(s)..page(e.div_ceil(PAGE) * PAGE))
+            .find(|&p| self.poisoned[p])
+            .map(|p| (p as u64 * PAGE).max(s))
     }
 
     /// Pins held, in the order they were taken.
@@ -282,6 +315,7 @@ impl Model {
             if offset < end {
                 self.bytes[idx(offset)..idx(end)].fill(0);
                 self.allocated[page(offset)..page(end)].fill(Alloc::Hole);
+                self.poisoned[page(offset)..page(end)].fill(false);
             }
             Ok(())
         } else {
@@ -308,6 +342,9 @@ impl Model {
 
     fn checked_host(&self, offset: u64, len: u64) -> Result<(u64, u64), Fault> {
         let (s, e) = check_range(offset, len, 1, self.size)?;
+        if let Some(at) = self.first_poisoned(s, e) {
+            return Err(Fault::at(Class::Poisoned, libc::EHWPOISON, at));
+        }
         if let Some(at) = self.first_private(s, e) {
             return Err(Fault::at(Class::Private, libc::EFAULT, at));
         }
@@ -332,6 +369,9 @@ impl Model {
     /// `GuestView::read(offset, buf)`: any attribute.
     pub fn guest_read(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, Fault> {
         let (s, e) = check_range(offset, len, 1, self.size)?;
+        if let Some(at) = self.first_poisoned(s, e) {
+            return Err(Fault::at(Class::Poisoned, libc::EHWPOISON, at));
+        }
         self.touch(s, e);
         Ok(self.bytes[idx(s)..idx(e)].to_vec())
     }
@@ -339,6 +379,9 @@ impl Model {
     /// `GuestView::write(offset, data)`: any attribute.
     pub fn guest_write(&mut self, offset: u64, data: &[u8]) -> Result<(), Fault> {
         let (s, e) = check_range(offset, data.len() as u64, 1, self.size)?;
+        if let Some(at) = self.first_poisoned(s, e) {
+            return Err(Fault::at(Class::Poisoned, libc::EHWPOISON, at));
+        }
         self.touch(s, e);
         self.bytes[idx(s)..idx(e)].copy_from_slice(data);
         Ok(())
@@ -414,7 +457,7 @@ impl Model {
 
     /// A one-byte read through a host view at file offset `at` (which may lie past the end).
     pub fn host_read(&mut self, at: u64) -> Touch {
-        if at >= self.size || self.attrs[page(at)] == Attr::Private {
+        if at >= self.size || self.attrs[page(at)] == Attr::Private || self.poisoned[page(at)] {
             return Touch::Sigbus;
         }
         self.touch(at, at + 1);
@@ -423,7 +466,7 @@ impl Model {
 
     /// A one-byte write through a host view at file offset `at`.
     pub fn host_write(&mut self, at: u64, v: u8) -> Touch {
-        if at >= self.size || self.attrs[page(at)] == Attr::Private {
+        if at >= self.size || self.attrs[page(at)] == Attr::Private || self.poisoned[page(at)] {
             return Touch::Sigbus;
         }
         self.touch(at, at + 1);

@@ -138,6 +138,11 @@ pub enum Op {
         /// Page to protect.
         page: Option<u64>,
     },
+    /// `inject_poison(offset)` (owner only; files without a follower).
+    InjectPoison {
+        /// Offset (may be past the end).
+        offset: u64,
+    },
     /// `attr(offset)`.
     AttrAt {
         /// Offset.
@@ -366,6 +371,13 @@ impl Generator {
                     .rng
                     .chance(1, 2)
                     .then(|| self.rng.below(self.size / PAGE)),
+            },
+            95 if !self.follower && self.rng.chance(1, 2) => Op::InjectPoison {
+                offset: if self.rng.chance(15, 16) {
+                    self.rng.below(self.size)
+                } else {
+                    self.size + self.rng.below(4 * PAGE)
+                },
             },
             95 => Op::AttrAt {
                 offset: if self.rng.chance(9, 10) {

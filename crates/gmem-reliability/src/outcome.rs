@@ -17,6 +17,8 @@ pub enum Class {
     OutOfBounds,
     /// A page in the range is private (checked host access).
     Private,
+    /// A page in the range is poisoned (memory failure).
+    Poisoned,
     /// A page in the range holds a host reference (conversion to private).
     Busy,
     /// A listener refused the conversion.
@@ -112,6 +114,7 @@ impl Reduce for AccessError {
             AccessError::Private { offset } => Fault::at(Class::Private, errno, *offset),
             AccessError::TooManyRefs { offset } => Fault::at(Class::TooManyRefs, errno, *offset),
             AccessError::NoMapping => Fault::bare(Class::NoMapping, errno),
+            AccessError::Poisoned { offset } => Fault::at(Class::Poisoned, errno, *offset),
             #[allow(unreachable_patterns)]
             _ => Fault::bare(Class::Os, errno),
         }
@@ -191,6 +194,22 @@ impl Reduce for MapError {
             MapError::NotMappable => Fault::bare(Class::NotMappable, errno),
             MapError::CopyOnWrite => Fault::bare(Class::CopyOnWrite, errno),
             MapError::Os { offset, .. } => Fault::at(Class::Os, errno, *offset),
+            #[allow(unreachable_patterns)]
+            _ => Fault::bare(Class::Os, errno),
+        }
+    }
+}
+
+impl Reduce for gmem::PoisonError {
+    fn reduce(&self) -> Fault {
+        let errno = self.errno();
+        match self {
+            gmem::PoisonError::Range(r) => Fault {
+                errno,
+                ..r.reduce()
+            },
+            gmem::PoisonError::Busy { offset } => Fault::at(Class::Busy, errno, *offset),
+            gmem::PoisonError::Os { offset, .. } => Fault::at(Class::Os, errno, *offset),
             #[allow(unreachable_patterns)]
             _ => Fault::bare(Class::Os, errno),
         }

@@ -185,6 +185,10 @@ impl Run {
                 ));
             }
         }
+        let (got, want) = (self.real.mem.poisoned_pages(), self.model.poisoned_pages());
+        if got != want {
+            return Err(format!("poisoned pages real {got:x?} model {want:x?}"));
+        }
         let l = &self.real.listener;
         let got = (
             l.commits.load(Ordering::Relaxed),
@@ -224,6 +228,12 @@ impl Run {
         }
         let mut buf = vec![0u8; PAGE as usize];
         for p in 0..pages {
+            if self.model.poisoned(p) {
+                let got = reduce(self.real.guest.read(p * PAGE, &mut buf));
+                let want = self.model.guest_read(p * PAGE, PAGE).map(drop);
+                same("guest read of a poisoned page", got, want)?;
+                continue;
+            }
             if self.model.alloc(p) == Alloc::Hole {
                 continue;
             }
@@ -250,7 +260,10 @@ impl Run {
                 let probe_at = at + (off + at) / PAGE % PAGE;
                 self.probe_at(v, probe_at)?;
                 let fo = off + at;
-                if fo < self.model.size() && self.model.page_attr(fo / PAGE) == Attr::Shared {
+                if fo < self.model.size()
+                    && self.model.page_attr(fo / PAGE) == Attr::Shared
+                    && !self.model.poisoned(fo / PAGE)
+                {
                     // The probe succeeded, so the page is mapped: copy it whole.
                     // SAFETY: the page lies inside the view and is shared (just probed).
                     let s = unsafe {
@@ -428,6 +441,11 @@ impl Run {
                     .store(page.unwrap_or(u64::MAX), Ordering::Relaxed);
                 Ok(())
             }
+            Op::InjectPoison { offset } => same(
+                "inject_poison",
+                reduce(r.mem.inject_poison(offset)),
+                m.inject_poison(offset),
+            ),
             Op::AttrAt { offset } => same("attr", reduce(r.mem.attr(offset)), m.attr(offset)),
             Op::Runs { offset, len } => same(
                 "runs",
@@ -451,11 +469,22 @@ fn compare_touch(got: probe::Touch, want: Touch, what: &str) -> Result<(), Strin
     }
 }
 
+thread_local! {
+    /// Per operation: how often the model expected success and each error class.
+    static TALLY: std::cell::RefCell<std::collections::BTreeMap<String, u64>> =
+        std::cell::RefCell::new(std::collections::BTreeMap::new());
+}
+
 fn same<T: PartialEq + std::fmt::Debug>(
     what: &str,
     got: Result<T, gmem_reliability::outcome::Fault>,
     want: Result<T, gmem_reliability::outcome::Fault>,
 ) -> Result<(), String> {
+    let key = match &want {
+        Ok(_) => format!("{what}: ok"),
+        Err(f) => format!("{what}: {:?}", f.class),
+    };
+    TALLY.with(|t| *t.borrow_mut().entry(key).or_default() += 1);
     if got == want {
         return Ok(());
     }
@@ -646,4 +675,9 @@ fn model_based_random_operations() {
         "{done} operations in {run_no} runs, {:.1} s, zero divergences",
         t0.elapsed().as_secs_f64()
     );
+    TALLY.with(|t| {
+        for (k, n) in t.borrow().iter() {
+            eprintln!("  {k}: {n}");
+        }
+    });
 }
