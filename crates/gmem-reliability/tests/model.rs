@@ -472,7 +472,7 @@ fn compare_touch(got: probe::Touch, want: Touch, what: &str) -> Result<(), Strin
 thread_local! {
     /// Per operation: how often the model expected success and each error class.
     static TALLY: std::cell::RefCell<std::collections::BTreeMap<String, u64>> =
-        std::cell::RefCell::new(std::collections::BTreeMap::new());
+        const { std::cell::RefCell::new(std::collections::BTreeMap::new()) };
 }
 
 fn same<T: PartialEq + std::fmt::Debug>(
