@@ -43,20 +43,51 @@ fn clear_cloexec(fd: &OwnedFd) -> R<()> {
     Ok(())
 }
 
-/// Runs the software-guest demo on a shmem file of `size` bytes.
-pub fn run_software(size: u64) -> R<Vec<Step>> {
+/// Where the demo's guest memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoBacking {
+    /// The kernel guest_memfd where `/dev/kvm` offers one with `MMAP`, else shmem.
+    Auto,
+    /// The kernel guest_memfd (fails without `/dev/kvm`).
+    Kvm,
+    /// memfd (shmem).
+    Shmem,
+}
+
+/// Creates the demo's file: the kernel's guest_memfd when asked or available.
+fn create(size: u64, backing: DemoBacking) -> R<(GuestMemfd, String)> {
+    let flags = Flags::MMAP | Flags::INIT_SHARED;
+    if backing != DemoBacking::Shmem {
+        match gmem_kvm::Vm::new() {
+            Ok(vm) if vm.capabilities().guest_memfd_flags.contains(Flags::MMAP) => {
+                let m = vm.create_guest_memfd(size, flags)?;
+                return Ok((m, "kernel guest_memfd through KVM".to_string()));
+            }
+            Ok(_) if backing == DemoBacking::Kvm => {
+                return Err("this KVM offers no guest_memfd with MMAP".into())
+            }
+            Err(e) if backing == DemoBacking::Kvm => return Err(e.into()),
+            Ok(_) => {}
+            Err(e) => eprintln!("note: KVM not used ({e}); the demo runs on shmem"),
+        }
+    }
+    Ok((GuestMemfd::create(size, flags)?, "shmem".to_string()))
+}
+
+/// Runs the walkthrough with a software guest (the guest view) on a file of `size` bytes.
+pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
     let mut steps = Vec::new();
     let secret_at = PAGE_SIZE;
     let dma_at = 2 * PAGE_SIZE;
-    let mem = timed(
-        &mut steps,
-        "create guest memory (shmem, MMAP|INIT_SHARED)",
-        || {
-            let m = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
-            let s = format!("{} MiB, {} run(s), all shared", size >> 20, m.run_count());
-            Ok((m, s))
-        },
-    )?;
+    let mem = timed(&mut steps, "create guest memory (MMAP|INIT_SHARED)", || {
+        let (m, what) = create(size, backing)?;
+        let s = format!(
+            "{} MiB on {what}, {} run(s), all shared",
+            size >> 20,
+            m.run_count()
+        );
+        Ok((m, s))
+    })?;
     let guest = mem.guest();
     timed(&mut steps, "guest writes a secret at 0x1000", || {
         guest.write(secret_at, SECRET)?;

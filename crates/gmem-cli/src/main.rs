@@ -27,6 +27,9 @@ enum Cmd {
         /// Size of guest memory in MiB.
         #[arg(long, default_value_t = 16)]
         mib: u64,
+        /// Backing of the guest memory.
+        #[arg(long, value_enum, default_value_t = demo::DemoBacking::Auto)]
+        backing: demo::DemoBacking,
     },
     /// Report what this host offers (userfaultfd poison, HugeTLB pool, NUMA nodes, limits).
     Probe,
@@ -122,7 +125,7 @@ fn create(json: bool, spec: &str, conversions: &[String]) -> R<()> {
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Demo { mib } => run_demo(cli.json, mib),
+        Cmd::Demo { mib, backing } => run_demo(cli.json, mib, backing),
         Cmd::Probe => gmem_cli::probe::run(cli.json),
         Cmd::Create { object, convert } => create(cli.json, &object, &convert),
         Cmd::Bench { mib } => run_bench(cli.json, mib),
@@ -134,14 +137,44 @@ fn main() {
     }
 }
 
-fn run_demo(json: bool, mib: u64) -> R<()> {
-    let steps = demo::run_software(mib << 20)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&steps)?);
+fn run_demo(json: bool, mib: u64, backing: demo::DemoBacking) -> R<()> {
+    // A real vCPU first, where KVM runs: the guest converts through gmem's doorbell.
+    let vcpu = if backing == demo::DemoBacking::Shmem {
+        None
     } else {
-        println!("gmem demo: software guest on shmem");
-        demo::print(&steps, &mut std::io::stdout())?;
+        let t = std::time::Instant::now();
+        match gmem_kvm::demo_guest() {
+            Ok(report) => Some((report, t.elapsed())),
+            Err(e) if backing == demo::DemoBacking::Kvm => return Err(e.into()),
+            Err(e) => {
+                eprintln!("note: KVM guest not run: {e}");
+                None
+            }
+        }
+    };
+    let steps = demo::run_software(mib << 20, backing)?;
+    if json {
+        let v = serde_json::json!({
+            "kvm_guest": vcpu.as_ref().map(|(r, d)| serde_json::json!({
+                "backing": r.backing.to_string(),
+                "steps": r.steps,
+                "micros": d.as_secs_f64() * 1e6,
+            })),
+            "walkthrough": steps,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
     }
+    if let Some((report, took)) = &vcpu {
+        println!(
+            "gmem demo, part 1: a guest on /dev/kvm ({:.1} ms)",
+            took.as_secs_f64() * 1e3
+        );
+        print!("{report}");
+        println!();
+    }
+    println!("gmem demo, part 2: the host kept out of private memory, step by step");
+    demo::print(&steps, &mut std::io::stdout())?;
     Ok(())
 }
 
