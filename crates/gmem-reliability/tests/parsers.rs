@@ -145,7 +145,7 @@ fn parsers_cli_object_syntax() {
         .filter(|s| gmem_cli::object::parse(std::str::from_utf8(s).unwrap_or("")).is_ok())
         .count();
     assert!(ok >= 5, "the valid seeds must parse");
-    let mut r = Rng::new(0x6f62_6a);
+    let mut r = Rng::new(0x006f_626a);
     for s in &seeds {
         object_property(s);
     }
