@@ -17,6 +17,11 @@
 //! - [`GuestMemfd::fallocate`]: allocate and punch-hole with the kernel's rules.
 //! - [`GuestMemfd::add_listener`]: conversion listeners that may veto.
 //! - [`GuestMemfd::share_with_process`] / [`GuestMemfd::attach`]: other processes.
+//! - [`BackingChoice::HugeTlb`]: 2 MiB / 1 GiB pages reserved at creation
+//!   ([`backing::hugetlb`]); mixed huge pages are split and merged back ([`restructure`]).
+//! - [`GuestMemfd::inject_poison`]: memory failure ([`poison`]);
+//!   [`GuestMemfd::set_numa_policy`]: placement ([`numa`]); [`GuestMemfd::preallocate`] and
+//!   [`Builder::prealloc`]: populating up front ([`prealloc`]).
 #![deny(missing_docs)]
 
 pub mod access;
