@@ -74,16 +74,6 @@ fn parse_conversion(s: &str) -> R<(u64, u64, Attr)> {
 
 fn create(json: bool, spec: &str, conversions: &[String]) -> R<()> {
     let obj = object::parse(spec)?;
-    if obj.source != object::Source::Shmem {
-        return Err(
-            "hugetlb=on needs the HugeTLB backing, which this build does not have yet".into(),
-        );
-    }
-    if obj.policy != object::PolicyKind::Default {
-        return Err(
-            "NUMA policies need the NUMA support, which this build does not have yet".into(),
-        );
-    }
     let mut flags = Flags::NONE;
     if obj.mmap {
         flags = flags | Flags::MMAP;
@@ -91,9 +81,27 @@ fn create(json: bool, spec: &str, conversions: &[String]) -> R<()> {
     if obj.init_shared {
         flags = flags | Flags::INIT_SHARED;
     }
-    let mem = GuestMemfd::create(obj.size, flags)?;
+    let backing = match obj.source {
+        object::Source::Shmem => gmem::BackingChoice::Shmem,
+        object::Source::HugeTlb(sz) => gmem::BackingChoice::HugeTlb(sz),
+    };
+    let policy = match obj.policy {
+        object::PolicyKind::Default => gmem::numa::NumaPolicy::Default,
+        object::PolicyKind::Preferred => {
+            gmem::numa::NumaPolicy::Preferred(obj.host_nodes.first().copied().unwrap_or(0))
+        }
+        object::PolicyKind::Bind => gmem::numa::NumaPolicy::Bind(obj.host_nodes.clone()),
+        object::PolicyKind::Interleave => {
+            gmem::numa::NumaPolicy::Interleave(obj.host_nodes.clone())
+        }
+    };
+    let mem = GuestMemfd::builder(obj.size)
+        .flags(flags)
+        .backing(backing)
+        .numa(policy)
+        .create()?;
     if obj.prealloc {
-        mem.fallocate(gmem::FallocMode::KEEP_SIZE, 0, obj.size)?;
+        preallocate(&mem, json)?;
     }
     for c in conversions {
         let (off, len, to) = parse_conversion(c)?;
@@ -119,6 +127,25 @@ fn create(json: bool, spec: &str, conversions: &[String]) -> R<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Preallocates with a progress bar on a terminal (none with `--json` or when piped).
+fn preallocate(mem: &GuestMemfd, json: bool) -> R<()> {
+    use std::io::IsTerminal;
+    let mut opts = gmem::prealloc::Prealloc::default();
+    if !json && std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(mem.size());
+        bar.set_style(indicatif::ProgressStyle::with_template(
+            "preallocating {bar:40} {bytes}/{total_bytes} ({bytes_per_sec})",
+        )?);
+        let shown = bar.clone();
+        opts = opts.on_progress(move |p| shown.set_position(p.done));
+        mem.preallocate(&opts)?;
+        bar.finish();
+        return Ok(());
+    }
+    mem.preallocate(&opts)?;
     Ok(())
 }
 

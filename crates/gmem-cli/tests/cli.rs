@@ -106,3 +106,21 @@ fn cli_probe_json() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert!(v["uffd_poison"].get("Ok").is_some(), "{out}");
 }
+
+#[test]
+fn cli_create_with_policy_and_prealloc() {
+    let (ok, out, err) = gmem(&[
+        "create",
+        "-o",
+        "memory-backend-guest-memfd,id=r,size=8M,prealloc=on,host-nodes=0,policy=bind",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("host-nodes=0,policy=bind"), "{out}");
+    let (ok, _, err) = gmem(&[
+        "create",
+        "-o",
+        "memory-backend-guest-memfd,id=r,size=8M,host-nodes=1023,policy=bind",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("NUMA node 1023 is not online"), "{err}");
+}
