@@ -28,11 +28,26 @@ const SLOTS: u64 = 64 * 64;
 /// Spawning with inheritable descriptors must not overlap between tests of this binary.
 static SPAWN: Mutex<()> = Mutex::new(());
 
+/// The file of a child (HugeTLB when `GMEM_FAULT_HUGE` is set).
 fn build() -> GuestMemfd {
-    let mem = GuestMemfd::create(PAGES * P, Flags::MMAP | Flags::INIT_SHARED).unwrap();
+    build_with(std::env::var("GMEM_FAULT_HUGE").is_ok())
+}
+
+/// A file with a pattern in every page and runs over its first 4 MiB. On HugeTLB (three
+/// 2 MiB pages) the first two huge pages are split by those runs and the third stays whole.
+fn build_with(huge: bool) -> GuestMemfd {
+    let mem = if huge {
+        GuestMemfd::builder(3 * gmem::HUGE_2M)
+            .flags(Flags::MMAP | Flags::INIT_SHARED)
+            .backing(gmem::BackingChoice::HugeTlb(gmem::HUGE_2M))
+            .create()
+            .unwrap()
+    } else {
+        GuestMemfd::create(PAGES * P, Flags::MMAP | Flags::INIT_SHARED).unwrap()
+    };
     let g = mem.guest();
     let mut page = vec![0u8; P as usize];
-    for p in 0..PAGES {
+    for p in 0..mem.size() / P {
         for (i, b) in page.iter_mut().enumerate() {
             *b = (p as u8).wrapping_mul(13) ^ (i as u8).wrapping_mul(7);
         }
@@ -131,7 +146,7 @@ fn old_role(die: Option<Step>, writer: bool) {
             slot: 0,
             offset: 0,
             gpa: 0,
-            size: PAGES * P,
+            size: mem.size(),
         })
         .pin(&pin, 5);
     let res = hand_over(sock.as_fd(), &[offer], &die_hook(die));
@@ -168,7 +183,7 @@ fn new_role(die: Option<Step>, writer: bool) {
             slot: 0,
             offset: 0,
             gpa: 0,
-            size: PAGES * P
+            size: f.mem.size()
         }]
     );
     if writer {
@@ -212,7 +227,7 @@ fn preserve_fault_child() {
     }
 }
 
-fn spawn(role: &str, sock: BorrowedFd<'_>, die: Option<Step>, writer: bool) -> Child {
+fn spawn(role: &str, sock: BorrowedFd<'_>, die: Option<Step>, writer: bool, huge: bool) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
@@ -230,6 +245,9 @@ fn spawn(role: &str, sock: BorrowedFd<'_>, die: Option<Step>, writer: bool) -> C
     }
     if writer {
         cmd.env("GMEM_FAULT_WRITER", "1");
+    }
+    if huge {
+        cmd.env("GMEM_FAULT_HUGE", "1");
     }
     cmd.spawn().unwrap()
 }
@@ -261,6 +279,15 @@ fn outcome(e: &Ended) -> &str {
 /// Runs one hand-over between two children; `die_old`/`die_new` name the step at which each
 /// kills itself.
 fn run_case(die_old: Option<Step>, die_new: Option<Step>, writer: bool) -> (Ended, Ended) {
+    run_case_on(die_old, die_new, writer, false)
+}
+
+fn run_case_on(
+    die_old: Option<Step>,
+    die_new: Option<Step>,
+    writer: bool,
+    huge: bool,
+) -> (Ended, Ended) {
     let (old, new) = {
         let _g = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
         let (a, b) = socketpair(
@@ -271,10 +298,10 @@ fn run_case(die_old: Option<Step>, die_new: Option<Step>, writer: bool) -> (Ende
         )
         .unwrap();
         fcntl_setfd(&b, FdFlags::CLOEXEC).unwrap();
-        let old = spawn("old", a.as_fd(), die_old, writer);
+        let old = spawn("old", a.as_fd(), die_old, writer, huge);
         fcntl_setfd(&a, FdFlags::CLOEXEC).unwrap();
         fcntl_setfd(&b, FdFlags::empty()).unwrap();
-        let new = spawn("new", b.as_fd(), die_new, writer);
+        let new = spawn("new", b.as_fd(), die_new, writer, huge);
         (old, new)
     };
     let old = ended(old);
@@ -361,4 +388,46 @@ fn guest_writing_during_handover_loses_nothing() {
         "{}",
         new.out
     );
+}
+
+/// The same kills with a HugeTLB file whose first two huge pages are split: the companion
+/// file of pieces travels with it, and the survivor owns every byte and attribute.
+#[test]
+fn hugetlb_kill_either_side_at_every_step_survivor_owns_everything() {
+    let Ok(_pool) = gmem::PoolGuard::grow(gmem::HUGE_2M, 6) else {
+        eprintln!("skipped: cannot reserve six 2 MiB huge pages");
+        return;
+    };
+    let want = digest(&build_with(true));
+    for step in [
+        Step::OfferSent,
+        Step::AcceptReceived,
+        Step::CommitSent,
+        Step::DoneReceived,
+    ] {
+        let (old, new) = run_case_on(Some(step), None, false, true);
+        assert!(old.killed, "{step:?}: old not killed\n{}", old.out);
+        let got = outcome(&new);
+        assert!(
+            got.starts_with("owner ") && got.ends_with(&want),
+            "{step:?}: {got} != {want}"
+        );
+    }
+    for step in [
+        Step::OfferReceived,
+        Step::Verified,
+        Step::AcceptSent,
+        Step::CommitReceived,
+    ] {
+        let (old, new) = run_case_on(None, Some(step), false, true);
+        assert!(new.killed, "{step:?}: new not killed\n{}", new.out);
+        assert_eq!(
+            outcome(&old),
+            format!("kept errno={} {want}", libc::ECONNRESET),
+            "{step:?}"
+        );
+    }
+    let (old, new) = run_case_on(None, None, false, true);
+    assert_eq!(outcome(&old), "handed-over");
+    assert_eq!(outcome(&new), format!("owner old_gone=false {want}"));
 }
