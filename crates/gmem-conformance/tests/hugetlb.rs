@@ -247,3 +247,95 @@ fn conformance_hugetlb_restructure_pieces_outlive_the_file() {
         "the file's huge page went back to the pool"
     );
 }
+
+/// The child's report: the first byte of pages 6..=10 through a view mapped at attach time
+/// and through one mapped now (`ok:XX` or `bus`).
+fn peer_report(mem: &GuestMemfd, old: &HostView) -> String {
+    let fresh = mem.map(0, M2).expect("map in the child");
+    let mut out = Vec::new();
+    for view in [old, &fresh] {
+        for p in 6..=10 {
+            out.push(match touch::read_byte(view, p * P) {
+                Ok(b) => format!("ok:{b:02x}"),
+                Err(f) if f.is_access_error() => "bus".to_string(),
+                Err(f) => format!("bus:{}", f.code),
+            });
+        }
+    }
+    out.join(" ")
+}
+
+fn peer_child(side: gmem_conformance::child::ChildSide) {
+    let mut ctl = side.ctl;
+    let mem = GuestMemfd::attach(side.peer).expect("attach");
+    let view = mem.map(0, M2).expect("map");
+    ctl.send(&format!("mapped {}", peer_report(&mem, &view)));
+    loop {
+        match ctl.recv().as_str() {
+            "probe" => ctl.send(&format!("probed {}", peer_report(&mem, &view))),
+            "write" => {
+                touch::write(&view, 10 * P, &[0xc1]).expect("child writes page 10");
+                ctl.send("written");
+            }
+            "exit" => return,
+            other => panic!("unknown command {other:?}"),
+        }
+    }
+}
+
+/// A second process that attaches while a huge page is split maps its pieces, and follows
+/// every later merge and split: it faults exactly on private pages, and both processes see
+/// each other's writes before and after each restructuring.
+#[test]
+fn conformance_hugetlb_restructure_peer_follows_split_and_merge() {
+    if let Some(side) = gmem_conformance::child::child_side() {
+        return peer_child(side);
+    }
+    let Some((_pool, mem)) = setup(1) else { return };
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    mem.convert(7 * P, P, Attr::Private)
+        .expect("split before sharing");
+    let sock = mem.share_with_process().expect("share");
+    let test = "conformance_hugetlb_restructure_peer_follows_split_and_merge";
+    let mut child = gmem_conformance::child::ChildProcess::spawn(test, "follow", sock);
+    let both = |s: &str| format!("{s} {s}");
+    assert_eq!(
+        child.recv(),
+        format!("mapped {}", both("ok:06 bus ok:08 ok:09 ok:0a"))
+    );
+
+    // Merge: the child maps the huge page again and sees the owner's new bytes.
+    mem.convert(7 * P, P, Attr::Shared).expect("merge");
+    assert_eq!(acct.split_pages(), 0);
+    mem.write_at(7 * P, &[0x77]).expect("owner writes page 7");
+    child.send("probe");
+    assert_eq!(
+        child.recv(),
+        format!("probed {}", both("ok:06 ok:77 ok:08 ok:09 ok:0a"))
+    );
+
+    // Split again elsewhere: the child faults on page 9 only, and its write lands in the
+    // pieces the owner reads.
+    mem.convert(9 * P, P, Attr::Private).expect("split");
+    child.send("probe");
+    assert_eq!(
+        child.recv(),
+        format!("probed {}", both("ok:06 ok:77 ok:08 bus ok:0a"))
+    );
+    child.send("write");
+    assert_eq!(child.recv(), "written");
+    let mut b = [0u8];
+    mem.read_at(10 * P, &mut b).expect("owner reads page 10");
+    assert_eq!(b, [0xc1], "the child's write reached the owner's pieces");
+    mem.convert(9 * P, P, Attr::Shared).expect("merge again");
+    mem.read_at(10 * P, &mut b)
+        .expect("owner reads page 10 after the merge");
+    assert_eq!(b, [0xc1], "the child's write survived the merge");
+    child.send("probe");
+    assert_eq!(
+        child.recv(),
+        format!("probed {}", both("ok:06 ok:77 ok:08 ok:09 ok:c1"))
+    );
+    child.send("exit");
+    child.finish();
+}

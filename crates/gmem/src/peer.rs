@@ -427,6 +427,22 @@ impl GuestMemfd {
             pieces,
         };
         let file = GuestMemfd::assemble(Box::new(backing), size, flags, Some(attrs), true)?;
+        // Requests already queued behind the hello (the `SPLIT`s of a HugeTLB file, or
+        // conversions made since) are applied before the file is handed out, so its first
+        // views see the state of the hello plus them.
+        loop {
+            let mut msg = [0u8; MSG_LEN];
+            match rustix::net::recv(&sock, &mut msg, RecvFlags::DONTWAIT) {
+                Ok((MSG_LEN, _)) => {
+                    if !answer(&sock, &file.inner, &msg) {
+                        return Err(PeerError::Protocol("owner gone while attaching"));
+                    }
+                }
+                Ok(_) => return Err(PeerError::Protocol("short request")),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => break,
+            }
+        }
         let weak = Arc::downgrade(&file.inner);
         std::thread::Builder::new()
             .name("gmem-peer".into())
@@ -606,20 +622,24 @@ fn serve(sock: OwnedFd, file: Weak<Inner>) {
             return;
         }
         let Some(inner) = file.upgrade() else { return };
-        let (op, seq, offset, len) = decode_request(&msg);
-        let (errno, at) = match inner.page_range(offset, len) {
-            Err(e) => (libc::EINVAL, e.offset()),
-            Ok(r) => apply(&inner, op, r),
-        };
-        drop(inner);
-        let mut reply = [0u8; MSG_LEN];
-        reply[0..4].copy_from_slice(&seq.to_le_bytes());
-        reply[4..8].copy_from_slice(&errno.to_le_bytes());
-        reply[8..16].copy_from_slice(&at.to_le_bytes());
-        if rustix::net::send(&sock, &reply, SendFlags::NOSIGNAL).is_err() {
+        if !answer(&sock, &inner, &msg) {
             return;
         }
     }
+}
+
+/// Applies one request and sends its reply; false when the owner is gone.
+fn answer(sock: &OwnedFd, inner: &Inner, msg: &[u8; MSG_LEN]) -> bool {
+    let (op, seq, offset, len) = decode_request(msg);
+    let (errno, at) = match inner.page_range(offset, len) {
+        Err(e) => (libc::EINVAL, e.offset()),
+        Ok(r) => apply(inner, op, r),
+    };
+    let mut reply = [0u8; MSG_LEN];
+    reply[0..4].copy_from_slice(&seq.to_le_bytes());
+    reply[4..8].copy_from_slice(&errno.to_le_bytes());
+    reply[8..16].copy_from_slice(&at.to_le_bytes());
+    rustix::net::send(sock, &reply, SendFlags::NOSIGNAL).is_ok()
 }
 
 fn decode_request(b: &[u8; MSG_LEN]) -> (u32, u32, u64, u64) {
