@@ -100,6 +100,7 @@ pub enum Alloc {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
     size: u64,
+    block: u64,
     mmap: bool,
     attrs: Vec<Attr>,
     bytes: Vec<u8>,
@@ -125,6 +126,7 @@ impl Model {
         };
         Model {
             size,
+            block: PAGE,
             mmap,
             attrs: vec![attr; pages],
             bytes: vec![0; idx(size)],
@@ -137,6 +139,20 @@ impl Model {
             commits: 0,
             aborts: 0,
         }
+    }
+
+    /// The same file on a backing whose allocation unit is `block` bytes (a HugeTLB huge
+    /// page): fallocate ranges and view offsets align to it, and a conversion proceeds one
+    /// block at a time, stopping part way (reporting how far it got) at the first block it
+    /// cannot convert.
+    pub fn with_block(mut self, block: u64) -> Self {
+        self.block = block;
+        self
+    }
+
+    /// Allocation unit in bytes.
+    pub fn block(&self) -> u64 {
+        self.block
     }
 
     /// Size in bytes.
@@ -267,17 +283,49 @@ impl Model {
         if let Some(v) = self.veto.filter(|&v| (ps as u64..pe as u64).contains(&v)) {
             return Err(Fault::at(Class::Vetoed, libc::EAGAIN, v * PAGE));
         }
-        if to == Attr::Private {
-            for refs in [&self.refs, &self.follower_refs] {
-                if let Some(p) = (ps..pe).find(|&p| refs[p] != 0) {
+        if self.block == PAGE {
+            if to == Attr::Private {
+                if let Some(f) = self.first_busy(ps, pe) {
                     self.aborts += 1;
-                    return Err(Fault::at(Class::Busy, libc::EAGAIN, p as u64 * PAGE));
+                    return Err(f);
                 }
             }
+            self.attrs[ps..pe].fill(to);
+            self.commits += 1;
+            return Ok(());
         }
-        self.attrs[ps..pe].fill(to);
+        // One block at a time: blocks already in the target state are skipped; the first
+        // block that cannot convert stops the call, the blocks before it stay converted.
+        let per = idx(self.block / PAGE);
+        let mut at = ps;
+        while at < pe {
+            let end = ((at / per + 1) * per).min(pe);
+            if to == Attr::Private && self.attrs[at..end].iter().any(|&a| a != to) {
+                if let Some(mut f) = self.first_busy(at, end) {
+                    self.aborts += 1;
+                    if at > ps {
+                        f.reached = Some(at as u64 * PAGE);
+                        self.commits += 1;
+                    }
+                    return Err(f);
+                }
+            }
+            self.attrs[at..end].fill(to);
+            at = end;
+        }
         self.commits += 1;
         Ok(())
+    }
+
+    /// The first page of `[ps, pe)` holding a host reference, local before a follower's.
+    fn first_busy(&self, ps: usize, pe: usize) -> Option<Fault> {
+        [&self.refs, &self.follower_refs]
+            .into_iter()
+            .find_map(|refs| {
+                (ps..pe)
+                    .find(|&p| refs[p] != 0)
+                    .map(|p| Fault::at(Class::Busy, libc::EAGAIN, p as u64 * PAGE))
+            })
     }
 
     /// `GuestMemfd::convert` on a follower: range checks, then `EPERM`.
@@ -307,7 +355,7 @@ impl Model {
         if mode & keep == 0 || mode & !(keep | punch) != 0 {
             return Err(unsupported);
         }
-        if offset % PAGE != 0 || len % PAGE != 0 {
+        if offset % self.block != 0 || len % self.block != 0 {
             return Err(Fault::at(Class::Unaligned, libc::EINVAL, offset));
         }
         if mode & punch != 0 {
@@ -449,7 +497,7 @@ impl Model {
             return Err(Fault::bare(Class::NotMappable, libc::ENODEV));
         }
         check_range(offset, len, 1, u64::MAX)?;
-        if offset % PAGE != 0 {
+        if offset % self.block != 0 {
             return Err(Fault::at(Class::Unaligned, libc::EINVAL, offset));
         }
         Ok(())

@@ -174,6 +174,7 @@ pub struct Generator {
     size: u64,
     follower: bool,
     fine: bool,
+    block: u64,
 }
 
 impl Generator {
@@ -185,7 +186,15 @@ impl Generator {
             size,
             follower,
             fine: false,
+            block: PAGE,
         }
+    }
+
+    /// Generates for a backing with `block`-byte allocation units (HugeTLB): most fallocate
+    /// ranges are then block aligned.
+    pub fn block(mut self, block: u64) -> Self {
+        self.block = block;
+        self
     }
 
     /// Makes most page ranges a single page, so the file fragments into many runs (hundreds,
@@ -273,7 +282,14 @@ impl Generator {
             18 => keep | libc::FALLOC_FL_ZERO_RANGE,
             _ => 1 << self.rng.range(8, 30),
         };
-        let (offset, len) = if self.rng.chance(1, 10) {
+        let blocks = self.size / self.block;
+        let (offset, len) = if self.block > PAGE && self.rng.chance(7, 10) {
+            let start = self.rng.below(blocks);
+            (
+                start * self.block,
+                self.rng.range(1, blocks - start) * self.block,
+            )
+        } else if self.rng.chance(1, 10) {
             // Past the end: punch is a no-op, allocation is EINVAL.
             (
                 self.size + self.rng.below(4) * PAGE,

@@ -52,6 +52,9 @@ pub struct Fault {
     pub errno: i32,
     /// The offending offset, where the error names one.
     pub offset: Option<u64>,
+    /// For a conversion that stopped part way (HugeTLB, one huge page at a time): the first
+    /// byte not converted.
+    pub reached: Option<u64>,
 }
 
 impl fmt::Debug for Fault {
@@ -59,6 +62,9 @@ impl fmt::Debug for Fault {
         write!(f, "{:?}(errno {}", self.class, self.errno)?;
         if let Some(o) = self.offset {
             write!(f, ", offset {o:#x}")?;
+        }
+        if let Some(r) = self.reached {
+            write!(f, ", stopped at {r:#x}")?;
         }
         write!(f, ")")
     }
@@ -71,6 +77,7 @@ impl Fault {
             class,
             errno,
             offset: Some(offset),
+            reached: None,
         }
     }
 
@@ -80,6 +87,7 @@ impl Fault {
             class,
             errno,
             offset: None,
+            reached: None,
         }
     }
 }
@@ -137,6 +145,12 @@ impl Reduce for ConvertError {
             ConvertError::NotOwner => Class::NotOwner,
             ConvertError::Os { .. } => Class::Os,
             ConvertError::Peer { .. } => Class::Peer,
+            ConvertError::Partial { reached, source } => {
+                return Fault {
+                    reached: Some(*reached),
+                    ..source.reduce()
+                }
+            }
             #[allow(unreachable_patterns)]
             _ => Class::Os,
         };
@@ -144,6 +158,7 @@ impl Reduce for ConvertError {
             class,
             errno,
             offset,
+            reached: None,
         }
     }
 }

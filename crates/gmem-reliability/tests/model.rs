@@ -65,6 +65,8 @@ struct Config {
     follower: bool,
     /// Mostly single-page ranges: hundreds of runs.
     fine: bool,
+    /// HugeTLB backing with 2 MiB pages (split and merge on every mixed huge page).
+    huge: bool,
 }
 
 /// The real side: the file, its views, pins, an in-process follower.
@@ -80,6 +82,8 @@ struct Real {
 }
 
 struct Run {
+    /// HugeTLB: the backing's allocation counters are not compared.
+    huge: bool,
     model: Model,
     real: Real,
     rng: Rng,
@@ -98,7 +102,11 @@ impl Run {
         if cfg.init_shared {
             flags = flags | Flags::INIT_SHARED;
         }
-        let mem = GuestMemfd::create(size, flags).map_err(|e| format!("create: {e}"))?;
+        let mut builder = GuestMemfd::builder(size).flags(flags);
+        if cfg.huge {
+            builder = builder.backing(gmem::BackingChoice::HugeTlb(gmem::HUGE_2M));
+        }
+        let mem = builder.create().map_err(|e| format!("create: {e}"))?;
         let listener = Arc::new(Recorder {
             veto: AtomicU64::new(u64::MAX),
             ..Recorder::default()
@@ -116,7 +124,12 @@ impl Run {
             (None, None)
         };
         Ok(Run {
-            model: Model::new(size, true, cfg.init_shared),
+            model: if cfg.huge {
+                Model::new(size, true, cfg.init_shared).with_block(gmem::HUGE_2M)
+            } else {
+                Model::new(size, true, cfg.init_shared)
+            },
+            huge: cfg.huge,
             real: Real {
                 guest: mem.guest(),
                 mem,
@@ -211,7 +224,7 @@ impl Run {
         let data = data_pages(fd, self.model.size())?;
         let blocks = st_blocks(fd)?;
         let mut want_blocks = 0;
-        for p in 0..pages {
+        for p in (0..pages).filter(|_| !self.huge) {
             let a = self.model.alloc(p);
             if (a == Alloc::Data) != data[p as usize] {
                 return Err(format!(
@@ -223,7 +236,7 @@ impl Run {
                 want_blocks += PAGE / 512;
             }
         }
-        if blocks != want_blocks {
+        if blocks != want_blocks && !self.huge {
             return Err(format!("st_blocks {blocks}, model {want_blocks}"));
         }
         let mut buf = vec![0u8; PAGE as usize];
@@ -482,6 +495,7 @@ fn same<T: PartialEq + std::fmt::Debug>(
 ) -> Result<(), String> {
     let key = match &want {
         Ok(_) => format!("{what}: ok"),
+        Err(f) if f.reached.is_some() => format!("{what}: {:?} (stopped part way)", f.class),
         Err(f) => format!("{what}: {:?}", f.class),
     };
     TALLY.with(|t| *t.borrow_mut().entry(key).or_default() += 1);
@@ -605,7 +619,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// The configurations a CI run cycles through: small files (cheap probes, dense operations),
 /// a fragmented file (mostly single-page conversions: hundreds of runs, past the attribute
 /// index's chunk size), and files of 2.5 hole chunks so whole private chunks become holes in
-/// the views.
+/// the views, and HugeTLB files of two 2 MiB pages (conversions split and merge them).
 fn configs() -> Vec<(Config, u64)> {
     let hole_pages = gmem::view::host::HOLE_CHUNK / PAGE;
     let cfg = |pages, init_shared, follower, fine| Config {
@@ -613,7 +627,13 @@ fn configs() -> Vec<(Config, u64)> {
         init_shared,
         follower,
         fine,
+        huge: false,
     };
+    let huge = |pages, init_shared, fine| Config {
+        huge: true,
+        ..cfg(pages, init_shared, false, fine)
+    };
+    let hp = gmem::HUGE_2M / PAGE;
     vec![
         (cfg(64, true, false, false), 30),
         (cfg(64, false, false, false), 10),
@@ -625,6 +645,8 @@ fn configs() -> Vec<(Config, u64)> {
             10,
         ),
         (cfg(2 * hole_pages + 5, false, true, false), 5),
+        (huge(2 * hp, true, false), 6),
+        (huge(2 * hp, false, true), 4),
     ]
 }
 
@@ -633,17 +655,26 @@ fn model_based_random_operations() {
     let total = env_u64("GMEM_MODEL_OPS", 100_000);
     let base = env_u64("GMEM_MODEL_SEED", 0x6d65_6d67);
     let per_run = 2_000u64;
-    let plan = configs();
+    // HugeTLB configurations need 2 huge pages of the pool; grow it for the run.
+    let pool = gmem::PoolGuard::grow(gmem::HUGE_2M, 2);
+    let plan: Vec<(Config, u64)> = match &pool {
+        Ok(_) => configs(),
+        Err(e) => {
+            eprintln!("skipped: HugeTLB configurations (cannot reserve 2 huge pages: {e})");
+            configs().into_iter().filter(|(c, _)| !c.huge).collect()
+        }
+    };
     let weight: u64 = plan.iter().map(|(_, w)| w).sum();
     let mut done = 0u64;
     let mut run_no = 0u64;
+    let mut used = vec![0u64; plan.len()];
     let t0 = Instant::now();
     while done < total {
-        // Cycle through the configurations in proportion to their weights.
-        let mut pick = run_no % weight;
-        let cfg = plan
+        // Pick configurations in proportion to their weights, spread over the runs.
+        let mut pick = Rng::new(base ^ run_no).next_u64() % weight;
+        let which = plan
             .iter()
-            .find(|(_, w)| {
+            .position(|(_, w)| {
                 if pick < *w {
                     true
                 } else {
@@ -651,13 +682,17 @@ fn model_based_random_operations() {
                     false
                 }
             })
-            .map(|(c, _)| *c)
-            .unwrap_or(plan[0].0);
+            .unwrap_or(0);
+        let cfg = plan[which].0;
+        used[which] += 1;
         let seed = base.wrapping_add(run_no.wrapping_mul(0x9e37_79b9));
         let n = per_run.min(total - done);
         let mut generator = Generator::new(seed, cfg.pages * PAGE, cfg.follower);
         if cfg.fine {
             generator = generator.fine();
+        }
+        if cfg.huge {
+            generator = generator.block(gmem::HUGE_2M);
         }
         let ops: Vec<Op> = (0..n).map(|_| generator.op()).collect();
         if let Err((i, reason)) = execute(cfg, seed, &ops) {
@@ -675,6 +710,9 @@ fn model_based_random_operations() {
         "{done} operations in {run_no} runs, {:.1} s, zero divergences",
         t0.elapsed().as_secs_f64()
     );
+    for ((cfg, _), n) in plan.iter().zip(&used) {
+        eprintln!("  {n} runs of {cfg:?}");
+    }
     TALLY.with(|t| {
         for (k, n) in t.borrow().iter() {
             eprintln!("  {k}: {n}");
