@@ -243,6 +243,37 @@ fn hugetlb_handover_keeps_split_pages_and_pending_merges() {
 }
 
 #[test]
+fn new_owner_refusing_the_state_leaves_the_old_owner_in_charge() {
+    let mem = build();
+    let before = digest(&mem);
+    let private = before.1.iter().find(|r| r.2 == Attr::Private).unwrap().0;
+    // A pin record on a private page: well formed, but the new owner cannot take it.
+    let mut offer = FileOffer::new(&mem);
+    offer.pins.push(gmem::preserve::PinRecord {
+        offset: private,
+        len: P,
+        tag: 3,
+    });
+    let (a, b) = pair();
+    let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    let e = hand_over(a.as_fd(), &[offer], &Options::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            HandoverError::Rejected {
+                errno: libc::EFAULT
+            }
+        ),
+        "{e:?}"
+    );
+    let e = t.join().unwrap().unwrap_err();
+    assert_eq!(e.errno(), libc::EFAULT, "{e:?}");
+    assert_eq!(digest(&mem), before);
+    mem.convert(0, P, Attr::Private).unwrap();
+    mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap();
+}
+
+#[test]
 fn handover_twice_counts_generations() {
     let mem = build();
     let before = digest(&mem);
