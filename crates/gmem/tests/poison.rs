@@ -231,7 +231,7 @@ fn concurrent_poison_injection_during_split_and_merge() {
         assert_eq!(at(&view, q * P), Touch::Ok(0));
         // Let the converter split and merge a few times before the next injection.
         let splits = acct.splits();
-        while acct.splits() < splits + 2 {
+        while acct.splits() < splits + 2 && !converter.is_finished() {
             std::thread::yield_now();
         }
     }
