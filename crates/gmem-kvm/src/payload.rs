@@ -385,6 +385,21 @@ pub fn doorbell_noop_loop(gpa: u64) -> Result<Vec<u8>, PayloadError> {
     asm.finish()
 }
 
+/// Loads the doorbell's registers as [`doorbell_noop_loop`] does, then reports `eax` instead of
+/// ringing: the same guest instructions, one bare I/O exit per iteration.
+pub fn report_loop_like_doorbell(gpa: u64) -> Result<Vec<u8>, PayloadError> {
+    let mut asm = Asm::new();
+    let top = asm.label();
+    asm.place(top)
+        .mov32(Reg32::Ebx, u32::try_from(gpa & 0xffff_ffff).unwrap_or(0))
+        .mov32(Reg32::Edi, u32::try_from(gpa >> 32).unwrap_or(0))
+        .mov32(Reg32::Ecx, 4096)
+        .mov32(Reg32::Esi, 0)
+        .report_eax()
+        .jmp(top);
+    asm.finish()
+}
+
 /// Reports 0 forever: one bare I/O exit per iteration.
 pub fn report_loop() -> Result<Vec<u8>, PayloadError> {
     let mut asm = Asm::new();

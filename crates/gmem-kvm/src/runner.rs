@@ -31,7 +31,8 @@ use std::time::Duration;
 
 use gmem::{AccessError, Attr, BackingKind, ConvertError, CreateError, Flags, GuestMemfd};
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_bindings::KVM_SYNC_X86_REGS;
+use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd};
 
 use crate::caps::{Capabilities, Mode};
 use crate::doorbell::{self, DOORBELL_ERROR_HI_PORT, DOORBELL_ERROR_LO_PORT, DOORBELL_PORT};
@@ -118,20 +119,30 @@ pub struct Vcpu {
     fd: VcpuFd,
     vm: Arc<VmShared>,
     error_gpa: u64,
+    /// KVM copies the general registers into `kvm_run` at every exit (`KVM_CAP_SYNC_REGS`),
+    /// so a doorbell request is read without a `KVM_GET_REGS` (which costs about as much as
+    /// an exit on a software hypervisor).
+    sync_regs: bool,
 }
 
 impl Vm {
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, VmError> {
-        let fd = self
+        let mut fd = self
             .shared
             .fd
             .create_vcpu(id)
             .map_err(VmError::ioctl("KVM_CREATE_VCPU"))?;
+        let sync = u32::try_from(self.shared.fd.check_extension_int(Cap::SyncRegs)).unwrap_or(0);
+        let sync_regs = sync & KVM_SYNC_X86_REGS != 0;
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
         Ok(Vcpu {
             fd,
             vm: self.shared.clone(),
             error_gpa: 0,
+            sync_regs,
         })
     }
 }
@@ -164,6 +175,21 @@ impl Vcpu {
         self.fd
             .set_regs(&regs)
             .map_err(RunError::ioctl("KVM_SET_REGS"))
+    }
+
+    /// Chooses how doorbell requests are read: from the registers KVM copies into `kvm_run`
+    /// at every exit (`KVM_CAP_SYNC_REGS`, the default where the kernel has it), or with
+    /// `KVM_GET_REGS` after the exit. Returns whether the copy is now in use (false when
+    /// asked for and the kernel lacks it).
+    pub fn use_sync_regs(&mut self, on: bool) -> bool {
+        let sync = u32::try_from(self.vm.fd.check_extension_int(Cap::SyncRegs)).unwrap_or(0);
+        self.sync_regs = on && sync & KVM_SYNC_X86_REGS != 0;
+        if self.sync_regs {
+            self.fd.set_sync_valid_reg(SyncReg::Register);
+        } else {
+            self.fd.clear_sync_valid_reg(SyncReg::Register);
+        }
+        self.sync_regs
     }
 
     /// The vCPU descriptor, for ioctls gmem does not wrap.
@@ -282,10 +308,13 @@ impl Vcpu {
     /// Serves a doorbell read: the request is in the registers, the status goes in the
     /// read's data.
     fn doorbell(&mut self) -> Result<Exit, RunError> {
-        let regs = self
-            .fd
-            .get_regs()
-            .map_err(RunError::ioctl("KVM_GET_REGS"))?;
+        let regs = if self.sync_regs {
+            self.fd.sync_regs().regs
+        } else {
+            self.fd
+                .get_regs()
+                .map_err(RunError::ioctl("KVM_GET_REGS"))?
+        };
         let report = match doorbell::decode(&regs) {
             Ok(r) => request::serve(&self.vm, Source::Doorbell, r.gpa, r.size, r.to),
             Err(gpa) => Report {

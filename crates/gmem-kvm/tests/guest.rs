@@ -92,7 +92,7 @@ fn secret_private_then_shared_shmem_hva_slot() {
     secret_round_trip(Kind::Shmem);
 }
 
-fn pinned_request(kind: Kind) {
+fn pinned_request(kind: Kind, sync_regs: bool) {
     let Some(vm) = vm_or_skip() else { return };
     let mem = create(&vm, kind, SIZE, Flags::MMAP | Flags::INIT_SHARED);
     vm.bind(&mem, 0, 0, SIZE).expect("bind");
@@ -108,6 +108,12 @@ fn pinned_request(kind: Kind) {
         .report_error_gpa()
         .hlt();
     let mut vcpu = load(&vm, &mem, &asm.finish().expect("assemble"));
+    if !sync_regs {
+        assert!(
+            !vcpu.use_sync_regs(false),
+            "requests read with KVM_GET_REGS"
+        );
+    }
 
     let pin = mem.pin(pinned_page, 16).expect("pin");
     let r = expect_converted(&mut vcpu, "request over a pinned page");
@@ -139,12 +145,17 @@ fn pinned_request(kind: Kind) {
 
 #[test]
 fn pinned_page_fails_request_with_eagain_then_succeeds_after_unpin_kernel() {
-    pinned_request(Kind::Kernel);
+    pinned_request(Kind::Kernel, true);
+}
+
+#[test]
+fn pinned_page_eagain_with_requests_read_by_get_regs() {
+    pinned_request(Kind::Kernel, false);
 }
 
 #[test]
 fn pinned_page_fails_request_with_eagain_then_succeeds_after_unpin_shmem() {
-    pinned_request(Kind::Shmem);
+    pinned_request(Kind::Shmem, true);
 }
 
 /// A device that cannot give up one page, and records what it heard.
