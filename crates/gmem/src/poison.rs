@@ -15,6 +15,10 @@
 //! - punch-hole of the page replaces it with a fresh zero page and clears the record, as the
 //!   kernel's truncation of a poisoned page does.
 //!
+//! The raw guest pointer ([`GuestView::as_ptr`](crate::GuestView::as_ptr), an hva memslot) is
+//! not marked: a vCPU path that touches memory through it checks
+//! [`GuestMemfd::is_poisoned`] or uses the guest view's checked calls.
+//!
 //! On HugeTLB a poisoned page inside a huge page that has shared pages splits the huge page
 //! (only 4 KiB of it is lost, unlike the kernel, which loses the whole huge page); injection
 //! serialises with restructuring on the control lock, so it never races a split or merge. It
