@@ -123,6 +123,12 @@ impl PeerSet {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// True when no follower is attached. A live-update hand-over refuses a file with
+    /// followers: they would go on following this process, not the new owner.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.links().is_empty()
+    }
+
     /// Asks every follower to revoke `r`; on a refusal, restores those that accepted.
     pub fn revoke(&self, r: ByteRange) -> Result<(), ConvertError> {
         let mut links = self.links();

@@ -447,6 +447,9 @@ fn files_that_cannot_be_handed_over() {
     // A follower of another owner.
     let sock = mem.share_with_process().unwrap();
     let follower = GuestMemfd::attach(sock).unwrap();
+    // The owner of a follower: the follower would not follow the new owner.
+    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap_err();
+    assert!(matches!(e, HandoverError::Busy { file: 0, .. }), "{e:?}");
     let e = hand_over(a.as_fd(), &[FileOffer::new(&follower)], &Options::default()).unwrap_err();
     assert_eq!(e.errno(), libc::EBUSY);
     // Nothing stayed frozen.

@@ -147,7 +147,9 @@ impl Step {
 pub struct Options {
     /// How long the old owner waits for `ACCEPT` and for `DONE`, and the new owner for `OFFER`.
     pub timeout: Duration,
-    /// Called after each step completes (progress reporting, tracing, fault injection).
+    /// Called after each step completes (progress reporting, tracing, fault injection). It
+    /// runs on the hand-over's thread while the files are frozen: converting them from it
+    /// would wait for the hand-over it is part of.
     pub on_step: Option<Arc<dyn Fn(Step) + Send + Sync>>,
     /// The generation the old owner writes in the state: how many hand-overs the memory has
     /// been through, this one included (pass [`Restored::generation`] `+ 1` when handing over
@@ -496,6 +498,12 @@ pub(crate) fn freeze(offers: &[FileOffer], generation: u64) -> Result<Frozen, Ha
             });
         }
         let ctl = inner.control();
+        if !ctl.peers.is_empty() {
+            return Err(HandoverError::Busy {
+                file: i,
+                what: "shared with peer processes, which would keep following this one",
+            });
+        }
         if inner.freeze.phase() != Phase::Live {
             return Err(HandoverError::Busy {
                 file: i,

@@ -31,8 +31,9 @@
 //!   frozen, and once handed over, nothing merges in the old owner, and poison (which splits)
 //!   is compared again before `COMMIT`; after the hand-over the old owner refuses poison
 //!   (`EPERM`): the new owner records it.
-//! - Peers ([`crate::peer`]) are not handed over: they follow the old owner and stop when it
-//!   exits.
+//! - A file shared with peer processes ([`crate::peer`]) is refused (`EBUSY`): its followers
+//!   would go on following the old owner and miss the new owner's conversions. A follower
+//!   that died is forgotten at the owner's next conversion to private.
 //! - The kernel guest_memfd travels (the new owner can map and read it) but cannot be bound to
 //!   a new VM: [`copy_into_new`] is the path, a copy, measured as one.
 //!
