@@ -30,7 +30,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use gmem::{AccessError, Attr, BackingKind, ConvertError, CreateError, Flags, GuestMemfd};
-use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 use kvm_bindings::KVM_SYNC_X86_REGS;
 use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd};
 
@@ -39,11 +38,7 @@ use crate::doorbell::{self, DOORBELL_ERROR_HI_PORT, DOORBELL_ERROR_LO_PORT, DOOR
 use crate::memslot::BindError;
 use crate::payload::{Asm, PayloadError, REPORT_MISMATCH, REPORT_OK, REPORT_PORT};
 use crate::request::{self, Report, Source, Status};
-use crate::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_VALID};
 use crate::vm::{Vm, VmError, VmShared};
-
-/// `KVM_ENOSYS` (`kvm_para.h`): the hypercall return for an unknown hypercall.
-const KVM_ENOSYS: u64 = 1000;
 
 /// Why running a vCPU failed.
 #[derive(Debug, thiserror::Error)]
@@ -241,41 +236,18 @@ impl Vcpu {
                     })
                 }
                 Ok(VcpuExit::Hypercall(h)) => {
-                    if h.nr != KVM_HC_MAP_GPA_RANGE {
-                        *h.ret = KVM_ENOSYS.wrapping_neg();
-                        continue;
-                    }
-                    let [gpa, npages, attrs, ..] = h.args;
-                    let to = if attrs & KVM_MAP_GPA_RANGE_ENCRYPTED != 0 {
-                        Attr::Private
-                    } else {
-                        Attr::Shared
-                    };
-                    let report = match npages.checked_mul(gmem::PAGE_SIZE) {
-                        Some(size) if attrs & !KVM_MAP_GPA_RANGE_VALID == 0 => {
-                            request::serve(&self.vm, Source::Hypercall, gpa, size, to)
+                    let (ret, report) = request::map_gpa_range(&self.vm, h.nr, h.args);
+                    *h.ret = ret;
+                    match report {
+                        Some(report) => {
+                            self.error_gpa = report.status.gpa();
+                            Pending::Done(Exit::Converted(report))
                         }
-                        _ => Report {
-                            source: Source::Hypercall,
-                            gpa,
-                            size: npages,
-                            to,
-                            status: Status::Invalid { gpa },
-                        },
-                    };
-                    *h.ret = u64::try_from(report.status.errno())
-                        .unwrap_or(0)
-                        .wrapping_neg();
-                    self.error_gpa = report.status.gpa();
-                    Pending::Done(Exit::Converted(report))
+                        None => continue,
+                    }
                 }
                 Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                    let to = if flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0 {
-                        Attr::Private
-                    } else {
-                        Attr::Shared
-                    };
-                    let report = request::serve(&self.vm, Source::MemoryFault, gpa, size, to);
+                    let report = request::memory_fault(&self.vm, flags, gpa, size);
                     self.error_gpa = report.status.gpa();
                     Pending::Done(Exit::Converted(report))
                 }
