@@ -34,6 +34,10 @@
 //! - A file shared with peer processes ([`crate::peer`]) is refused (`EBUSY`): its followers
 //!   would go on following the old owner and miss the new owner's conversions. A follower
 //!   that died is forgotten at the owner's next conversion to private.
+//! - After the hand-over the old owner's existing mappings (its host views and guest view)
+//!   still reach the memory and no longer learn of conversions: the new owner's conversions
+//!   revoke only its own views. The old owner is expected to drop its handles and exit, as a
+//!   process replaced by a live update does.
 //! - The kernel guest_memfd travels (the new owner can map and read it) but cannot be bound to
 //!   a new VM: [`copy_into_new`] is the path, a copy, measured as one.
 //!
