@@ -284,8 +284,8 @@ fn peer_child(side: gmem_conformance::child::ChildSide) {
 }
 
 /// A second process that attaches while a huge page is split maps its pieces, and follows
-/// every later merge and split: it faults exactly on private pages, and both processes see
-/// each other's writes before and after each restructuring.
+/// every later merge and split: it faults exactly on private and poisoned pages, and both
+/// processes see each other's writes before and after each restructuring.
 #[test]
 fn conformance_hugetlb_restructure_peer_follows_split_and_merge() {
     if let Some(side) = gmem_conformance::child::child_side() {
@@ -336,6 +336,18 @@ fn conformance_hugetlb_restructure_peer_follows_split_and_merge() {
         child.recv(),
         format!("probed {}", both("ok:06 ok:77 ok:08 ok:09 ok:c1"))
     );
+
+    // Poison reaches the child too, and a punch-hole clears it there as well.
+    mem.inject_poison(8 * P).expect("poison page 8");
+    assert_eq!(acct.split_pages(), 1);
+    child.send("probe");
+    let poisoned = both("ok:06 ok:77 bus ok:09 ok:c1");
+    assert_eq!(child.recv(), format!("probed {poisoned}"));
+    mem.fallocate(FallocMode::PUNCH_HOLE, 0, M2).expect("punch");
+    child.send("probe");
+    let zero = both("ok:00 ok:00 ok:00 ok:00 ok:00");
+    assert_eq!(child.recv(), format!("probed {zero}"));
+    assert_eq!(acct.split_pages(), 0, "whole and unpoisoned again: merged");
     child.send("exit");
     child.finish();
 }

@@ -8,9 +8,10 @@
 //! `SCM_RIGHTS`. The owner writes one *hello* packet on it at once, carrying the file's size,
 //! flags, block size and backing kind, with two descriptors: the memory itself and a sealed
 //! memfd holding the attribute runs at that instant (HugeTLB: a third, the companion file of
-//! split pieces, followed by one `SPLIT` request per huge page split at that instant). The
-//! other process calls [`GuestMemfd::attach`], which builds a *follower* file from the hello and starts an agent
-//! thread that serves the owner's requests:
+//! split pieces, followed by one `SPLIT` request per huge page split at that instant), then
+//! one `POISON` request per poisoned page. The other process calls [`GuestMemfd::attach`],
+//! which builds a *follower* file from the hello, applies the requests already queued behind
+//! it, and starts an agent thread that serves the owner's requests:
 //!
 //! | request (owner → follower) | the follower | reply |
 //! |---|---|---|
@@ -18,6 +19,8 @@
 //! | `RESTORE offset len` | marks the range shared and lifts the markers | `0` |
 //! | `SPLIT offset len` (HugeTLB) | maps the owner's pieces of that huge page over its windows (see [`crate::restructure`]) | `0`, or `EAGAIN` + a page it holds |
 //! | `MERGE offset len` (HugeTLB) | maps the huge page back over its windows | `0`, or `EAGAIN` + a page it holds |
+//! | `POISON offset len` | records the page as poisoned and marks it in its views | `0` |
+//! | `UNPOISON offset len` | clears poison records in the range (after a punch-hole) | `0` |
 //!
 //! Packets are 24 bytes, little-endian: `op:u32 seq:u32 offset:u64 len:u64`; replies
 //! `seq:u32 errno:i32 offset:u64 0:u64`. A conversion in the owner waits for every follower's
@@ -70,6 +73,10 @@ const OP_RESTORE: u32 = 2;
 const OP_SPLIT: u32 = 3;
 /// HugeTLB: the owner is merging the huge page at `offset`; map the huge page back.
 const OP_MERGE: u32 = 4;
+/// The owner recorded the page at `offset` as poisoned (memory failure).
+const OP_POISON: u32 = 5;
+/// A punch-hole gave `[offset, offset + len)` fresh pages: poison records there are cleared.
+const OP_UNPOISON: u32 = 6;
 /// Largest number of runs a hello may announce (2^30 runs = 8 GiB of run table).
 const MAX_RUNS: u64 = 1 << 30;
 
@@ -195,6 +202,21 @@ impl PeerSet {
             links.remove(i);
         }
         Ok(())
+    }
+
+    /// Tells every follower about poison (`poison`) or its clearing by a punch-hole in `r`.
+    /// Best effort: a follower that fails is logged; a dead one is dropped.
+    pub fn poison(&self, r: ByteRange, poison: bool) {
+        let op = if poison { OP_POISON } else { OP_UNPOISON };
+        let mut links = self.links();
+        links.retain(|l| match self.call(l.as_fd(), op, r) {
+            Ok(None) => true,
+            Ok(Some(e)) => {
+                tracing::error!(offset = r.start, "a peer failed to follow poison: {e}");
+                true
+            }
+            Err(()) => false,
+        });
     }
 
     /// Queues a request without waiting for its reply (a later call skips the reply).
@@ -384,6 +406,13 @@ impl GuestMemfd {
                 };
                 ctl.peers.post(mine.as_fd(), OP_SPLIT, r)?;
             }
+        }
+        for p in inner.poison_records() {
+            let r = ByteRange {
+                start: p,
+                end: p + PAGE_SIZE,
+            };
+            ctl.peers.post(mine.as_fd(), OP_POISON, r)?;
         }
         ctl.peers.links().push(mine);
         Ok(theirs)
@@ -668,6 +697,13 @@ fn apply(inner: &Inner, op: u32, r: ByteRange) -> (i32, u64) {
         OP_RESTORE => restore_local(inner, &mut ctl.views, r),
         OP_SPLIT => crate::restructure::follow(inner, &mut ctl.views, true, r),
         OP_MERGE => crate::restructure::follow(inner, &mut ctl.views, false, r),
+        OP_POISON => crate::poison::follow(inner, &mut ctl.views, r),
+        OP_UNPOISON => {
+            crate::poison::clear(inner, &mut ctl.views, r).map_err(|source| ConvertError::Os {
+                offset: r.start,
+                source,
+            })
+        }
         _ => return (libc::EINVAL, r.start),
     };
     match res {

@@ -13,7 +13,9 @@
 //!   (`EHWPOISON`) naming the page; no new pin or borrow is ever handed out for it;
 //! - conversions of the page and of its neighbours work as before;
 //! - punch-hole of the page replaces it with a fresh zero page and clears the record, as the
-//!   kernel's truncation of a poisoned page does.
+//!   kernel's truncation of a poisoned page does;
+//! - peer processes ([`crate::peer`]) follow: they record the page (and clear it after a
+//!   punch-hole), so their views and accessors refuse it too.
 //!
 //! The raw guest pointer ([`GuestView::as_ptr`](crate::GuestView::as_ptr), an hva memslot) is
 //! not marked: a vCPU path that touches memory through it checks
@@ -185,6 +187,41 @@ pub(crate) fn clear(inner: &Inner, views: &mut [ViewSlot], r: ByteRange) -> io::
     Ok(())
 }
 
+/// A peer process follows its owner's poison record of the page at `r`.
+pub(crate) fn follow(
+    inner: &Inner,
+    views: &mut [ViewSlot],
+    r: ByteRange,
+) -> Result<(), ConvertError> {
+    let page = r.start / PAGE_SIZE;
+    let shared = {
+        let attrs = inner.attrs_write();
+        inner.poison.insert(page);
+        attrs.get(page) == Attr::Shared
+    };
+    if shared {
+        for v in views.iter_mut() {
+            v.revoke(page_range(page))
+                .map_err(|source| ConvertError::Os {
+                    offset: r.start,
+                    source,
+                })?;
+        }
+    }
+    Ok(())
+}
+
+impl Inner {
+    /// Byte offsets of the poisoned pages.
+    pub(crate) fn poison_records(&self) -> Vec<u64> {
+        self.poison
+            .all()
+            .into_iter()
+            .map(|p| p * PAGE_SIZE)
+            .collect()
+    }
+}
+
 impl GuestMemfd {
     /// Marks the base page containing `offset` as poisoned (memory failure). See the
     /// [module docs](crate::poison). Injecting an already poisoned page succeeds.
@@ -243,6 +280,7 @@ impl GuestMemfd {
             // A page waiting to merge is not whole any more: it stays split.
             rs.set_waiting(at / rs.page, false);
         }
+        ctl.peers.poison(page_range(page), true);
         Ok(())
     }
 

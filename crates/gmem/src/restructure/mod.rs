@@ -67,7 +67,7 @@
 //!
 //! A writer in a peer process is not frozen: the peer refuses a split or merge only while it
 //! holds a checked reference (pin, accessor), so a raw write through a peer's view during the
-//! copy can be lost. Poison is recorded per process and not sent to peers.
+//! copy can be lost.
 
 mod split;
 pub(crate) mod step;

@@ -173,9 +173,16 @@ pub(crate) fn after_put(inner: &Inner, first: u64, end: u64) {
 /// keeps its guarantee.
 pub(crate) fn punch_hole(inner: &Inner, mode: libc::c_int, r: ByteRange) -> io::Result<()> {
     let mut ctl = inner.control();
+    let poisoned = inner
+        .poison
+        .any_in(r.start / PAGE_SIZE, r.end.div_ceil(PAGE_SIZE));
     let Some(rs) = inner.restructure.as_ref() else {
         inner.backing.fallocate(mode, r.start, r.len())?;
-        return crate::poison::clear(inner, &mut ctl.views, r);
+        crate::poison::clear(inner, &mut ctl.views, r)?;
+        if poisoned {
+            ctl.peers.poison(r, false);
+        }
+        return Ok(());
     };
     let hs = rs.split_in(r.start / rs.page, r.end / rs.page);
     for h in r.start / rs.page..r.end / rs.page {
@@ -186,6 +193,9 @@ pub(crate) fn punch_hole(inner: &Inner, mode: libc::c_int, r: ByteRange) -> io::
     }
     inner.backing.fallocate(mode, r.start, r.len())?;
     crate::poison::clear(inner, &mut ctl.views, r)?;
+    if poisoned {
+        ctl.peers.poison(r, false);
+    }
     for h in hs {
         let (hf, he) = pages(huge_range(rs, h));
         let free =
