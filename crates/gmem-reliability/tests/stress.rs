@@ -23,7 +23,8 @@ use gmem_conformance::probe;
 use gmem_reliability::rng::Rng;
 
 const PAGE: u64 = 4096;
-const PAGES: u64 = 256;
+/// One 2 MiB huge page on HugeTLB.
+const PAGES: u64 = 512;
 const SIZE: u64 = PAGES * PAGE;
 /// Written only into private pages.
 const PRIVATE: u8 = 0xEE;
@@ -206,10 +207,11 @@ fn prober(view: &HostView, sh: &Shared, me: usize, seed: u64, name: &str) {
 
 fn puncher(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64) {
     let mut r = Rng::new(seed);
+    let per = mem.block_size() / PAGE;
     while !sh.stopped() {
         sh.tick(me);
-        let start = r.below(PAGES);
-        let n = r.range(1, (PAGES - start).min(16));
+        let start = r.below(PAGES / per) * per;
+        let n = r.range(1, ((PAGES - start) / per).min(16)) * per;
         let mode = if r.chance(3, 4) {
             FallocMode::PUNCH_HOLE
         } else {
@@ -224,11 +226,34 @@ fn puncher(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64) {
 
 #[test]
 fn stress_accessors_never_see_private_pages() {
+    let mem = GuestMemfd::create(SIZE, Flags::MMAP | Flags::INIT_SHARED).expect("create");
+    stress(mem);
+}
+
+/// The same on HugeTLB: every conversion of part of the huge page splits it, every return to
+/// uniform merges it, while the accessors and pins run.
+#[test]
+fn stress_accessors_never_see_private_pages_hugetlb() {
+    let _pool = match gmem::PoolGuard::grow(gmem::HUGE_2M, 1) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("skipped: cannot reserve a 2 MiB huge page: {e}");
+            return;
+        }
+    };
+    let mem = GuestMemfd::builder(SIZE)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(gmem::BackingChoice::HugeTlb(gmem::HUGE_2M))
+        .create()
+        .expect("create on HugeTLB");
+    stress(mem);
+}
+
+fn stress(mem: GuestMemfd) {
     let secs = std::env::var("GMEM_STRESS_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6u64);
-    let mem = GuestMemfd::create(SIZE, Flags::MMAP | Flags::INIT_SHARED).expect("create");
     let follower = GuestMemfd::attach(mem.share_with_process().expect("share")).expect("attach");
     let view = mem.map(0, SIZE).expect("map");
     let fview = follower.map(0, SIZE).expect("follower map");
