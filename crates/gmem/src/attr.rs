@@ -48,6 +48,9 @@ impl Run {
 /// Keys per chunk before it splits.
 const CHUNK_MAX: usize = 64;
 
+/// Index entries per summary entry.
+const SUMMARY_STRIDE: usize = 64;
+
 /// A slice of consecutive boundaries, with the attribute of the run starting at the first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Chunk {
@@ -79,6 +82,9 @@ pub struct RunMap {
     pages: u64,
     first: Attr,
     index: Vec<u64>,
+    /// Every [`SUMMARY_STRIDE`]-th entry of `index`: a few hundred words that stay in L1 and
+    /// narrow the search of `index` to one block.
+    summary: Vec<u64>,
     chunks: Vec<Chunk>,
     keys: usize,
 }
@@ -90,6 +96,7 @@ impl RunMap {
             pages,
             first: attr,
             index: Vec::new(),
+            summary: Vec::new(),
             chunks: Vec::new(),
             keys: 0,
         }
@@ -110,9 +117,43 @@ impl RunMap {
         false
     }
 
+    /// The last chunk whose first boundary is `<= page`, or `None` before any.
+    fn chunk_of(&self, page: u64) -> Option<usize> {
+        let b = self
+            .summary
+            .partition_point(|&k| k <= page)
+            .checked_sub(1)?;
+        let lo = b * SUMMARY_STRIDE;
+        let hi = (lo + SUMMARY_STRIDE).min(self.index.len());
+        let i = self.index[lo..hi].partition_point(|&k| k <= page);
+        Some(lo + i - 1)
+    }
+
+    /// Rebuilds the summary from index entry `from` on, after entries were inserted or
+    /// removed there.
+    fn resummarize(&mut self, from: usize) {
+        self.summary.truncate(from / SUMMARY_STRIDE);
+        let start = self.summary.len() * SUMMARY_STRIDE;
+        self.summary.extend(
+            self.index
+                .iter()
+                .skip(start)
+                .step_by(SUMMARY_STRIDE)
+                .copied(),
+        );
+    }
+
+    /// Sets the first boundary of chunk `c` in the index (and the summary).
+    fn set_first(&mut self, c: usize, key: u64) {
+        self.index[c] = key;
+        if c % SUMMARY_STRIDE == 0 {
+            self.summary[c / SUMMARY_STRIDE] = key;
+        }
+    }
+
     /// Position of the last boundary `<= page`: (chunk, key index), or `None` before any.
     fn locate(&self, page: u64) -> Option<(usize, usize)> {
-        let c = self.index.partition_point(|&k| k <= page).checked_sub(1)?;
+        let c = self.chunk_of(page)?;
         let i = self.chunks[c]
             .keys
             .partition_point(|&k| k <= page)
@@ -224,10 +265,13 @@ impl RunMap {
     }
 
     /// Removes every boundary in `[lo, hi]`, keeping each chunk's first attribute right.
+    /// Chunks left empty are dropped in one pass, so a bulk change costs the chunks it
+    /// touches, not that many shifts of the whole map.
     fn remove_keys(&mut self, lo: u64, hi: u64) {
-        let mut c = self.index.partition_point(|&k| k <= lo).saturating_sub(1);
-        while c < self.chunks.len() && self.index[c] <= hi {
-            let ch = &mut self.chunks[c];
+        let start = self.chunk_of(lo).unwrap_or(0);
+        let mut end = start;
+        while end < self.chunks.len() && self.index[end] <= hi {
+            let ch = &mut self.chunks[end];
             let a = ch.keys.partition_point(|&k| k < lo);
             let b = ch.keys.partition_point(|&k| k <= hi);
             if a < b {
@@ -237,26 +281,34 @@ impl RunMap {
                 ch.keys.drain(a..b);
                 self.keys -= b - a;
             }
-            if ch.keys.is_empty() {
-                self.chunks.remove(c);
-                self.index.remove(c);
-            } else {
-                self.index[c] = ch.keys[0];
-                c += 1;
+            end += 1;
+        }
+        if start == end {
+            return;
+        }
+        let mut kept = start;
+        for c in start..end {
+            if !self.chunks[c].keys.is_empty() {
+                self.chunks.swap(kept, c);
+                kept += 1;
             }
         }
+        self.chunks.drain(kept..end);
+        let firsts: Vec<u64> = self.chunks[start..kept].iter().map(|c| c.keys[0]).collect();
+        self.index.splice(start..end, firsts);
+        self.resummarize(start);
     }
 
     /// Inserts boundary `key` (not present) where the run starting at it has `attr`.
     fn insert_key(&mut self, key: u64, attr: Attr) {
         self.keys += 1;
-        let c = self.index.partition_point(|&k| k <= key);
+        let c = self.chunk_of(key).map_or(0, |c| c + 1);
         if c == 0 {
             match self.chunks.first_mut() {
                 Some(ch) => {
                     ch.keys.insert(0, key);
                     ch.attr = attr;
-                    self.index[0] = key;
+                    self.set_first(0, key);
                 }
                 None => {
                     self.chunks.push(Chunk {
@@ -264,6 +316,7 @@ impl RunMap {
                         attr,
                     });
                     self.index.push(key);
+                    self.resummarize(0);
                 }
             }
             return;
@@ -276,7 +329,7 @@ impl RunMap {
     /// Splits the chunk holding `key` in two if it grew past [`CHUNK_MAX`]. Every chunk must
     /// alternate when this runs.
     fn split_if_full(&mut self, key: u64) {
-        let Some(c) = self.index.partition_point(|&k| k <= key).checked_sub(1) else {
+        let Some(c) = self.chunk_of(key) else {
             return;
         };
         let ch = &mut self.chunks[c];
@@ -290,6 +343,7 @@ impl RunMap {
         };
         self.index.insert(c + 1, tail.keys[0]);
         self.chunks.insert(c + 1, tail);
+        self.resummarize(c + 1);
     }
 }
 
