@@ -80,6 +80,7 @@ struct Snapshot {
     busy: Vec<bool>,
     events: u64,
     fds: usize,
+    poisoned: Vec<u64>,
 }
 
 fn fd_count() -> usize {
@@ -141,7 +142,7 @@ impl Fixture {
         let mut bytes = vec![0u8; SIZE as usize];
         let guest = mem.guest();
         for p in 0..PAGES {
-            if p != 9 && p != 10 {
+            if p != 9 && p != 10 && !mem.is_poisoned(p * PAGE) {
                 let s = (p * PAGE) as usize;
                 guest
                     .read(p * PAGE, &mut bytes[s..s + PAGE as usize])
@@ -185,6 +186,7 @@ impl Fixture {
             busy,
             events,
             fds: fd_count(),
+            poisoned: mem.poisoned_pages(),
         }
     }
 }
@@ -213,6 +215,12 @@ impl Snapshot {
         }
         if self.events != o.events {
             d.push(format!("listener events {} -> {}", self.events, o.events));
+        }
+        if self.poisoned != o.poisoned {
+            d.push(format!(
+                "poisoned {:x?} -> {:x?}",
+                self.poisoned, o.poisoned
+            ));
         }
         if self.fds != o.fds {
             d.push(format!("descriptors {} -> {}", self.fds, o.fds));
@@ -821,4 +829,164 @@ fn bad_input_errnos_match_the_kernel() {
         "errnos differ from the kernel:\n{}",
         mismatches.join("\n")
     );
+}
+
+#[test]
+fn bad_input_poison() {
+    let _g = serial();
+    let fx = Fixture::new();
+    // Out of range: refused, nothing poisoned, nothing else changed.
+    for off in [SIZE, SIZE + 1, u64::MAX] {
+        refused(
+            &fx,
+            "inject_poison out of range",
+            einval(Class::OutOfBounds, off),
+            |fx| reduce(fx.mem.inject_poison(off)),
+        );
+        assert!(fx.mem.poisoned_pages().is_empty());
+    }
+    // A poisoned page (wrong state) refuses every checked access and the guest view with
+    // EHWPOISON naming the first poisoned byte, before the attribute check; the file is
+    // otherwise unchanged by each refused call.
+    fx.mem.inject_poison(8 * PAGE + 100).expect("inject");
+    fx.mem
+        .inject_poison(5 * PAGE)
+        .expect("inject a private page");
+    assert_eq!(fx.mem.poisoned_pages(), vec![5 * PAGE, 8 * PAGE]);
+    let hw = |o| Fault::at(Class::Poisoned, libc::EHWPOISON, o);
+    let mut buf = [0u8; 16];
+    refused(&fx, "read_at poisoned", hw(8 * PAGE + 3), |fx| {
+        reduce(fx.mem.read_at(8 * PAGE + 3, &mut buf))
+    });
+    refused(&fx, "write_at into poisoned", hw(8 * PAGE), |fx| {
+        reduce(fx.mem.write_at(8 * PAGE - 8, &[1; 16]))
+    });
+    refused(&fx, "pin poisoned", hw(8 * PAGE), |fx| {
+        reduce(fx.mem.pin(7 * PAGE, 2 * PAGE)).map(|p| p.len())
+    });
+    refused(&fx, "poisoned before private", hw(5 * PAGE), |fx| {
+        reduce(fx.mem.read_at(5 * PAGE, &mut buf))
+    });
+    refused(&fx, "guest read poisoned", hw(5 * PAGE + 1), |fx| {
+        reduce(fx.mem.guest().read(5 * PAGE + 1, &mut buf))
+    });
+    refused(&fx, "guest write poisoned", hw(8 * PAGE), |fx| {
+        reduce(fx.mem.guest().write(8 * PAGE, &[1; 16]))
+    });
+    // Host views fault on it whatever its attribute.
+    // SAFETY: inside the view.
+    let t = unsafe { probe::read(fx.view.as_ptr().wrapping_add((8 * PAGE) as usize)) };
+    assert!(t.is_sigbus(), "{t:?}");
+    // Conversions around it still work, and it still faults after returning to shared.
+    fx.mem
+        .convert(8 * PAGE, PAGE, Attr::Private)
+        .expect("convert poisoned page");
+    fx.mem
+        .convert(8 * PAGE, PAGE, Attr::Shared)
+        .expect("and back");
+    // SAFETY: inside the view.
+    let t = unsafe { probe::read(fx.view.as_ptr().wrapping_add((8 * PAGE) as usize)) };
+    assert!(t.is_sigbus(), "{t:?}");
+    // Punch-hole clears it: fresh zero page.
+    fx.mem
+        .fallocate(FallocMode::PUNCH_HOLE, 8 * PAGE, PAGE)
+        .expect("punch");
+    assert_eq!(fx.mem.poisoned_pages(), vec![5 * PAGE]);
+    fx.mem
+        .read_at(8 * PAGE, &mut buf)
+        .expect("read after punch");
+    assert_eq!(buf, [0; 16]);
+}
+
+#[test]
+fn bad_input_hugetlb() {
+    let _g = serial();
+    const HUGE: u64 = gmem::HUGE_2M;
+    let fl = Flags::MMAP | Flags::INIT_SHARED;
+    let hb = |size: u64, page: u64| {
+        GuestMemfd::builder(size)
+            .flags(fl)
+            .backing(gmem::BackingChoice::HugeTlb(page))
+            .create()
+    };
+    // Unsupported page sizes: EINVAL before anything is reserved.
+    for page in [0, PAGE, 1 << 20, 3 << 20, 4 << 20, HUGE + PAGE] {
+        let e = hb(HUGE, page).expect_err("unsupported page size accepted");
+        assert_eq!(e.errno(), libc::EINVAL, "page size {page:#x}: {e}");
+    }
+    // Sizes not a multiple of the huge page: EINVAL naming the block size.
+    for size in [0, PAGE, HUGE - PAGE, HUGE + PAGE, 3 * HUGE / 2] {
+        let e = hb(size, HUGE).expect_err("unaligned HugeTLB size accepted");
+        assert!(
+            matches!(e, gmem::CreateError::InvalidSize { size: s, block: HUGE } if s == size),
+            "size {size:#x}: {e:?}"
+        );
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
+    let Ok(_pool) = gmem::PoolGuard::grow(HUGE, 2) else {
+        eprintln!("skipped: the HugeTLB part (cannot reserve 2 huge pages)");
+        return;
+    };
+    let mem = hb(2 * HUGE, HUGE).expect("HugeTLB file");
+    mem.write_at(HUGE + 5, b"kept").expect("write");
+    let runs = || mem.runs(0, 2 * HUGE).expect("runs");
+    let before = runs();
+    // fallocate and map align to the huge page.
+    for (o, l) in [
+        (PAGE, HUGE),
+        (0, PAGE),
+        (0, HUGE + PAGE),
+        (HUGE / 2, HUGE / 2),
+    ] {
+        for mode in [FallocMode::KEEP_SIZE, FallocMode::PUNCH_HOLE] {
+            let e = mem
+                .fallocate(mode, o, l)
+                .expect_err("unaligned fallocate accepted");
+            assert_eq!(
+                gmem_reliability::outcome::Reduce::reduce(&e),
+                einval(Class::Unaligned, o),
+                "fallocate({o:#x}, {l:#x})"
+            );
+        }
+    }
+    for o in [PAGE, HUGE / 2, HUGE + PAGE] {
+        let e = mem.map(o, HUGE).expect_err("unaligned view accepted");
+        assert_eq!(
+            gmem_reliability::outcome::Reduce::reduce(&e),
+            einval(Class::Unaligned, o)
+        );
+    }
+    // Conversion ranges keep base-page granularity; bad ones are refused as on shmem.
+    let e = mem
+        .convert(1, PAGE, Attr::Private)
+        .expect_err("unaligned convert");
+    assert_eq!(
+        gmem_reliability::outcome::Reduce::reduce(&e),
+        einval(Class::Unaligned, 1)
+    );
+    let e = mem
+        .convert(HUGE, 2 * HUGE, Attr::Private)
+        .expect_err("past the end");
+    assert_eq!(
+        gmem_reliability::outcome::Reduce::reduce(&e),
+        einval(Class::OutOfBounds, HUGE)
+    );
+    // A pin in the second huge page: a two-huge-page conversion converts the first, then
+    // stops, naming the pinned page and how far it got.
+    let pin = mem.pin(HUGE + 3 * PAGE, 10).expect("pin");
+    let e = mem.convert(0, 2 * HUGE, Attr::Private).expect_err("pinned");
+    let f = gmem_reliability::outcome::Reduce::reduce(&e);
+    assert_eq!(
+        (f.class, f.errno, f.offset, f.reached),
+        (Class::Busy, libc::EAGAIN, Some(HUGE + 3 * PAGE), Some(HUGE)),
+        "{e}"
+    );
+    assert_eq!(mem.attr(0).expect("attr"), Attr::Private);
+    assert_eq!(mem.attr(HUGE).expect("attr"), Attr::Shared);
+    drop(pin);
+    mem.convert(0, 2 * HUGE, Attr::Shared).expect("back");
+    assert_eq!(runs(), before);
+    let mut b = [0u8; 4];
+    mem.read_at(HUGE + 5, &mut b).expect("read");
+    assert_eq!(&b, b"kept");
 }
