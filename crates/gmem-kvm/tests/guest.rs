@@ -452,3 +452,24 @@ fn two_vcpus_convert_their_own_pages_at_once() {
     });
     assert_eq!(mem.run_count(), 1);
 }
+
+#[test]
+fn watchdog_interrupts_a_guest_that_never_exits() {
+    let Some(vm) = vm_or_skip() else { return };
+    let mem = create(&vm, Kind::Shmem, SIZE, Flags::MMAP | Flags::INIT_SHARED);
+    vm.bind(&mem, 0, 0, SIZE).expect("bind");
+    let mut asm = Asm::new();
+    let spin = asm.label();
+    asm.place(spin).jmp(spin);
+    let mut vcpu = load(&vm, &mem, &asm.finish().expect("assemble"));
+    let started = std::time::Instant::now();
+    let wd = gmem_kvm::Watchdog::arm(std::time::Duration::from_millis(200)).expect("watchdog");
+    assert_eq!(vcpu.run().expect("KVM_RUN"), Exit::Interrupted);
+    drop(wd);
+    let took = started.elapsed();
+    assert!(took >= std::time::Duration::from_millis(200), "{took:?}");
+    // The vCPU is still usable: point it at a halt and run it again.
+    mem.guest().write(0x8000, &[0xf4]).expect("hlt");
+    vcpu.set_real_mode_entry(0x8000).expect("entry");
+    expect_halt(&mut vcpu);
+}
