@@ -42,11 +42,29 @@ enum Cmd {
         #[arg(long = "convert")]
         convert: Vec<String>,
     },
+    /// Create guest memory, then hand it (zero copy) to a new `gmem` process, which checks
+    /// every byte and attribute and reports.
+    Handover {
+        /// e.g. memory-backend-guest-memfd,id=ram0,size=64M,init-shared=on
+        #[arg(long = "object", short = 'o')]
+        object: String,
+        /// Conversions to apply before the hand-over, OFFSET:LEN:shared|private.
+        #[arg(long = "convert")]
+        convert: Vec<String>,
+    },
     /// Run the core benchmarks (P1–P5) and print a table with ratios.
     Bench {
         /// File size in MiB for P1, P2, P4 (the bars are defined at 1024).
         #[arg(long, default_value_t = 1024)]
         mib: u64,
+    },
+    /// Internal: the new owner of a hand-over (descriptors inherited).
+    #[command(name = "__receive", hide = true)]
+    Receive {
+        /// Checksum of the contents the old owner saw.
+        sum: String,
+        /// Runs the old owner saw.
+        runs: usize,
     },
     /// Internal: child process of the demo.
     #[command(name = "__touch", hide = true)]
@@ -72,7 +90,94 @@ fn parse_conversion(s: &str) -> R<(u64, u64, Attr)> {
     ))
 }
 
+/// FNV-1a over every byte of the file, read through the guest view (any attribute).
+fn checksum(mem: &GuestMemfd) -> R<u64> {
+    let guest = mem.guest();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < mem.size() {
+        let n = usize::try_from((mem.size() - off).min(1 << 20))?;
+        guest.read(off, &mut buf[..n])?;
+        for b in &buf[..n] {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        off += u64::try_from(n)?;
+    }
+    Ok(h)
+}
+
+fn handover(spec: &str, conversions: &[String]) -> R<()> {
+    let (obj, mem) = build(spec, conversions, false)?;
+    // Some contents to carry: each page's first bytes name the page.
+    let guest = mem.guest();
+    for page in (0..mem.size()).step_by(4096) {
+        guest.write(page, &page.to_le_bytes())?;
+    }
+    let sum = checksum(&mem)?;
+    let runs = mem.run_count();
+    println!("{obj}");
+    println!("old owner: {} run(s), checksum {sum:016x}", runs);
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["__receive", &format!("{sum:016x}"), &runs.to_string()]);
+    let offers = [gmem::preserve::FileOffer::new(&mem)];
+    let spawned = gmem::preserve::spawn_with_inherited(
+        &offers,
+        &mut cmd,
+        &gmem::preserve::Options::default(),
+    )?;
+    let mut child = spawned.child;
+    match spawned.outcome {
+        Ok(h) => println!(
+            "handed over: pause {:.3} ms, state {} bytes, confirmed {}",
+            h.pause.as_secs_f64() * 1e3,
+            h.state_len,
+            h.confirmed
+        ),
+        Err(e) => {
+            // The new owner refused or died: let it finish saying why.
+            let _ = child.wait();
+            return Err(
+                format!("hand-over failed, this process still owns the memory: {e}").into(),
+            );
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        return Err(format!("the new owner failed: {status}").into());
+    }
+    Ok(())
+}
+
+fn receive(sum: &str, runs: usize) -> R<()> {
+    // SAFETY: called once, at start, before anything else in this process opens descriptors.
+    let restored =
+        unsafe { gmem::preserve::receive_inherited(&gmem::preserve::Options::default()) }?
+            .ok_or("not started for a hand-over")?;
+    for f in &restored.files {
+        let got = checksum(&f.mem)?;
+        println!(
+            "new owner (generation {}): {} MiB {}, {} run(s), checksum {got:016x}",
+            restored.generation,
+            f.mem.size() >> 20,
+            f.mem.backing_kind(),
+            f.mem.run_count()
+        );
+        if format!("{got:016x}") != sum || f.mem.run_count() != runs {
+            return Err("contents or attributes differ from the old owner's".into());
+        }
+    }
+    println!("new owner: every byte and every attribute arrived");
+    Ok(())
+}
+
 fn create(json: bool, spec: &str, conversions: &[String]) -> R<()> {
+    let (obj, mem) = build(spec, conversions, json)?;
+    report(json, &obj, &mem)
+}
+
+/// Creates the memory an object describes and applies the conversions.
+fn build(spec: &str, conversions: &[String], json: bool) -> R<(object::MemoryObject, GuestMemfd)> {
     let obj = object::parse(spec)?;
     let mut flags = Flags::NONE;
     if obj.mmap {
@@ -107,6 +212,10 @@ fn create(json: bool, spec: &str, conversions: &[String]) -> R<()> {
         let (off, len, to) = parse_conversion(c)?;
         mem.convert(off, len, to)?;
     }
+    Ok((obj, mem))
+}
+
+fn report(json: bool, obj: &object::MemoryObject, mem: &GuestMemfd) -> R<()> {
     let runs = mem.runs(0, mem.size())?;
     if json {
         let runs: Vec<_> = runs
@@ -156,6 +265,8 @@ fn main() {
         Cmd::Probe => gmem_cli::probe::run(cli.json),
         Cmd::Create { object, convert } => create(cli.json, &object, &convert),
         Cmd::Bench { mib } => run_bench(cli.json, mib),
+        Cmd::Handover { object, convert } => handover(&object, &convert),
+        Cmd::Receive { sum, runs } => receive(&sum, runs),
         Cmd::Touch { fd, offset } => demo::touch_child(fd, offset).map(|b| println!("{b:#04x}")),
     };
     if let Err(e) = res {

@@ -124,3 +124,27 @@ fn cli_create_with_policy_and_prealloc() {
     assert!(!ok);
     assert!(err.contains("NUMA node 1023 is not online"), "{err}");
 }
+
+#[test]
+fn cli_handover_to_a_new_process() {
+    let (ok, out, err) = gmem(&[
+        "handover",
+        "-o",
+        "memory-backend-guest-memfd,id=r,size=32M,init-shared=on",
+        "--convert",
+        "1M:4K:private",
+        "--convert",
+        "8M:4M:private",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("old owner: 5 run(s)"), "{out}");
+    assert!(out.contains("confirmed true"), "{out}");
+    assert!(
+        out.contains("new owner (generation 1): 32 MiB shmem, 5 run(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("every byte and every attribute arrived"),
+        "{out}"
+    );
+}

@@ -528,6 +528,48 @@ fn inherited_descriptors_spawn_mode() {
     assert_eq!(gmem::preserve::Phase::Released, Phase::Released);
 }
 
+/// HugeTLB files travel with their pieces file: the descriptors outnumber the files offered,
+/// and the environment says how many files there are.
+#[test]
+fn inherited_descriptors_spawn_mode_hugetlb_with_a_split_page() {
+    const M2: u64 = gmem::HUGE_2M;
+    let Ok(_pool) = gmem::PoolGuard::grow(M2, 2) else {
+        eprintln!("skipped: cannot reserve two 2 MiB huge pages");
+        return;
+    };
+    let mem = GuestMemfd::builder(2 * M2)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(gmem::BackingChoice::HugeTlb(M2))
+        .create()
+        .unwrap();
+    let g = mem.guest();
+    for p in 0..2 * M2 / P {
+        g.write(p * P, &[(p % 251) as u8 + 1; 64]).unwrap();
+    }
+    mem.convert(M2 + 3 * P, P, Attr::Private).unwrap();
+    let (crc, runs) = digest(&mem);
+    assert_eq!(runs.len(), 3);
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "preserve_exec_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("GMEM_PRESERVE_EXEC_CHILD", "1")
+    .stdout(std::process::Stdio::piped());
+    let spawned =
+        spawn_with_inherited(&[FileOffer::new(&mem)], &mut cmd, &Options::default()).unwrap();
+    assert!(spawned.outcome.unwrap().confirmed);
+    let out = spawned.child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("CHILD digest={crc:08x} runs=3")),
+        "{text}"
+    );
+}
+
 /// Child entry for `exec_replacing_hands_over_to_the_new_image`: the old image builds the
 /// file and replaces itself; the new image (same process) receives it.
 #[test]

@@ -41,11 +41,20 @@ pub struct Spawned {
     pub outcome: Result<HandedOver, HandoverError>,
 }
 
-fn env_value(sock: Option<RawFd>, state: RawFd, len: usize, crc: u32, files: &[RawFd]) -> String {
+/// The value of [`HANDOVER_ENV`]. `files` lists every file descriptor (HugeTLB pieces
+/// included) and `count` the number of files offered, as the `OFFER` message carries it.
+fn env_value(
+    sock: Option<RawFd>,
+    state: RawFd,
+    len: usize,
+    crc: u32,
+    files: &[RawFd],
+    count: u32,
+) -> String {
     let sock = sock.map_or("-".to_string(), |s| s.to_string());
     let files: Vec<String> = files.iter().map(|f| f.to_string()).collect();
     format!(
-        "v1;sock={sock};state={state};len={len};crc={crc:08x};files={}",
+        "v1;sock={sock};state={state};len={len};crc={crc:08x};files={};count={count}",
         files.join(",")
     )
 }
@@ -94,6 +103,7 @@ pub fn spawn_with_inherited(
         frozen.state_len,
         frozen.crc,
         files,
+        frozen.offer_msg().files,
     );
     let mut all = fds.clone();
     all.push(theirs.as_raw_fd());
@@ -125,7 +135,14 @@ pub fn exec_replacing(offers: &[FileOffer], cmd: &mut Command, opts: &Options) -
     };
     cmd.env(
         HANDOVER_ENV,
-        env_value(None, *state, frozen.state_len, frozen.crc, files),
+        env_value(
+            None,
+            *state,
+            frozen.state_len,
+            frozen.crc,
+            files,
+            frozen.offer_msg().files,
+        ),
     );
     inherit_in_child_exec(&fds);
     let err = cmd.exec();
@@ -158,6 +175,8 @@ struct Parsed {
     len: u64,
     crc: u32,
     files: Vec<RawFd>,
+    /// Files offered (fewer than descriptors when HugeTLB pieces travel too).
+    count: u32,
 }
 
 fn parse_env(v: &str) -> Result<Parsed, HandoverError> {
@@ -192,6 +211,9 @@ fn parse_env(v: &str) -> Result<Parsed, HandoverError> {
     if files.is_empty() || files.len() > super::format::MAX_FILES {
         return Err(bad("GMEM_HANDOVER file count"));
     }
+    let count: u32 = field("count")?
+        .parse()
+        .map_err(|_| bad("GMEM_HANDOVER count"))?;
     let mut all: Vec<RawFd> = files.clone();
     all.push(state);
     all.extend(sock);
@@ -205,6 +227,7 @@ fn parse_env(v: &str) -> Result<Parsed, HandoverError> {
         len,
         crc,
         files,
+        count,
     })
 }
 
@@ -251,7 +274,7 @@ pub unsafe fn receive_inherited(opts: &Options) -> Result<Option<Restored>, Hand
     let offer = OfferInfo {
         crc: p.crc,
         state_len: p.len,
-        files: u32::try_from(files.len()).unwrap_or(u32::MAX),
+        files: p.count,
     };
     opts.step(Step::OfferReceived);
     let sock_fd: Option<BorrowedFd<'_>> = sock.as_ref().map(|s| s.as_fd());
