@@ -109,6 +109,8 @@ pub struct Model {
     follower_refs: Vec<u32>,
     pins: Vec<PinRec>,
     poisoned: Vec<bool>,
+    /// Per block (huge page): split into base pages.
+    split: Vec<bool>,
     veto: Option<u64>,
     commits: u64,
     aborts: u64,
@@ -135,6 +137,7 @@ impl Model {
             follower_refs: vec![0; pages],
             pins: Vec::new(),
             poisoned: vec![false; pages],
+            split: Vec::new(),
             veto: None,
             commits: 0,
             aborts: 0,
@@ -147,7 +150,48 @@ impl Model {
     /// cannot convert.
     pub fn with_block(mut self, block: u64) -> Self {
         self.block = block;
+        self.split = vec![false; idx(self.size / block)];
         self
+    }
+
+    /// True when block `h` can be one huge page: all private, or all shared with no poisoned
+    /// page.
+    fn whole(&self, h: usize) -> bool {
+        let per = idx(self.block / PAGE);
+        let r = h * per..(h + 1) * per;
+        self.attrs[r.clone()].iter().all(|&a| a == Attr::Private)
+            || (self.attrs[r.clone()].iter().all(|&a| a == Attr::Shared)
+                && !self.poisoned[r].iter().any(|&p| p))
+    }
+
+    fn referenced(&self, h: usize) -> bool {
+        let per = idx(self.block / PAGE);
+        (h * per..(h + 1) * per).any(|p| self.refs[p] != 0 || self.follower_refs[p] != 0)
+    }
+
+    /// Brings the split state up to date after an operation: a block that is not whole is
+    /// split; a split block that is whole merges once nothing references its pages (until then
+    /// it waits).
+    pub fn settle(&mut self) {
+        for h in 0..self.split.len() {
+            if !self.whole(h) {
+                self.split[h] = true;
+            } else if self.split[h] && !self.referenced(h) {
+                self.split[h] = false;
+            }
+        }
+    }
+
+    /// Blocks split into base pages (HugeTLB).
+    pub fn split_blocks(&self) -> u64 {
+        self.split.iter().filter(|&&s| s).count() as u64
+    }
+
+    /// Split blocks that are whole and wait for their references to go before merging.
+    pub fn waiting_blocks(&self) -> u64 {
+        (0..self.split.len())
+            .filter(|&h| self.split[h] && self.whole(h))
+            .count() as u64
     }
 
     /// Allocation unit in bytes.
@@ -300,6 +344,17 @@ impl Model {
         let mut at = ps;
         while at < pe {
             let end = ((at / per + 1) * per).min(pe);
+            let (hf, he) = ((at / per) * per, (at / per + 1) * per);
+            let uniform_after = self.attrs[hf..at].iter().all(|&a| a == to)
+                && self.attrs[end..he].iter().all(|&a| a == to);
+            let poisoned = self.poisoned[hf..he].iter().any(|&p| p);
+            if self.attrs[at..end].iter().any(|&a| a != to)
+                && !(uniform_after && (to == Attr::Private || !poisoned))
+            {
+                // Split before converting; a failed conversion leaves it split until the
+                // references that refused it go.
+                self.split[at / per] = true;
+            }
             if to == Attr::Private && self.attrs[at..end].iter().any(|&a| a != to) {
                 if let Some(mut f) = self.first_busy(at, end) {
                     self.aborts += 1;
