@@ -19,6 +19,7 @@ use gmem::preserve::{
     Options,
 };
 use gmem::{Attr, BackingKind, Flags, GuestMemfd};
+use gmem_conformance::probe;
 use gmem_kvm::{BindError, Vm, VmError};
 
 const P: u64 = 4096;
@@ -73,6 +74,17 @@ fn preserve_kvm_child() {
     let old = &got.files[0].mem;
     assert_eq!(old.backing_kind(), BackingKind::KernelGuestMemfd);
     println!("OLD {}", digest(old));
+    // The new owner maps the old file: private pages fault there too (page 3 is private,
+    // page 2 shared).
+    let view = old.map(0, SIZE).unwrap();
+    let at = |p: u64| view.as_ptr().wrapping_add(usize::try_from(p * P).unwrap());
+    // SAFETY: both pages lie inside the view.
+    let (private, shared) = unsafe { (probe::read(at(3)), probe::read(at(2))) };
+    println!(
+        "MAP-OLD private={} shared={}",
+        private.is_sigbus(),
+        shared == probe::Touch::Ok(2u8.wrapping_mul(7) | 1)
+    );
     let vm = Vm::new().unwrap();
     // The kernel ties the file to the VM that created it.
     match vm.bind(old, 0, 0, SIZE) {
@@ -156,6 +168,7 @@ fn kernel_guest_memfd_is_copied_into_a_new_vm() {
     };
     assert_eq!(line("OLD"), want);
     assert_eq!(line("NEW"), want);
+    assert_eq!(line("MAP-OLD"), "private=true shared=true");
     assert_eq!(line("BIND-OLD"), format!("errno={}", libc::EINVAL));
     assert_eq!(line("RUN-OLD"), format!("ret=-1 errno={}", libc::EIO));
     println!("copy of a kernel guest_memfd: {}", line("COPY"));

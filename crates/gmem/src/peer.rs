@@ -52,7 +52,7 @@ use rustix::net::{
 };
 
 use crate::attr::{Attr, RunMap};
-use crate::backing::{Backing, BackingKind};
+use crate::backing::{BackingKind, Received};
 use crate::convert::{restore_local, revoke_local, ConvertError};
 use crate::file::{CreateError, GuestMemfd, Inner};
 use crate::flags::Flags;
@@ -308,43 +308,6 @@ fn decode_reply(b: &[u8; MSG_LEN]) -> (u32, i32, u64) {
         i32::from_le_bytes(u32_at(4).to_le_bytes()),
         u64::from_le_bytes(off),
     )
-}
-
-/// A descriptor received from another process, with the kind and block size it announced.
-#[derive(Debug)]
-struct Received {
-    fd: OwnedFd,
-    kind: BackingKind,
-    block: u64,
-    /// The owner's companion file of split pieces (HugeTLB).
-    pieces: Option<OwnedFd>,
-}
-
-impl AsFd for Received {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
-impl Backing for Received {
-    fn kind(&self) -> BackingKind {
-        self.kind
-    }
-    fn block_size(&self) -> u64 {
-        self.block
-    }
-    fn kernel_refuses_io(&self) -> bool {
-        self.kind == BackingKind::KernelGuestMemfd
-    }
-    fn mappable(&self, flags: Flags) -> bool {
-        self.kind != BackingKind::KernelGuestMemfd || flags.contains(Flags::MMAP)
-    }
-    fn userfaultfd_capable(&self) -> bool {
-        self.kind != BackingKind::KernelGuestMemfd
-    }
-    fn companion(&self) -> Option<BorrowedFd<'_>> {
-        self.pieces.as_ref().map(|f| f.as_fd())
-    }
 }
 
 fn kind_code(k: BackingKind) -> (u32, u64) {

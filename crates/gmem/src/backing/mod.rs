@@ -6,7 +6,10 @@
 //! is the same for every backing.
 
 pub mod hugetlb;
+mod received;
 mod shmem;
+
+pub(crate) use received::Received;
 
 pub use hugetlb::HugeTlb;
 pub use shmem::Shmem;

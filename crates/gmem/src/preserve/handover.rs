@@ -56,9 +56,8 @@ use rustix::net::{
 use crate::access::Pin;
 use crate::attr::{Attr, RunMap};
 use crate::backing::hugetlb::HugeTlb;
-use crate::backing::{Backing, BackingKind};
+use crate::backing::{Backing, BackingKind, Received};
 use crate::file::{FileId, GuestMemfd};
-use crate::flags::Flags;
 use crate::sys::fd;
 
 use super::error::{io, os, HandoverError};
@@ -802,35 +801,6 @@ pub(crate) fn finish_new(
     Ok(restored)
 }
 
-/// A descriptor adopted from the old owner, with the kind and block size the state names.
-#[derive(Debug)]
-struct Adopted {
-    fd: OwnedFd,
-    kind: BackingKind,
-    block: u64,
-}
-
-impl AsFd for Adopted {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
-impl Backing for Adopted {
-    fn kind(&self) -> BackingKind {
-        self.kind
-    }
-    fn block_size(&self) -> u64 {
-        self.block
-    }
-    fn kernel_refuses_io(&self) -> bool {
-        self.kind == BackingKind::KernelGuestMemfd
-    }
-    fn mappable(&self, flags: Flags) -> bool {
-        self.kind != BackingKind::KernelGuestMemfd || flags.contains(Flags::MMAP)
-    }
-}
-
 fn read_state(offer: &OfferInfo, f: &OwnedFd) -> Result<Vec<u8>, HandoverError> {
     let st = fd::fstat(f.as_fd()).map_err(io("fstat state"))?;
     let len = u64::try_from(st.st_size).unwrap_or(u64::MAX);
@@ -924,10 +894,11 @@ fn verify(
                 let huge = HugeTlb::adopt(f, fs.size, page).map_err(io("map HugeTLB file"))?;
                 Box::new(AdoptedHuge { huge, pieces })
             }
-            kind => Box::new(Adopted {
+            kind => Box::new(Received {
                 fd: f,
                 kind,
                 block: fs.block_size,
+                pieces: None,
             }),
         };
         let mem = GuestMemfd::assemble(backing, fs.size, fs.flags, Some(attrs), false)?;
