@@ -73,3 +73,8 @@ impl GuestMemfd {
         self.inner.control().listeners.remove(id)
     }
 }
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
