@@ -103,7 +103,9 @@ impl FileError {
     /// The errno the kernel returns for the same case.
     pub fn errno(&self) -> i32 {
         match self {
-            FileError::Unsupported { op: "pread" | "pwrite" } => libc::ESPIPE,
+            FileError::Unsupported {
+                op: "pread" | "pwrite",
+            } => libc::ESPIPE,
             FileError::Unsupported { .. } | FileError::Resize { .. } | FileError::Range(_) => {
                 libc::EINVAL
             }
@@ -333,7 +335,11 @@ const ANCHORS: usize = 8;
 impl GuestMemfd {
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
         let anchors = (0..ANCHORS)
-            .map(|_| Arc::new(Anchor { inner: inner.clone() }))
+            .map(|_| {
+                Arc::new(Anchor {
+                    inner: inner.clone(),
+                })
+            })
             .collect();
         GuestMemfd { inner, anchors }
     }
@@ -397,7 +403,10 @@ impl GuestMemfd {
             let map = Mapping::shared(backing.as_fd(), 0, len, libc::MAP_NORESERVE)
                 .map_err(|source| CreateError::Backing { op: "mmap", source })?;
             map.advise(0, len, libc::MADV_DONTFORK)
-                .map_err(|source| CreateError::Backing { op: "madvise", source })?;
+                .map_err(|source| CreateError::Backing {
+                    op: "madvise",
+                    source,
+                })?;
             Some(map)
         } else {
             None
@@ -412,28 +421,27 @@ impl GuestMemfd {
             ),
             _ => None,
         };
-        let refs = RefTable::new(to_usize(pages).map_err(|source| CreateError::Backing {
-            op: "size",
-            source,
-        })?)
+        let refs = RefTable::new(
+            to_usize(pages).map_err(|source| CreateError::Backing { op: "size", source })?,
+        )
         .map_err(|source| CreateError::Backing {
             op: "reference table",
             source,
         })?;
         Ok(GuestMemfd::from_inner(Arc::new(Inner {
-                backing,
-                size,
-                flags,
-                attrs: ShardedLock::new(attrs),
-                refs,
-                control: Mutex::new(Control::default()),
-                guest,
-                follower,
-                restructure,
-                poison: crate::poison::PoisonSet::default(),
-                numa: Mutex::new(None),
-                freeze: crate::preserve::Freeze::default(),
-            })))
+            backing,
+            size,
+            flags,
+            attrs: ShardedLock::new(attrs),
+            refs,
+            control: Mutex::new(Control::default()),
+            guest,
+            follower,
+            restructure,
+            poison: crate::poison::PoisonSet::default(),
+            numa: Mutex::new(None),
+            freeze: crate::preserve::Freeze::default(),
+        })))
     }
 
     /// Size in bytes (never changes).

@@ -38,9 +38,9 @@ pub mod poison;
 pub mod prealloc;
 pub mod preserve;
 pub mod range;
+mod refs;
 pub mod restructure;
 pub mod sys;
-mod refs;
 pub mod view;
 
 pub use access::{AccessError, Pin};

@@ -19,7 +19,10 @@ pub struct GuestView {
 
 impl GuestView {
     fn range(&self, offset: u64, len: usize) -> Result<ByteRange, AccessError> {
-        let len = u64::try_from(len).map_err(|_| RangeError::Overflow { offset, len: u64::MAX })?;
+        let len = u64::try_from(len).map_err(|_| RangeError::Overflow {
+            offset,
+            len: u64::MAX,
+        })?;
         Ok(ByteRange::checked(offset, len, 1, self.inner.size)?)
     }
 

@@ -52,8 +52,8 @@ use crate::file::{GuestMemfd, Inner};
 use crate::flags::Flags;
 use crate::range::{ByteRange, RangeError};
 use crate::sys::mapping::Mapping;
-use crate::sys::uffd::Uffd;
 use crate::sys::to_usize;
+use crate::sys::uffd::Uffd;
 
 /// Why a host view could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -200,7 +200,10 @@ impl ViewSlot {
             at = at.max(h + self.chunk);
         }
         if at < r.end {
-            out.push(ByteRange { start: at, end: r.end });
+            out.push(ByteRange {
+                start: at,
+                end: r.end,
+            });
         }
         out
     }
@@ -228,8 +231,14 @@ impl ViewSlot {
                 // are contiguous and the kernel merges them into one mapping.
                 self.map_fixed(hole_fd()?, whole.start, whole)?;
                 self.holes.extend((cs..ce).step_by(self.chunk_step()));
-                self.poison(ByteRange { start: part.start, end: cs })?;
-                self.poison(ByteRange { start: ce, end: part.end })?;
+                self.poison(ByteRange {
+                    start: part.start,
+                    end: cs,
+                })?;
+                self.poison(ByteRange {
+                    start: ce,
+                    end: part.end,
+                })?;
             } else {
                 self.poison(part)?;
             }
@@ -287,7 +296,10 @@ impl ViewSlot {
         for h in self.holes_in(r) {
             match groups.last_mut() {
                 Some(g) if g.end == h => g.end = h + self.chunk,
-                _ => groups.push(ByteRange { start: h, end: h + self.chunk }),
+                _ => groups.push(ByteRange {
+                    start: h,
+                    end: h + self.chunk,
+                }),
             }
         }
         for g in groups {
@@ -298,8 +310,14 @@ impl ViewSlot {
             for h in (g.start..g.end).step_by(self.chunk_step()) {
                 self.holes.remove(&h);
             }
-            self.poison(ByteRange { start: g.start, end: r.start.max(g.start) })?;
-            self.poison(ByteRange { start: r.end.min(g.end), end: g.end })?;
+            self.poison(ByteRange {
+                start: g.start,
+                end: r.start.max(g.start),
+            })?;
+            self.poison(ByteRange {
+                start: r.end.min(g.end),
+                end: g.end,
+            })?;
         }
         self.zap(r)
     }
@@ -390,7 +408,12 @@ impl GuestMemfd {
         let block = inner.backing.block_size();
         let r = ByteRange::checked(offset, len, 1, u64::MAX)?;
         if offset % block != 0 {
-            return Err(RangeError::Unaligned { offset, len, align: block }.into());
+            return Err(RangeError::Unaligned {
+                offset,
+                len,
+                align: block,
+            }
+            .into());
         }
         let os = |op, source| MapError::Os { op, offset, source };
         let map_len = to_usize(r.len().div_ceil(block) * block).map_err(|e| os("mmap", e))?;
@@ -412,7 +435,11 @@ impl GuestMemfd {
             u.register(map.addr(), map_len)
                 .map_err(|e| os("userfaultfd register", e))?;
         }
-        let chunk = if uffd.is_some() { HOLE_CHUNK.max(block) } else { block };
+        let chunk = if uffd.is_some() {
+            HOLE_CHUNK.max(block)
+        } else {
+            block
+        };
         let mut slot = ViewSlot {
             id: ctl.next_view,
             map: Arc::new(map),
@@ -430,7 +457,10 @@ impl GuestMemfd {
             let attrs = inner.attrs_read();
             let end = r.end.min(inner.size);
             if offset < end {
-                let pages = (offset / crate::sys::PAGE_SIZE, end.div_ceil(crate::sys::PAGE_SIZE));
+                let pages = (
+                    offset / crate::sys::PAGE_SIZE,
+                    end.div_ceil(crate::sys::PAGE_SIZE),
+                );
                 for run in attrs.runs(pages.0, pages.1) {
                     if run.attr == crate::Attr::Private {
                         slot.revoke(run.bytes()).map_err(|e| os("poison", e))?;
