@@ -990,3 +990,123 @@ fn bad_input_hugetlb() {
     mem.read_at(HUGE + 5, &mut b).expect("read");
     assert_eq!(&b, b"kept");
 }
+
+#[test]
+fn bad_input_from_backing() {
+    let _g = serial();
+    let fds = fd_count();
+    for size in [0, 1, PAGE - 1, PAGE + 1] {
+        let b = gmem::backing::Shmem::create(4 * PAGE).expect("memfd");
+        let e = GuestMemfd::from_backing(Box::new(b), size, Flags::MMAP).expect_err("bad size");
+        assert!(matches!(e, gmem::CreateError::InvalidSize { .. }), "{e:?}");
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
+    let b = gmem::backing::Shmem::create(4 * PAGE).expect("memfd");
+    let e = GuestMemfd::from_backing(Box::new(b), 4 * PAGE, Flags::from_bits_retain(1 << 9))
+        .expect_err("unknown flag");
+    assert!(
+        matches!(e, gmem::CreateError::UnknownFlags { bits: 512 }),
+        "{e:?}"
+    );
+    // The refused backings were dropped with their descriptors.
+    assert_eq!(fd_count(), fds);
+}
+
+/// Sends `bytes` as one packet on a fresh `SOCK_SEQPACKET` pair and attaches to the other end.
+fn attach_with(bytes: &[u8]) -> Result<GuestMemfd, gmem::PeerError> {
+    let mut sv = [0i32; 2];
+    // SAFETY: `sv` has room for the two descriptors.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0);
+    // SAFETY: both descriptors are fresh and owned here.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    if !bytes.is_empty() {
+        // SAFETY: `bytes` is valid for its length.
+        let n = unsafe { libc::send(a.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+        assert_eq!(n, bytes.len() as isize);
+    }
+    drop(a);
+    GuestMemfd::attach(b)
+}
+
+#[test]
+fn bad_input_attach() {
+    let _g = serial();
+    let fds = fd_count();
+    let mut hello = Vec::new();
+    hello.extend_from_slice(b"GMP1");
+    hello.extend_from_slice(&0u32.to_le_bytes());
+    for w in [SIZE, 3, PAGE, 0, 1] {
+        hello.extend_from_slice(&w.to_le_bytes());
+    }
+    // A well-formed hello parses; without its descriptors the attach is refused.
+    let h = gmem::peer::parse_hello(&hello).expect("well-formed hello");
+    assert_eq!((h.size, h.runs), (SIZE, 1));
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("no packet (peer closed)", Vec::new()),
+        ("short packet", hello[..10].to_vec()),
+        ("hello without descriptors", hello.clone()),
+        ("long packet", [hello.clone(), vec![0; 8]].concat()),
+    ];
+    for (what, bytes) in cases {
+        match attach_with(&bytes) {
+            Ok(_) => panic!("{what}: attached"),
+            Err(e) => assert!(
+                matches!(e.errno(), libc::EPROTO),
+                "{what}: {e} (errno {})",
+                e.errno()
+            ),
+        }
+    }
+    // Malformed hellos are refused by the parser with EPROTO, each field in turn.
+    let mut bad = Vec::new();
+    let set = |at: usize, v: u64| {
+        let mut b = hello.clone();
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        b
+    };
+    let mut magic = hello.clone();
+    magic[0] = b'X';
+    bad.push(("bad magic", magic));
+    let mut kind = hello.clone();
+    kind[4] = 7;
+    bad.push(("unknown kind", kind));
+    bad.push(("size zero", set(8, 0)));
+    bad.push(("size unaligned", set(8, SIZE + 1)));
+    bad.push(("block not a power of two", set(24, 3 * PAGE)));
+    bad.push(("no runs", set(40, 0)));
+    bad.push(("more runs than pages", set(40, PAGES + 1)));
+    bad.push(("run count overflow", set(40, u64::MAX)));
+    let mut huge = hello.clone();
+    huge[4] = 1;
+    bad.push(("HugeTLB with a bad page size", huge));
+    for (what, b) in bad {
+        let e = gmem::peer::parse_hello(&b).expect_err(what);
+        assert_eq!(e.errno(), libc::EPROTO, "{what}: {e}");
+    }
+    // Run tables: not starting at 0, not increasing, not merged, past the end, ragged.
+    let w = |s: u64, private: bool| ((s << 1) | u64::from(private)).to_le_bytes();
+    let tables: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("first run not at 0", w(1, false).to_vec()),
+        (
+            "not increasing",
+            [w(0, false), w(4, true), w(4, false)].concat(),
+        ),
+        ("not merged", [w(0, false), w(4, false)].concat()),
+        ("past the end", [w(0, false), w(PAGES, true)].concat()),
+        ("ragged", [w(0, false).to_vec(), vec![1, 2, 3]].concat()),
+    ];
+    for (what, t) in tables {
+        let e = gmem::peer::parse_runs(&t, PAGES).expect_err(what);
+        assert_eq!(e.errno(), libc::EPROTO, "{what}: {e}");
+    }
+    assert_eq!(fd_count(), fds, "descriptors leaked by refused attaches");
+}
