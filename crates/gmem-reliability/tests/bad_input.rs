@@ -1025,8 +1025,10 @@ fn attach_with(bytes: &[u8]) -> Result<GuestMemfd, gmem::PeerError> {
         )
     };
     assert_eq!(rc, 0);
-    // SAFETY: both descriptors are fresh and owned here.
-    let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    // SAFETY: a fresh descriptor owned here.
+    let a = unsafe { OwnedFd::from_raw_fd(sv[0]) };
+    // SAFETY: as above.
+    let b = unsafe { OwnedFd::from_raw_fd(sv[1]) };
     if !bytes.is_empty() {
         // SAFETY: `bytes` is valid for its length.
         let n = unsafe { libc::send(a.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
