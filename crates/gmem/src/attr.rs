@@ -208,15 +208,18 @@ impl RunMap {
 
     /// The runs overlapping `[start, end)`, clipped to it, in order.
     pub fn runs(&self, start: u64, end: u64) -> RunIter<'_> {
-        let run = self.run_at(start);
-        let next = match self.locate(start) {
-            None => (!self.chunks.is_empty()).then_some((0, 0)),
-            Some((c, i)) => self.step(c, i),
+        let (cur, attr, next) = match self.locate(start) {
+            None => (0, self.first, (!self.chunks.is_empty()).then_some((0, 0))),
+            Some((c, i)) => (
+                self.chunks[c].keys[i],
+                self.chunks[c].attr_at(i),
+                self.step(c, i),
+            ),
         };
         RunIter {
             map: self,
-            cur: run.start,
-            attr: run.attr,
+            cur,
+            attr,
             next,
             start,
             end,
@@ -244,23 +247,27 @@ impl RunMap {
         let before = start.checked_sub(1).map(|p| self.get(p));
         let after = (end < self.pages).then(|| self.get(end));
         self.remove_keys(start, end);
-        let mut inserted = [None, None];
+        let mut grown = [None, None];
         if start == 0 {
             self.first = attr;
         } else if before != Some(attr) {
-            self.insert_key(start, attr);
-            inserted[0] = Some(start);
+            grown[0] = Some(self.insert_key(start, attr));
         }
         if let Some(a) = after {
             if a != attr {
-                self.insert_key(end, a);
-                inserted[1] = Some(end);
+                grown[1] = Some(self.insert_key(end, a));
             }
         }
         // Split only now: between the two insertions a chunk need not alternate, and a split
-        // derives the new chunk's first attribute from the alternation.
-        for key in inserted.into_iter().flatten() {
-            self.split_if_full(key);
+        // derives the new chunk's first attribute from the alternation. Insertions move no
+        // chunk, so the indices still hold; the later chunk splits first.
+        let [g0, g1] = grown;
+        let (lo_c, hi_c) = match (g0, g1) {
+            (Some(x), Some(y)) => (Some(x.min(y)), Some(x.max(y)).filter(|&m| m != x.min(y))),
+            (x, y) => (x.or(y), None),
+        };
+        for c in [hi_c, lo_c].into_iter().flatten() {
+            self.split_if_full(c);
         }
     }
 
@@ -270,6 +277,7 @@ impl RunMap {
     fn remove_keys(&mut self, lo: u64, hi: u64) {
         let start = self.chunk_of(lo).unwrap_or(0);
         let mut end = start;
+        let mut emptied = false;
         while end < self.chunks.len() && self.index[end] <= hi {
             let ch = &mut self.chunks[end];
             let a = ch.keys.partition_point(|&k| k < lo);
@@ -280,10 +288,15 @@ impl RunMap {
                 }
                 ch.keys.drain(a..b);
                 self.keys -= b - a;
+                match ch.keys.first() {
+                    None => emptied = true,
+                    Some(&first) if a == 0 => self.set_first(end, first),
+                    Some(_) => {}
+                }
             }
             end += 1;
         }
-        if start == end {
+        if !emptied {
             return;
         }
         let mut kept = start;
@@ -300,7 +313,7 @@ impl RunMap {
     }
 
     /// Inserts boundary `key` (not present) where the run starting at it has `attr`.
-    fn insert_key(&mut self, key: u64, attr: Attr) {
+    fn insert_key(&mut self, key: u64, attr: Attr) -> usize {
         self.keys += 1;
         let c = self.chunk_of(key).map_or(0, |c| c + 1);
         if c == 0 {
@@ -319,19 +332,17 @@ impl RunMap {
                     self.resummarize(0);
                 }
             }
-            return;
+            return 0;
         }
         let ch = &mut self.chunks[c - 1];
         let at = ch.keys.partition_point(|&k| k < key);
         ch.keys.insert(at, key);
+        c - 1
     }
 
-    /// Splits the chunk holding `key` in two if it grew past [`CHUNK_MAX`]. Every chunk must
-    /// alternate when this runs.
-    fn split_if_full(&mut self, key: u64) {
-        let Some(c) = self.chunk_of(key) else {
-            return;
-        };
+    /// Splits chunk `c` in two if it grew past [`CHUNK_MAX`]. Every chunk must alternate when
+    /// this runs.
+    fn split_if_full(&mut self, c: usize) {
         let ch = &mut self.chunks[c];
         if ch.keys.len() <= CHUNK_MAX {
             return;
