@@ -481,6 +481,34 @@ impl fmt::Display for DemoReport {
     }
 }
 
+/// Runs `vcpu` to its next exit and checks that it is the one the demo expects at `step`.
+fn expect(
+    vcpu: &mut Vcpu,
+    step: &'static str,
+    ok: impl Fn(&Exit) -> bool,
+) -> Result<Exit, DemoError> {
+    let exit = vcpu.run()?;
+    if ok(&exit) {
+        Ok(exit)
+    } else {
+        Err(DemoError::Unexpected {
+            step,
+            detail: format!("{exit:?}"),
+        })
+    }
+}
+
+/// Runs `vcpu` to its next exit, which must be a completed guest request to convert to `to`.
+fn expect_converted(vcpu: &mut Vcpu, step: &'static str, to: Attr) -> Result<Report, DemoError> {
+    match vcpu.run()? {
+        Exit::Converted(r) if r.status == Status::Done && r.to == to => Ok(r),
+        exit => Err(DemoError::Unexpected {
+            step,
+            detail: format!("{exit:?}"),
+        }),
+    }
+}
+
 /// Memory layout of the demo guest (guest-physical = file offset).
 const DEMO_SIZE: u64 = 2 << 20;
 const DEMO_CODE: u64 = 0x1000;
@@ -540,19 +568,27 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
         step: "watchdog",
         detail: e.to_string(),
     })?;
-    let unexpected = |step, exit: Exit| DemoError::Unexpected {
-        step,
-        detail: format!("{exit:?}"),
+    let status0 = |e: &Exit| {
+        matches!(
+            e,
+            Exit::IoOut {
+                port: REPORT_PORT,
+                value: 0,
+                ..
+            }
+        )
     };
 
-    match vcpu.run()? {
-        Exit::IoOut {
-            port: REPORT_PORT,
-            value: REPORT_OK,
-            ..
-        } => {}
-        e => return Err(unexpected("guest checks 0xaa", e)),
-    }
+    expect(&mut vcpu, "guest checks 0xaa", |e| {
+        matches!(
+            e,
+            Exit::IoOut {
+                port: REPORT_PORT,
+                value: REPORT_OK,
+                ..
+            }
+        )
+    })?;
     let mut page = vec![0u8; 4096];
     mem.read_at(DEMO_DATA, &mut page)?;
     if page.iter().any(|b| *b != 0xff) {
@@ -563,20 +599,9 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
     }
     steps.push("guest found 0xaa everywhere and wrote 0xff; host reads 0xff".into());
 
-    match vcpu.run()? {
-        Exit::Converted(r) if r.status == Status::Done && r.to == Attr::Private => {
-            steps.push(format!("guest wrote a secret and asked: {r}"));
-        }
-        e => return Err(unexpected("guest asks private", e)),
-    }
-    match vcpu.run()? {
-        Exit::IoOut {
-            port: REPORT_PORT,
-            value: 0,
-            ..
-        } => {}
-        e => return Err(unexpected("guest reads status 0", e)),
-    }
+    let asked = expect_converted(&mut vcpu, "guest asks private", Attr::Private)?;
+    steps.push(format!("guest wrote a secret and asked: {asked}"));
+    expect(&mut vcpu, "guest reads status 0", status0)?;
     let mut secret = vec![0u8; DEMO_SECRET_BYTES.len()];
     match mem.read_at(DEMO_SECRET, &mut secret) {
         Err(e) => steps.push(format!(
@@ -590,24 +615,10 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
             })
         }
     }
-    match vcpu.run()? {
-        Exit::Converted(r) if r.status == Status::Done && r.to == Attr::Shared => {
-            steps.push(format!("guest asked: {r}"));
-        }
-        e => return Err(unexpected("guest asks shared", e)),
-    }
-    match vcpu.run()? {
-        Exit::IoOut {
-            port: REPORT_PORT,
-            value: 0,
-            ..
-        } => {}
-        e => return Err(unexpected("guest reads status 0", e)),
-    }
-    match vcpu.run()? {
-        Exit::Halt => {}
-        e => return Err(unexpected("guest halts", e)),
-    }
+    let asked = expect_converted(&mut vcpu, "guest asks shared", Attr::Shared)?;
+    steps.push(format!("guest asked: {asked}"));
+    expect(&mut vcpu, "guest reads status 0", status0)?;
+    expect(&mut vcpu, "guest halts", |e| matches!(e, Exit::Halt))?;
     mem.read_at(DEMO_SECRET, &mut secret)?;
     if secret != DEMO_SECRET_BYTES {
         return Err(DemoError::Unexpected {
