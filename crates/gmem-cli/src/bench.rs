@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use gmem::{Attr, Flags, GuestMemfd, RunMap, PAGE_SIZE};
+use gmem::{Attr, AttrMap, Flags, GuestMemfd, PAGE_SIZE};
 
 /// One measured bar.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -206,7 +206,7 @@ pub fn p2(size: u64) -> R<Vec<Row>> {
 pub fn p3() -> R<Vec<Row>> {
     let runs: u64 = 1 << 20;
     let before = live_bytes();
-    let mut map = RunMap::new(runs, Attr::Shared);
+    let mut map = AttrMap::new(runs, Attr::Shared);
     for p in (1..runs).step_by(2) {
         map.set(p, p + 1, Attr::Private);
     }
@@ -242,7 +242,7 @@ pub fn p3() -> R<Vec<Row>> {
     let (g, b) = (ns(median(g)) / n, ns(median(b)) / n);
     let uniform = |pages: u64| {
         let before = live_bytes();
-        let m = RunMap::new(pages, Attr::Private);
+        let m = AttrMap::new(pages, Attr::Private);
         let used = live_bytes().saturating_sub(before);
         drop(m);
         used
@@ -289,7 +289,7 @@ pub fn p4(size: u64) -> R<Vec<Row>> {
     let mem = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
     let chunk = 1usize << 20;
     let mut buf = vec![0u8; chunk];
-    let src = mem.guest();
+    let src = mem.guest()?;
     for off in (0..size).step_by(chunk) {
         mem.write_at(off, &buf)?;
     }

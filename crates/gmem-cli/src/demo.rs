@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::Command;
 use std::time::Instant;
 
+use gmem::Errno;
 use gmem::{Attr, Flags, GuestMemfd, PAGE_SIZE};
 
 /// One step of the demo, with its timing.
@@ -88,7 +89,7 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
         );
         Ok((m, s))
     })?;
-    let guest = mem.guest();
+    let guest = mem.guest()?;
     timed(&mut steps, "guest writes a secret at 0x1000", || {
         guest.write(secret_at, SECRET)?;
         Ok(((), format!("{:?}", String::from_utf8_lossy(SECRET))))
@@ -113,12 +114,24 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
                 .status()?;
             drop(sock);
             use std::os::unix::process::ExitStatusExt;
-            let outcome = match status.signal() {
-                Some(libc::SIGBUS) => {
-                    "child killed by SIGBUS, as with the kernel's guest_memfd".to_string()
-                }
-                Some(s) => format!("child killed by signal {s} (expected SIGBUS)"),
-                None => format!("child exited with {status} (expected SIGBUS)"),
+            let want = mem.host_fault(secret_at);
+            let name = |s: i32| match s {
+                libc::SIGBUS => "SIGBUS".to_string(),
+                libc::SIGSEGV => "SIGSEGV".to_string(),
+                s => format!("signal {s}"),
+            };
+            let expected = want.map_or("no fault".to_string(), |f| name(f.signo()));
+            let outcome = match (status.signal(), want) {
+                (Some(s), Some(f)) if s == f.signo() => format!(
+                    "child killed by {} ({})",
+                    name(s),
+                    match f {
+                        gmem::HostFault::Segv => "a guard marker on the private page",
+                        gmem::HostFault::Bus => "a hole over the private huge page",
+                    }
+                ),
+                (Some(s), _) => format!("child killed by {} (expected {expected})", name(s)),
+                (None, _) => format!("child exited with {status} (expected {expected})"),
             };
             Ok(((), outcome))
         },
@@ -192,7 +205,8 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
     Ok(steps)
 }
 
-/// The child side of the demo: attach, map, touch one byte (dies with `SIGBUS` if private).
+/// The child side of the demo: attach, map, touch one byte (dies of the documented fault if
+/// private).
 pub fn touch_child(fd: i32, offset: u64) -> R<u8> {
     use std::os::fd::FromRawFd;
     // SAFETY: the parent passed this descriptor to us and nothing else in this process owns it.
@@ -204,7 +218,7 @@ pub fn touch_child(fd: i32, offset: u64) -> R<u8> {
         return Err("offset past the view".into());
     }
     let p = view.as_ptr().wrapping_add(at);
-    // SAFETY: `at` is inside the view; the read may raise SIGBUS, which is the point.
+    // SAFETY: `at` is inside the view; the read may fault, which is the point.
     let b = unsafe { std::ptr::read_volatile(p) };
     Ok(b)
 }

@@ -92,7 +92,7 @@ fn parse_conversion(s: &str) -> R<(u64, u64, Attr)> {
 
 /// FNV-1a over every byte of the file, read through the guest view (any attribute).
 fn checksum(mem: &GuestMemfd) -> R<u64> {
-    let guest = mem.guest();
+    let guest = mem.guest()?;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0;
@@ -110,7 +110,7 @@ fn checksum(mem: &GuestMemfd) -> R<u64> {
 fn handover(spec: &str, conversions: &[String]) -> R<()> {
     let (obj, mem) = build(spec, conversions, false)?;
     // Some contents to carry: each page's first bytes name the page.
-    let guest = mem.guest();
+    let guest = mem.guest()?;
     for page in (0..mem.size()).step_by(4096) {
         guest.write(page, &page.to_le_bytes())?;
     }
@@ -191,14 +191,12 @@ fn build(spec: &str, conversions: &[String], json: bool) -> R<(object::MemoryObj
         object::Source::HugeTlb(sz) => gmem::BackingChoice::HugeTlb(sz),
     };
     let policy = match obj.policy {
-        object::PolicyKind::Default => gmem::numa::NumaPolicy::Default,
+        object::PolicyKind::Default => gmem::NumaPolicy::Default,
         object::PolicyKind::Preferred => {
-            gmem::numa::NumaPolicy::Preferred(obj.host_nodes.first().copied().unwrap_or(0))
+            gmem::NumaPolicy::Preferred(obj.host_nodes.first().copied().unwrap_or(0))
         }
-        object::PolicyKind::Bind => gmem::numa::NumaPolicy::Bind(obj.host_nodes.clone()),
-        object::PolicyKind::Interleave => {
-            gmem::numa::NumaPolicy::Interleave(obj.host_nodes.clone())
-        }
+        object::PolicyKind::Bind => gmem::NumaPolicy::Bind(obj.host_nodes.clone()),
+        object::PolicyKind::Interleave => gmem::NumaPolicy::Interleave(obj.host_nodes.clone()),
     };
     let mem = GuestMemfd::builder(obj.size)
         .flags(flags)
@@ -242,7 +240,7 @@ fn report(json: bool, obj: &object::MemoryObject, mem: &GuestMemfd) -> R<()> {
 /// Preallocates with a progress bar on a terminal (none with `--json` or when piped).
 fn preallocate(mem: &GuestMemfd, json: bool) -> R<()> {
     use std::io::IsTerminal;
-    let mut opts = gmem::prealloc::Prealloc::default();
+    let mut opts = gmem::Prealloc::default();
     if !json && std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(mem.size());
         bar.set_style(indicatif::ProgressStyle::with_template(

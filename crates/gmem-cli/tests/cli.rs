@@ -18,7 +18,10 @@ fn gmem(args: &[&str]) -> (bool, String, String) {
 fn cli_demo_on_shmem_shows_every_step() {
     let (ok, out, err) = gmem(&["demo", "--backing", "shmem"]);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("child killed by SIGBUS"), "{out}");
+    assert!(
+        out.contains("child killed by SIGSEGV (a guard marker on the private page)"),
+        "{out}"
+    );
     assert!(
         out.contains("refused: page at offset 0x1000 is private (errno 14)"),
         "{out}"
@@ -50,7 +53,10 @@ fn cli_demo_on_the_best_backing() {
         "{out}"
     );
     assert!(out.contains("on kernel guest_memfd through KVM"), "{out}");
-    assert!(out.contains("child killed by SIGBUS"), "{out}");
+    assert!(
+        out.contains("child killed by SIGSEGV (a guard marker on the private page)"),
+        "{out}"
+    );
 }
 
 #[test]

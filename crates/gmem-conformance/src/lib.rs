@@ -28,6 +28,7 @@ pub mod touch;
 
 pub use backend::{Backend, Shmem};
 
+use gmem::Errno;
 use gmem::{CreateError, Flags, GuestMemfd};
 
 /// What a case runs with: the backing and the name of the test running it.

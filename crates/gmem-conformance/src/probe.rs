@@ -1,13 +1,14 @@
-//! Touching memory that may raise `SIGBUS`, without dying: a real signal, handled.
+//! Touching memory that may fault, without dying: a real signal, handled.
 //!
 //! [`read()`] and [`write()`] touch one byte through a tiny assembly routine. If the touch raises
-//! `SIGBUS`, a signal handler installed once per process sees that the faulting instruction is
-//! the probe's own, sets the return value to `-si_code` and resumes at the routine's return:
-//! the caller gets [`Touch::Sigbus`] with the kernel's `si_code` (`BUS_ADRERR` for a poison
-//! marker or a touch past the end of the file). A `SIGBUS` anywhere else is not ours: the
-//! handler restores the default action and returns, so the fault repeats and the process dies
-//! as it would have without the probe. Everything the handler does is async-signal-safe (it
-//! reads and writes the interrupted context only).
+//! `SIGBUS` (a hole, past the end of the file) or `SIGSEGV` (a guard marker), a signal handler
+//! installed once per process sees that the faulting instruction is the probe's own, sets the
+//! return value to encode the signal and `si_code` and resumes at the routine's return: the
+//! caller gets [`Touch::Sigbus`] or [`Touch::Sigsegv`] with the kernel's `si_code`. A fault
+//! anywhere else is not ours: the handler writes the signal, the faulting address and the
+//! faulting instruction's address to standard error (with `write(2)` alone), restores the
+//! default action and returns, so the fault repeats and the process dies where it faulted,
+//! named in the output. Everything the handler does is async-signal-safe.
 
 use std::sync::Once;
 
@@ -35,8 +36,8 @@ std::arch::global_asm!(
 );
 
 extern "C" {
-    fn gmem_probe_read(addr: *const u8) -> i32;
-    fn gmem_probe_write(addr: *mut u8, value: u8) -> i32;
+    fn gmem_probe_read(addr: *const u8) -> i64;
+    fn gmem_probe_write(addr: *mut u8, value: u8) -> i64;
     static gmem_probe_read_insn: u8;
     static gmem_probe_write_insn: u8;
     static gmem_probe_ret: u8;
@@ -49,6 +50,8 @@ pub enum Touch {
     Ok(u8),
     /// The touch raised `SIGBUS` with this `si_code`.
     Sigbus(i32),
+    /// The touch raised `SIGSEGV` with this `si_code`.
+    Sigsegv(i32),
 }
 
 impl Touch {
@@ -56,13 +59,53 @@ impl Touch {
     pub fn is_sigbus(self) -> bool {
         matches!(self, Touch::Sigbus(_))
     }
+
+    /// True when the touch faulted (either signal).
+    pub fn is_fault(self) -> bool {
+        !matches!(self, Touch::Ok(_))
+    }
+
+    /// The signal the touch raised, if any.
+    pub fn signal(self) -> Option<i32> {
+        match self {
+            Touch::Ok(_) => None,
+            Touch::Sigbus(_) => Some(libc::SIGBUS),
+            Touch::Sigsegv(_) => Some(libc::SIGSEGV),
+        }
+    }
 }
+
+/// Return values of the probe routine at or below this encode a fault: `-(signal << 16 | code)`.
+const FAULT: i64 = -1;
 
 fn label(sym: &u8) -> usize {
     sym as *const u8 as usize
 }
 
-extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+/// Writes `msg` then `v` in hex to standard error, with `write(2)` only.
+fn report(msg: &[u8], v: usize) {
+    let mut buf = [0u8; 20];
+    let mut n = buf.len();
+    let mut x = v;
+    loop {
+        n -= 1;
+        let d = u8::try_from(x & 0xf).unwrap_or(0);
+        buf[n] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        x >>= 4;
+        if x == 0 || n == 2 {
+            break;
+        }
+    }
+    n -= 2;
+    buf[n] = b'0';
+    buf[n + 1] = b'x';
+    // SAFETY: write(2) of live buffers is async-signal-safe.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    // SAFETY: as above.
+    unsafe { libc::write(2, buf[n..].as_ptr().cast(), buf.len() - n) };
+}
+
+extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid ucontext_t for an SA_SIGINFO handler.
     let uc = unsafe { &mut *ctx.cast::<libc::ucontext_t>() };
     let rip_slot = usize::try_from(libc::REG_RIP).unwrap_or(0);
@@ -76,16 +119,32 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             label(&gmem_probe_ret),
         )
     };
+    // SAFETY: `info` is valid for an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
     if rip == read_at || rip == write_at {
-        // SAFETY: `info` is valid for an SA_SIGINFO handler.
-        let code = unsafe { (*info).si_code };
-        uc.uc_mcontext.gregs[rax_slot] = i64::from(-code.max(1));
+        let enc = (i64::from(sig) << 16) | i64::from(code.clamp(0, 0xffff));
+        uc.uc_mcontext.gregs[rax_slot] = -enc.max(1);
         uc.uc_mcontext.gregs[rip_slot] = i64::try_from(ret_at).unwrap_or(0);
         return;
     }
-    // Not a probe: fall back to the default action; the fault repeats and kills the process.
+    // Not a probe: say where, fall back to the default action; the fault repeats and kills
+    // the process at the faulting instruction.
+    // SAFETY: `info` is valid for an SA_SIGINFO handler.
+    let info = unsafe { &*info };
+    // SAFETY: si_addr is the field the kernel fills for SIGBUS and SIGSEGV.
+    let addr = unsafe { info.si_addr() } as usize;
+    let what: &[u8] = if sig == libc::SIGBUS {
+        b"\ngmem probe: SIGBUS outside the probe, address "
+    } else {
+        b"\ngmem probe: SIGSEGV outside the probe, address "
+    };
+    report(what, addr);
+    report(b" instruction ", rip);
+    report(b" si_code ", usize::try_from(code).unwrap_or(0));
+    // SAFETY: write(2) is async-signal-safe.
+    unsafe { libc::write(2, b"\n".as_ptr().cast(), 1) };
     // SAFETY: signal() is async-signal-safe.
-    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    unsafe { libc::signal(sig, libc::SIG_DFL) };
 }
 
 fn install() {
@@ -93,31 +152,42 @@ fn install() {
     ONCE.call_once(|| {
         // SAFETY: a zeroed sigaction is a valid starting point.
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_sigaction = on_fault as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
-        // SAFETY: `sa` is fully initialised; the handler is async-signal-safe.
-        let ret = unsafe { libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) };
-        assert_eq!(ret, 0, "sigaction(SIGBUS) failed");
+        for sig in [libc::SIGBUS, libc::SIGSEGV] {
+            // SAFETY: `sa` is fully initialised; the handler is async-signal-safe.
+            let ret = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+            assert_eq!(ret, 0, "sigaction({sig}) failed");
+        }
     });
 }
 
-/// Reads one byte at `addr`, reporting `SIGBUS` instead of dying.
-///
-/// # Safety
-///
-/// `addr` must lie inside a mapping of this process (touching unmapped memory is `SIGSEGV`,
-/// which the probe does not handle).
-pub unsafe fn read(addr: *const u8) -> Touch {
-    install();
-    // SAFETY: the caller guarantees `addr` is mapped; a SIGBUS is turned into a return value.
-    let v = unsafe { gmem_probe_read(addr) };
-    match u8::try_from(v) {
-        Ok(b) => Touch::Ok(b),
-        Err(_) => Touch::Sigbus(-v),
+fn decode(v: i64) -> Touch {
+    if v > FAULT {
+        return Touch::Ok(u8::try_from(v).unwrap_or(0));
+    }
+    let enc = -v;
+    let (sig, code) = (enc >> 16, i32::try_from(enc & 0xffff).unwrap_or(0));
+    if sig == i64::from(libc::SIGSEGV) {
+        Touch::Sigsegv(code)
+    } else {
+        Touch::Sigbus(code)
     }
 }
 
-/// Writes one byte at `addr`, reporting `SIGBUS` instead of dying.
+/// Reads one byte at `addr`, reporting `SIGBUS` or `SIGSEGV` instead of dying.
+///
+/// # Safety
+///
+/// `addr` must lie inside memory of this process that gmem or the test mapped (a fault is
+/// reported, but a read must not race with the unmapping of a Rust object).
+pub unsafe fn read(addr: *const u8) -> Touch {
+    install();
+    // SAFETY: the caller guarantees `addr` may be touched; a fault is turned into a value.
+    decode(unsafe { gmem_probe_read(addr) })
+}
+
+/// Writes one byte at `addr`, reporting `SIGBUS` or `SIGSEGV` instead of dying.
 ///
 /// # Safety
 ///
@@ -125,12 +195,7 @@ pub unsafe fn read(addr: *const u8) -> Touch {
 pub unsafe fn write(addr: *mut u8, value: u8) -> Touch {
     install();
     // SAFETY: as above.
-    let v = unsafe { gmem_probe_write(addr, value) };
-    if v == 0 {
-        Touch::Ok(0)
-    } else {
-        Touch::Sigbus(-v)
-    }
+    decode(unsafe { gmem_probe_write(addr, value) })
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Host touches of a [`HostView`] that report `SIGBUS` instead of dying.
+//! Host touches of a [`HostView`] that report faults (`SIGBUS`, `SIGSEGV`) instead of dying.
 //!
 //! Attributes are per 4 KiB page and a touch past the end of the file faults per page too, so
 //! each helper probes the first byte it touches in every page with [`crate::probe`] and copies
@@ -9,21 +9,48 @@ use gmem::{HostView, PAGE_SIZE};
 
 use crate::probe::{self, Touch};
 
-/// A host touch raised `SIGBUS`.
+/// `SEGV_MAPERR` (`siginfo.h`; the libc crate does not carry it).
+pub const SEGV_MAPERR: i32 = 1;
+/// `SEGV_ACCERR`.
+pub const SEGV_ACCERR: i32 = 2;
+
+/// A host touch faulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
     /// Offset into the view of the byte whose touch faulted.
     pub at: u64,
+    /// The signal: `SIGBUS` (a hole, past the end of the file) or `SIGSEGV` (a guard marker).
+    pub signo: i32,
     /// The signal's `si_code`.
     pub code: i32,
 }
 
 impl Fault {
     /// True for the codes a host touch of a private page or a page past the end may carry:
-    /// `BUS_ADRERR`, or `BUS_MCEERR_AR` where poison markers report as memory failure
-    /// (kernels with `CONFIG_MEMORY_FAILURE`).
+    /// `SIGBUS` with `BUS_ADRERR`, or `SIGSEGV` with `SEGV_ACCERR`/`SEGV_MAPERR` (a guard
+    /// marker).
     pub fn is_access_error(&self) -> bool {
-        self.code == libc::BUS_ADRERR || self.code == libc::BUS_MCEERR_AR
+        match self.signo {
+            libc::SIGBUS => self.code == libc::BUS_ADRERR || self.code == libc::BUS_MCEERR_AR,
+            libc::SIGSEGV => self.code == SEGV_ACCERR || self.code == SEGV_MAPERR,
+            _ => false,
+        }
+    }
+}
+
+fn fault(at: u64, t: Touch) -> Result<u8, Fault> {
+    match t {
+        Touch::Ok(b) => Ok(b),
+        Touch::Sigbus(code) => Err(Fault {
+            at,
+            signo: libc::SIGBUS,
+            code,
+        }),
+        Touch::Sigsegv(code) => Err(Fault {
+            at,
+            signo: libc::SIGSEGV,
+            code,
+        }),
     }
 }
 
@@ -59,21 +86,15 @@ fn as_usize(v: u64) -> usize {
 /// Reads one byte at `at`.
 pub fn read_byte(view: &HostView, at: u64) -> Result<u8, Fault> {
     let p = addr(view, at, 1);
-    // SAFETY: `p` lies inside the live view (checked by `addr`); a SIGBUS is reported.
-    match unsafe { probe::read(p) } {
-        Touch::Ok(b) => Ok(b),
-        Touch::Sigbus(code) => Err(Fault { at, code }),
-    }
+    // SAFETY: `p` lies inside the live view (checked by `addr`); a fault is reported.
+    fault(at, unsafe { probe::read(p) })
 }
 
 /// Writes one byte at `at`.
 pub fn write_byte(view: &HostView, at: u64, value: u8) -> Result<(), Fault> {
     let p = addr(view, at, 1);
     // SAFETY: `p` lies inside the live view, which maps guest memory, not a Rust object.
-    match unsafe { probe::write(p, value) } {
-        Touch::Ok(_) => Ok(()),
-        Touch::Sigbus(code) => Err(Fault { at, code }),
-    }
+    fault(at, unsafe { probe::write(p, value) }).map(drop)
 }
 
 /// Reads `len` bytes from `at`; fails at the first page that faults.
@@ -139,22 +160,40 @@ pub fn expect_bytes(view: &HostView, at: u64, len: u64, value: u8, what: &str) {
 }
 
 /// Asserts that reading and writing the first and the last byte of each page of
-/// `[at, at + len)` raises `SIGBUS` with an access-error code at the byte touched.
+/// `[at, at + len)` faults with an access-error code at the byte touched, with exactly the
+/// signal the view's mechanism gives there ([`HostView::fault_at`]: `SIGSEGV` for a guard
+/// marker, `SIGBUS` for a hole or past the end of the file).
 #[track_caller]
-pub fn expect_sigbus(view: &HostView, at: u64, len: u64, what: &str) {
+pub fn expect_fault(view: &HostView, at: u64, len: u64, what: &str) {
     for (off, n) in page_chunks(at, len) {
         for byte in [off, off + n - 1] {
+            let want = view
+                .fault_at(as_usize(byte))
+                .unwrap_or_else(|| panic!("{what}: view offset {byte:#x} is not blocked"));
             for (kind, res) in [
                 ("read", read_byte(view, byte).map(drop)),
                 ("write", write_byte(view, byte, 0x5a)),
             ] {
                 match res {
-                    Err(f) if f.at == byte && f.is_access_error() => {}
+                    Err(f) if f.at == byte && f.is_access_error() && f.signo == want.signo() => {}
                     other => panic!(
-                        "{what}: host {kind} at view offset {byte:#x}: expected SIGBUS, got {other:?}"
+                        "{what}: host {kind} at view offset {byte:#x}: expected {want:?}, got {other:?}"
                     ),
                 }
             }
         }
+    }
+}
+
+/// True when `t`, a touch at byte `at` of `view`, faulted exactly as the view's mechanism
+/// says a touch there must ([`HostView::fault_at`]): the same signal, with an access-error
+/// code. False for a touch that succeeded or faulted otherwise.
+pub fn faults_as_documented(view: &HostView, at: u64, t: Touch) -> bool {
+    let Some(want) = view.fault_at(as_usize(at)) else {
+        return false;
+    };
+    match fault(at, t) {
+        Err(f) => f.signo == want.signo() && f.is_access_error(),
+        Ok(_) => false,
     }
 }

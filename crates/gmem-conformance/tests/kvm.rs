@@ -66,7 +66,7 @@ mod kvm_bindings_and_guest {
     use std::os::fd::{AsFd, AsRawFd};
     use std::time::Duration;
 
-    use gmem::{Attr, Flags, GuestMemfd, PAGE_SIZE};
+    use gmem::{Attr, Errno, Flags, GuestMemfd, PAGE_SIZE};
     use gmem_conformance::touch;
     use gmem_kvm::kvm_bindings::{kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD};
     use gmem_kvm::payload::{check_and_fill, REPORT_OK, REPORT_PORT};
@@ -375,7 +375,10 @@ mod kvm_bindings_and_guest {
         let view = mem.map(data, PAGE).expect("host view");
         touch::fill(&view, 0, PAGE, 0xaa).expect("host writes 0xaa through its view");
         let code = check_and_fill(data_gpa, 4096, 0xaa, 0xff).expect("assemble");
-        mem.guest().write(code_at, &code).expect("load");
+        mem.guest()
+            .expect("guest view")
+            .write(code_at, &code)
+            .expect("load");
         let mut vcpu = vm.create_vcpu(0).expect("vcpu");
         vcpu.set_real_mode_entry(code_at).expect("entry");
         let _wd = Watchdog::arm(Duration::from_secs(20)).expect("watchdog");

@@ -1,5 +1,6 @@
 //! The conformance catalogue on the shmem backing, and the 131,072-run case.
 
+use gmem::Errno;
 use gmem::{Attr, Flags, GuestMemfd, HostView, PAGE_SIZE};
 use gmem_conformance::touch;
 
@@ -42,7 +43,7 @@ fn conformance_shmem_every_other_page_private_1gib() {
     let vmas_before = vmas().len();
     let mem = GuestMemfd::create(GIB, Flags::MMAP | Flags::INIT_SHARED).expect("create 1 GiB");
     let view = mem.map(0, GIB).expect("map 1 GiB");
-    let guest = mem.guest();
+    let guest = mem.guest().expect("guest view");
     for p in 0..pages {
         guest.write(p * PAGE_SIZE, &stamp(p)).expect("stamp a page");
     }
@@ -93,7 +94,7 @@ fn conformance_shmem_every_other_page_private_1gib() {
                 let e = mem
                     .read_at(at + 3, &mut [0u8; 4])
                     .expect_err("read_at private");
-                assert_eq!((e.errno(), e.offset()), (libc::EFAULT, Some(at + 3)));
+                assert_eq!((e.errno(), e.error_offset()), (libc::EFAULT, Some(at + 3)));
             }
         } else {
             let got = touch::read(&view, at, 8).unwrap_or_else(|f| panic!("page {p}: {f:?}"));

@@ -136,7 +136,10 @@ fn round_trip(vm: &Vm, samples: usize) {
     vm.bind(&mem, 0, 0, size).expect("bind");
     let page = 0x2_0000;
     let vcpu_at = |id: u64, code: Vec<u8>, at: u64| {
-        mem.guest().write(at, &code).expect("load");
+        mem.guest()
+            .expect("guest view")
+            .write(at, &code)
+            .expect("load");
         let vcpu = vm.create_vcpu(id).expect("vcpu");
         vcpu.set_real_mode_entry(at).expect("entry");
         vcpu

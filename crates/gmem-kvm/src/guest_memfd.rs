@@ -10,7 +10,7 @@
 //! - gmem adds what Linux 6.18 lacks: per-page shared/private attributes, conversion with
 //!   host-reference checks, listeners, and enforcement of host access. userfaultfd cannot
 //!   register a guest_memfd mapping, so host views of this backing are enforced by hole
-//!   mappings alone ([`gmem::view::host`] gives the cost: one VMA per private run).
+//!   mappings alone (guard markers, in one sealed mapping: see `gmem::HostView`).
 //!
 //! # Kernel flags
 //!
@@ -98,7 +98,7 @@ impl Vm {
     /// aligned, and for any flag this VM does not accept); its errno is the error's.
     ///
     /// ```no_run
-    /// use gmem::{Attr, Flags};
+    /// use gmem::{Attr, Errno, Flags};
     /// let vm = gmem_kvm::Vm::new()?;
     /// let mem = vm.create_guest_memfd(1 << 20, Flags::MMAP | Flags::INIT_SHARED)?;
     /// mem.write_at(0, b"shared")?;

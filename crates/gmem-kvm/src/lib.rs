@@ -23,7 +23,7 @@
 //! let mem = vm.create_guest_memfd(1 << 20, Flags::MMAP | Flags::INIT_SHARED)?;
 //! vm.bind(&mem, 0, 0, 1 << 20)?;
 //! let code = gmem_kvm::payload::check_and_fill(0x8000, 16, 0, 0xff)?;
-//! mem.guest().write(0x1000, &code)?;
+//! mem.guest()?.write(0x1000, &code)?;
 //! let mut vcpu = vm.create_vcpu(0)?;
 //! vcpu.set_real_mode_entry(0x1000)?;
 //! while vcpu.run()? != Exit::Halt {}
@@ -31,6 +31,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod attributes;
 pub mod caps;
 pub mod doorbell;
 pub mod guest_memfd;
@@ -46,6 +47,7 @@ pub use kvm_bindings;
 /// The kvm-ioctls this crate is built with.
 pub use kvm_ioctls;
 
+pub use attributes::KernelAttributes;
 pub use caps::{Capabilities, Mode, Provider, SlotKind};
 pub use guest_memfd::KernelGuestMemfd;
 pub use memslot::{BindError, Binding};

@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use gmem::{BackingKind, FileId, Flags, GuestMemfd, PAGE_SIZE};
+use gmem::{BackingKind, Errno, FileId, Flags, GuestMemfd, ParticipantId, PAGE_SIZE};
 use kvm_bindings::{kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD};
 
 use crate::caps::SlotKind;
@@ -103,9 +103,8 @@ pub enum BindError {
     },
 }
 
-impl BindError {
-    /// The errno the kernel returns for the same case.
-    pub fn errno(&self) -> i32 {
+impl Errno for BindError {
+    fn errno(&self) -> i32 {
         match self {
             BindError::InvalidRange { .. }
             | BindError::OutsideFile { .. }
@@ -120,7 +119,7 @@ impl BindError {
     }
 
     /// The offending file offset or guest-physical address, where there is one.
-    pub fn offset(&self) -> Option<u64> {
+    fn error_offset(&self) -> Option<u64> {
         match self {
             BindError::InvalidRange { offset, .. }
             | BindError::OutsideFile { offset, .. }
@@ -179,6 +178,8 @@ pub(crate) struct SlotEntry {
     pub offset: u64,
     pub file: FileId,
     pub mem: GuestMemfd,
+    /// The kernel-attributes participant added to the file for this binding.
+    pub attrs: Option<ParticipantId>,
 }
 
 /// The memslots of one VM.
@@ -274,7 +275,7 @@ impl Vm {
         offset: u64,
         len: u64,
     ) -> Result<Binding, BindError> {
-        let guest = mem.guest().as_ptr();
+        let guest = mem.guest().map_or(std::ptr::null_mut(), |g| g.as_ptr());
         let hva = if guest.is_null() {
             if mem.backing_kind() != BackingKind::KernelGuestMemfd {
                 return Err(BindError::NoGuestView);
@@ -394,6 +395,14 @@ impl Vm {
                 errno: e.errno(),
             });
         }
+        let attrs = self.shared.caps.kernel_private_attribute().then(|| {
+            mem.add_participant(Box::new(crate::attributes::KernelAttributes::new(
+                self.shared.clone(),
+                gpa,
+                offset,
+                len,
+            )))
+        });
         slots.entries.push(SlotEntry {
             slot,
             gpa,
@@ -401,6 +410,7 @@ impl Vm {
             offset,
             file,
             mem: mem.clone(),
+            attrs,
         });
         Ok(Binding {
             slot,
@@ -439,7 +449,10 @@ impl Vm {
                 errno: e.errno(),
             }
         })?;
-        slots.entries.remove(idx);
+        let e = slots.entries.remove(idx);
+        if let Some(id) = e.attrs {
+            e.mem.remove_participant(id);
+        }
         Ok(())
     }
 

@@ -11,16 +11,15 @@
 //!    are recorded; a page still in use by the host fails the whole request with
 //!    [`Status::Busy`] (`EAGAIN`) naming its guest-physical address, and nothing changes;
 //! 3. where the kernel has `KVM_SET_MEMORY_ATTRIBUTES` with the private attribute, the range's
-//!    kernel attribute is set to match (if the kernel refuses, gmem's conversion is undone by
-//!    converting the range back, and the request fails with the kernel's errno);
+//!    kernel attribute is set inside the same transaction (the binding's
+//!    [`crate::attributes::KernelAttributes`] participant): if the kernel refuses, the whole
+//!    conversion is rolled back and the request fails with the kernel's errno;
 //! 4. the status goes back to the guest and `KVM_RUN` resumes.
 
 use std::fmt;
 
-use gmem::{Attr, PAGE_SIZE};
-use kvm_bindings::{
-    kvm_memory_attributes, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE,
-};
+use gmem::{Attr, Errno, PAGE_SIZE};
+use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 
 use crate::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_VALID};
 use crate::vm::VmShared;
@@ -190,30 +189,6 @@ fn convert(vm: &VmShared, gpa: u64, size: u64, to: Attr) -> Status {
             libc::EINVAL => Status::Invalid { gpa: at },
             errno => Status::Failed { gpa: at, errno },
         };
-    }
-    if vm.caps.kernel_private_attribute() {
-        let attrs = kvm_memory_attributes {
-            address: gpa,
-            size,
-            attributes: match to {
-                Attr::Private => u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
-                Attr::Shared => 0,
-            },
-            flags: 0,
-        };
-        if let Err(e) = vm.fd.set_memory_attributes(attrs) {
-            let back = match to {
-                Attr::Private => Attr::Shared,
-                Attr::Shared => Attr::Private,
-            };
-            // To shared cannot fail on the reference check; to private may, and then the
-            // range stays as the guest asked in gmem while the kernel kept the old attribute.
-            let _ = r.mem.convert(r.offset, size, back);
-            return Status::Failed {
-                gpa,
-                errno: e.errno(),
-            };
-        }
     }
     Status::Done
 }

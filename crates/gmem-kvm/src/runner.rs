@@ -39,6 +39,7 @@ use crate::memslot::BindError;
 use crate::payload::{Asm, PayloadError, REPORT_MISMATCH, REPORT_OK, REPORT_PORT};
 use crate::request::{self, Report, Source, Status};
 use crate::vm::{Vm, VmError, VmShared};
+use gmem::Errno;
 
 /// Why running a vCPU failed.
 #[derive(Debug, thiserror::Error)]
@@ -559,7 +560,7 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
     asm.place(bad).report(REPORT_MISMATCH).hlt();
     let code = asm.finish()?;
     mem.guest()
-        .write(DEMO_CODE, &code)
+        .and_then(|g| g.write(DEMO_CODE, &code))
         .map_err(DemoError::Access)?;
 
     let mut vcpu = vm.create_vcpu(0)?;

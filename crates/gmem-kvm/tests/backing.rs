@@ -6,6 +6,7 @@ mod common;
 use std::os::fd::{AsFd, AsRawFd};
 
 use common::{create, vm_or_skip, Kind};
+use gmem::Errno;
 use gmem::{AccessError, Attr, BackingKind, FallocMode, Flags, MapError};
 use gmem_conformance::touch;
 use gmem_kvm::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
@@ -190,7 +191,7 @@ fn kernel_file_without_mmap_has_no_host_access() {
     assert!(matches!(mem.map(0, PAGE), Err(MapError::NotMappable)));
     assert_eq!(mem.read_at(0, &mut [0u8; 1]), Err(AccessError::NoMapping));
     assert_eq!(mem.pin(0, PAGE).unwrap_err().errno(), libc::ENODEV);
-    assert!(mem.guest().as_ptr().is_null());
+    assert!(mem.guest().expect("guest view").as_ptr().is_null());
     // Attributes and conversion are gmem's and work all the same.
     mem.convert(0, PAGE, Attr::Private).expect("convert");
     assert_eq!(mem.attr(0).expect("attr"), Attr::Private);
@@ -237,7 +238,7 @@ fn kernel_reads(addr: *const u8) -> Result<(), i32> {
 }
 
 #[test]
-fn host_views_of_kernel_files_are_enforced_by_holes_per_private_run() {
+fn host_views_of_kernel_files_are_guarded_in_one_sealed_mapping() {
     let Some(vm) = vm_or_skip() else { return };
     let pages = 64;
     let size = pages * PAGE;
@@ -248,41 +249,62 @@ fn host_views_of_kernel_files_are_enforced_by_holes_per_private_run() {
     let (start, len) = (view.as_ptr() as usize, view.len());
     assert_eq!(vmas_in(start, len), 1, "a fresh view is one mapping");
     touch::fill(&view, 0, size, 0x42).expect("fill");
-    // Every other page private: the view becomes hole, file, hole, file, ...
+    // Every other page private: guard markers, still one mapping.
     for p in (0..pages).step_by(2) {
         mem.convert(p * PAGE, PAGE, Attr::Private)
             .expect("to private");
     }
     for p in 0..pages {
-        let r = touch::read_byte(&view, p * PAGE);
         let at = view
             .as_ptr()
             .wrapping_add(usize::try_from(p * PAGE).unwrap());
         if p % 2 == 0 {
-            assert!(r.is_err(), "page {p} is private: {r:?}");
+            // SAFETY: inside the view; the probe reports the fault.
+            let t = unsafe { gmem_conformance::probe::read(at) };
+            assert!(
+                matches!(t, gmem_conformance::probe::Touch::Sigsegv(_)),
+                "page {p}: {t:?}"
+            );
+            assert!(touch::faults_as_documented(&view, p * PAGE, t));
             assert_eq!(
                 kernel_reads(at),
                 Err(libc::EFAULT),
                 "kernel read of private page {p}"
             );
         } else {
-            assert_eq!(r, Ok(0x42), "page {p} is shared");
+            assert_eq!(
+                touch::read_byte(&view, p * PAGE),
+                Ok(0x42),
+                "page {p} is shared"
+            );
             assert_eq!(kernel_reads(at), Ok(()), "kernel read of shared page {p}");
         }
     }
     assert_eq!(
         vmas_in(start, len),
-        usize::try_from(pages).unwrap(),
-        "one mapping per run: the limit of this backing's views"
+        1,
+        "guards need no mapping of their own"
     );
-    // Pages 0..=8 become one private run: adjacent holes are one mapping.
-    mem.convert(0, 8 * PAGE, Attr::Private).expect("to private");
-    assert_eq!(mem.run_count(), 56);
-    assert_eq!(vmas_in(start, len), 56);
-    // The whole file back to shared: the holes go and the view is one mapping again.
+    // The view is sealed: the VMM's own page-table operations on it are refused with EPERM.
+    let addr = view.as_ptr().cast::<libc::c_void>();
+    // SAFETY: names the view's own range; refused without changing it.
+    let rc = unsafe { libc::mprotect(addr, len, libc::PROT_READ) };
+    assert_eq!((rc, errno()), (-1, libc::EPERM), "mprotect on a sealed view");
+    // SAFETY: as above.
+    let moved = unsafe { libc::mremap(addr, len, 2 * len, libc::MREMAP_MAYMOVE) };
+    assert_eq!((moved, errno()), (libc::MAP_FAILED, libc::EPERM), "mremap");
+    // SAFETY: as above.
+    let rc = unsafe { libc::munmap(addr, len) };
+    assert_eq!((rc, errno()), (-1, libc::EPERM), "munmap on a sealed view");
+    // MADV_DONTNEED (a balloon) leaves the markers.
+    // SAFETY: the range is the view's; dropping its page-table entries loses no data.
+    let rc = unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert!(touch::read_byte(&view, 0).is_err());
+    // The whole file back to shared: contents survive in place.
     mem.convert(0, size, Attr::Shared).expect("to shared");
     touch::expect_bytes(&view, 0, size, 0x42, "contents survive in place");
-    assert_eq!(vmas_in(start, len), 1, "holes merged back");
+    assert_eq!(vmas_in(start, len), 1);
 }
 
 #[test]
@@ -301,4 +323,8 @@ fn second_process_follows_conversions_of_a_kernel_file() {
     assert_eq!(touch::read_byte(&view, 0), Ok(0));
     mem.convert(PAGE, PAGE, Attr::Shared).expect("convert back");
     assert_eq!(touch::read_byte(&view, PAGE), Ok(0));
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use common::{
     create, expect_converted, expect_halt, expect_report, load, next, vm_or_skip, Kind, CODE,
 };
+use gmem::Errno;
 use gmem::{AccessError, Attr, Conversion, ConversionListener, Flags, Veto};
 use gmem_conformance::probe::{self, Touch};
 use gmem_kvm::doorbell::DOORBELL_PORT;
@@ -52,7 +53,7 @@ fn secret_round_trip(kind: Kind) {
     // SAFETY: the view maps the secret page; the probe turns a SIGBUS into a value.
     let touch = unsafe { probe::read(view.as_ptr()) };
     assert!(
-        touch.is_sigbus(),
+        gmem_conformance::touch::faults_as_documented(&view, 0, touch),
         "host view of the private page: {touch:?}"
     );
     let mut buf = vec![0u8; SECRET_BYTES.len()];
@@ -430,7 +431,10 @@ fn two_vcpus_convert_their_own_pages_at_once() {
                 }
                 asm.hlt();
                 let code = asm.finish().expect("assemble");
-                mem.guest().write(code_at, &code).expect("load");
+                mem.guest()
+                    .expect("guest view")
+                    .write(code_at, &code)
+                    .expect("load");
                 let mut vcpu = vm.create_vcpu(id).expect("vcpu");
                 vcpu.set_real_mode_entry(code_at).expect("entry");
                 for i in 0..100 {
@@ -469,7 +473,10 @@ fn watchdog_interrupts_a_guest_that_never_exits() {
     let took = started.elapsed();
     assert!(took >= std::time::Duration::from_millis(200), "{took:?}");
     // The vCPU is still usable: point it at a halt and run it again.
-    mem.guest().write(0x8000, &[0xf4]).expect("hlt");
+    mem.guest()
+        .expect("guest view")
+        .write(0x8000, &[0xf4])
+        .expect("hlt");
     vcpu.set_real_mode_entry(0x8000).expect("entry");
     expect_halt(&mut vcpu);
 }

@@ -334,6 +334,9 @@ impl Model {
                     return Err(f);
                 }
             }
+            if to == Attr::Private && self.mmap {
+                self.moved(ps, pe);
+            }
             self.attrs[ps..pe].fill(to);
             self.commits += 1;
             return Ok(());
@@ -434,6 +437,21 @@ impl Model {
                 };
             }
             Ok(())
+        }
+    }
+
+    /// A conversion to private moves the allocated shared pages of `[ps, pe)` to fresh memory
+    /// (a kernel reference taken through a host view keeps the old page): a page whose bytes
+    /// are all zero comes back allocated but not up to date, as `fallocate` leaves it.
+    fn moved(&mut self, ps: usize, pe: usize) {
+        let page_bytes = idx(PAGE);
+        for p in ps..pe {
+            let zero = self.bytes[p * page_bytes..(p + 1) * page_bytes]
+                .iter()
+                .all(|&b| b == 0);
+            if self.attrs[p] == Attr::Shared && self.allocated[p] != Alloc::Hole && zero {
+                self.allocated[p] = Alloc::Reserved;
+            }
         }
     }
 

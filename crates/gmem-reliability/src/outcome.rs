@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use gmem::Errno;
 use gmem::{AccessError, ConvertError, FallocateError, FileError, MapError, RangeError};
 
 /// Which case an error is, independent of the module that reported it.
@@ -142,7 +143,8 @@ impl Reduce for ConvertError {
             }
             ConvertError::Busy { .. } => Class::Busy,
             ConvertError::Vetoed { .. } => Class::Vetoed,
-            ConvertError::NotOwner => Class::NotOwner,
+            ConvertError::Gate(_) => Class::NotOwner,
+            ConvertError::NoMem { .. } => Class::Os,
             ConvertError::Os { .. } => Class::Os,
             ConvertError::Peer { .. } => Class::Peer,
             ConvertError::Partial { reached, source } => {

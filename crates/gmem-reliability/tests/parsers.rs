@@ -8,6 +8,7 @@ use std::path::Path;
 
 use gmem::peer::{parse_hello, parse_runs};
 use gmem::Attr;
+use gmem::Errno;
 use gmem_reliability::rng::Rng;
 
 const MUTATIONS: usize = 20_000;

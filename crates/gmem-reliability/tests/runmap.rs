@@ -2,10 +2,10 @@
 //! chunk) and every query: `get`, `run_at`, `all`, `first`, `runs` over random windows, `len`.
 #![allow(clippy::cast_possible_truncation)]
 
-use gmem::{Attr, RunMap};
+use gmem::{Attr, AttrMap};
 use gmem_reliability::rng::Rng;
 
-fn check(m: &RunMap, pages: &[Attr], r: &mut Rng, step: usize) {
+fn check(m: &AttrMap, pages: &[Attr], r: &mut Rng, step: usize) {
     let n = pages.len() as u64;
     let mut runs = 0;
     for p in 0..pages.len() {
@@ -56,7 +56,7 @@ fn check(m: &RunMap, pages: &[Attr], r: &mut Rng, step: usize) {
 fn runmap_matches_a_per_page_reference() {
     for (seed, n) in [(1u64, 256u64), (2, 2048), (3, 1000), (4, 64), (5, 130)] {
         let mut r = Rng::new(seed);
-        let mut m = RunMap::new(n, Attr::Shared);
+        let mut m = AttrMap::new(n, Attr::Shared);
         let mut pages = vec![Attr::Shared; n as usize];
         for step in 0..2000 {
             let a = r.below(n);
@@ -84,7 +84,7 @@ fn runmap_matches_a_per_page_reference() {
 fn runmap_put_back_restores_exactly() {
     for (seed, n) in [(11u64, 256u64), (12, 128), (13, 2048)] {
         let mut r = Rng::new(seed);
-        let mut m = RunMap::new(n, Attr::Shared);
+        let mut m = AttrMap::new(n, Attr::Shared);
         let mut pages = vec![Attr::Shared; n as usize];
         for step in 0..3000 {
             let a = r.below(n);

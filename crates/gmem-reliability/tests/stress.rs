@@ -74,7 +74,7 @@ fn random_range(r: &mut Rng) -> (u64, usize) {
 /// private pages and writes the shared pattern over it first.
 fn converter(mem: &GuestMemfd, sh: &Shared, me: usize, lo: u64, hi: u64, seed: u64) -> Vec<Attr> {
     let mut r = Rng::new(seed);
-    let guest = mem.guest();
+    let guest = mem.guest().expect("guest view");
     let mut attrs = vec![Attr::Shared; (hi - lo) as usize];
     let mut busy = 0u64;
     while !sh.stopped() {
@@ -367,7 +367,7 @@ fn stress(mem: GuestMemfd) {
         );
     }
     // No shared page holds the private witness; private pages fault in both views.
-    let guest = mem.guest();
+    let guest = mem.guest().expect("guest view");
     let mut page = vec![0u8; PAGE as usize];
     for (p, want) in model.iter().enumerate() {
         let off = p as u64 * PAGE;
@@ -391,7 +391,7 @@ fn stress(mem: GuestMemfd) {
             }
             Attr::Private => {
                 assert!(
-                    a.is_sigbus() && b.is_sigbus(),
+                    a.is_fault() && b.is_fault(),
                     "private page {p} reachable: {a:?} {b:?}"
                 );
             }

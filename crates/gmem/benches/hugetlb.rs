@@ -205,7 +205,7 @@ fn p8(rows: &mut Vec<Row>) {
 
 /// Random 8-byte reads over the guest view of a preallocated file.
 fn random_reads(mem: &GuestMemfd, reads: u64) -> Duration {
-    let base = mem.guest().as_ptr() as usize;
+    let base = mem.guest().expect("guest view").as_ptr() as usize;
     let words = mem.size() / 8;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut sum = 0u64;

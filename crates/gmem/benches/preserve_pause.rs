@@ -34,6 +34,7 @@ fn with_runs(size: u64) -> GuestMemfd {
     for i in 0..RUNS / 2 {
         let page = i * stride + 1;
         mem.guest()
+            .expect("guest view")
             .write(page * P, &i.to_le_bytes())
             .expect("write");
         mem.convert(page * P, P, Attr::Private).expect("convert");
@@ -81,7 +82,10 @@ fn copy_time(size: u64) -> Duration {
     let chunk = vec![0x5au8; 1 << 20];
     let mut at = 0;
     while at < size {
-        mem.guest().write(at, &chunk).expect("fill");
+        mem.guest()
+            .expect("guest view")
+            .write(at, &chunk)
+            .expect("fill");
         at += 1 << 20;
     }
     let (new, report) = copy_into_new(&mem, |size, flags| {

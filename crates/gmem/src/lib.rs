@@ -2,77 +2,77 @@
 //!
 //! gmem gives a VMM the memory model of Linux's guest_memfd: every page of guest memory is
 //! *shared* or *private*; the host maps and touches only shared pages (a host touch of a
-//! private page is a real `SIGBUS`); the guest converts pages in place, and conversion to
-//! private is refused with `EAGAIN` while the host still holds a page. Every error names the
-//! errno the kernel uses for the same case (`err.errno()`), so the kernel and gmem can be
-//! compared call for call.
+//! private page faults); the guest converts pages in place, and conversion to private is
+//! refused with `EAGAIN` while the host still holds a page. Every error names the errno the
+//! kernel uses for the same case ([`Errno::errno`]), so the kernel and gmem can be compared
+//! call for call.
 //!
 //! - [`GuestMemfd`]: the file; [`GuestMemfd::builder`] creates one.
-//! - [`GuestMemfd::convert`]: in-place conversion ([`convert`] module docs give the rules).
-//! - [`GuestMemfd::map`]: host views ([`HostView`]), enforced by poison markers
-//!   ([`view::host`] docs give the mechanism and its limits).
+//! - [`GuestMemfd::convert`]: in-place conversion.
+//! - [`GuestMemfd::map`]: host views ([`HostView`]); the enforcement of each backing is in
+//!   the [`HostView`] module docs (`verbs::map`, summarised in the README).
 //! - [`GuestMemfd::read_at`], [`GuestMemfd::write_at`], [`GuestMemfd::pin`]: checked host
 //!   access that returns an error for private pages instead of faulting.
 //! - [`GuestMemfd::guest`]: the guest view, which reaches every page.
 //! - [`GuestMemfd::fallocate`]: allocate and punch-hole with the kernel's rules.
-//! - [`GuestMemfd::add_listener`]: conversion listeners that may veto.
-//! - [`GuestMemfd::share_with_process`] / [`GuestMemfd::attach`]: other processes.
-//! - [`BackingChoice::HugeTlb`]: 2 MiB / 1 GiB pages reserved at creation
-//!   ([`backing::hugetlb`]); mixed huge pages are split and merged back ([`restructure`]).
-//! - [`GuestMemfd::inject_poison`]: memory failure ([`poison`]);
-//!   [`GuestMemfd::set_numa_policy`]: placement ([`numa`]); [`GuestMemfd::preallocate`] and
-//!   [`Builder::prealloc`]: populating up front ([`prealloc`]).
+//! - [`GuestMemfd::add_listener`], [`GuestMemfd::add_participant`]: who else hears of
+//!   conversions.
+//! - [`GuestMemfd::share_with_process`] / [`GuestMemfd::attach`]: other processes
+//!   ([`peer`]).
+//! - [`BackingChoice::HugeTlb`]: 2 MiB / 1 GiB pages reserved at creation; mixed huge pages
+//!   are split and merged back.
+//! - [`GuestMemfd::inject_poison`]: memory failure; [`GuestMemfd::set_numa_policy`]:
+//!   placement; [`GuestMemfd::preallocate`]: populating up front.
+//! - [`preserve`]: live update to a new process.
+//!
+//! # Threat model
+//!
+//! Not trusted: the guest (conversion patterns, doorbell arguments, descriptors), bytes from
+//! outside (a preserved state, peer messages, received descriptors: sizes and seals are
+//! checked), and time (a peer that never answers: deadlines). Trusted to cooperate: the VMM
+//! and the follower processes it admits, which gmem protects from accidents (their own
+//! `madvise`, `mremap`, `vmsplice`, forks on its mappings) and the guest from their bugs, not
+//! from deliberate raw access to the descriptor. What is promised, and each documented
+//! exception per backing, is in `ARCHITECTURE.md` and the README.
+//!
+//! # Layers
+//!
+//! `model` (pure state) ← `sys` (syscalls) ← `backing` ← `engine` (the one owner of the
+//! enforcement invariant) ← `verbs` (`impl GuestMemfd`) ← [`peer`], [`preserve`].
 #![deny(missing_docs)]
 
-pub mod access;
-pub mod attr;
 pub mod backing;
-pub mod convert;
-pub mod fallocate;
-pub mod file;
-pub mod flags;
-pub mod listener;
-pub mod numa;
+pub(crate) mod engine;
+pub mod model;
 pub mod peer;
-pub mod poison;
-pub mod prealloc;
 pub mod preserve;
-pub mod range;
-mod refs;
-pub mod restructure;
-pub mod sys;
-pub mod view;
+pub(crate) mod sys;
+pub(crate) mod verbs;
 
-pub use access::{AccessError, Pin};
-pub use attr::{Attr, RunMap};
 pub use backing::hugetlb::{HugeTlbError, PoolGuard, PoolStats, HUGE_1G, HUGE_2M};
 pub use backing::{Backing, BackingKind};
-pub use convert::ConvertError;
-pub use fallocate::{FallocMode, FallocateError};
-pub use file::{AttrRun, BackingChoice, Builder, CreateError, FileError, FileId, GuestMemfd};
-pub use flags::Flags;
-pub use listener::{Conversion, ConversionListener, ListenerId, Veto};
-pub use numa::{NumaError, NumaPolicy};
-pub use peer::PeerError;
-pub use poison::PoisonError;
-pub use prealloc::{Prealloc, PreallocError, Progress};
-pub use range::{ByteRange, RangeError};
-pub use restructure::Accounting;
-pub use sys::PAGE_SIZE;
-pub use view::guest::GuestView;
-pub use view::host::{HostView, MapError, Sharing};
-
-impl GuestMemfd {
-    /// Adds a conversion listener; it hears of every conversion from now on.
-    pub fn add_listener(&self, listener: std::sync::Arc<dyn ConversionListener>) -> ListenerId {
-        self.inner.control().listeners.add(listener)
-    }
-
-    /// Removes a listener; returns false when it was not registered.
-    pub fn remove_listener(&self, id: ListenerId) -> bool {
-        self.inner.control().listeners.remove(id)
-    }
-}
+pub use engine::access::AccessError;
+pub use engine::convert::ConvertError;
+pub use engine::gate::GateError;
+pub use engine::listener::{Conversion, ConversionListener, ListenerId, Veto};
+pub use engine::participant::{Participant, ParticipantId, Step, StepError};
+pub use engine::poison::PoisonError;
+pub use engine::prealloc::{Prealloc, PreallocError, Progress};
+pub use engine::CreateError;
+pub use model::attr::{Attr, AttrMap, Run};
+pub use model::error::Errno;
+pub use model::flags::Flags;
+pub use model::huge::{Accounting, PIECE_CACHE_BYTES};
+pub use model::numa::{NumaError, NumaPolicy};
+pub use model::units::{ByteRange, PageRange, RangeError, PAGE_SIZE};
+pub use verbs::access::Pin;
+pub use verbs::create::{BackingChoice, Builder};
+pub use verbs::fallocate::{FallocMode, FallocateError};
+pub use verbs::guest::GuestView;
+pub use verbs::map::{HostFault, HostView, MapError, Sharing};
+pub use verbs::numa::online_nodes;
+pub use verbs::query::FileError;
+pub use verbs::{AttrRun, FileId, GuestMemfd};
 
 /// The README's example, compiled and run as a doctest.
 #[cfg(doctest)]

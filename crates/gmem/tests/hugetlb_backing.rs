@@ -4,6 +4,7 @@
 
 mod hugepool;
 
+use gmem::Errno;
 use gmem::{
     Attr, BackingChoice, CreateError, FallocMode, Flags, GuestMemfd, HugeTlbError, HUGE_1G, HUGE_2M,
 };

@@ -5,7 +5,8 @@
 
 mod hugepool;
 
-use gmem::numa::online_nodes;
+use gmem::online_nodes;
+use gmem::Errno;
 use gmem::{BackingChoice, CreateError, Flags, GuestMemfd, NumaError, NumaPolicy, HUGE_2M};
 
 const P: u64 = 4096;
@@ -73,7 +74,10 @@ fn bind_to_node_zero_places_pages_there() {
     for page in [0, 17, 255] {
         assert_eq!(m.numa_node(page * P).expect("node"), Some(0), "page {page}");
     }
-    assert_eq!(numa_maps_policy(m.guest().as_ptr() as usize), "bind:0");
+    assert_eq!(
+        numa_maps_policy(m.guest().expect("guest view").as_ptr() as usize),
+        "bind:0"
+    );
     assert_eq!(
         m.numa_node(256 * P).expect_err("past the end").errno(),
         libc::EINVAL
@@ -99,7 +103,10 @@ fn bind_applies_to_hugetlb_files_and_their_views() {
     // A split keeps the policy on the remapped window.
     m.convert(P, P, gmem::Attr::Private).expect("split");
     assert_eq!(m.numa_policy().expect("query"), NumaPolicy::Bind(vec![0]));
-    assert_eq!(numa_maps_policy(m.guest().as_ptr() as usize), "bind:0");
+    assert_eq!(
+        numa_maps_policy(m.guest().expect("guest view").as_ptr() as usize),
+        "bind:0"
+    );
 }
 
 #[test]

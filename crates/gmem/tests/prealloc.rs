@@ -61,7 +61,10 @@ fn preallocation_on_populates_every_page_with_progress() {
     // Contents are zero and private pages were allocated too (the file starts private).
     assert_eq!(mem.attr(0).expect("attr"), Attr::Private);
     let mut b = [0xffu8; 64];
-    mem.guest().read(5 * M, &mut b).expect("guest read");
+    mem.guest()
+        .expect("guest view")
+        .read(5 * M, &mut b)
+        .expect("guest read");
     assert_eq!(b, [0; 64]);
 }
 

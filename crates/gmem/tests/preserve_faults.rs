@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gmem::preserve::{crc32c, hand_over, receive, Binding, FileOffer, Options, Step};
+use gmem::Errno;
 use gmem::{Attr, FallocMode, Flags, GuestMemfd};
 use rustix::io::{fcntl_setfd, FdFlags};
 use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
@@ -45,7 +46,7 @@ fn build_with(huge: bool) -> GuestMemfd {
     } else {
         GuestMemfd::create(PAGES * P, Flags::MMAP | Flags::INIT_SHARED).unwrap()
     };
-    let g = mem.guest();
+    let g = mem.guest().expect("guest view");
     let mut page = vec![0u8; P as usize];
     for p in 0..mem.size() / P {
         for (i, b) in page.iter_mut().enumerate() {
@@ -66,7 +67,7 @@ fn build_with(huge: bool) -> GuestMemfd {
 
 /// One line: CRC-32C over the per-page CRCs, and the CRC of the run list.
 fn digest(mem: &GuestMemfd) -> String {
-    let g = mem.guest();
+    let g = mem.guest().expect("guest view");
     let mut page = vec![0u8; P as usize];
     let mut crcs = Vec::new();
     for p in 0..mem.size() / P {
@@ -125,13 +126,17 @@ fn old_role(die: Option<Step>, writer: bool) {
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(AtomicU64::new(0));
     let guest = writer.then(|| {
-        let (g, stop, last) = (mem.guest(), stop.clone(), last.clone());
+        let (g, stop, last) = (mem.guest().expect("guest view"), stop.clone(), last.clone());
         std::thread::spawn(move || {
             let mut k: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
                 k += 1;
-                g.write((k % SLOTS) * 64, &k.to_le_bytes()).unwrap();
-                last.store(k, Ordering::Release);
+                match g.write((k % SLOTS) * 64, &k.to_le_bytes()) {
+                    Ok(()) => last.store(k, Ordering::Release),
+                    // Handed over: this process's guest no longer reaches the memory.
+                    Err(e) if e.errno() == libc::EPERM => break,
+                    Err(e) => panic!("guest write: {e}"),
+                }
             }
         })
     });
@@ -192,7 +197,7 @@ fn new_role(die: Option<Step>, writer: bool) {
         let mut line = String::new();
         std::io::stdin().read_line(&mut line).unwrap();
         let last: u64 = line.trim().parse().unwrap();
-        let g = f.mem.guest();
+        let g = f.mem.guest().expect("guest view");
         for slot in 0..SLOTS {
             let mut b = [0u8; 8];
             g.read(slot * 64, &mut b).unwrap();

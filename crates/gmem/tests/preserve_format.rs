@@ -8,6 +8,7 @@ use gmem::preserve::{
     crc32c, Binding, FileState, FormatError, NumaMode, NumaRecord, PinRecord, RestructureKind,
     Restructured, RunRecord, State, VmLink,
 };
+use gmem::Errno;
 use gmem::{Attr, BackingKind, FileId, Flags};
 
 const P: u64 = 4096;

@@ -14,6 +14,7 @@ use gmem::preserve::{
     crc32c, exec_replacing, hand_over, receive, receive_inherited, spawn_with_inherited, Binding,
     FileOffer, HandoverError, Options, Phase, Step, VmLink,
 };
+use gmem::Errno;
 use gmem::{Attr, FallocMode, Flags, GuestMemfd};
 use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
 
@@ -33,7 +34,7 @@ fn pair() -> (OwnedFd, OwnedFd) {
 /// A file with a known pattern in every page and alternating runs of several lengths.
 fn build() -> GuestMemfd {
     let mem = GuestMemfd::create(PAGES * P, Flags::MMAP | Flags::INIT_SHARED).unwrap();
-    let g = mem.guest();
+    let g = mem.guest().expect("guest view");
     for p in 0..PAGES {
         let fill = vec![(p as u8).wrapping_mul(31).wrapping_add(7); P as usize];
         g.write(p * P, &fill).unwrap();
@@ -50,7 +51,7 @@ fn build() -> GuestMemfd {
 }
 
 fn digest(mem: &GuestMemfd) -> (u32, Vec<(u64, u64, Attr)>) {
-    let g = mem.guest();
+    let g = mem.guest().expect("guest view");
     let mut page = vec![0u8; P as usize];
     let mut crcs = Vec::new();
     for p in 0..mem.size() / P {
@@ -165,7 +166,7 @@ fn handover_carries_numa_policy_and_poison() {
 }
 
 fn page_crcs(mem: &GuestMemfd) -> Vec<u32> {
-    let g = mem.guest();
+    let g = mem.guest().expect("guest view");
     let mut page = vec![0u8; P as usize];
     (0..mem.size() / P)
         .map(|p| {
@@ -187,7 +188,7 @@ fn hugetlb_handover_keeps_split_pages_and_pending_merges() {
         .backing(gmem::BackingChoice::HugeTlb(M2))
         .create()
         .unwrap();
-    let g = mem.guest();
+    let g = mem.guest().expect("guest view");
     for p in 0..3 * M2 / P {
         g.write(p * P, &[(p % 251) as u8 + 1; 64]).unwrap();
     }
@@ -461,7 +462,12 @@ fn files_that_cannot_be_handed_over() {
 fn several_files_in_one_handover() {
     let a_mem = build();
     let b_mem = GuestMemfd::create(16 * P, Flags::MMAP).unwrap();
-    b_mem.guest().write(5 * P, b"private contents").unwrap();
+    b_mem
+        .guest()
+        .expect("guest view")
+        .write(5 * P, b"private contents")
+        .unwrap();
+    let a_digest = digest(&a_mem);
     let (a, b) = pair();
     let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
     hand_over(
@@ -472,13 +478,16 @@ fn several_files_in_one_handover() {
     .unwrap();
     let got = t.join().unwrap().unwrap();
     assert_eq!(got.files.len(), 2);
-    assert_eq!(digest(&got.files[0].mem), digest(&a_mem));
+    assert_eq!(digest(&got.files[0].mem), a_digest);
     let nb = &got.files[1].mem;
     assert_eq!(nb.flags(), Flags::MMAP);
     assert_eq!(nb.run_count(), 1);
     assert_eq!(nb.attr(0).unwrap(), Attr::Private);
     let mut buf = [0u8; 16];
-    nb.guest().read(5 * P, &mut buf).unwrap();
+    nb.guest()
+        .expect("guest view")
+        .read(5 * P, &mut buf)
+        .unwrap();
     assert_eq!(&buf, b"private contents");
 }
 
@@ -542,7 +551,7 @@ fn inherited_descriptors_spawn_mode_hugetlb_with_a_split_page() {
         .backing(gmem::BackingChoice::HugeTlb(M2))
         .create()
         .unwrap();
-    let g = mem.guest();
+    let g = mem.guest().expect("guest view");
     for p in 0..2 * M2 / P {
         g.write(p * P, &[(p % 251) as u8 + 1; 64]).unwrap();
     }

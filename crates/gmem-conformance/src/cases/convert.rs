@@ -10,6 +10,7 @@ use super::{expect_errno, guest_expect, guest_fill, require, runs_of, PAGE};
 use crate::child::{ChildProcess, ChildSide};
 use crate::touch;
 use crate::Ctx;
+use gmem::Errno;
 
 const SHARED: Flags = Flags::from_bits_retain(Flags::MMAP.bits() | Flags::INIT_SHARED.bits());
 
@@ -71,7 +72,7 @@ pub fn invalid_ranges(ctx: &Ctx<'_>) {
     convert(&mem, PAGE, PAGE, Attr::Private);
     assert_eq!(runs_of(&mem), before);
     touch::expect_bytes(&view, 0, PAGE, 0x3c, "shared page after no-op conversions");
-    touch::expect_sigbus(&view, PAGE, PAGE, "private page after no-op conversions");
+    touch::expect_fault(&view, PAGE, PAGE, "private page after no-op conversions");
     guest_expect(&mem, PAGE, PAGE, 0x3c, "private page contents");
 }
 
@@ -88,13 +89,14 @@ pub fn in_place(ctx: &Ctx<'_>) {
     assert_eq!(runs_of(&mem), vec![(0, size, true)], "starts private");
     let pattern: Vec<u8> = (0..4 * PAGE).map(|i| (i % 251) as u8).collect();
     mem.guest()
+        .expect("guest view")
         .write(0, &pattern)
         .expect("guest writes private memory");
-    touch::expect_sigbus(&view, 0, 4 * PAGE, "private before conversion");
+    touch::expect_fault(&view, 0, 4 * PAGE, "private before conversion");
     let e = mem
         .read_at(0, &mut [0u8; 4])
         .expect_err("read_at of a private page");
-    assert_eq!((e.errno(), e.offset()), (libc::EFAULT, Some(0)));
+    assert_eq!((e.errno(), e.error_offset()), (libc::EFAULT, Some(0)));
 
     convert(&mem, 0, 4 * PAGE, Attr::Shared);
     assert_eq!(mem.attr(0).expect("attr"), Attr::Shared);
@@ -110,9 +112,12 @@ pub fn in_place(ctx: &Ctx<'_>) {
     let host: Vec<u8> = (0..4 * PAGE).map(|i| (i % 241) as u8 ^ 0xa5).collect();
     touch::write(&view, 0, &host).expect("host writes shared memory");
     convert(&mem, 0, 4 * PAGE, Attr::Private);
-    touch::expect_sigbus(&view, 0, 4 * PAGE, "after conversion to private");
+    touch::expect_fault(&view, 0, 4 * PAGE, "after conversion to private");
     let mut got = vec![0u8; host.len()];
-    mem.guest().read(0, &mut got).expect("guest read");
+    mem.guest()
+        .expect("guest view")
+        .read(0, &mut got)
+        .expect("guest read");
     assert!(
         got == host,
         "the guest must see the host's bytes after conversion to private"
@@ -149,11 +154,14 @@ pub fn per_page(ctx: &Ctx<'_>) {
             let attr = mem.attr(p * PAGE).expect("attr");
             if p == target {
                 assert_eq!(attr, Attr::Private, "{what}");
-                touch::expect_sigbus(&view, p * PAGE, PAGE, &what);
+                touch::expect_fault(&view, p * PAGE, PAGE, &what);
                 let e = mem
                     .read_at(p * PAGE + 7, &mut [0u8; 2])
                     .expect_err("read_at");
-                assert_eq!((e.errno(), e.offset()), (libc::EFAULT, Some(p * PAGE + 7)));
+                assert_eq!(
+                    (e.errno(), e.error_offset()),
+                    (libc::EFAULT, Some(p * PAGE + 7))
+                );
             } else {
                 assert_eq!(attr, Attr::Shared, "{what}");
                 touch::expect_bytes(&view, p * PAGE, PAGE, page_byte(p), &what);
@@ -187,12 +195,12 @@ pub fn per_page(ctx: &Ctx<'_>) {
                 touch::fill(&view, p * PAGE, PAGE, 0xee).expect("host writes the shared page");
             } else {
                 assert_eq!(mem.attr(p * PAGE).expect("attr"), Attr::Private, "{what}");
-                touch::expect_sigbus(&view, p * PAGE, PAGE, &what);
+                touch::expect_fault(&view, p * PAGE, PAGE, &what);
             }
         }
         convert(&mem, target * PAGE, PAGE, Attr::Private);
         assert_eq!(mem.run_count(), 1);
-        touch::expect_sigbus(&view, 0, 4 * PAGE, "all private again");
+        touch::expect_fault(&view, 0, 4 * PAGE, "all private again");
         for p in 0..4 {
             let want = if p == target { 0xee } else { page_byte(p) };
             guest_expect(&mem, p * PAGE, PAGE, want, "guest after converting back");
@@ -287,7 +295,7 @@ pub fn mixed_allocation(ctx: &Ctx<'_>) {
     touch::fill(&view, PAGE, PAGE, 0x71).expect("host writes page 1");
     touch::fill(&view, 4 * PAGE, PAGE, 0x74).expect("host writes page 4");
     convert(&mem, 0, 8 * PAGE, Attr::Private);
-    touch::expect_sigbus(&view, 0, 8 * PAGE, "all eight pages private");
+    touch::expect_fault(&view, 0, 8 * PAGE, "all eight pages private");
     for p in 0..8 {
         let want = match p {
             1 => 0x71,
@@ -332,7 +340,7 @@ pub fn punch_keeps_attributes(ctx: &Ctx<'_>) {
         runs,
         "punching a private block changed attributes"
     );
-    touch::expect_sigbus(&view, b, b, "punched private block");
+    touch::expect_fault(&view, b, b, "punched private block");
     guest_expect(&mem, b, b, 0, "punched private block reads zero");
     guest_expect(&mem, 2 * b, b, 0xbb, "unpunched private block");
 
@@ -353,7 +361,7 @@ pub fn punch_keeps_attributes(ctx: &Ctx<'_>) {
         runs,
         "punching the whole file changed attributes"
     );
-    touch::expect_sigbus(&view, b, 2 * b, "private blocks after punching everything");
+    touch::expect_fault(&view, b, 2 * b, "private blocks after punching everything");
     guest_expect(&mem, 0, size, 0, "everything reads zero");
 
     // Writing after a punch allocates again, still private; conversion shows it.
@@ -473,7 +481,7 @@ pub fn other_process(ctx: &Ctx<'_>) {
     // The child is gone: conversions go on without it.
     convert(&mem, PAGE, PAGE, Attr::Private);
     let view = map(&mem);
-    touch::expect_sigbus(&view, PAGE, PAGE, "after the child exited");
+    touch::expect_fault(&view, PAGE, PAGE, "after the child exited");
     touch::expect_bytes(&view, 0, PAGE, 0x11, "page 0 after the child exited");
 }
 
@@ -525,7 +533,7 @@ pub fn pinned_page(ctx: &Ctx<'_>) {
 
     for p in [0, 1, 3] {
         convert(&mem, p * PAGE, PAGE, Attr::Private);
-        touch::expect_sigbus(&view, p * PAGE, PAGE, "page converted one by one");
+        touch::expect_fault(&view, p * PAGE, PAGE, "page converted one by one");
     }
     let e = mem
         .convert(2 * PAGE, PAGE, Attr::Private)
@@ -542,7 +550,7 @@ pub fn pinned_page(ctx: &Ctx<'_>) {
 
     drop(pin);
     convert(&mem, 0, 4 * PAGE, Attr::Private);
-    touch::expect_sigbus(&view, 0, 4 * PAGE, "all private after the unpin");
+    touch::expect_fault(&view, 0, 4 * PAGE, "all private after the unpin");
     for p in 0..4 {
         guest_expect(
             &mem,

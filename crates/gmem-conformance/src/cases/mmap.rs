@@ -6,6 +6,7 @@ use gmem::{FallocMode, Flags, Sharing};
 use super::{expect_errno, flag_sets, require, PAGE};
 use crate::touch;
 use crate::Ctx;
+use gmem::Errno;
 
 /// With `MMAP|INIT_SHARED`: write 0xaa everywhere, punch the first block, which reads 0 while
 /// the rest still reads 0xaa; writing it again works.
@@ -56,7 +57,7 @@ pub fn past_end_sigbus(ctx: &Ctx<'_>) {
         Err(f) if f.at == size && f.is_access_error() => {}
         other => panic!("reading at the end: expected SIGBUS, got {other:?}"),
     }
-    touch::expect_sigbus(&view, size, 3 * size, "past the end");
+    touch::expect_fault(&view, size, 3 * size, "past the end");
     touch::expect_bytes(&view, 0, size, 0xaa, "below the end");
     assert_eq!(
         mem.stat().expect("fstat").0,
@@ -78,14 +79,14 @@ pub fn private_sigbus(ctx: &Ctx<'_>) {
         Err(f) if f.at == 0 && f.is_access_error() => {}
         other => panic!("writing a private file: expected SIGBUS at 0, got {other:?}"),
     }
-    touch::expect_sigbus(&view, 0, size, "private file");
+    touch::expect_fault(&view, 0, size, "private file");
     let mut b = [0u8; 8];
     let e = mem
         .read_at(PAGE, &mut b)
         .expect_err("read_at of a private page");
-    assert_eq!((e.errno(), e.offset()), (libc::EFAULT, Some(PAGE)));
+    assert_eq!((e.errno(), e.error_offset()), (libc::EFAULT, Some(PAGE)));
     let e = mem.write_at(0, &b).expect_err("write_at of a private page");
-    assert_eq!((e.errno(), e.offset()), (libc::EFAULT, Some(0)));
+    assert_eq!((e.errno(), e.error_offset()), (libc::EFAULT, Some(0)));
     super::guest_expect(&mem, 0, size, 0, "guest view of a fresh private file");
 }
 

@@ -17,10 +17,7 @@ pub mod file;
 pub mod mmap;
 pub mod ranges;
 
-use gmem::{
-    AccessError, ConvertError, CreateError, FallocateError, FileError, Flags, MapError, PeerError,
-    PAGE_SIZE,
-};
+use gmem::{Flags, PAGE_SIZE};
 
 use crate::Ctx;
 
@@ -33,30 +30,7 @@ pub const PAGE_BYTES: usize = 4096;
 const _: () = assert!(PAGE_BYTES as u64 == PAGE);
 
 /// gmem errors, by the errno the kernel gives for the same case.
-pub trait Errno {
-    /// The kernel's errno for this error.
-    fn errno_value(&self) -> i32;
-}
-
-macro_rules! impl_errno {
-    ($($t:ty),*) => {
-        $(impl Errno for $t {
-            fn errno_value(&self) -> i32 {
-                self.errno()
-            }
-        })*
-    };
-}
-
-impl_errno!(
-    AccessError,
-    ConvertError,
-    CreateError,
-    FallocateError,
-    FileError,
-    MapError,
-    PeerError
-);
+pub use gmem::Errno;
 
 /// Asserts that `res` failed with `errno`.
 #[track_caller]
@@ -66,11 +40,11 @@ pub fn expect_errno<T: std::fmt::Debug, E: Errno + std::fmt::Display>(
     what: &str,
 ) {
     match res {
-        Err(e) if e.errno_value() == errno => {}
+        Err(e) if e.errno() == errno => {}
         Err(e) => panic!(
             "{what}: expected errno {errno} ({}), got errno {} ({e})",
             errno_name(errno),
-            e.errno_value()
+            e.errno()
         ),
         Ok(v) => panic!(
             "{what}: expected errno {errno} ({}), got success ({v:?})",
@@ -120,6 +94,7 @@ pub fn require(ctx: &Ctx<'_>, flags: Flags) -> bool {
 pub fn guest_read(mem: &gmem::GuestMemfd, offset: u64, len: u64) -> Vec<u8> {
     let mut buf = vec![0u8; usize::try_from(len).expect("len fits usize")];
     mem.guest()
+        .expect("guest view")
         .read(offset, &mut buf)
         .unwrap_or_else(|e| panic!("guest read {offset:#x}+{len:#x}: {e}"));
     buf
@@ -130,6 +105,7 @@ pub fn guest_read(mem: &gmem::GuestMemfd, offset: u64, len: u64) -> Vec<u8> {
 pub fn guest_fill(mem: &gmem::GuestMemfd, offset: u64, len: u64, value: u8) {
     let buf = vec![value; usize::try_from(len).expect("len fits usize")];
     mem.guest()
+        .expect("guest view")
         .write(offset, &buf)
         .unwrap_or_else(|e| panic!("guest write {offset:#x}+{len:#x}: {e}"));
 }

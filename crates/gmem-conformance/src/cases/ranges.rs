@@ -15,6 +15,7 @@ use gmem::{Attr, FallocMode, Flags, GuestMemfd, HostView};
 use super::{guest_expect, guest_fill, require, PAGE};
 use crate::touch;
 use crate::Ctx;
+use gmem::Errno;
 
 const SZ_2M: u64 = 2 << 20;
 /// Data per thread: the selftest's `PER_CPU_DATA_SIZE`.
@@ -92,8 +93,8 @@ impl Area<'_> {
     /// The host faults on every page of `[off, off + len)` through both views.
     #[track_caller]
     fn host_sigbus(&self, off: u64, len: u64, s: &str) {
-        touch::expect_sigbus(&self.view, off, len, &self.what(s));
-        touch::expect_sigbus(self.all, self.base + off, len, &self.what(s));
+        touch::expect_fault(&self.view, off, len, &self.what(s));
+        touch::expect_fault(self.all, self.base + off, len, &self.what(s));
     }
 
     /// The guest sees `v` outside `[off, off + len)` in the area.

@@ -42,7 +42,10 @@ pub fn create(vm: &Vm, kind: Kind, size: u64, flags: Flags) -> GuestMemfd {
 /// A vCPU about to run `code`, loaded at [`CODE`] through `mem`'s guest view (bound so that
 /// guest-physical = file offset).
 pub fn load(vm: &Vm, mem: &GuestMemfd, code: &[u8]) -> Vcpu {
-    mem.guest().write(CODE, code).expect("load the program");
+    mem.guest()
+        .expect("guest view")
+        .write(CODE, code)
+        .expect("load the program");
     let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
     vcpu.set_real_mode_entry(CODE).expect("real-mode entry");
     vcpu

@@ -15,7 +15,7 @@
 //! never loses its guarantee.
 //!
 //! The same mapping is gmem's path to the huge pages themselves while a huge page is split
-//! (see [`crate::restructure`]): it is never remapped.
+//! (see the engine's HugeTLB restructuring): it is never remapped.
 //!
 //! # Pool
 //!
@@ -72,13 +72,12 @@ pub enum HugeTlbError {
     },
 }
 
-impl HugeTlbError {
-    /// The errno the kernel returns for the same case.
-    pub fn errno(&self) -> i32 {
+impl crate::model::error::Errno for HugeTlbError {
+    fn errno(&self) -> i32 {
         match self {
             HugeTlbError::UnsupportedPageSize { .. } => libc::EINVAL,
             HugeTlbError::PoolShort { .. } => libc::ENOMEM,
-            HugeTlbError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            HugeTlbError::Os { source, .. } => crate::model::error::os_errno(source),
         }
     }
 }

@@ -18,7 +18,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use crate::flags::Flags;
+use crate::model::flags::Flags;
 
 /// Which kind of object holds the pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,7 +67,7 @@ pub trait Backing: AsFd + fmt::Debug + Send + Sync + 'static {
     /// True when userfaultfd can register mappings of the descriptor (shmem, HugeTLB), so host
     /// views are enforced with poison markers. When false (the kernel guest_memfd, whose
     /// mappings userfaultfd refuses with `EINVAL`), every private page of a view is covered by
-    /// a hole mapping instead; [`crate::view::host`] gives the cost of that.
+    /// a hole mapping instead; [`crate::HostView`] gives the cost of that.
     fn userfaultfd_capable(&self) -> bool {
         true
     }
@@ -88,8 +88,42 @@ pub trait Backing: AsFd + fmt::Debug + Send + Sync + 'static {
     }
 
     /// The companion file holding the split pieces of a HugeTLB file received from its owner
-    /// (see [`crate::restructure`]); `None` otherwise.
+    /// (see [`crate::GuestMemfd::hugetlb_accounting`]); `None` otherwise.
     fn companion(&self) -> Option<BorrowedFd<'_>> {
         None
+    }
+}
+
+/// Checks a descriptor received from another process (a peer's owner, a hand-over's old
+/// owner) before anything maps it: it holds exactly `size` bytes and something keeps that
+/// size — the seals of a memfd (`F_SEAL_GROW | F_SEAL_SHRINK`), or the kernel itself for a
+/// guest_memfd, which cannot be resized. A file that could shrink under a mapping would turn
+/// every access past its new end into a `SIGBUS` in this process.
+pub(crate) fn check_received(
+    fd: BorrowedFd<'_>,
+    kind: BackingKind,
+    size: u64,
+) -> Result<(), &'static str> {
+    use std::os::fd::AsRawFd;
+    let st = crate::sys::fd::fstat(fd).map_err(|_| "fstat failed")?;
+    if u64::try_from(st.st_size).ok() != Some(size) {
+        return Err("size differs from the announced size");
+    }
+    match kind {
+        BackingKind::KernelGuestMemfd => {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(|_| "readlink failed")?;
+            if link.as_os_str() != "anon_inode:[kvm-gmem]" {
+                return Err("not a kernel guest_memfd");
+            }
+            Ok(())
+        }
+        BackingKind::Shmem | BackingKind::HugeTlb(_) => {
+            let need = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+            match crate::sys::fd::seals(fd) {
+                Ok(s) if s & need == need => Ok(()),
+                _ => Err("its size is not sealed"),
+            }
+        }
     }
 }

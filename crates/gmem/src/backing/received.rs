@@ -1,24 +1,58 @@
 //! A backing received from another process: a peer's follower or a hand-over's new owner.
 
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::{Backing, BackingKind};
-use crate::flags::Flags;
+use super::{Backing, BackingKind, HugeTlb};
+use crate::model::flags::Flags;
 
 /// A descriptor received from another process, with the kind and block size it announced
-/// (checked against `fstat` by the receiver) and, for HugeTLB, the companion file of split
-/// pieces.
+/// (checked against `fstat` and the seals by the receiver) and, for HugeTLB, the companion
+/// file of split pieces.
 #[derive(Debug)]
 pub(crate) struct Received {
-    pub fd: OwnedFd,
-    pub kind: BackingKind,
-    pub block: u64,
-    pub pieces: Option<OwnedFd>,
+    file: File,
+    kind: BackingKind,
+    block: u64,
+    pieces: Option<OwnedFd>,
+}
+
+#[derive(Debug)]
+enum File {
+    Plain(OwnedFd),
+    /// HugeTLB files are adopted with gmem's mapping of their huge pages (already allocated
+    /// and reserved by the owner, so mapping them takes nothing from the pool).
+    Huge(HugeTlb),
+}
+
+impl Received {
+    /// Wraps `fd` (of `size` bytes) received from another process.
+    pub fn new(
+        fd: OwnedFd,
+        kind: BackingKind,
+        block: u64,
+        pieces: Option<OwnedFd>,
+        size: u64,
+    ) -> io::Result<Self> {
+        let file = match kind {
+            BackingKind::HugeTlb(page) => File::Huge(HugeTlb::adopt(fd, size, page)?),
+            _ => File::Plain(fd),
+        };
+        Ok(Received {
+            file,
+            kind,
+            block,
+            pieces,
+        })
+    }
 }
 
 impl AsFd for Received {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        match &self.file {
+            File::Plain(fd) => fd.as_fd(),
+            File::Huge(h) => h.as_fd(),
+        }
     }
 }
 
@@ -37,6 +71,12 @@ impl Backing for Received {
     }
     fn userfaultfd_capable(&self) -> bool {
         self.kind != BackingKind::KernelGuestMemfd
+    }
+    fn as_hugetlb(&self) -> Option<&HugeTlb> {
+        match &self.file {
+            File::Huge(h) => Some(h),
+            File::Plain(_) => None,
+        }
     }
     fn companion(&self) -> Option<BorrowedFd<'_>> {
         self.pieces.as_ref().map(|f| f.as_fd())

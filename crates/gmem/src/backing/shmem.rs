@@ -4,7 +4,8 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::{Backing, BackingKind};
-use crate::sys::{fd, PAGE_SIZE};
+use crate::model::units::PAGE_SIZE;
+use crate::sys::fd;
 
 /// A sealed memfd of fixed size.
 ///

@@ -10,10 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::file::GuestMemfd;
-use crate::flags::Flags;
-use crate::range::ByteRange;
+use crate::model::error::Errno;
+use crate::model::flags::Flags;
+use crate::model::units::ByteRange;
 use crate::sys::to_usize;
+use crate::verbs::GuestMemfd;
 
 use super::error::HandoverError;
 
@@ -74,7 +75,7 @@ fn data_ranges(mem: &GuestMemfd) -> Vec<ByteRange> {
 /// much cheaper than a fault per page where faults are expensive (nested or software
 /// virtualization). Best effort: on failure the copy faults the pages in itself.
 fn populate(mem: &GuestMemfd, at: u64, len: u64) {
-    if let (Some(map), Ok(off), Ok(len)) = (mem.inner.guest.as_ref(), to_usize(at), to_usize(len)) {
+    if let (Some(map), Ok(off), Ok(len)) = (mem.inner.guest_map(), to_usize(at), to_usize(len)) {
         let _ = map.advise(off, len, libc::MADV_POPULATE_WRITE);
     }
 }
@@ -96,7 +97,7 @@ pub fn copy_into_new(
             what: "the new file's size differs",
         });
     }
-    let (src, dst) = (old.guest(), new.guest());
+    let (src, dst) = (old.guest()?, new.guest()?);
     let mut buf = vec![0u8; to_usize(CHUNK).unwrap_or(1 << 21)];
     let mut copied = 0;
     for r in data_ranges(old) {

@@ -2,9 +2,10 @@
 
 use std::io;
 
-use crate::access::AccessError;
-use crate::convert::ConvertError;
-use crate::file::CreateError;
+use crate::engine::access::AccessError;
+use crate::engine::convert::ConvertError;
+use crate::engine::CreateError;
+use crate::model::error::Errno;
 
 use super::handover::Step;
 
@@ -67,9 +68,8 @@ pub enum FormatError {
     },
 }
 
-impl FormatError {
-    /// The errno for this error.
-    pub fn errno(&self) -> i32 {
+impl Errno for FormatError {
+    fn errno(&self) -> i32 {
         match self {
             FormatError::TooLarge { .. } => libc::E2BIG,
             FormatError::Truncated { .. } | FormatError::Invalid { .. } => libc::EPROTO,
@@ -79,7 +79,9 @@ impl FormatError {
             FormatError::Checksum { .. } => libc::EBADMSG,
         }
     }
+}
 
+impl FormatError {
     /// The byte offset in the state where the problem was found.
     pub fn offset(&self) -> usize {
         match self {
@@ -155,6 +157,15 @@ pub enum HandoverError {
         /// Why.
         what: &'static str,
     },
+    /// A host reference (a pin) on the file is not among the offer's pins: the hand-over
+    /// would leave it behind on a page the new owner may make private (`EBUSY`).
+    #[error("file {file}: a pin at offset {offset:#x} is not offered")]
+    UnlistedPin {
+        /// Index of the file in the offer.
+        file: usize,
+        /// First page held by a pin the offer does not list.
+        offset: u64,
+    },
     /// Restoring part of a file's state in the new owner failed with `errno`.
     #[error("file {file}: restoring the {what} failed (errno {errno})")]
     Restore {
@@ -177,9 +188,8 @@ pub enum HandoverError {
     Convert(#[from] ConvertError),
 }
 
-impl HandoverError {
-    /// The errno for this error.
-    pub fn errno(&self) -> i32 {
+impl Errno for HandoverError {
+    fn errno(&self) -> i32 {
         match self {
             HandoverError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             HandoverError::Format(e) => e.errno(),
@@ -189,7 +199,7 @@ impl HandoverError {
             HandoverError::Rejected { errno } => *errno,
             HandoverError::Aborted => libc::ECANCELED,
             HandoverError::Timeout { .. } => libc::ETIMEDOUT,
-            HandoverError::Busy { .. } => libc::EBUSY,
+            HandoverError::Busy { .. } | HandoverError::UnlistedPin { .. } => libc::EBUSY,
             HandoverError::Restore { errno, .. } => *errno,
             HandoverError::Create(e) => e.errno(),
             HandoverError::Access(e) => e.errno(),

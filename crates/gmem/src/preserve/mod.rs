@@ -7,7 +7,24 @@
 //! - [`exec`]: the same hand-over to a process started with inherited descriptors.
 //! - [`copy`]: the honest path for the kernel guest_memfd, which cannot be bound to another VM:
 //!   a new file, contents copied, attributes restored, measured as a copy.
-//! - [`freeze`]: what a frozen file refuses and what waits.
+//!
+//! # The freeze
+//!
+//! While a hand-over runs, the file is *frozen*: the state sent to the new owner must stay
+//! true until the new owner confirms. Conversions **wait** (a VMM pauses its vCPUs for the
+//! hand-over anyway; a conversion that arrives during the pause goes through as soon as the
+//! old owner resumes, or fails with `EPERM` once the file has been handed over);
+//! `fallocate` (allocation and punch-hole) is refused with `EPERM`, as the kernel's
+//! live-update freeze of a guest_memfd refuses new allocation; contents stay writable through
+//! the guest view and host views: they are the file itself, shared with the new owner.
+//!
+//! # The old owner afterwards
+//!
+//! Once the file is handed over, every access path of the old owner fails with `EPERM`
+//! (accessors, pins, new views, the guest view, conversions), and every mapping gmem handed
+//! out there stops reaching the file: views and pin pointers fault everywhere, the guest
+//! mapping (an old vCPU's memslot) too. A hand-over with a pin the offer does not list is
+//! refused (`EBUSY`), so no live pin stays behind.
 //!
 //! Contents are never copied by the hand-over: the files themselves travel as descriptors.
 //!
@@ -34,16 +51,12 @@
 //! - A file shared with peer processes ([`crate::peer`]) is refused (`EBUSY`): its followers
 //!   would go on following the old owner and miss the new owner's conversions. A follower
 //!   that died is forgotten at the owner's next conversion to private.
-//! - After the hand-over the old owner's existing mappings (its host views and guest view)
-//!   still reach the memory and no longer learn of conversions: the new owner's conversions
-//!   revoke only its own views. The old owner is expected to drop its handles and exit, as a
-//!   process replaced by a live update does.
 //! - The kernel guest_memfd travels (the new owner can map and read it) but cannot be bound to
 //!   a new VM: [`copy_into_new`] is the path, a copy, measured as one.
 //!
 //! ```
 //! use gmem::preserve::{hand_over, receive, FileOffer, Options};
-//! use gmem::{Attr, Flags, GuestMemfd};
+//! use gmem::{Attr, Errno, Flags, GuestMemfd};
 //! use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
 //! use std::os::fd::AsFd;
 //!
@@ -71,9 +84,9 @@ mod crc;
 pub mod error;
 pub mod exec;
 pub mod format;
-pub mod freeze;
 pub mod handover;
 
+pub use crate::engine::gate::Phase;
 pub use copy::{copy_into_new, CopyReport};
 pub use crc::{crc32c, update as crc32c_update};
 pub use error::{FormatError, HandoverError};
@@ -82,7 +95,6 @@ pub use format::{
     Binding, FileState, NumaMode, NumaRecord, PinRecord, RestructureKind, Restructured, RunRecord,
     State, VmLink,
 };
-pub use freeze::{Freeze, Phase};
 pub use handover::{
     hand_over, receive, FileOffer, HandedOver, Options, Restored, RestoredFile, Step,
 };

@@ -1,22 +1,38 @@
-//! An owned memory mapping, unmapped on drop.
+//! An owned memory mapping, unmapped on drop, and the page-table operations gmem makes on it.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
-use super::{cvt, to_off};
+use super::{cvt, fork, to_off};
 
-/// An owned `mmap(2)` region. Dropping it unmaps the region.
+/// `MADV_GUARD_INSTALL` (Linux 6.13): guard markers on every page of a range.
+pub(crate) const MADV_GUARD_INSTALL: libc::c_int = 102;
+/// `MADV_GUARD_REMOVE` (Linux 6.13): removes guard markers, leaving contents intact.
+pub(crate) const MADV_GUARD_REMOVE: libc::c_int = 103;
+
+/// An owned `mmap(2)` region. Dropping it unmaps the region, except in a forked child (the
+/// region may not exist there: views are `MADV_DONTFORK`) and when it was
+/// [forgotten](Mapping::forget) or sealed.
 #[derive(Debug)]
-pub struct Mapping {
+pub(crate) struct Mapping {
     addr: NonNull<u8>,
     len: usize,
+    generation: u64,
+    keep: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; access is coordinated by its users.
 unsafe impl Send for Mapping {}
 // SAFETY: as above; the type hands out only raw pointers.
 unsafe impl Sync for Mapping {}
+
+fn range_ok(offset: usize, len: usize, total: usize) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(e) if e <= total => Ok(()),
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    }
+}
 
 impl Mapping {
     /// Maps `len` bytes of `fd` at `offset`, read-write and `MAP_SHARED` with `extra` flags.
@@ -31,17 +47,6 @@ impl Mapping {
             offset,
             len,
             libc::MAP_SHARED | extra,
-            libc::PROT_READ | libc::PROT_WRITE,
-        )
-    }
-
-    /// Maps `len` bytes of private anonymous memory, zero-filled on first touch.
-    pub fn anonymous(len: usize) -> io::Result<Self> {
-        Self::map(
-            None,
-            0,
-            len,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             libc::PROT_READ | libc::PROT_WRITE,
         )
     }
@@ -63,7 +68,12 @@ impl Mapping {
         }
         let addr = NonNull::new(p.cast::<u8>())
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(Mapping { addr, len })
+        Ok(Mapping {
+            addr,
+            len,
+            generation: fork::generation(),
+            keep: false,
+        })
     }
 
     /// Reserves `len` bytes of address space aligned to `align` (a power of two, such as a
@@ -76,7 +86,8 @@ impl Mapping {
         }
         let total = len.checked_add(align).ok_or_else(einval)?;
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        let wide = std::mem::ManuallyDrop::new(Self::map(None, 0, total, flags, libc::PROT_NONE)?);
+        let mut wide = Self::map(None, 0, total, flags, libc::PROT_NONE)?;
+        wide.keep = true;
         let start = wide.addr();
         let aligned = (start + align - 1) & !(align - 1);
         let head = aligned - start;
@@ -92,7 +103,12 @@ impl Mapping {
         }
         let addr = NonNull::new(wide.as_ptr().wrapping_add(head))
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(Mapping { addr, len })
+        Ok(Mapping {
+            addr,
+            len,
+            generation: wide.generation,
+            keep: false,
+        })
     }
 
     /// Start of the mapping.
@@ -110,85 +126,133 @@ impl Mapping {
         self.len
     }
 
-    /// True when the mapping is zero bytes long (never, in practice).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// `madvise(2)` on `[offset, offset + len)` of this mapping.
     pub fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.len)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        debug_assert!(end <= self.len);
+        range_ok(offset, len, self.len)?;
         let at = self.as_ptr().wrapping_add(offset);
         // SAFETY: the range lies inside this mapping; madvise does not create Rust references.
         cvt(unsafe { libc::madvise(at.cast(), len, advice) }).map(drop)
     }
 
-    /// Replaces `[offset, offset + len)` of this mapping with `MAP_SHARED | MAP_FIXED` of `fd`
-    /// at `fd_offset`, read-write. The range stays owned by this mapping (unmapped on drop).
+    /// Guard markers on `[offset, offset + len)`: every touch is `SIGSEGV`, every kernel
+    /// access through the address `EFAULT`; they survive `MADV_DONTNEED`, `mprotect` and
+    /// punch-hole. Present pages are zapped first (one cheap `MADV_DONTNEED`, so the marker
+    /// walk finds empty entries).
+    pub fn guard(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.advise(offset, len, libc::MADV_DONTNEED)?;
+        self.advise(offset, len, MADV_GUARD_INSTALL)
+    }
+
+    /// Removes guard markers from `[offset, offset + len)`; pages fault in again on use.
+    pub fn unguard(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.advise(offset, len, MADV_GUARD_REMOVE)
+    }
+
+    /// Replaces `[offset, offset + len)` with `mmap(MAP_FIXED | flags, prot)` of `fd` at
+    /// `fd_offset` (anonymous when `fd` is `None`). The range stays owned by this mapping.
     pub fn map_fixed(
         &self,
         offset: usize,
         len: usize,
-        fd: BorrowedFd<'_>,
+        fd: Option<BorrowedFd<'_>>,
         fd_offset: u64,
+        flags: libc::c_int,
+        prot: libc::c_int,
     ) -> io::Result<()> {
-        if offset.checked_add(len).is_none_or(|e| e > self.len) {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
+        range_ok(offset, len, self.len)?;
         let at = self.as_ptr().wrapping_add(offset);
         let off = to_off(fd_offset)?;
+        let raw = fd.map_or(-1, |f| f.as_raw_fd());
         // SAFETY: the range lies inside this mapping, which no Rust reference aliases; MAP_FIXED
         // replaces the pages in place and the mapping's owner still unmaps the whole region.
-        let p = unsafe {
-            libc::mmap(
-                at.cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
+        let p = unsafe { libc::mmap(at.cast(), len, prot, flags | libc::MAP_FIXED, raw, off) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
 
-    /// `mbind(2)` the whole mapping with `mode` and the node mask `nodes` (bit n = node n).
-    pub fn mbind(&self, mode: libc::c_int, nodes: &[libc::c_ulong], flags: u32) -> io::Result<()> {
-        let maxnode = nodes.len() * libc::c_ulong::BITS as usize + 1;
-        let mask = if nodes.is_empty() {
-            std::ptr::null()
-        } else {
-            nodes.as_ptr()
-        };
-        // SAFETY: the range is this mapping; `mask` is valid for `maxnode - 1` bits or null.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_mbind,
-                self.as_ptr(),
-                self.len,
-                mode,
-                mask,
-                maxnode,
-                flags,
+    /// `MAP_SHARED` read-write mapping of `fd` over `[offset, offset + len)`.
+    pub fn map_file_at(
+        &self,
+        offset: usize,
+        len: usize,
+        fd: BorrowedFd<'_>,
+        fd_offset: u64,
+    ) -> io::Result<()> {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        self.map_fixed(offset, len, Some(fd), fd_offset, libc::MAP_SHARED, rw)
+    }
+
+    /// Moves `part` (a mapping of exactly `len` bytes, prepared elsewhere) over
+    /// `[offset, offset + len)` of this mapping with `mremap(MREMAP_FIXED)`: its page tables
+    /// (guard markers included) move with it, so the window changes from the old contents to
+    /// the prepared ones in one step, with nothing in between.
+    pub fn replace_with(&self, offset: usize, part: Mapping) -> io::Result<()> {
+        let len = part.len;
+        range_ok(offset, len, self.len)?;
+        let at = self.as_ptr().wrapping_add(offset);
+        let mut part = part;
+        // SAFETY: `part` is a whole mapping owned by this call; the destination lies inside
+        // this mapping, which no Rust reference aliases. On success `part` no longer exists
+        // at its old address (it is forgotten below); on failure it is unmapped on drop.
+        let p = unsafe {
+            libc::mremap(
+                part.as_ptr().cast(),
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                at.cast::<libc::c_void>(),
             )
         };
-        if ret == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
         }
+        part.keep = true;
+        Ok(())
+    }
+
+    /// Seals the whole mapping (`mseal(2)`, Linux 6.10): it can no longer be unmapped,
+    /// moved, resized, remapped over or have its protection changed, by anyone, until the
+    /// process exits. The mapping is then never unmapped on drop.
+    pub fn seal(&mut self) -> io::Result<()> {
+        // SAFETY: plain syscall on a range this value owns; sealing changes no contents.
+        let r = unsafe { libc::syscall(libc::SYS_mseal, self.as_ptr(), self.len, 0) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.keep = true;
+        Ok(())
+    }
+
+    /// True when the mapping is sealed (never unmapped).
+    pub fn is_kept(&self) -> bool {
+        self.keep
+    }
+
+    /// Gives up the region without unmapping it: it was unmapped or moved by someone else.
+    pub fn forget(mut self) {
+        self.keep = true;
+    }
+
+    /// Residency of the pages of `[offset, offset + len)` (`mincore(2)`): one byte per page,
+    /// bit 0 set when the page is in memory.
+    pub fn residency(&self, offset: usize, len: usize) -> io::Result<Vec<u8>> {
+        range_ok(offset, len, self.len)?;
+        let page = usize::try_from(crate::model::units::PAGE_SIZE).unwrap_or(4096);
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        let at = self.as_ptr().wrapping_add(offset);
+        // SAFETY: the range lies inside this mapping and `vec` has one byte per page of it.
+        cvt(unsafe { libc::mincore(at.cast(), len, vec.as_mut_ptr()) })?;
+        Ok(vec)
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if self.keep || self.generation != fork::generation() {
+            return;
+        }
         // SAFETY: this value owns the region; nothing borrows it past drop.
         let ret = unsafe { libc::munmap(self.as_ptr().cast(), self.len) };
         if ret != 0 {

@@ -1,13 +1,14 @@
 //! Thin, RAII wrappers over the syscalls gmem uses. Each `unsafe` block makes one syscall.
+//! Private to the crate: the engine is their only user.
 
-pub mod fd;
-pub mod mapping;
-pub mod uffd;
+pub(crate) mod fd;
+pub(crate) mod fork;
+pub(crate) mod mapping;
+pub(crate) mod numa;
+pub(crate) mod proc;
+pub(crate) mod uffd;
 
 use std::io;
-
-/// The base page size (4 KiB on every architecture gmem runs on).
-pub const PAGE_SIZE: u64 = 4096;
 
 /// Converts a libc return value into `io::Result`, reading errno on `-1`.
 pub(crate) fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {

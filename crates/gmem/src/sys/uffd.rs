@@ -1,22 +1,29 @@
-//! The userfaultfd calls gmem needs to enforce private pages in host views.
+//! The userfaultfd calls gmem needs: write-protection to hold writers off while a HugeTLB page
+//! moves, and the events that tell gmem when the VMM itself moved or unmapped a view.
 //!
-//! gmem registers each host view in write-protect mode, which on its own intercepts nothing
-//! (gmem never write-protects a page), and marks private pages with `UFFDIO_POISON` (Linux 6.6):
-//! a poison marker in a page-table entry makes every access a real `SIGBUS` and every kernel
-//! access through the address (GUP) fail with `EFAULT`. `MADV_DONTNEED` removes the markers;
-//! punch-hole keeps them. The layout of `struct uffdio_poison` and the feature bit are defined
-//! here because the libc crate does not carry them.
+//! gmem registers host views (shmem and HugeTLB) in write-protect mode, which on its own
+//! intercepts nothing, with `UFFD_FEATURE_EVENT_REMAP` and `UFFD_FEATURE_EVENT_UNMAP`: an
+//! `mremap` or `munmap` of a registered range by anyone then stops the calling thread until
+//! gmem has read the event (see `engine::views::tracker`). gmem unregisters a range before
+//! it unmaps or remaps it itself, so its own operations raise no event. The layouts are
+//! defined here because the libc crate does not carry them.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::cvt;
 
 const UFFD_API: u64 = 0xaa;
+const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 1;
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
-const UFFD_FEATURE_POISON: u64 = 1 << 14;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO: u64 = 0xAA;
+
+/// `UFFD_EVENT_REMAP`.
+pub(crate) const EVENT_REMAP: u8 = 0x14;
+/// `UFFD_EVENT_UNMAP`.
+pub(crate) const EVENT_UNMAP: u8 = 0x16;
 
 #[repr(C)]
 struct UffdioApi {
@@ -40,42 +47,62 @@ struct UffdioRegister {
 }
 
 #[repr(C)]
-struct UffdioPoison {
-    range: UffdioRange,
-    mode: u64,
-    updated: i64,
-}
-
-const fn iowr(nr: u64, size: usize) -> u64 {
-    (3 << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
-}
-
-const UFFDIO_API_IOCTL: u64 = iowr(0x3f, std::mem::size_of::<UffdioApi>());
-const UFFDIO_REGISTER: u64 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
-const UFFDIO_POISON: u64 = iowr(0x08, std::mem::size_of::<UffdioPoison>());
-const UFFDIO_WRITEPROTECT: u64 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
-const UFFDIO_WAKE: u64 =
-    (2 << 30) | ((std::mem::size_of::<UffdioRange>() as u64) << 16) | (UFFDIO << 8) | 0x02;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
-
-#[repr(C)]
 struct UffdioWriteprotect {
     range: UffdioRange,
     mode: u64,
 }
 
-/// A userfaultfd configured for poison markers on shmem and HugeTLB mappings.
+/// `struct uffd_msg`: 32 bytes, the event in the first byte, the arguments from byte 8.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    reserved: [u8; 7],
+    arg: [u64; 3],
+}
+
+const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (UFFDIO << 8) | nr
+}
+
+const UFFDIO_API_IOCTL: u64 = ioc(3, 0x3f, std::mem::size_of::<UffdioApi>());
+const UFFDIO_REGISTER: u64 = ioc(3, 0x00, std::mem::size_of::<UffdioRegister>());
+const UFFDIO_UNREGISTER: u64 = ioc(2, 0x01, std::mem::size_of::<UffdioRange>());
+const UFFDIO_WAKE: u64 = ioc(2, 0x02, std::mem::size_of::<UffdioRange>());
+const UFFDIO_WRITEPROTECT: u64 = ioc(3, 0x06, std::mem::size_of::<UffdioWriteprotect>());
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
+/// One event read from the userfaultfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A registered range moved (`mremap`): from, to, new length.
+    Remap { from: u64, to: u64, len: u64 },
+    /// A registered range was unmapped: start, end.
+    Unmap { start: u64, end: u64 },
+    /// Anything else (a write-protect fault nobody resolves: the writer waits for the wake).
+    Other,
+}
+
+/// A userfaultfd with write-protection on shmem and HugeTLB and the remap/unmap events.
 #[derive(Debug)]
-pub struct Uffd {
+pub(crate) struct Uffd {
     fd: OwnedFd,
 }
 
+fn range(addr: usize, len: usize) -> UffdioRange {
+    UffdioRange {
+        start: addr as u64,
+        len: len as u64,
+    }
+}
+
 impl Uffd {
-    /// Opens a userfaultfd and enables the poison and shmem write-protect features.
+    /// Opens a userfaultfd (non-blocking reads) with write-protection on shmem and HugeTLB,
+    /// and, with `events`, the remap and unmap events (then every `mremap`/`munmap` of a
+    /// registered range waits until the event is read).
     ///
-    /// Fails with `ENOSYS`/`EPERM` where userfaultfd is unavailable and `EINVAL` on kernels
-    /// older than 6.6 (no `UFFD_FEATURE_POISON`).
-    pub fn new() -> io::Result<Self> {
+    /// Fails with `ENOSYS`/`EPERM` where userfaultfd is unavailable.
+    pub fn new(events: bool) -> io::Result<Self> {
         // SAFETY: plain syscall with integer flags.
         let raw =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
@@ -85,7 +112,12 @@ impl Uffd {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: UFFD_FEATURE_POISON | UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+            features: UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+                | if events {
+                    UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_UNMAP
+                } else {
+                    0
+                },
             ioctls: 0,
         };
         // SAFETY: `api` is a valid `struct uffdio_api` for the duration of the call.
@@ -96,10 +128,7 @@ impl Uffd {
     /// Registers `[addr, addr + len)` (a shmem or HugeTLB mapping) in write-protect mode.
     pub fn register(&self, addr: usize, len: usize) -> io::Result<()> {
         let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start: addr as u64,
-                len: len as u64,
-            },
+            range: range(addr, len),
             mode: UFFDIO_REGISTER_MODE_WP,
             ioctls: 0,
         };
@@ -107,16 +136,19 @@ impl Uffd {
         cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) }).map(drop)
     }
 
-    /// Write-protects `[addr, addr + len)` (`protect`), or lifts the protection and wakes
-    /// the threads that faulted on it. A write to a protected page blocks the writing thread
-    /// until the protection is lifted or [`Uffd::wake`] is called on it (nobody reads the
-    /// events: gmem uses this only to hold writers off for a moment).
+    /// Unregisters `[addr, addr + len)`, so that unmapping or remapping it raises no event.
+    pub fn unregister(&self, addr: usize, len: usize) -> io::Result<()> {
+        let mut r = range(addr, len);
+        // SAFETY: `r` is a valid `struct uffdio_range` for the duration of the call.
+        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r) }).map(drop)
+    }
+
+    /// Write-protects `[addr, addr + len)` (`protect`), or lifts the protection. A write to a
+    /// protected page blocks the writing thread until the protection is lifted and
+    /// [`Uffd::wake`] is called on it.
     pub fn write_protect(&self, addr: usize, len: usize, protect: bool) -> io::Result<()> {
         let mut wp = UffdioWriteprotect {
-            range: UffdioRange {
-                start: addr as u64,
-                len: len as u64,
-            },
+            range: range(addr, len),
             mode: if protect {
                 UFFDIO_WRITEPROTECT_MODE_WP
             } else {
@@ -130,34 +162,48 @@ impl Uffd {
     /// Wakes the threads waiting on a fault in `[addr, addr + len)`; they retry the access
     /// (on whatever is mapped there now).
     pub fn wake(&self, addr: usize, len: usize) -> io::Result<()> {
-        let mut r = UffdioRange {
-            start: addr as u64,
-            len: len as u64,
-        };
+        let mut r = range(addr, len);
         // SAFETY: `r` is a valid `struct uffdio_range` for the duration of the call.
         cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) }).map(drop)
     }
 
-    /// Installs poison markers on `[addr, addr + len)`, which must have no present entries.
-    ///
-    /// On failure returns the error and the number of bytes poisoned before it; `EEXIST` means
-    /// the page at `addr + done` is mapped (a concurrent fault) and must be zapped first.
-    pub fn poison(&self, addr: usize, len: usize) -> Result<(), (io::Error, usize)> {
-        let mut p = UffdioPoison {
-            range: UffdioRange {
-                start: addr as u64,
-                len: len as u64,
-            },
-            mode: 0,
-            updated: 0,
-        };
-        // SAFETY: `p` is a valid `struct uffdio_poison` for the duration of the call.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_POISON, &mut p) };
-        if ret == 0 {
-            return Ok(());
+    /// Reads one pending event; `None` when there is none (the descriptor is non-blocking).
+    pub fn read_event(&self) -> io::Result<Option<Event>> {
+        let mut msg = std::mem::MaybeUninit::<UffdMsg>::zeroed();
+        let size = std::mem::size_of::<UffdMsg>();
+        // SAFETY: `msg` is valid for `size` writable bytes.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), msg.as_mut_ptr().cast(), size) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                io::ErrorKind::Interrupted => self.read_event(),
+                _ => Err(e),
+            };
         }
-        let err = io::Error::last_os_error();
-        let done = usize::try_from(p.updated).unwrap_or(0);
-        Err((err, done))
+        if usize::try_from(n).ok() != Some(size) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        // SAFETY: the kernel wrote a whole `struct uffd_msg` (checked above); zeroed memory is
+        // a valid `UffdMsg` anyway.
+        let msg = unsafe { msg.assume_init() };
+        Ok(Some(match msg.event {
+            EVENT_REMAP => Event::Remap {
+                from: msg.arg[0],
+                to: msg.arg[1],
+                len: msg.arg[2],
+            },
+            EVENT_UNMAP => Event::Unmap {
+                start: msg.arg[0],
+                end: msg.arg[1],
+            },
+            _ => Event::Other,
+        }))
+    }
+}
+
+impl AsFd for Uffd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }

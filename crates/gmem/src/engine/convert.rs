@@ -1,0 +1,384 @@
+//! In-place conversion between shared and private: the plan and its transaction.
+//!
+//! `convert(range, to)` follows the kernel's guest_memfd conversion:
+//!
+//! 1. the range is page aligned, non-empty, does not wrap and lies inside the file (`EINVAL`,
+//!    checked by the verb);
+//! 2. the gate: a follower, a file handed over, a forked child get `EPERM`; a file frozen for
+//!    a hand-over makes the call wait;
+//! 3. a range already entirely in the target state succeeds at once, touching nothing;
+//! 4. listeners are asked and may veto (`EAGAIN` naming their offset);
+//! 5. the plan: on HugeTLB one *segment* per huge page, each `[split] set [merge]` (a huge
+//!    page is split before it becomes mixed and merged once it is whole again); elsewhere
+//!    one segment, `set`;
+//! 6. each `set` is a transaction. To private, *restrict first*: under the page-state lock
+//!    the pages' host references are checked (any: `EAGAIN` with `error_offset` = the first
+//!    such page, nothing changed) and the attributes set, so no new reference can be taken;
+//!    then every view of this process is revoked, then every participant (peer processes,
+//!    the kernel's attributes), then pages that a kernel reference may still hold are moved
+//!    to fresh memory ([`super::moves`]). To shared, *permit last*: views, participants, and
+//!    only then the attributes. Any failure undoes every part that was done, in reverse.
+//!
+//! Base-page backings convert the whole range or nothing. HugeTLB converts one huge page at a
+//! time: a failure after the first is [`ConvertError::Partial`], naming the first byte not
+//! converted. Contents are never copied except by a move, so they survive in both directions.
+
+use std::io;
+
+use super::gate::GateError;
+use super::huge::RestructureError;
+use super::listener::Conversion;
+use super::participant::{Step, StepError};
+use super::{Control, Engine};
+use crate::model::attr::{Attr, Run};
+use crate::model::error::Errno;
+use crate::model::units::{ByteRange, PageRange, RangeError};
+
+/// Why a conversion failed. The file is unchanged after every error (HugeTLB:
+/// [`ConvertError::Partial`] says how far it got).
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// Bad range (`EINVAL`).
+    #[error(transparent)]
+    Range(#[from] RangeError),
+    /// A page still has a host user: a pin, a borrowed slice, in this process or a peer
+    /// (`EAGAIN`). `offset` is the first such page.
+    #[error("page at offset {offset:#x} is in use by the host")]
+    Busy {
+        /// First page in the range with a host user.
+        offset: u64,
+    },
+    /// A listener refused (`EAGAIN`).
+    #[error("listener vetoed at offset {offset:#x}: {reason}")]
+    Vetoed {
+        /// Offset the listener named.
+        offset: u64,
+        /// The listener's reason.
+        reason: String,
+    },
+    /// This process may not convert the file (`EPERM`): it follows another process, was
+    /// handed over, or this is a forked child.
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    /// Revoking or restoring host mappings failed (the OS error's errno).
+    #[error("changing host mappings at offset {offset:#x}: {source}")]
+    Os {
+        /// Start of the range being changed.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A participant (a peer process, the kernel's attributes) failed: `ETIMEDOUT` when it
+    /// did not answer in time, its errno otherwise.
+    #[error("participant failed at offset {offset:#x}: errno {errno}")]
+    Peer {
+        /// The offset the participant named.
+        offset: u64,
+        /// The errno.
+        errno: i32,
+    },
+    /// HugeTLB: splitting the huge page would exceed the file's piece limit, or the process
+    /// is too close to `vm.max_map_count` (`ENOMEM`).
+    #[error("no room to split the huge page at offset {offset:#x}")]
+    NoMem {
+        /// Start of the huge page.
+        offset: u64,
+    },
+    /// A HugeTLB conversion, which proceeds one huge page at a time, stopped part way:
+    /// `[offset, reached)` was converted, nothing from `reached` on. `errno()` and
+    /// `error_offset()` are those of `source`, the error that stopped it.
+    #[error("conversion stopped at {reached:#x}: {source}")]
+    Partial {
+        /// First byte not converted (a huge page boundary).
+        reached: u64,
+        /// Why it stopped.
+        #[source]
+        source: Box<ConvertError>,
+    },
+}
+
+impl Errno for ConvertError {
+    fn errno(&self) -> i32 {
+        match self {
+            ConvertError::Range(_) => libc::EINVAL,
+            ConvertError::Busy { .. } | ConvertError::Vetoed { .. } => libc::EAGAIN,
+            ConvertError::Gate(e) => e.errno(),
+            ConvertError::Os { source, .. } => crate::model::error::os_errno(source),
+            ConvertError::Peer { errno, .. } => *errno,
+            ConvertError::NoMem { .. } => libc::ENOMEM,
+            ConvertError::Partial { source, .. } => source.errno(),
+        }
+    }
+
+    fn error_offset(&self) -> Option<u64> {
+        match self {
+            ConvertError::Range(e) => Some(e.offset()),
+            ConvertError::Busy { offset }
+            | ConvertError::Vetoed { offset, .. }
+            | ConvertError::Os { offset, .. }
+            | ConvertError::Peer { offset, .. }
+            | ConvertError::NoMem { offset } => Some(*offset),
+            ConvertError::Gate(_) => None,
+            ConvertError::Partial { source, .. } => source.error_offset(),
+        }
+    }
+}
+
+impl ConvertError {
+    /// For a conversion that stopped part way ([`ConvertError::Partial`]), the first byte not
+    /// converted.
+    pub fn reached(&self) -> Option<u64> {
+        match self {
+            ConvertError::Partial { reached, .. } => Some(*reached),
+            _ => None,
+        }
+    }
+}
+
+impl From<StepError> for ConvertError {
+    fn from(e: StepError) -> Self {
+        if e.errno == libc::EAGAIN {
+            ConvertError::Busy { offset: e.offset }
+        } else {
+            ConvertError::Peer {
+                offset: e.offset,
+                errno: e.errno,
+            }
+        }
+    }
+}
+
+impl From<RestructureError> for ConvertError {
+    fn from(e: RestructureError) -> Self {
+        match e {
+            RestructureError::Busy { offset } => ConvertError::Busy { offset },
+            RestructureError::NoMem { offset } => ConvertError::NoMem { offset },
+            RestructureError::Participant { offset, errno } => ConvertError::Peer { offset, errno },
+            RestructureError::Os { offset, source } => ConvertError::Os { offset, source },
+        }
+    }
+}
+
+impl Engine {
+    /// Applies `steps` to every participant in order, all or nothing: on a refusal the steps
+    /// already applied are undone (in reverse) and the refusal returned.
+    fn apply_all(&self, ctl: &mut Control, steps: &[Step]) -> Result<(), StepError> {
+        for (i, s) in steps.iter().enumerate() {
+            if let Err(e) = ctl.participants.apply(s) {
+                steps[..i]
+                    .iter()
+                    .rev()
+                    .for_each(|s| ctl.participants.undo(s));
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The runs of `old` with attribute `attr`, as page ranges.
+fn parts(old: &[Run], attr: Attr) -> Vec<PageRange> {
+    old.iter()
+        .filter(|r| r.attr == attr)
+        .map(Run::pages)
+        .collect()
+}
+
+impl Engine {
+    /// Converts `r` (validated: page aligned, inside the file) to `to`. See the module docs.
+    pub(crate) fn convert(&self, r: ByteRange, to: Attr) -> Result<(), ConvertError> {
+        let mut ctl = self.control_live()?;
+        let pr = r.pages();
+        if self.read_pages().attrs.all(pr.start, pr.end, to) {
+            return Ok(());
+        }
+        let conv = Conversion {
+            offset: r.start,
+            len: r.len(),
+            to,
+        };
+        ctl.listeners
+            .prepare(&conv)
+            .map_err(|v| ConvertError::Vetoed {
+                offset: v.offset,
+                reason: v.reason,
+            })?;
+        let res = match self.geometry() {
+            None => self.convert_segment(&mut ctl, pr, to, None),
+            Some(geo) => {
+                let mut res = Ok(());
+                for h in geo.covering(pr) {
+                    let Some(seg) = geo.pages(h).intersect(&pr) else {
+                        continue;
+                    };
+                    if let Err(e) = self.convert_segment(&mut ctl, seg, to, Some(h)) {
+                        let at = seg.bytes().start;
+                        res = Err(if at == r.start {
+                            e
+                        } else {
+                            ConvertError::Partial {
+                                reached: at,
+                                source: Box::new(e),
+                            }
+                        });
+                        break;
+                    }
+                }
+                res
+            }
+        };
+        match &res {
+            Ok(()) => ctl.listeners.commit(&conv),
+            Err(e) => {
+                ctl.listeners.abort(&conv);
+                if let Some(reached) = e.reached() {
+                    ctl.listeners.commit(&Conversion {
+                        offset: r.start,
+                        len: reached - r.start,
+                        to,
+                    });
+                }
+            }
+        }
+        res
+    }
+
+    /// One segment: `[split] set [merge]` (HugeTLB: `seg` lies inside huge page `h`).
+    fn convert_segment(
+        &self,
+        ctl: &mut Control,
+        seg: PageRange,
+        to: Attr,
+        h: Option<u64>,
+    ) -> Result<(), ConvertError> {
+        let mut split_made = false;
+        if let (Some(h), Some(huge)) = (h, self.huge()) {
+            let hp = huge.geo.pages(h);
+            let needs_split = {
+                let st = self.read_pages();
+                if st.attrs.all(seg.start, seg.end, to) {
+                    return Ok(());
+                }
+                let rest_same = |a: u64, b: u64| a >= b || st.attrs.all(a, b, to);
+                let uniform_after = rest_same(hp.start, seg.start) && rest_same(seg.end, hp.end);
+                !(uniform_after && (to == Attr::Private || !st.poison.any_in(hp)))
+            };
+            if needs_split && !huge.state().is_split(h) {
+                self.split(ctl, h)?;
+                split_made = true;
+            }
+        }
+        let res = match to {
+            Attr::Private => self.to_private(ctl, seg),
+            Attr::Shared => self.to_shared(ctl, seg),
+        };
+        if let Some(h) = h {
+            // Merge when whole again; this also undoes a split made for a conversion that
+            // failed. A merge that cannot happen now leaves the page split: it is retried.
+            if res.is_ok() || split_made {
+                if let Err(e) = self.merge(ctl, h, true) {
+                    tracing::error!(huge_page = h, "merging after a conversion: {e:?}");
+                }
+            }
+        }
+        res
+    }
+
+    /// `seg` to private, all or nothing (module docs, step 6).
+    fn to_private(&self, ctl: &mut Control, seg: PageRange) -> Result<(), ConvertError> {
+        let os = |source| ConvertError::Os {
+            offset: seg.bytes().start,
+            source,
+        };
+        let old: Vec<Run> = {
+            let mut st = self.write_pages();
+            if let Some(p) = self.refs().first_busy(seg) {
+                return Err(ConvertError::Busy {
+                    offset: PageRange::one(p).bytes().start,
+                });
+            }
+            let old = st.attrs.runs(seg.start, seg.end).collect();
+            st.attrs.set(seg.start, seg.end, Attr::Private);
+            old
+        };
+        let shared = parts(&old, Attr::Shared);
+        let numa = self.numa_policy_set();
+        let ctx = self.view_ctx(numa.as_ref());
+        // Only what was shared is revoked: the private runs already fault.
+        for (i, p) in shared.iter().enumerate() {
+            if let Err(e) = ctl.views.revoke(&ctx, *p) {
+                self.undo_private(ctl, &old, &shared[..i]);
+                return Err(os(e));
+            }
+        }
+        // Participants get exactly the pages that change, so that undoing a step restores
+        // exactly them (a page that was private stays private everywhere).
+        let steps: Vec<Step> = shared.iter().map(|p| Step::Revoke(p.bytes())).collect();
+        if let Err(e) = self.apply_all(ctl, &steps) {
+            self.undo_private(ctl, &old, &shared);
+            return Err(e.into());
+        }
+        if let Err(e) = self.orphan(ctl, &shared) {
+            steps.iter().rev().for_each(|s| ctl.participants.undo(s));
+            self.undo_private(ctl, &old, &shared);
+            return Err(os(e));
+        }
+        Ok(())
+    }
+
+    /// Undoes the local part of [`Engine::to_private`]: the views of `revoked` reach their
+    /// pages again (poisoned pages excepted) and the old runs are back.
+    fn undo_private(&self, ctl: &mut Control, old: &[Run], revoked: &[PageRange]) {
+        let numa = self.numa_policy_set();
+        let ctx = self.view_ctx(numa.as_ref());
+        let mut st = self.write_pages();
+        for p in revoked {
+            let keep = st.poison.in_range(*p);
+            if let Err(e) = ctl.views.restore(&ctx, *p, &keep) {
+                tracing::error!(page = p.start, "restoring a view during a rollback: {e}");
+            }
+        }
+        for run in old {
+            st.attrs.set(run.start, run.end, run.attr);
+        }
+    }
+
+    /// `seg` to shared, all or nothing.
+    fn to_shared(&self, ctl: &mut Control, seg: PageRange) -> Result<(), ConvertError> {
+        let os = |source| ConvertError::Os {
+            offset: seg.bytes().start,
+            source,
+        };
+        let (private, keep) = {
+            let st = self.read_pages();
+            let runs: Vec<Run> = st.attrs.runs(seg.start, seg.end).collect();
+            (parts(&runs, Attr::Private), st.poison.in_range(seg))
+        };
+        let numa = self.numa_policy_set();
+        let ctx = self.view_ctx(numa.as_ref());
+        for (i, p) in private.iter().enumerate() {
+            if let Err(e) = ctl.views.restore(&ctx, *p, &keep) {
+                for q in &private[..i] {
+                    if let Err(e2) = ctl.views.revoke(&ctx, *q) {
+                        tracing::error!(page = q.start, "re-revoking during a rollback: {e2}");
+                    }
+                }
+                return Err(os(e));
+            }
+        }
+        let steps: Vec<Step> = private.iter().map(|p| Step::Restore(p.bytes())).collect();
+        if let Err(e) = self.apply_all(ctl, &steps) {
+            for q in &private {
+                if let Err(e2) = ctl.views.revoke(&ctx, *q) {
+                    tracing::error!(page = q.start, "re-revoking during a rollback: {e2}");
+                }
+            }
+            return Err(e.into());
+        }
+        self.write_pages()
+            .attrs
+            .set(seg.start, seg.end, Attr::Shared);
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! Who may use a file now: the one check every verb makes before it touches state.
+//!
+//! A file refuses work (`EPERM`) when this process no longer owns it (handed over by a live
+//! update), when the caller is a forked child (the file's mappings and userfaultfd belong to
+//! the parent's address space), and, for conversions and allocation, when the file follows
+//! another process's owner. While a hand-over runs the file is *frozen*: conversions wait for
+//! the freeze to end, allocation is refused.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crate::model::error::Errno;
+use crate::sys::fork;
+
+/// Where a file stands in a hand-over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Not being handed over: every operation works.
+    #[default]
+    Live,
+    /// A hand-over is running: conversions wait, allocation is `EPERM`.
+    Frozen,
+    /// Handed over to a new owner: every operation is `EPERM`.
+    Released,
+}
+
+impl Phase {
+    fn code(self) -> u8 {
+        match self {
+            Phase::Live => 0,
+            Phase::Frozen => 1,
+            Phase::Released => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Phase {
+        match c {
+            0 => Phase::Live,
+            1 => Phase::Frozen,
+            _ => Phase::Released,
+        }
+    }
+}
+
+/// Why the gate refused. Every case is `EPERM`: this process may not do that with the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GateError {
+    /// The file was handed over to a new owner by a live update.
+    #[error("the file was handed over to another process")]
+    Released,
+    /// The caller is a forked child of the process that owns the file.
+    #[error("the file belongs to the parent process (this is a forked child)")]
+    Forked,
+    /// The file follows another process; conversions and allocation are the owner's.
+    #[error("conversions are made by the owning process")]
+    Follower,
+    /// Allocation during a live-update hand-over.
+    #[error("the file is frozen for a live-update hand-over")]
+    Frozen,
+}
+
+impl Errno for GateError {
+    fn errno(&self) -> i32 {
+        libc::EPERM
+    }
+}
+
+/// The gate of one file.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    phase: AtomicU8,
+    lock: Mutex<()>,
+    thawed: Condvar,
+    generation: u64,
+    follower: bool,
+}
+
+impl Gate {
+    pub fn new(follower: bool) -> Self {
+        Gate {
+            phase: AtomicU8::new(Phase::Live.code()),
+            lock: Mutex::new(()),
+            thawed: Condvar::new(),
+            generation: fork::generation(),
+            follower,
+        }
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        Phase::from_code(self.phase.load(Ordering::Acquire))
+    }
+
+    /// True when the file follows another process.
+    pub fn is_follower(&self) -> bool {
+        self.follower
+    }
+
+    /// True in the process (and fork generation) that created the file.
+    pub fn in_creator(&self) -> bool {
+        self.generation == fork::generation()
+    }
+
+    /// Host access (read, write, pin, map): refused once handed over and in a forked child.
+    pub fn access(&self) -> Result<(), GateError> {
+        if !self.in_creator() {
+            return Err(GateError::Forked);
+        }
+        if self.phase() == Phase::Released {
+            return Err(GateError::Released);
+        }
+        Ok(())
+    }
+
+    /// Changes that only an owner makes (conversion, poison, allocation): also refused on a
+    /// follower.
+    pub fn owner(&self) -> Result<(), GateError> {
+        self.access()?;
+        if self.follower {
+            return Err(GateError::Follower);
+        }
+        Ok(())
+    }
+
+    /// Allocation and punch-hole: refused while frozen too.
+    pub fn allocation(&self) -> Result<(), GateError> {
+        self.owner()?;
+        if self.phase() == Phase::Frozen {
+            return Err(GateError::Frozen);
+        }
+        Ok(())
+    }
+
+    /// Takes `control` once the file is live: waits while it is frozen, fails once handed
+    /// over. The phase is checked under the control lock, and [`Gate::set`] is called under it
+    /// too, so no conversion starts after a freeze has taken its snapshot.
+    pub fn lock_live<'a, T>(&self, control: &'a Mutex<T>) -> Result<MutexGuard<'a, T>, GateError> {
+        loop {
+            self.owner()?;
+            let ctl = control.lock().unwrap_or_else(|e| e.into_inner());
+            match self.phase() {
+                Phase::Live => return Ok(ctl),
+                Phase::Released => return Err(GateError::Released),
+                Phase::Frozen => {
+                    drop(ctl);
+                    let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                    while self.phase() == Phase::Frozen {
+                        g = self.thawed.wait(g).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves to `phase` and wakes waiting conversions. Callers hold the control lock.
+    pub fn set(&self, phase: Phase) {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.phase.store(phase.code(), Ordering::Release);
+        self.thawed.notify_all();
+    }
+}

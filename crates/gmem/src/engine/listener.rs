@@ -1,0 +1,100 @@
+//! Conversion listeners: the device layer and DMA users hear of each conversion.
+//!
+//! A listener is told before a conversion and may veto it (a device that cannot quiesce, an
+//! IOMMU mapping that cannot be dropped); after the conversion it is told it happened, or that
+//! it was abandoned. This is the role QEMU's `RamDiscardManager` listeners play for guest_memfd.
+//!
+//! Listeners run with the file's control lock held: they must not convert, map or register
+//! listeners on the same file.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::model::attr::Attr;
+
+/// One conversion, as listeners see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conversion {
+    /// First byte of the range.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Attribute the range converts to.
+    pub to: Attr,
+}
+
+/// A listener's refusal of a conversion.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("vetoed at offset {offset:#x}: {reason}")]
+pub struct Veto {
+    /// The first page the listener cannot give up.
+    pub offset: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// Hears of conversions of one file.
+pub trait ConversionListener: Send + Sync {
+    /// Called before the range converts; an error vetoes the conversion.
+    fn prepare(&self, conv: &Conversion) -> Result<(), Veto>;
+    /// Called after the range has converted.
+    fn commit(&self, conv: &Conversion);
+    /// Called when a conversion this listener prepared for did not happen.
+    fn abort(&self, conv: &Conversion) {
+        let _ = conv;
+    }
+}
+
+/// Handle returned when a listener is added, to remove it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerId(u64);
+
+/// The listeners of one file, in registration order.
+#[derive(Default)]
+pub(crate) struct ListenerSet {
+    list: Vec<(ListenerId, Arc<dyn ConversionListener>)>,
+}
+
+impl fmt::Debug for ListenerSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListenerSet")
+            .field("count", &self.list.len())
+            .finish()
+    }
+}
+
+impl ListenerSet {
+    pub fn add(&mut self, l: Arc<dyn ConversionListener>) -> ListenerId {
+        // Ids are unique across files, so an id from another file never removes a listener
+        // of this one.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = ListenerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.list.push((id, l));
+        id
+    }
+
+    pub fn remove(&mut self, id: ListenerId) -> bool {
+        let before = self.list.len();
+        self.list.retain(|(i, _)| *i != id);
+        self.list.len() != before
+    }
+
+    /// Asks every listener; on a veto, tells those already asked that it is abandoned.
+    pub fn prepare(&self, conv: &Conversion) -> Result<(), Veto> {
+        for (i, (_, l)) in self.list.iter().enumerate() {
+            if let Err(v) = l.prepare(conv) {
+                self.list[..i].iter().for_each(|(_, l)| l.abort(conv));
+                return Err(v);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn commit(&self, conv: &Conversion) {
+        self.list.iter().for_each(|(_, l)| l.commit(conv));
+    }
+
+    pub fn abort(&self, conv: &Conversion) {
+        self.list.iter().for_each(|(_, l)| l.abort(conv));
+    }
+}

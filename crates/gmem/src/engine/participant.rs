@@ -1,0 +1,180 @@
+//! Participants: everything outside this process's own page tables that must follow a
+//! conversion — peer processes that map the file, the kernel's memory attributes of the VMs
+//! the file is bound to — applied through one interface, all or nothing.
+//!
+//! The engine applies each [`Step`] of a conversion to its own views first and then to every
+//! participant in registration order ([`Participants::apply`]); when one fails, those that
+//! applied it are told to undo it, in reverse order, and the engine undoes its own part, so
+//! the file is as it was. This fan-out exists once, here.
+
+use std::fmt;
+
+use crate::model::error::Errno;
+use crate::model::units::ByteRange;
+
+/// One change a conversion (or poison, or punch-hole) makes, as a participant applies it.
+/// Ranges are file bytes, page aligned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The pages become private: stop every host access to them (a participant that holds
+    /// one of them refuses with `EAGAIN` naming it).
+    Revoke(ByteRange),
+    /// The pages become shared.
+    Restore(ByteRange),
+    /// HugeTLB: the huge page is split into 4 KiB pieces (its contents are already in the
+    /// companion file of pieces).
+    Split(ByteRange),
+    /// HugeTLB: the huge page is merged back (its contents are already in the huge page).
+    Merge(ByteRange),
+    /// The page is poisoned (memory failure).
+    Poison(ByteRange),
+    /// Poison records in the range are cleared (a punch-hole gave the pages fresh memory).
+    Unpoison(ByteRange),
+    /// The range was punched out of the file: put the markers of its private and poisoned
+    /// pages back (the kernel's truncation drops the markers of a page that something else
+    /// still mapped at that moment).
+    Refresh(ByteRange),
+}
+
+impl Step {
+    /// The range the step is about.
+    pub fn range(&self) -> ByteRange {
+        match *self {
+            Step::Revoke(r)
+            | Step::Restore(r)
+            | Step::Split(r)
+            | Step::Merge(r)
+            | Step::Poison(r)
+            | Step::Unpoison(r)
+            | Step::Refresh(r) => r,
+        }
+    }
+
+    /// The step that undoes this one.
+    pub fn inverse(&self) -> Step {
+        match *self {
+            Step::Revoke(r) => Step::Restore(r),
+            Step::Restore(r) => Step::Revoke(r),
+            Step::Split(r) => Step::Merge(r),
+            Step::Merge(r) => Step::Split(r),
+            Step::Poison(r) => Step::Unpoison(r),
+            Step::Unpoison(r) => Step::Poison(r),
+            Step::Refresh(r) => Step::Refresh(r),
+        }
+    }
+}
+
+/// A participant's refusal of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("participant refused at offset {offset:#x} (errno {errno})")]
+pub struct StepError {
+    /// The errno: `EAGAIN` when the participant holds a page, `ETIMEDOUT` when it did not
+    /// answer in time, anything else when it failed.
+    pub errno: i32,
+    /// The first offending byte offset.
+    pub offset: u64,
+}
+
+impl Errno for StepError {
+    fn errno(&self) -> i32 {
+        self.errno
+    }
+    fn error_offset(&self) -> Option<u64> {
+        Some(self.offset)
+    }
+}
+
+/// Something outside this process's page tables that follows every change of a file.
+///
+/// [`Participant::apply`] is called with the file's control lock held, after gmem changed its
+/// own views (to private) or before (to shared); it must return within a bounded time.
+/// [`Participant::undo`] reverses a step it applied, best effort (it is only called during a
+/// rollback and must not fail; it logs what it cannot do).
+pub trait Participant: Send {
+    /// A short name for logs.
+    fn name(&self) -> &str;
+    /// Applies `step`.
+    fn apply(&mut self, step: &Step) -> Result<(), StepError>;
+    /// Reverses `step`, which this participant applied.
+    fn undo(&mut self, step: &Step);
+    /// True once the participant is gone for good (a peer process that died): the engine
+    /// drops it.
+    fn is_gone(&self) -> bool {
+        false
+    }
+}
+
+/// Handle returned when a participant is added, to remove it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ParticipantId(u64);
+
+/// The participants of one file, in registration order.
+#[derive(Default)]
+pub(crate) struct Participants {
+    list: Vec<(ParticipantId, Box<dyn Participant>)>,
+    next: u64,
+}
+
+impl fmt::Debug for Participants {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.list.iter().map(|(_, p)| p.name()).collect();
+        f.debug_struct("Participants")
+            .field("list", &names)
+            .finish()
+    }
+}
+
+impl Participants {
+    pub fn add(&mut self, p: Box<dyn Participant>) -> ParticipantId {
+        let id = ParticipantId(self.next);
+        self.next += 1;
+        self.list.push((id, p));
+        id
+    }
+
+    pub fn remove(&mut self, id: ParticipantId) -> bool {
+        let before = self.list.len();
+        self.list.retain(|(i, _)| *i != id);
+        before != self.list.len()
+    }
+
+    /// True when a participant whose name starts with `prefix` is registered.
+    pub fn any_named(&self, prefix: &str) -> bool {
+        self.list.iter().any(|(_, p)| p.name().starts_with(prefix))
+    }
+
+    /// Applies `step` to every participant; on the first refusal undoes it on those that
+    /// applied it (reverse order) and returns the refusal. Participants that are gone are
+    /// dropped first.
+    pub fn apply(&mut self, step: &Step) -> Result<(), StepError> {
+        self.list.retain(|(_, p)| !p.is_gone());
+        for i in 0..self.list.len() {
+            if let Err(e) = self.list[i].1.apply(step) {
+                for (_, p) in self.list[..i].iter_mut().rev() {
+                    p.undo(step);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes `step` on every participant (reverse order): the rollback of a step all of
+    /// them applied.
+    pub fn undo(&mut self, step: &Step) {
+        for (_, p) in self.list.iter_mut().rev() {
+            p.undo(step);
+        }
+    }
+
+    /// Applies `step` to every participant, logging refusals instead of rolling back: for
+    /// changes that cannot be refused (poison, punch-hole).
+    pub fn notify(&mut self, step: &Step) {
+        self.list.retain(|(_, p)| !p.is_gone());
+        for (_, p) in self.list.iter_mut() {
+            if let Err(e) = p.apply(step) {
+                tracing::error!(participant = p.name(), ?step, "could not follow: {e}");
+            }
+        }
+    }
+}

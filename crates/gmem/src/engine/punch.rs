@@ -1,0 +1,137 @@
+//! Punch-hole and allocation, per backing.
+//!
+//! Punch-hole discards contents (they read back zero), clears poison records in the range
+//! and never changes attributes. On HugeTLB a punched huge page would go back to the pool
+//! and lose its reservation, and a fault on it before gmem reserves it again could find the
+//! pool empty (a `SIGBUS` in whoever touched it). So, with accessors excluded (the page-state
+//! lock held for writing):
+//!
+//! - a huge page no host reference holds is punched and its range reserved again at once:
+//!   its memory goes back to the pool and is promised to this file again in one step that no
+//!   gmem accessor can interleave with;
+//! - a huge page something holds (a pin, a device slice) is zeroed in place instead: it
+//!   stays allocated and reserved, and the holder reads zeros, as the file does;
+//! - the pieces of a split huge page are dropped and the page merges back when it can.
+
+use std::io;
+
+use super::participant::Step;
+use super::Engine;
+use crate::model::units::{ByteRange, PageRange};
+use crate::sys::to_usize;
+
+const PUNCH: libc::c_int = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
+
+impl Engine {
+    /// Allocates `r` (validated by the verb).
+    pub(crate) fn allocate(&self, mode: libc::c_int, r: ByteRange) -> io::Result<()> {
+        let _ctl = self.control_unchecked();
+        self.backing().fallocate(mode, r.start, r.len())
+    }
+
+    /// Punches `r` (block aligned, inside the file): see the module docs.
+    pub(crate) fn punch(&self, r: ByteRange) -> io::Result<()> {
+        let mut ctl = self.control_unchecked();
+        let pages = r.pages();
+        {
+            // Accessors and the guest view's copies wait for the whole punch: none of them
+            // may fault a punched page in (which would drop its markers) or write a private
+            // byte into it before its markers are back.
+            let mut st = self.write_pages();
+            let cleared = match self.huge() {
+                None => {
+                    self.backing().fallocate(PUNCH, r.start, r.len())?;
+                    st.poison.remove_range(pages)
+                }
+                Some(huge) => self.punch_huge(huge, &mut st, pages)?,
+            };
+            ctl.views.forget_history(pages);
+            self.refresh(&mut ctl, &st, pages)?;
+            if !cleared.is_empty() {
+                self.unguard_cleared(&mut ctl, &st, &cleared)?;
+                ctl.participants.notify(&Step::Unpoison(r));
+            }
+        }
+        if let Some(huge) = self.huge() {
+            let c = huge.geo.covering(pages);
+            let hs = huge.state().split_in(c.start, c.end);
+            for h in hs {
+                if let Err(e) = self.merge(&mut ctl, h, false) {
+                    tracing::error!(huge_page = h, "merging after a punch-hole: {e:?}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The HugeTLB part of a punch-hole of `pages` (whole huge pages), with the page state
+    /// held for writing. Returns the poison records it cleared.
+    fn punch_huge(
+        &self,
+        huge: &super::huge::Huge,
+        st: &mut super::PageState,
+        pages: PageRange,
+    ) -> io::Result<Vec<u64>> {
+        let geo = huge.geo;
+        let mut cleared = Vec::new();
+        for h in geo.covering(pages) {
+            let hr = geo.bytes(h);
+            let pieces = {
+                let mut hs = huge.state();
+                let cached = hs.take_cached(h);
+                cached || hs.is_split(h)
+            };
+            if pieces {
+                huge.punch_pieces(h)?;
+            }
+            if self.refs().first_busy(geo.pages(h)).is_some() {
+                self.zero_huge(hr)?;
+            } else {
+                self.backing().fallocate(PUNCH, hr.start, hr.len())?;
+                if let Some(ht) = self.backing().as_hugetlb() {
+                    ht.reserve(hr.start, hr.len())?;
+                }
+            }
+            cleared.extend(st.poison.remove_range(geo.pages(h)));
+        }
+        Ok(cleared)
+    }
+
+    /// Zeroes huge page range `hr` in place through gmem's mapping of the huge pages.
+    fn zero_huge(&self, hr: ByteRange) -> io::Result<()> {
+        let map = self
+            .backing()
+            .as_hugetlb()
+            .map(|h| h.huge_mapping())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = to_usize(hr.start)?;
+        let len = to_usize(hr.len())?;
+        if off.checked_add(len).is_none_or(|e| e > map.len()) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the range lies inside gmem's live mapping of the huge pages (checked); no
+        // Rust reference covers guest memory.
+        unsafe { std::ptr::write_bytes(map.as_ptr().wrapping_add(off), 0, len) };
+        Ok(())
+    }
+
+    /// Lets the views reach shared pages whose poison record a punch-hole cleared.
+    fn unguard_cleared(
+        &self,
+        ctl: &mut super::Control,
+        st: &super::PageState,
+        cleared: &[u64],
+    ) -> io::Result<()> {
+        let shared: Vec<u64> = cleared
+            .iter()
+            .copied()
+            .filter(|&p| st.attrs.get(p) == crate::model::attr::Attr::Shared)
+            .collect();
+        let numa = self.numa_policy_set();
+        let ctx = self.view_ctx(numa.as_ref());
+        for p in shared {
+            ctl.views.restore(&ctx, PageRange::one(p), &[])?;
+        }
+        Ok(())
+    }
+}

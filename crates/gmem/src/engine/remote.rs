@@ -1,0 +1,190 @@
+//! A follower applies its owner's steps: the same changes to its own views, without
+//! participants of its own (the owner coordinates everyone) and without moving pages (the
+//! owner's move covers the file, and so every process).
+
+use super::participant::{Step, StepError};
+use super::Engine;
+use crate::model::attr::{Attr, Run};
+use crate::model::units::{page_offset, ByteRange, PageRange};
+
+fn step_err(offset: u64, e: &std::io::Error) -> StepError {
+    StepError {
+        errno: crate::model::error::os_errno(e),
+        offset,
+    }
+}
+
+impl Engine {
+    /// Applies one of the owner's steps to this follower. `EAGAIN` (naming a page) when this
+    /// process holds a page the step would take away.
+    pub(crate) fn apply_remote(&self, step: &Step) -> Result<(), StepError> {
+        let r = step.range();
+        let pages = r.pages();
+        let mut ctl = self.control_unchecked();
+        let numa = self.numa_policy_set();
+        let ctx = self.view_ctx(numa.as_ref());
+        let busy = |pages: PageRange| -> Result<(), StepError> {
+            match self.refs().first_busy(pages) {
+                Some(p) => Err(StepError {
+                    errno: libc::EAGAIN,
+                    offset: page_offset(p),
+                }),
+                None => Ok(()),
+            }
+        };
+        match *step {
+            Step::Revoke(_) => {
+                let old: Vec<Run> = {
+                    let mut st = self.write_pages();
+                    busy(pages)?;
+                    let old = st.attrs.runs(pages.start, pages.end).collect();
+                    st.attrs.set(pages.start, pages.end, Attr::Private);
+                    old
+                };
+                for run in old.iter().filter(|r| r.attr == Attr::Shared) {
+                    if let Err(e) = ctl.views.revoke(&ctx, run.pages()) {
+                        let mut st = self.write_pages();
+                        for run in &old {
+                            st.attrs.set(run.start, run.end, run.attr);
+                        }
+                        return Err(step_err(r.start, &e));
+                    }
+                }
+                Ok(())
+            }
+            Step::Restore(_) => {
+                let (private, keep) = {
+                    let st = self.read_pages();
+                    let runs: Vec<Run> = st.attrs.runs(pages.start, pages.end).collect();
+                    let private: Vec<PageRange> = runs
+                        .iter()
+                        .filter(|r| r.attr == Attr::Private)
+                        .map(Run::pages)
+                        .collect();
+                    (private, st.poison.in_range(pages))
+                };
+                for p in private {
+                    ctl.views
+                        .restore(&ctx, p, &keep)
+                        .map_err(|e| step_err(r.start, &e))?;
+                }
+                self.write_pages()
+                    .attrs
+                    .set(pages.start, pages.end, Attr::Shared);
+                Ok(())
+            }
+            Step::Split(_) | Step::Merge(_) => self.follow_restructure(&mut ctl, step, r),
+            Step::Poison(_) => {
+                let page = pages.start;
+                let shared = {
+                    let mut st = self.write_pages();
+                    st.poison.insert(page);
+                    st.attrs.get(page) == Attr::Shared
+                };
+                if shared {
+                    ctl.views
+                        .guard_pages(&ctx, &[page])
+                        .map_err(|e| step_err(r.start, &e))?;
+                }
+                Ok(())
+            }
+            Step::Refresh(_) => {
+                let st = self.read_pages();
+                let hs = self.huge().map(|h| h.state());
+                ctl.views
+                    .reenforce_range(&ctx, self.shown(&st, hs.as_deref()), pages)
+                    .map_err(|e| step_err(r.start, &e))
+            }
+            Step::Unpoison(_) => {
+                let cleared: Vec<u64> = {
+                    let mut st = self.write_pages();
+                    let gone = st.poison.remove_range(pages);
+                    gone.into_iter()
+                        .filter(|&p| st.attrs.get(p) == Attr::Shared)
+                        .collect()
+                };
+                for p in cleared {
+                    ctl.views
+                        .restore(&ctx, PageRange::one(p), &[])
+                        .map_err(|e| step_err(r.start, &e))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The owner split or merged the huge page `r`: the follower checks its references and
+    /// remaps its guest mapping and views (the owner moved the contents).
+    fn follow_restructure(
+        &self,
+        ctl: &mut super::Control,
+        step: &Step,
+        r: ByteRange,
+    ) -> Result<(), StepError> {
+        let einval = StepError {
+            errno: libc::EINVAL,
+            offset: r.start,
+        };
+        let huge = self.huge().ok_or(einval)?;
+        let h = huge.geo.of_page(r.pages().start);
+        if huge.geo.bytes(h) != r {
+            return Err(einval);
+        }
+        let hp = huge.geo.pages(h);
+        let split = matches!(step, Step::Split(_));
+        let private = {
+            let _st = self.write_pages();
+            if let Some(p) = self.refs().first_busy(hp) {
+                return Err(StepError {
+                    errno: libc::EAGAIN,
+                    offset: page_offset(p),
+                });
+            }
+            _st.attrs.all(hp.start, hp.end, Attr::Private)
+        };
+        let fd = if split { huge.companion() } else { self.fd() };
+        if self.guest_map().is_some() {
+            self.remap_guest_window(h, fd)
+                .map_err(|e| step_err(r.start, &e))?;
+        }
+        let numa = self.numa_policy_set();
+        let ctx = self.view_ctx(numa.as_ref());
+        let res = if split {
+            huge.state().set_split(h);
+            let st = self.read_pages();
+            let hs = huge.state();
+            ctl.views
+                .split(&ctx, h, self.shown(&st, Some(&hs)))
+                .map_err(|e| step_err(r.start, &e))
+        } else {
+            let res = ctl
+                .views
+                .merge(&ctx, h, private)
+                .map_err(|e| step_err(r.start, &e));
+            huge.state().set_merged(h);
+            res
+        };
+        self.after_own_remap(ctl);
+        res
+    }
+
+    /// Marks huge pages split (a hand-over's new owner, a follower's hello): maps their
+    /// pieces in the guest mapping; views made later show them split. `waiting` pages also
+    /// wait to merge.
+    pub(crate) fn adopt_split(&self, split: &[u64], waiting: &[u64]) -> Result<(), StepError> {
+        let Some(huge) = self.huge() else {
+            return Ok(());
+        };
+        let mut ctl = self.control_unchecked();
+        for &h in split {
+            let r = huge.geo.bytes(h);
+            self.follow_restructure(&mut ctl, &Step::Split(r), r)?;
+        }
+        let mut hs = huge.state();
+        for &h in waiting {
+            hs.set_waiting(h, true);
+        }
+        self.note_merge_waiting(hs.any_waiting());
+        Ok(())
+    }
+}

@@ -1,0 +1,701 @@
+//! This process's host views of one file, and how every change of attributes reaches their
+//! page tables.
+//!
+//! The engine calls these with the control lock held. Each operation leaves every view in
+//! a state where the pages that are private (or poisoned) fault and the others do not; see
+//! [`slot`] for the mechanism of each backing and [`tracker`] for what happens when the VMM
+//! itself moves or unmaps a view.
+
+pub(crate) mod slot;
+pub(crate) mod tracker;
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+
+use slot::{hole_fd, reserve, Aside, Mech, Slot, Window};
+
+use crate::model::attr::{Attr, AttrMap};
+use crate::model::huge::HugeState;
+use crate::model::numa::NumaPolicy;
+use crate::model::poison::PoisonSet;
+use crate::model::units::{HugeGeometry, PageRange, PAGE_SIZE};
+use crate::sys::mapping::Mapping;
+use crate::sys::uffd::Uffd;
+use crate::sys::{numa, to_usize};
+
+/// What the views need to know about the file to change their page tables.
+#[derive(Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    /// The file.
+    pub fd: BorrowedFd<'a>,
+    /// Its size.
+    pub size: u64,
+    /// HugeTLB: the geometry and the companion file of pieces.
+    pub huge: Option<(HugeGeometry, BorrowedFd<'a>)>,
+    /// The NUMA policy new windows get.
+    pub numa: Option<&'a NumaPolicy>,
+}
+
+/// Attributes, poison and restructuring, as the views must show them.
+#[derive(Clone, Copy)]
+pub(crate) struct Shown<'a> {
+    pub attrs: &'a AttrMap,
+    pub poison: &'a PoisonSet,
+    pub huge: Option<&'a HugeState>,
+}
+
+impl Shown<'_> {
+    /// The pages of `r` that must fault in a guard-based view (or in a split window): private
+    /// runs and poisoned shared pages, as page ranges in order.
+    pub fn faulting(&self, r: PageRange) -> Vec<PageRange> {
+        let mut out: Vec<PageRange> = self
+            .attrs
+            .runs(r.start, r.end)
+            .filter(|run| run.attr == Attr::Private)
+            .map(|run| run.pages())
+            .collect();
+        for p in self.poison.in_range(r) {
+            if self.attrs.get(p) == Attr::Shared {
+                out.push(PageRange::one(p));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// The host views of one file.
+#[derive(Debug)]
+pub(crate) struct ViewSet {
+    mech: Mech,
+    slots: Vec<Slot>,
+    next_id: u64,
+    /// The internal view pins point into.
+    device: Option<u64>,
+    /// Sealed views given up by their owner: fully guarded, never unmapped.
+    retired: Vec<Mapping>,
+    /// File pages shown by views dropped since they last moved (see `engine::moves`).
+    history: Vec<PageRange>,
+    uffd: Option<Arc<Uffd>>,
+    pub(crate) tracker: Option<tracker::Tracker>,
+    generation: u64,
+}
+
+fn huge_geo<'a>(ctx: &Ctx<'a>) -> io::Result<(HugeGeometry, BorrowedFd<'a>)> {
+    ctx.huge
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+impl ViewSet {
+    pub fn new(mech: Mech) -> Self {
+        ViewSet {
+            mech,
+            slots: Vec::new(),
+            next_id: 1,
+            device: None,
+            retired: Vec::new(),
+            history: Vec::new(),
+            uffd: None,
+            tracker: None,
+            generation: crate::sys::fork::generation(),
+        }
+    }
+
+    pub fn mech(&self) -> Mech {
+        self.mech
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// The view userfaultfd (created on first use by [`ViewSet::uffd_or_open`]).
+    pub fn uffd(&self) -> Option<&Arc<Uffd>> {
+        self.uffd.as_ref()
+    }
+
+    pub fn uffd_or_open(&mut self) -> io::Result<Arc<Uffd>> {
+        if let Some(u) = &self.uffd {
+            return Ok(u.clone());
+        }
+        let u = Arc::new(Uffd::new(true)?);
+        self.uffd = Some(u.clone());
+        Ok(u)
+    }
+
+    /// Creates a view of `len` bytes from file offset `offset` (block aligned), showing
+    /// `shown`, and returns its id and address. Nothing is reachable through the new mapping
+    /// before it is returned, and it is returned only fully enforced.
+    pub fn create(
+        &mut self,
+        ctx: &Ctx<'_>,
+        offset: u64,
+        len: usize,
+        shown: Shown<'_>,
+    ) -> io::Result<(u64, usize)> {
+        let align = match self.mech {
+            Mech::Huge => to_usize(huge_geo(ctx)?.0.size)?,
+            _ => to_usize(PAGE_SIZE)?,
+        };
+        let map = reserve(len, align)?;
+        let in_file = to_usize(ctx.size.saturating_sub(offset))?.min(len);
+        let mut slot = Slot {
+            id: self.next_id,
+            map,
+            offset,
+            len,
+            in_file,
+            mech: self.mech,
+            windows: Default::default(),
+            registered: false,
+        };
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        if in_file > 0 {
+            slot.map.map_file_at(0, in_file, ctx.fd, offset)?;
+        }
+        if in_file < len {
+            // Past the end: a hole (a writable mapping of a HugeTLB file would grow it; for
+            // the others the file's own end faults the same way).
+            let tail = len - in_file;
+            slot.map
+                .map_fixed(in_file, tail, Some(hole_fd()?), 0, libc::MAP_SHARED, rw)?;
+        }
+        slot.map.advise(0, len, libc::MADV_DONTFORK)?;
+        if let Some(p) = ctx.numa {
+            if in_file > 0 {
+                numa::mbind(&slot.map, 0, in_file, p)?;
+            }
+        }
+        self.enforce(ctx, &mut slot, shown)?;
+        match self.mech {
+            Mech::Sealed => slot.map.seal()?,
+            Mech::Guards | Mech::Huge => {
+                let u = self.uffd_or_open()?;
+                u.register(slot.base(), len)?;
+                slot.registered = true;
+            }
+        }
+        let out = (slot.id, slot.base());
+        self.next_id += 1;
+        self.slots.push(slot);
+        Ok(out)
+    }
+
+    /// Makes `slot` show `shown` from scratch: every private or poisoned page faults.
+    fn enforce(&self, ctx: &Ctx<'_>, slot: &mut Slot, shown: Shown<'_>) -> io::Result<()> {
+        let pages = slot.file_pages();
+        match slot.mech {
+            Mech::Guards | Mech::Sealed => {
+                for r in shown.faulting(pages) {
+                    slot.guard(r)?;
+                }
+            }
+            Mech::Huge => {
+                let (geo, companion) = huge_geo(ctx)?;
+                for h in geo.covering(pages) {
+                    let hp = geo.pages(h);
+                    let split = shown.huge.is_some_and(|s| s.is_split(h));
+                    if split {
+                        let aside = Aside::pieces(companion, geo, h, &shown.faulting(hp))?;
+                        if let Some(p) = ctx.numa {
+                            numa::mbind(&aside.map, 0, aside.map.len(), p)?;
+                        }
+                        place(slot, geo, h, aside)?;
+                        slot.windows.insert(h, Window::Pieces);
+                    } else if shown.attrs.all(hp.start, hp.end, Attr::Private) {
+                        hole(slot, geo, h)?;
+                        slot.windows.insert(h, Window::Hole);
+                    } else {
+                        slot.windows.remove(&h);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes view `id` (its owner dropped it). Returns the file pages it showed.
+    pub fn remove(&mut self, id: u64) -> Option<PageRange> {
+        let i = self.slots.iter().position(|s| s.id == id)?;
+        let slot = self.slots.remove(i);
+        let pages = slot.file_pages();
+        self.history.push(pages);
+        if slot.registered {
+            if let Some(u) = &self.uffd {
+                if let Err(e) = u.unregister(slot.base(), slot.len) {
+                    tracing::debug!("unregistering a view: {e}");
+                }
+            }
+        }
+        if slot.map.is_kept() {
+            // Sealed: it cannot be unmapped; make every page fault and keep it.
+            if let Err(e) = slot.map.guard(0, slot.len) {
+                tracing::error!("guarding a retired sealed view: {e}");
+            }
+            self.retired.push(slot.map);
+        }
+        Some(pages)
+    }
+
+    /// The internal view pins and device slices point into: the whole file, created on
+    /// first use, never handed out as a [`crate::HostView`].
+    pub fn device(&mut self, ctx: &Ctx<'_>, shown: Shown<'_>) -> io::Result<usize> {
+        if let Some(id) = self.device {
+            if let Some(s) = self.slots.iter().find(|s| s.id == id) {
+                return Ok(s.base());
+            }
+        }
+        let block = match self.mech {
+            Mech::Huge => huge_geo(ctx)?.0.size,
+            _ => PAGE_SIZE,
+        };
+        let len = to_usize(ctx.size.div_ceil(block) * block)?;
+        let (id, base) = self.create(ctx, 0, len, shown)?;
+        self.device = Some(id);
+        Ok(base)
+    }
+
+    /// True when some view is sealed (its mapping, and so the file, stays until the process
+    /// exits).
+    pub fn holds_sealed(&self) -> bool {
+        !self.retired.is_empty() || self.slots.iter().any(|s| s.map.is_kept())
+    }
+
+    /// Base address of the device view, when it exists.
+    pub fn device_base(&self) -> Option<usize> {
+        let id = self.device?;
+        self.slots.iter().find(|s| s.id == id).map(Slot::base)
+    }
+
+    /// True when a live view shows a page of `r` or a dropped one did since `forget` was last
+    /// called for it (see `engine::moves`).
+    pub fn exposed(&self, r: PageRange) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.file_pages().intersect(&r).is_some())
+            || self.history.iter().any(|h| h.intersect(&r).is_some())
+    }
+
+    /// Forgets the history of `r` (its pages just moved to fresh memory).
+    pub fn forget_history(&mut self, r: PageRange) {
+        let mut kept = Vec::with_capacity(self.history.len());
+        for h in self.history.drain(..) {
+            match h.intersect(&r) {
+                None => kept.push(h),
+                Some(_) => {
+                    if h.start < r.start {
+                        kept.push(PageRange::new(h.start, r.start));
+                    }
+                    if h.end > r.end {
+                        kept.push(PageRange::new(r.end, h.end));
+                    }
+                }
+            }
+        }
+        self.history = kept;
+    }
+
+    /// Makes the pages of `r` fault in every view. On HugeTLB views `r` lies inside one huge
+    /// page that is split, or covers whole huge pages (which become holes).
+    pub fn revoke(&mut self, ctx: &Ctx<'_>, r: PageRange) -> io::Result<()> {
+        match self.mech {
+            Mech::Guards | Mech::Sealed => self.slots.iter().try_for_each(|s| s.guard(r)),
+            Mech::Huge => {
+                let (geo, _) = huge_geo(ctx)?;
+                let uffd = self.uffd.clone();
+                for slot in &mut self.slots {
+                    for h in geo.covering(r) {
+                        if slot.huge_span(geo, h).is_none() {
+                            continue;
+                        }
+                        let hp = geo.pages(h);
+                        match slot.window(h) {
+                            Window::Pieces => slot.guard(r.intersect(&hp).unwrap_or(r))?,
+                            Window::Hole => {}
+                            Window::Whole if r.intersect(&hp) == Some(hp) => {
+                                rehole(slot, geo, h, uffd.as_deref())?;
+                            }
+                            Window::Whole => {
+                                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Lets the host reach the pages of `r` in every view, except `keep` (poisoned pages,
+    /// which keep faulting). On HugeTLB views as for [`ViewSet::revoke`].
+    pub fn restore(&mut self, ctx: &Ctx<'_>, r: PageRange, keep: &[u64]) -> io::Result<()> {
+        let parts = minus(r, keep);
+        match self.mech {
+            Mech::Guards | Mech::Sealed => {
+                for s in &self.slots {
+                    for p in &parts {
+                        s.unguard(*p)?;
+                    }
+                }
+                Ok(())
+            }
+            Mech::Huge => {
+                let (geo, _) = huge_geo(ctx)?;
+                let uffd = self.uffd.clone();
+                for slot in &mut self.slots {
+                    for h in geo.covering(r) {
+                        if slot.huge_span(geo, h).is_none() {
+                            continue;
+                        }
+                        let hp = geo.pages(h);
+                        match slot.window(h) {
+                            Window::Pieces => {
+                                for p in &parts {
+                                    if let Some(p) = p.intersect(&hp) {
+                                        slot.unguard(p)?;
+                                    }
+                                }
+                            }
+                            Window::Whole => {}
+                            Window::Hole if r.intersect(&hp) == Some(hp) && keep.is_empty() => {
+                                rewhole(slot, ctx, geo, h, uffd.as_deref())?;
+                            }
+                            Window::Hole => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Guards single pages (poison) in every view. On HugeTLB views only pages inside split
+    /// windows are guarded (a hole faults already; a poisoned page of a whole window is
+    /// split first by the engine).
+    pub fn guard_pages(&self, ctx: &Ctx<'_>, pages: &[u64]) -> io::Result<()> {
+        for s in &self.slots {
+            for &p in pages {
+                let guarded = match (s.mech, ctx.huge) {
+                    (Mech::Huge, Some((geo, _))) => s.window(geo.of_page(p)) == Window::Pieces,
+                    _ => true,
+                };
+                if guarded {
+                    s.guard(PageRange::one(p))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Announces the remaps of huge page `h`'s windows to the tracker (they replace registered
+    /// ranges, which raises unmap events gmem itself must not wait for).
+    fn announce(&self, geo: HugeGeometry, h: u64) -> Option<tracker::OwnGuard> {
+        let windows: Vec<(usize, usize)> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.huge_span(geo, h).map(|(off, len)| (s.base() + off, len)))
+            .collect();
+        self.tracker.as_ref().map(|t| t.own.expect(&windows))
+    }
+
+    /// The windows of huge page `h` in every view that shows it, for freezing writers:
+    /// `(address, len)` of windows that map memory (holes hold nothing).
+    pub fn huge_windows(&self, geo: HugeGeometry, h: u64) -> Vec<(usize, usize)> {
+        self.slots
+            .iter()
+            .filter(|s| s.window(h) != Window::Hole)
+            .filter_map(|s| s.huge_span(geo, h).map(|(off, len)| (s.base() + off, len)))
+            .collect()
+    }
+
+    /// Shows huge page `h` split into pieces in every view (private and poisoned pieces
+    /// guarded). The caller has copied the contents into the companion file.
+    pub fn split(&mut self, ctx: &Ctx<'_>, h: u64, shown: Shown<'_>) -> io::Result<()> {
+        let (geo, companion) = huge_geo(ctx)?;
+        let faulting = shown.faulting(geo.pages(h));
+        let uffd = self.uffd.clone();
+        let _own = self.announce(geo, h);
+        for slot in &mut self.slots {
+            if slot.huge_span(geo, h).is_none() {
+                continue;
+            }
+            let aside = Aside::pieces(companion, geo, h, &faulting)?;
+            if let Some(p) = ctx.numa {
+                numa::mbind(&aside.map, 0, aside.map.len(), p)?;
+            }
+            place(slot, geo, h, aside)?;
+            register_window(slot, geo, h, uffd.as_deref())?;
+            slot.windows.insert(h, Window::Pieces);
+        }
+        Ok(())
+    }
+
+    /// Shows huge page `h` whole again in every view: a hole when `private`, else the huge
+    /// page. The caller has copied the pieces back.
+    pub fn merge(&mut self, ctx: &Ctx<'_>, h: u64, private: bool) -> io::Result<()> {
+        let (geo, _) = huge_geo(ctx)?;
+        let uffd = self.uffd.clone();
+        let _own = self.announce(geo, h);
+        for slot in &mut self.slots {
+            if slot.huge_span(geo, h).is_none() || slot.window(h) != Window::Pieces {
+                continue;
+            }
+            if private {
+                hole(slot, geo, h)?;
+                slot.windows.insert(h, Window::Hole);
+            } else {
+                whole(slot, ctx, geo, h)?;
+                slot.windows.remove(&h);
+            }
+            register_window(slot, geo, h, uffd.as_deref())?;
+        }
+        Ok(())
+    }
+
+    /// Makes every page of every view fault (the file was handed over to another process).
+    pub fn release_all(&mut self) {
+        let uffd = self.uffd.clone();
+        for slot in &mut self.slots {
+            let res = match slot.mech {
+                Mech::Guards | Mech::Sealed => slot.map.guard(0, slot.len),
+                Mech::Huge => {
+                    if let Some(u) = &uffd {
+                        let _ = u.unregister(slot.base(), slot.len);
+                    }
+                    slot.registered = false;
+                    hole_fd().and_then(|fd| {
+                        slot.map.map_fixed(
+                            0,
+                            slot.len,
+                            Some(fd),
+                            0,
+                            libc::MAP_SHARED,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                        )
+                    })
+                }
+            };
+            if let Err(e) = res {
+                tracing::error!(view = slot.id, "revoking a view at hand-over: {e}");
+            }
+        }
+    }
+
+    /// Applies the NUMA policy to every view's file part.
+    pub fn mbind_all(&self, policy: &NumaPolicy) -> io::Result<()> {
+        for s in &self.slots {
+            if s.in_file > 0 && !s.map.is_kept() {
+                numa::mbind(&s.map, 0, s.in_file, policy)?;
+            } else if s.in_file > 0 {
+                // Sealed views accept mbind too (it changes no mapping).
+                numa::mbind(&s.map, 0, s.in_file, policy)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-establishes enforcement in every view after the VMM moved page tables behind
+    /// gmem's back (`mremap` with `MREMAP_DONTUNMAP` leaves a view mapped but empty of
+    /// markers): every private or poisoned page faults again.
+    pub fn reenforce(&mut self, ctx: &Ctx<'_>, shown: Shown<'_>) -> io::Result<()> {
+        let mut slots = std::mem::take(&mut self.slots);
+        let res = slots.iter_mut().try_for_each(|s| match s.mech {
+            Mech::Huge => {
+                // Pieces windows carry guards; holes and huge windows need none.
+                let (geo, _) = huge_geo(ctx)?;
+                let pieces: Vec<u64> = s
+                    .windows
+                    .iter()
+                    .filter(|(_, w)| **w == Window::Pieces)
+                    .map(|(h, _)| *h)
+                    .collect();
+                pieces.into_iter().try_for_each(|h| {
+                    shown
+                        .faulting(geo.pages(h))
+                        .into_iter()
+                        .try_for_each(|r| s.guard(r))
+                })
+            }
+            _ => shown
+                .faulting(s.file_pages())
+                .into_iter()
+                .try_for_each(|r| s.guard(r)),
+        });
+        self.slots = slots;
+        res
+    }
+
+    /// Puts the markers of the private and poisoned pages of `r` back in every view (after a
+    /// punch-hole: truncation drops the markers of a page something else mapped meanwhile).
+    pub fn reenforce_range(
+        &mut self,
+        ctx: &Ctx<'_>,
+        shown: Shown<'_>,
+        r: PageRange,
+    ) -> io::Result<()> {
+        let faulting = shown.faulting(r);
+        if faulting.is_empty() {
+            return Ok(());
+        }
+        for s in &self.slots {
+            match s.mech {
+                Mech::Guards | Mech::Sealed => faulting.iter().try_for_each(|f| s.guard(*f))?,
+                Mech::Huge => {
+                    let (geo, _) = huge_geo(ctx)?;
+                    for f in &faulting {
+                        if s.window(geo.of_page(f.start)) == Window::Pieces {
+                            s.guard(*f)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up view `id`'s mapping without unmapping it (the VMM unmapped or moved part of
+    /// it): gmem never touches that address range again.
+    pub fn lose(&mut self, id: u64) {
+        if let Some(i) = self.slots.iter().position(|s| s.id == id) {
+            let slot = self.slots.remove(i);
+            self.history.push(slot.file_pages());
+            if self.device == Some(id) {
+                self.device = None;
+            }
+            slot.map.forget();
+        }
+    }
+}
+
+impl Drop for ViewSet {
+    fn drop(&mut self) {
+        // A registered range unmapped without unregistering first would stop this thread
+        // until someone read the unmap event: unregister every view before it goes.
+        if !crate::sys::fork::generation_is_current(self.generation) {
+            return;
+        }
+        if let Some(u) = &self.uffd {
+            for s in self.slots.iter().filter(|s| s.registered) {
+                if let Err(e) = u.unregister(s.base(), s.len) {
+                    tracing::debug!("unregistering a view: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// `r` minus the single pages `keep`, as ranges in order.
+fn minus(r: PageRange, keep: &[u64]) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    let mut at = r.start;
+    let mut keep: Vec<u64> = keep
+        .iter()
+        .copied()
+        .filter(|p| r.iter().contains(p))
+        .collect();
+    keep.sort_unstable();
+    for p in keep {
+        if p > at {
+            out.push(PageRange::new(at, p));
+        }
+        at = at.max(p + 1);
+    }
+    if at < r.end {
+        out.push(PageRange::new(at, r.end));
+    }
+    out
+}
+
+/// Moves a prepared window over huge page `h` of `slot`.
+fn place(slot: &Slot, geo: HugeGeometry, h: u64, aside: Aside) -> io::Result<()> {
+    let (off, _) = slot
+        .huge_span(geo, h)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    slot.map.replace_with(off, aside.map)
+}
+
+/// Maps the empty memfd over huge page `h` of `slot` (every page there is private).
+fn hole(slot: &Slot, geo: HugeGeometry, h: u64) -> io::Result<()> {
+    let (off, len) = slot
+        .huge_span(geo, h)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // Holes map the empty memfd at their own file offset, so adjacent holes are one mapping.
+    slot.map.map_fixed(
+        off,
+        len,
+        Some(hole_fd()?),
+        geo.bytes(h).start,
+        libc::MAP_SHARED,
+        rw,
+    )?;
+    slot.map.advise(off, len, libc::MADV_DONTFORK)
+}
+
+/// Maps huge page `h` of the file over its window in `slot` (every page there is shared).
+fn whole(slot: &Slot, ctx: &Ctx<'_>, geo: HugeGeometry, h: u64) -> io::Result<()> {
+    let (off, len) = slot
+        .huge_span(geo, h)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    slot.map.map_file_at(off, len, ctx.fd, geo.bytes(h).start)?;
+    slot.map.advise(off, len, libc::MADV_DONTFORK)?;
+    if let Some(p) = ctx.numa {
+        numa::mbind(&slot.map, off, len, p)?;
+    }
+    Ok(())
+}
+
+/// Registers the window of huge page `h` (just remapped) with the view userfaultfd.
+fn register_window(
+    slot: &mut Slot,
+    geo: HugeGeometry,
+    h: u64,
+    uffd: Option<&Uffd>,
+) -> io::Result<()> {
+    if let (Some(u), true) = (uffd, slot.registered) {
+        if let Some((off, len)) = slot.huge_span(geo, h) {
+            u.register(slot.base() + off, len)?;
+        }
+    }
+    Ok(())
+}
+
+/// A whole huge page became private outside a split (a bulk conversion of whole pages):
+/// its window becomes a hole. Unregistered first so the remap raises no event.
+fn rehole(slot: &mut Slot, geo: HugeGeometry, h: u64, uffd: Option<&Uffd>) -> io::Result<()> {
+    unregister_window(slot, geo, h, uffd)?;
+    hole(slot, geo, h)?;
+    register_window(slot, geo, h, uffd)?;
+    slot.windows.insert(h, Window::Hole);
+    Ok(())
+}
+
+/// A wholly private huge page became wholly shared: its window maps the huge page again.
+fn rewhole(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    geo: HugeGeometry,
+    h: u64,
+    uffd: Option<&Uffd>,
+) -> io::Result<()> {
+    unregister_window(slot, geo, h, uffd)?;
+    whole(slot, ctx, geo, h)?;
+    register_window(slot, geo, h, uffd)?;
+    slot.windows.remove(&h);
+    Ok(())
+}
+
+fn unregister_window(
+    slot: &Slot,
+    geo: HugeGeometry,
+    h: u64,
+    uffd: Option<&Uffd>,
+) -> io::Result<()> {
+    if let (Some(u), true) = (uffd, slot.registered) {
+        if let Some((off, len)) = slot.huge_span(geo, h) {
+            u.unregister(slot.base() + off, len)?;
+        }
+    }
+    Ok(())
+}

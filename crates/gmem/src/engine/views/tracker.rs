@@ -1,0 +1,366 @@
+//! When the VMM itself moves or unmaps a view: the view userfaultfd's events, read by one
+//! thread per file, and the *neutralisation* that follows.
+//!
+//! Views of shmem and HugeTLB files are registered with a userfaultfd that has
+//! `UFFD_FEATURE_EVENT_REMAP` and `UFFD_FEATURE_EVENT_UNMAP`: an `mremap` (move, grow,
+//! `MREMAP_DONTUNMAP`), `munmap` or `MAP_FIXED` over a registered range stops the calling
+//! thread until the event is read. The reader takes the file's control lock *before* it
+//! reads, so the thread that moved the view is still stopped while gmem:
+//!
+//! 1. finds every mapping of the file (or of its companion file of HugeTLB pieces) that
+//!    still carries the view registration but is no longer a view gmem knows — the moved
+//!    view, its grown part, the target of a `MREMAP_DONTUNMAP` — and replaces it with an
+//!    empty mapping: every touch there is `SIGBUS`, so the alias shows nothing;
+//! 2. gives up each view that is no longer whole at its address (gmem never touches that
+//!    address range again, and the view's owner gets `SIGBUS`/`SIGSEGV` there);
+//! 3. puts the markers of every remaining view back (a `MREMAP_DONTUNMAP` leaves the old
+//!    range mapped but moves its markers away).
+//!
+//! Only then is the event read and the thread released: what it gets back from `mremap` is
+//! a range that faults. The view cannot grow in place (a fence page follows every view), so
+//! every growth is a move. gmem's own remaps of registered ranges (HugeTLB split and merge)
+//! announce the ranges they expect events for; a foreign event that arrives during one is
+//! neutralised when it ends, a window of one split.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, TryLockError, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::sys::uffd::{Event, Uffd};
+
+/// gmem's own remaps of registered ranges, announced to the reader.
+#[derive(Debug, Default)]
+pub(crate) struct OwnOps {
+    active: AtomicUsize,
+    expected: Mutex<Vec<(u64, u64)>>,
+    foreign: AtomicBool,
+}
+
+impl OwnOps {
+    /// Announces remaps of `ranges` (addresses) until the guard is dropped.
+    pub fn expect(self: &Arc<Self>, ranges: &[(usize, usize)]) -> OwnGuard {
+        self.expected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ranges.iter().map(|&(a, l)| (a as u64, (a + l) as u64)));
+        self.active.fetch_add(1, Ordering::AcqRel);
+        OwnGuard { own: self.clone() }
+    }
+
+    fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+    }
+
+    fn is_expected(&self, ev: &Event) -> bool {
+        let exp = self.expected.lock().unwrap_or_else(|e| e.into_inner());
+        let inside = |a: u64, b: u64| exp.iter().any(|&(s, e)| a >= s && b <= e);
+        match *ev {
+            Event::Unmap { start, end } => inside(start, end),
+            Event::Remap { from, len, .. } => inside(from, from.saturating_add(len)),
+            Event::Other => true,
+        }
+    }
+
+    /// True (once) when a foreign event arrived during an own remap.
+    pub fn take_foreign(&self) -> bool {
+        self.foreign.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// Ends an announcement of own remaps.
+#[derive(Debug)]
+pub(crate) struct OwnGuard {
+    own: Arc<OwnOps>,
+}
+
+impl Drop for OwnGuard {
+    fn drop(&mut self) {
+        if self.own.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.own
+                .expected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+    }
+}
+
+/// What the reader needs from the file.
+pub(crate) trait Tracked: Send + Sync + 'static {
+    /// Takes the control lock if it is free, neutralises, calls `drain` (which reads the
+    /// events, releasing the threads that raised them) and releases the lock; false when the
+    /// lock was held elsewhere.
+    fn try_neutralize(&self, drain: &dyn Fn()) -> bool;
+}
+
+/// The reader thread of one file.
+#[derive(Debug)]
+pub(crate) struct Tracker {
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+    generation: u64,
+    pub own: Arc<OwnOps>,
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer flags.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    let fd = crate::sys::cvt(fd)?;
+    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Tracker {
+    /// Starts the reader of `uffd` for `file`.
+    pub fn spawn<T: Tracked>(uffd: Arc<Uffd>, file: Weak<T>) -> io::Result<Tracker> {
+        let stop = eventfd()?;
+        let stop_raw = stop.as_raw_fd();
+        let own = Arc::new(OwnOps::default());
+        let own2 = own.clone();
+        let thread = std::thread::Builder::new()
+            .name("gmem-views".into())
+            .spawn(move || read_loop(&uffd, stop_raw, &own2, &file))?;
+        Ok(Tracker {
+            stop,
+            thread: Some(thread),
+            generation: crate::sys::fork::generation(),
+            own,
+        })
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if self.generation != crate::sys::fork::generation() {
+            // A forked child: the thread exists only in the parent.
+            if let Some(t) = self.thread.take() {
+                std::mem::forget(t);
+            }
+            return;
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd this value owns.
+        let _ = unsafe {
+            libc::write(
+                self.stop.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        if let Some(t) = self.thread.take() {
+            // The last handle of a file can be dropped by the reader itself (it holds the
+            // file while it neutralises): it must not wait for itself.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Reads every pending event; the unexpected ones mark a foreign event.
+fn drain(uffd: &Uffd, own: &OwnOps) {
+    loop {
+        match uffd.read_event() {
+            Ok(Some(ev)) => {
+                if !own.is_expected(&ev) {
+                    own.foreign.store(true, Ordering::Release);
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!("reading the view userfaultfd: {e}");
+                return;
+            }
+        }
+    }
+}
+
+fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents & libc::POLLIN == 0 {
+            continue;
+        }
+        loop {
+            if own.is_active() {
+                drain(uffd, own);
+                break;
+            }
+            let Some(f) = file.upgrade() else {
+                drain(uffd, own);
+                return;
+            };
+            let drained = || {
+                drain(uffd, own);
+                own.foreign.store(false, Ordering::Release);
+            };
+            if f.try_neutralize(&drained) {
+                break;
+            }
+            drop(f);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// Tries a lock without blocking: `None` when it is held elsewhere.
+pub(crate) fn try_lock<G>(m: &Mutex<G>) -> Option<std::sync::MutexGuard<'_, G>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+/// Identities of the files a view may map, and gmem's own mappings that are not views.
+#[derive(Debug, Clone)]
+pub(crate) struct Known {
+    /// `(dev, inode)` of the file and of its companion file of pieces.
+    pub files: Vec<((u32, u32), u64)>,
+    /// `(dev, inode)` of the empty memfd holes map.
+    pub hole: Option<((u32, u32), u64)>,
+    /// Address ranges of gmem's own mappings of the file (guest mapping, HugeTLB mappings).
+    pub internal: Vec<(usize, usize)>,
+}
+
+impl Known {
+    fn is_file(&self, v: &crate::sys::proc::Vma) -> bool {
+        self.files.iter().any(|&(d, i)| d == v.dev && i == v.inode)
+    }
+
+    fn is_hole(&self, v: &crate::sys::proc::Vma) -> bool {
+        self.hole.is_some_and(|(d, i)| d == v.dev && i == v.inode)
+    }
+
+    fn is_internal(&self, v: &crate::sys::proc::Vma) -> bool {
+        self.internal
+            .iter()
+            .any(|&(a, l)| v.start >= a && v.end <= a + l)
+    }
+}
+
+impl super::ViewSet {
+    /// The neutralisation of the module docs. Returns the ids of the views given up.
+    pub(crate) fn neutralize(
+        &mut self,
+        ctx: &super::Ctx<'_>,
+        shown: super::Shown<'_>,
+        known: &Known,
+    ) -> Vec<u64> {
+        let vmas = match crate::sys::proc::mappings() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!("reading /proc/self/smaps: {e}");
+                return Vec::new();
+            }
+        };
+        let mut lost = Vec::new();
+        for s in self.slots() {
+            let (lo, hi) = (s.base(), s.base() + s.len);
+            let mut covered = lo;
+            let mut whole = true;
+            for v in vmas.iter().filter(|v| v.end > lo && v.start < hi) {
+                let ours = known.is_file(v) || known.is_hole(v);
+                if !ours || v.start > covered {
+                    whole = false;
+                    break;
+                }
+                if known.is_file(v) && v.offset != s.offset + (v.start - lo) as u64 {
+                    whole = false;
+                    break;
+                }
+                covered = v.end;
+            }
+            if !whole || covered < hi {
+                lost.push(s.id);
+            }
+        }
+        let uffd = self.uffd().cloned();
+        let hole = |start: usize, end: usize| {
+            if let Some(u) = &uffd {
+                let _ = u.unregister(start, end - start);
+            }
+            let fd = match super::slot::hole_fd() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::error!("hole memfd: {e}");
+                    return;
+                }
+            };
+            let rw = libc::PROT_READ | libc::PROT_WRITE;
+            // SAFETY: replaces a mapping of guest memory that gmem found at `start` with an
+            // empty one; no Rust object lives there.
+            let p = unsafe {
+                libc::mmap(
+                    start as *mut libc::c_void,
+                    end - start,
+                    rw,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                tracing::error!(
+                    start,
+                    "neutralising an alias: {}",
+                    io::Error::last_os_error()
+                );
+            } else {
+                tracing::warn!(start, end, "a moved host view was neutralised");
+            }
+        };
+        let in_live = |v: &crate::sys::proc::Vma, views: &super::ViewSet| {
+            views
+                .slots()
+                .iter()
+                .any(|s| !lost.contains(&s.id) && v.start >= s.base() && v.end <= s.base() + s.len)
+        };
+        for v in &vmas {
+            if !known.is_file(v) || known.is_internal(v) || in_live(v, self) {
+                continue;
+            }
+            // A mapping of the file outside every live view: the moved view, its grown part,
+            // the target of MREMAP_DONTUNMAP, or what remains of a view given up.
+            let inside_lost = self
+                .slots()
+                .iter()
+                .any(|s| lost.contains(&s.id) && v.start >= s.base() && v.end <= s.base() + s.len);
+            if v.uffd_wp || inside_lost {
+                hole(v.start, v.end);
+            }
+        }
+        for id in &lost {
+            self.lose(*id);
+        }
+        if let Err(e) = self.reenforce(ctx, shown) {
+            tracing::error!("re-enforcing the views: {e}");
+        }
+        lost
+    }
+}

@@ -1,0 +1,155 @@
+//! The follower's side: attaching to a shared file, checking what was received, and the agent
+//! thread that applies the owner's requests.
+
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Weak};
+
+use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendFlags};
+
+use super::wire::{self, HELLO_LEN, MSG_LEN};
+use super::{os, PeerError};
+use crate::backing::{BackingKind, Received};
+use crate::engine::{Assembly, Engine};
+use crate::model::units::PAGE_SIZE;
+use crate::verbs::GuestMemfd;
+
+impl GuestMemfd {
+    /// Attaches to a file shared by another process through `sock` (see
+    /// [`GuestMemfd::share_with_process`]). The returned file is a follower: host code that
+    /// maps, reads, writes and pins like any other, whose views lose access to pages the owner
+    /// converts to private. It has no guest view.
+    pub fn attach(sock: OwnedFd) -> Result<GuestMemfd, PeerError> {
+        Self::attach_inner(sock, false)
+    }
+
+    /// [`GuestMemfd::attach`] for a process that runs the guest (a software hypervisor's vCPU
+    /// process): the follower also has the guest view, which reaches private pages. Give it
+    /// only to such a process.
+    pub fn attach_with_guest_view(sock: OwnedFd) -> Result<GuestMemfd, PeerError> {
+        Self::attach_inner(sock, true)
+    }
+
+    fn attach_inner(sock: OwnedFd, guest_view: bool) -> Result<GuestMemfd, PeerError> {
+        let mut hello = [0u8; HELLO_LEN];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut anc = RecvAncillaryBuffer::new(&mut space);
+        let msg = recvmsg(
+            sock.as_fd(),
+            &mut [IoSliceMut::new(&mut hello)],
+            &mut anc,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .map_err(os("recvmsg"))?;
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        for m in anc.drain() {
+            if let RecvAncillaryMessage::ScmRights(r) = m {
+                fds.extend(r);
+            }
+        }
+        if msg.bytes != HELLO_LEN || !(2..=3).contains(&fds.len()) {
+            return Err(PeerError::Protocol("short hello or missing descriptors"));
+        }
+        let hello = wire::parse_hello(&hello)?;
+        let mut fds = fds.into_iter();
+        let (Some(mem), Some(runs_fd)) = (fds.next(), fds.next()) else {
+            return Err(PeerError::Protocol("missing descriptors"));
+        };
+        crate::backing::check_received(mem.as_fd(), hello.kind, hello.size)
+            .map_err(PeerError::Descriptor)?;
+        let attrs = wire::read_runs(runs_fd.as_fd(), hello.runs, hello.size / PAGE_SIZE)?;
+        let pieces = fds.next();
+        match (hello.kind, &pieces) {
+            (BackingKind::HugeTlb(_), Some(p)) => {
+                crate::backing::check_received(p.as_fd(), BackingKind::Shmem, hello.size).map_err(
+                    |_| PeerError::Descriptor("companion file of the wrong size or not sealed"),
+                )?
+            }
+            (BackingKind::HugeTlb(_), None) => {
+                return Err(PeerError::Protocol(
+                    "HugeTLB hello without its companion file",
+                ))
+            }
+            (_, Some(_)) => return Err(PeerError::Protocol("unexpected third descriptor")),
+            (_, None) => {}
+        }
+        let backing =
+            Received::new(mem, hello.kind, hello.block, pieces, hello.size).map_err(|source| {
+                PeerError::Os {
+                    op: "adopt",
+                    source,
+                }
+            })?;
+        let how = Assembly {
+            attrs: Some(attrs),
+            follower: true,
+            piece_limit: Some(u64::MAX),
+        };
+        let engine = Engine::assemble(Box::new(backing), hello.size, hello.flags, how)?;
+        // Requests already queued behind the hello (the `SPLIT`s of a HugeTLB file, poison,
+        // or conversions made since) are applied before the file is handed out, so its first
+        // views see the state of the hello plus them.
+        loop {
+            let mut msg = [0u8; MSG_LEN];
+            match rustix::net::recv(&sock, &mut msg, RecvFlags::DONTWAIT) {
+                Ok((MSG_LEN, _)) => {
+                    if !answer(&sock, &engine, &msg) {
+                        return Err(PeerError::Protocol("owner gone while attaching"));
+                    }
+                }
+                Ok(_) => return Err(PeerError::Protocol("short request")),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => break,
+            }
+        }
+        let weak = Arc::downgrade(&engine);
+        std::thread::Builder::new()
+            .name("gmem-peer".into())
+            .spawn(move || serve(sock, weak))
+            .map_err(|source| PeerError::Os {
+                op: "spawn",
+                source,
+            })?;
+        Ok(GuestMemfd::from_engine(engine, guest_view))
+    }
+}
+
+/// The follower's agent: serves the owner's requests until either side goes away.
+fn serve(sock: OwnedFd, file: Weak<Engine>) {
+    loop {
+        let mut msg = [0u8; MSG_LEN];
+        let n = match rustix::net::recv(&sock, &mut msg, RecvFlags::empty()) {
+            Ok((n, _)) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return,
+        };
+        if n != MSG_LEN {
+            return;
+        }
+        let Some(engine) = file.upgrade() else { return };
+        if !answer(&sock, &engine, &msg) {
+            return;
+        }
+    }
+}
+
+/// Applies one request and sends its reply; false when the owner is gone.
+fn answer(sock: &OwnedFd, engine: &Engine, msg: &[u8; MSG_LEN]) -> bool {
+    let (step, seq) = wire::decode_request(msg);
+    let (errno, at) = match step {
+        Err(offset) => (libc::EINVAL, offset),
+        Ok(step) => {
+            let r = step.range();
+            match engine.page_range(r.start, r.len()) {
+                Err(e) => (libc::EINVAL, e.offset()),
+                Ok(_) => match engine.apply_remote(&step) {
+                    Ok(()) => (0, 0),
+                    Err(e) => (e.errno, e.offset),
+                },
+            }
+        }
+    };
+    let reply = wire::encode_reply(seq, errno, at);
+    rustix::net::send(sock, &reply, SendFlags::NOSIGNAL).is_ok()
+}

@@ -1,0 +1,56 @@
+//! Who else hears of conversions: listeners (the VMM's device layer, which may veto),
+//! participants (peer processes, the kernel's attributes: part of the transaction), and the
+//! HugeTLB restructuring counters.
+
+use std::sync::Arc;
+
+use crate::engine::convert::ConvertError;
+use crate::engine::listener::{ConversionListener, ListenerId};
+use crate::engine::participant::{Participant, ParticipantId};
+use crate::model::huge::Accounting;
+
+use super::GuestMemfd;
+
+impl GuestMemfd {
+    /// Adds a conversion listener; it hears of every conversion from now on. Listeners run
+    /// with the file's control lock held: they must not convert, map or add listeners on the
+    /// same file.
+    pub fn add_listener(&self, listener: Arc<dyn ConversionListener>) -> ListenerId {
+        self.inner.control_unchecked().listeners.add(listener)
+    }
+
+    /// Removes a listener; returns false when it was not registered.
+    pub fn remove_listener(&self, id: ListenerId) -> bool {
+        self.inner.control_unchecked().listeners.remove(id)
+    }
+
+    /// Adds a participant: from now on every conversion, split, merge and poison of the file
+    /// is applied to it inside the transaction, and undone on it when a later part fails.
+    /// (The KVM crate adds one that keeps the kernel's memory attributes in step.)
+    pub fn add_participant(&self, participant: Box<dyn Participant>) -> ParticipantId {
+        self.inner.control_unchecked().participants.add(participant)
+    }
+
+    /// Removes a participant; returns false when it was not registered.
+    pub fn remove_participant(&self, id: ParticipantId) -> bool {
+        self.inner.control_unchecked().participants.remove(id)
+    }
+
+    /// The restructuring counters of a HugeTLB file (`None` for other backings). The handle
+    /// stays valid after the file is gone.
+    pub fn hugetlb_accounting(&self) -> Option<Arc<Accounting>> {
+        self.inner.huge().map(|h| h.state().accounting())
+    }
+
+    /// Merges every split huge page that is uniform and no longer held. Returns how many
+    /// merged. Merges normally happen on their own (after conversions and when the last
+    /// reference to a piece is dropped); this is for a caller that wants them now.
+    pub fn merge_pending(&self) -> Result<u64, ConvertError> {
+        let Some(huge) = self.inner.huge() else {
+            return Ok(0);
+        };
+        let mut ctl = self.inner.control_live()?;
+        let all = huge.state().split_in(0, u64::MAX);
+        Ok(self.inner.merge_all(&mut ctl, &all))
+    }
+}

@@ -1,0 +1,42 @@
+//! Memory failure: injecting and querying poison (rules in the engine's poison docs).
+
+use crate::engine::poison::PoisonError;
+use crate::model::units::{page_of, page_offset, PageRange, RangeError};
+
+use super::GuestMemfd;
+
+impl GuestMemfd {
+    /// Marks the base page containing `offset` as poisoned (memory failure): host views fault
+    /// on it, accessors and the guest view fail with `EHWPOISON`, a punch-hole clears it,
+    /// peer processes follow. Injecting an already poisoned page succeeds.
+    pub fn inject_poison(&self, offset: u64) -> Result<(), PoisonError> {
+        if offset >= self.size() {
+            return Err(RangeError::OutOfBounds {
+                offset,
+                len: 1,
+                size: self.size(),
+            }
+            .into());
+        }
+        self.inner.inject_poison(page_of(offset))
+    }
+
+    /// True when the page containing `offset` is poisoned.
+    pub fn is_poisoned(&self, offset: u64) -> bool {
+        self.inner
+            .read_pages()
+            .poison
+            .any_in(PageRange::one(page_of(offset)))
+    }
+
+    /// Byte offsets of every poisoned page, in order.
+    pub fn poisoned_pages(&self) -> Vec<u64> {
+        self.inner
+            .read_pages()
+            .poison
+            .all()
+            .into_iter()
+            .map(page_offset)
+            .collect()
+    }
+}
