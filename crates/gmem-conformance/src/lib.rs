@@ -158,6 +158,37 @@ macro_rules! conformance_suite {
     };
 }
 
+/// Instantiates the hardening cases ([`cases::hardening`]) for one backing, like
+/// [`conformance_suite!`]: `hardening_suite!(name, backend_expr)` expands to `mod name` with
+/// one `#[test] fn hardening_<case>()` per case.
+#[macro_export]
+macro_rules! hardening_suite {
+    ($name:ident, $backend:expr $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::__conformance_tests!($backend;
+                hardening_madvise_every_advice => $crate::cases::hardening::madvise::every_advice_keeps_private_pages_blocked,
+                hardening_madvise_protection_changes => $crate::cases::hardening::madvise::protection_changes_keep_private_pages_blocked,
+                hardening_madvise_remove => $crate::cases::hardening::madvise::remove_punches_but_never_reveals,
+                hardening_madvise_guard_remove_exception => $crate::cases::hardening::madvise::guard_remove_is_the_documented_exception,
+                hardening_remap_moved_view => $crate::cases::hardening::remap::moved_view_leaves_no_alias,
+                hardening_remap_grown_view => $crate::cases::hardening::remap::grown_view_leaves_no_alias,
+                hardening_remap_dontunmap => $crate::cases::hardening::remap::dontunmap_keeps_the_view_enforced,
+                hardening_remap_partly_unmapped => $crate::cases::hardening::remap::partly_unmapped_view_is_given_up,
+                hardening_refs_vmsplice => $crate::cases::hardening::kernel_refs::vmspliced_page_never_shows_private_bytes,
+                hardening_refs_vmsplice_whole_huge_page_exception => $crate::cases::hardening::kernel_refs::vmsplice_whole_huge_page_is_the_documented_exception,
+                hardening_refs_io_uring_fixed_buffer => $crate::cases::hardening::kernel_refs::io_uring_fixed_buffer_holds_an_orphan,
+                hardening_refs_o_direct_race => $crate::cases::hardening::kernel_refs::o_direct_racing_conversions_never_exports_private_bytes,
+                hardening_pin_pointer => $crate::cases::hardening::capabilities::pin_pointer_is_enforced,
+                hardening_follower_no_guest_view => $crate::cases::hardening::capabilities::follower_has_no_guest_view,
+                hardening_forked_child => $crate::cases::hardening::capabilities::forked_child_gets_clean_errors,
+            );
+        }
+    };
+}
+
 /// One `#[test]` per `test_name => case_fn` pair (used by [`conformance_suite!`]).
 #[doc(hidden)]
 #[macro_export]

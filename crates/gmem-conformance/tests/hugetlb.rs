@@ -63,6 +63,7 @@ impl Backend for HugeTlb2M {
 }
 
 gmem_conformance::conformance_suite!(hugetlb, super::HugeTlb2M::new());
+gmem_conformance::hardening_suite!(hugetlb_hardening, super::HugeTlb2M::new());
 
 const P: u64 = 4096;
 const M2: u64 = HUGE_2M;

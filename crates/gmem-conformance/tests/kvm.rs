@@ -59,6 +59,7 @@ impl Backend for KernelGuestMemfd {
 }
 
 gmem_conformance::conformance_suite!(kernel_guest_memfd, KernelGuestMemfd::new());
+gmem_conformance::hardening_suite!(kernel_guest_memfd_hardening, KernelGuestMemfd::new());
 
 /// DESIGN §7 items 7 and 8 on `/dev/kvm`, for a kernel guest_memfd (gmem-only memslot) and a
 /// shmem file (hva memslot over gmem's guest view).

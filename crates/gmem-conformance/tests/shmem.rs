@@ -5,6 +5,7 @@ use gmem::{Attr, Flags, GuestMemfd, HostView, PAGE_SIZE};
 use gmem_conformance::touch;
 
 gmem_conformance::conformance_suite!(shmem, gmem_conformance::Shmem);
+gmem_conformance::hardening_suite!(shmem_hardening, gmem_conformance::Shmem);
 
 const GIB: u64 = 1 << 30;
 

@@ -14,6 +14,7 @@
 pub mod convert;
 pub mod fallocate;
 pub mod file;
+pub mod hardening;
 pub mod mmap;
 pub mod ranges;
 

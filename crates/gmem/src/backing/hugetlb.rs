@@ -166,7 +166,7 @@ impl HugeTlb {
         )
         .map_err(os("F_ADD_SEALS"))?;
         let len = to_usize(size).map_err(os("size"))?;
-        let reservation = match Mapping::shared(fd.as_fd(), 0, len, 0) {
+        let mut reservation = match Mapping::shared(fd.as_fd(), 0, len, 0) {
             Ok(m) => m,
             Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
                 let needed = size / page_size;
@@ -181,7 +181,7 @@ impl HugeTlb {
             Err(e) => return Err(os("mmap(reserve)")(e)),
         };
         reservation
-            .advise(0, len, libc::MADV_DONTFORK)
+            .keep_from_children()
             .map_err(os("madvise(DONTFORK)"))?;
         Ok(HugeTlb {
             reservation,
@@ -200,8 +200,8 @@ impl HugeTlb {
     /// nothing from the pool.
     pub(crate) fn adopt(fd: OwnedFd, size: u64, page_size: u64) -> io::Result<Self> {
         let len = to_usize(size)?;
-        let reservation = Mapping::shared(fd.as_fd(), 0, len, 0)?;
-        reservation.advise(0, len, libc::MADV_DONTFORK)?;
+        let mut reservation = Mapping::shared(fd.as_fd(), 0, len, 0)?;
+        reservation.keep_from_children()?;
         Ok(HugeTlb {
             reservation,
             fd,

@@ -99,8 +99,8 @@ impl Huge {
             }
         };
         let len = to_usize(size)?;
-        let pieces = Mapping::shared(companion.as_fd(), 0, len, libc::MAP_NORESERVE)?;
-        pieces.advise(0, len, libc::MADV_DONTFORK)?;
+        let mut pieces = Mapping::shared(companion.as_fd(), 0, len, libc::MAP_NORESERVE)?;
+        pieces.keep_from_children()?;
         Ok(Huge {
             geo: HugeGeometry { size: page },
             pieces,
@@ -131,6 +131,13 @@ impl Huge {
     /// Drops the pieces of huge page `h` from the companion file.
     pub fn punch_pieces(&self, h: u64) -> io::Result<()> {
         let hr = self.geo.bytes(h);
+        // Unmapped from gmem's own mapping first, the punched pieces are mapped nowhere, so
+        // the kernel's truncation keeps every view's guard markers (see `moves.rs`).
+        self.pieces.advise(
+            to_usize(hr.start)?,
+            to_usize(hr.len())?,
+            libc::MADV_DONTNEED,
+        )?;
         fd::fallocate(
             self.companion(),
             libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,

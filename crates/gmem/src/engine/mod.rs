@@ -195,6 +195,7 @@ impl Engine {
         } else {
             Attr::Private
         };
+        let someone_elses = how.follower || how.attrs.is_some();
         let attrs = match how.attrs {
             Some(a) if a.pages() == pages => a,
             Some(_) => {
@@ -204,10 +205,9 @@ impl Engine {
         };
         let len = to_usize(size).map_err(os("size"))?;
         let guest = if backing.mappable(flags) {
-            let map = Mapping::shared(backing.as_fd(), 0, len, libc::MAP_NORESERVE)
+            let mut map = Mapping::shared(backing.as_fd(), 0, len, libc::MAP_NORESERVE)
                 .map_err(os("mmap"))?;
-            map.advise(0, len, libc::MADV_DONTFORK)
-                .map_err(os("madvise"))?;
+            map.keep_from_children().map_err(os("madvise"))?;
             // No fault-around: a fault here maps only the page it touched, never a private
             // neighbour (a private page mapped here while it is punched would lose its
             // markers in every view; see `Engine::refresh`).
@@ -254,7 +254,9 @@ impl Engine {
             numa: Mutex::new(None),
             merge_waiting: AtomicBool::new(false),
             device_base: std::sync::atomic::AtomicUsize::new(0),
-            shared_out: AtomicBool::new(false),
+            // Only the process that created the file may give its memory back when done: a
+            // follower's or a new owner's file is someone else's too.
+            shared_out: AtomicBool::new(someone_elses),
         }))
     }
 

@@ -15,10 +15,18 @@
 //! A page may hold a kernel reference only if it is allocated and a host view showed it
 //! since it last moved (a live view, or one dropped since). Pages never allocated, or never
 //! shown by a view, take the cheap path and are not touched; a page whose contents are all
-//! zero is punched and allocated again, with no copy. The move happens under the control lock after every view and
-//! participant has revoked the page, and host accessors are already refused (the page is
-//! private), so only the guest can race it: a guest write to a page *while that page's own
-//! conversion to private runs* may be lost.
+//! zero is punched and allocated again, with no copy. The move happens under the control
+//! lock after every view and participant has revoked the page, and host accessors are
+//! already refused (the page is private); the guest view's copies wait for it. Only a
+//! guest that writes through the guest mapping directly (a vCPU on an hva memslot) races
+//! it: a write to a page *while that page's own conversion to private runs* may be lost.
+//!
+//! A punched page must be mapped nowhere: the kernel's truncation drops the guard markers
+//! of every mapping of a folio still mapped somewhere. The views and participants revoked
+//! it and gmem unmaps it from its own mapping right before the punch; a follower attached
+//! with the guest view that maps the page at that moment, or a vCPU faulting it through
+//! the guest mapping, can still make the kernel drop markers, which [`Engine::refresh`]
+//! puts back right after (a window of one punch).
 //!
 //! HugeTLB pages are not moved (moving a huge page needs a second huge page the pool may
 //! not have): on HugeTLB files a kernel reference taken through a view before a conversion
@@ -39,12 +47,14 @@ const CHUNK_PAGES: u64 = 64;
 impl Engine {
     /// Moves the allocated pages of `parts` that a host view showed to fresh memory (module
     /// docs). Called with the control lock held, after every view and participant revoked
-    /// them.
+    /// them. The page state is held for writing while a range moves: the guest view's copies
+    /// wait, so none of them maps a page between its unmapping and its punch.
     pub(crate) fn orphan(&self, ctl: &mut Control, parts: &[PageRange]) -> io::Result<()> {
         for &r in parts {
             if !ctl.views.exposed(r) {
                 continue;
             }
+            let st = self.write_pages();
             match ctl.views.mech() {
                 Mech::Guards | Mech::Sealed => {
                     let Some(map) = self.guest_map() else {
@@ -67,7 +77,6 @@ impl Engine {
                 }
             }
             ctl.views.forget_history(r);
-            let st = self.read_pages();
             self.refresh(ctl, &st, r)?;
         }
         Ok(())
@@ -111,6 +120,11 @@ impl Engine {
         // SAFETY: `[off, off + buf.len())` lies inside the live mapping (the range is inside
         // the file, which the mapping covers); `buf` is a separate buffer.
         unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        // The page must be mapped nowhere when it is punched: the kernel's truncation drops
+        // the guard markers of every mapping of a folio that is still mapped somewhere
+        // (`unmap_mapping_folio`), which would open the views until they are re-guarded.
+        // The views and participants have revoked it; gmem's own mappings let go here.
+        self.unmap_internal(b)?;
         let punch = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
         let tfd = match target {
             Target::File => self.fd(),

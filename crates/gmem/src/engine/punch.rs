@@ -40,6 +40,7 @@ impl Engine {
             let mut st = self.write_pages();
             let cleared = match self.huge() {
                 None => {
+                    self.unmap_internal(r)?;
                     self.backing().fallocate(PUNCH, r.start, r.len())?;
                     st.poison.remove_range(pages)
                 }
@@ -82,6 +83,7 @@ impl Engine {
                 cached || hs.is_split(h)
             };
             if pieces {
+                self.unmap_internal(hr)?;
                 huge.punch_pieces(h)?;
             }
             if self.refs().first_busy(geo.pages(h)).is_some() {
@@ -95,6 +97,21 @@ impl Engine {
             cleared.extend(st.poison.remove_range(geo.pages(h)));
         }
         Ok(cleared)
+    }
+
+    /// Unmaps `r` from gmem's own mappings of the file (the guest mapping, the mapping of
+    /// HugeTLB pieces) right before a punch: a page mapped nowhere when it is punched keeps
+    /// every view's guard markers (the kernel's truncation drops the markers of every mapping
+    /// of a folio that is still mapped somewhere).
+    pub(crate) fn unmap_internal(&self, r: ByteRange) -> io::Result<()> {
+        let (off, len) = (to_usize(r.start)?, to_usize(r.len())?);
+        if let Some(g) = self.guest_map() {
+            g.advise(off, len, libc::MADV_DONTNEED)?;
+        }
+        if let Some(h) = self.huge() {
+            h.pieces_map().advise(off, len, libc::MADV_DONTNEED)?;
+        }
+        Ok(())
     }
 
     /// Zeroes huge page range `hr` in place through gmem's mapping of the huge pages.

@@ -20,6 +20,8 @@ pub(crate) struct Mapping {
     len: usize,
     generation: u64,
     keep: bool,
+    /// Registered with [`fork::keep_from_children`].
+    no_fork: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; access is coordinated by its users.
@@ -73,6 +75,7 @@ impl Mapping {
             len,
             generation: fork::generation(),
             keep: false,
+            no_fork: false,
         })
     }
 
@@ -108,6 +111,7 @@ impl Mapping {
             len,
             generation: wide.generation,
             keep: false,
+            no_fork: false,
         })
     }
 
@@ -209,6 +213,7 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         part.keep = true;
+        part.release_from_children();
         Ok(())
     }
 
@@ -233,6 +238,22 @@ impl Mapping {
     /// Gives up the region without unmapping it: it was unmapped or moved by someone else.
     pub fn forget(mut self) {
         self.keep = true;
+        self.release_from_children();
+    }
+
+    /// Keeps the whole mapping out of every child process: `MADV_DONTFORK` now, and again
+    /// right before each `fork` (in case it was undone with `MADV_DOFORK`).
+    pub fn keep_from_children(&mut self) -> io::Result<()> {
+        fork::keep_from_children(self.addr(), self.len)?;
+        self.no_fork = true;
+        Ok(())
+    }
+
+    fn release_from_children(&mut self) {
+        if self.no_fork && self.generation == fork::generation() {
+            fork::release_from_children(self.addr());
+            self.no_fork = false;
+        }
     }
 
     /// Residency of the pages of `[offset, offset + len)` (`mincore(2)`): one byte per page,
@@ -253,6 +274,7 @@ impl Drop for Mapping {
         if self.keep || self.generation != fork::generation() {
             return;
         }
+        self.release_from_children();
         // SAFETY: this value owns the region; nothing borrows it past drop.
         let ret = unsafe { libc::munmap(self.as_ptr().cast(), self.len) };
         if ret != 0 {

@@ -161,7 +161,7 @@ impl ViewSet {
             slot.map
                 .map_fixed(in_file, tail, Some(hole_fd()?), 0, libc::MAP_SHARED, rw)?;
         }
-        slot.map.advise(0, len, libc::MADV_DONTFORK)?;
+        slot.map.keep_from_children()?;
         if let Some(p) = ctx.numa {
             if in_file > 0 {
                 numa::mbind(&slot.map, 0, in_file, p)?;

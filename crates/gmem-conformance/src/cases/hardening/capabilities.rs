@@ -1,0 +1,220 @@
+//! Pointers and capabilities handed to host code: a pin's pointer, a follower, a forked child.
+
+use std::os::fd::AsRawFd;
+
+use gmem::{Attr, Errno, GuestMemfd};
+
+use super::{errno, sink, sink_bytes, Layout, SECRET, SHARED};
+use crate::child::{child_side, ChildProcess, ChildSide};
+use crate::probe::{self, Touch};
+use crate::Ctx;
+
+const PAGE: u64 = 4096;
+const PAGE_BYTES: usize = 4096;
+
+/// A pin's pointer reaches exactly the pinned shared page: `write(2)` of one page too many
+/// stops at the private neighbour (the kernel copies the pinned page, then `EFAULT`), and the
+/// pointer kept after unpinning faults once the page is private, with the signal
+/// [`GuestMemfd::host_fault`] names.
+pub fn pin_pointer_is_enforced(ctx: &Ctx<'_>) {
+    let Some(l) = Layout::new(ctx) else { return };
+    let pin = l.mem.pin(0, PAGE).expect("pin page 0");
+    let ptr = pin.as_ptr().expect("pointer of a pin");
+    let out = sink();
+    // SAFETY: writes from the pin's pointer; the kernel checks every byte it copies.
+    let n = unsafe { libc::write(out.as_raw_fd(), ptr.cast(), 2 * PAGE_BYTES) };
+    assert_eq!(
+        n,
+        4096,
+        "write(2) stops at the private page: errno {}",
+        errno()
+    );
+    // SAFETY: as above, starting at the private page.
+    let n = unsafe { libc::write(out.as_raw_fd(), ptr.wrapping_add(PAGE_BYTES).cast(), 8) };
+    assert_eq!(
+        (n, errno()),
+        (-1, libc::EFAULT),
+        "write(2) from the private page"
+    );
+    assert_eq!(
+        sink_bytes(&out),
+        vec![SHARED; PAGE_BYTES],
+        "only the pinned page went out"
+    );
+    // SAFETY: the probe reports a fault instead of dying.
+    let t = unsafe { probe::read(ptr) };
+    assert_eq!(t, Touch::Ok(SHARED), "the pinned page");
+    // SAFETY: as above.
+    let t = unsafe { probe::read(ptr.wrapping_add(PAGE_BYTES)) };
+    assert!(
+        t.is_fault(),
+        "the private neighbour through the pin's pointer: {t:?}"
+    );
+    drop(pin);
+    l.mem
+        .convert(0, PAGE, Attr::Private)
+        .expect("unpinned page to private");
+    super::guest_fill(&l.mem, 0, PAGE, SECRET);
+    let want = l.mem.host_fault(0).expect("a private page is blocked");
+    // SAFETY: as above: a stale pointer.
+    let t = unsafe { probe::read(ptr) };
+    assert_eq!(t.signal(), Some(want.signo()), "a stale pin pointer: {t:?}");
+    l.mem
+        .convert(0, PAGE, Attr::Shared)
+        .expect("back to shared");
+    // SAFETY: as above.
+    let t = unsafe { probe::read(ptr) };
+    assert_eq!(t, Touch::Ok(SECRET), "shared again, in place");
+}
+
+fn follower_child(side: ChildSide) {
+    let mut ctl = side.ctl;
+    let mem = match side.role.as_str() {
+        "plain" => GuestMemfd::attach(side.peer).expect("attach"),
+        _ => GuestMemfd::attach_with_guest_view(side.peer).expect("attach with the guest view"),
+    };
+    let guest = match mem.guest() {
+        Ok(g) => {
+            let mut b = [0u8; 4];
+            g.read(PAGE, &mut b).expect("guest read");
+            format!("guest:{:02x}", b[0])
+        }
+        Err(e) => format!("guest-err:{}", e.errno()),
+    };
+    let pin = mem.pin(0, PAGE).expect("pin a shared page");
+    let ptr = pin.as_ptr().expect("pointer of a follower's pin");
+    // SAFETY: the probe reports a fault instead of dying.
+    let next = unsafe { probe::read(ptr.wrapping_add(PAGE_BYTES)) };
+    let convert = mem.convert(0, PAGE, Attr::Private).map_err(|e| e.errno());
+    ctl.send(&format!(
+        "{guest} follower:{} next-faults:{} convert:{convert:?}",
+        mem.is_follower(),
+        next.is_fault()
+    ));
+    assert_eq!(ctl.recv(), "exit");
+}
+
+/// A follower is host code: `guest()` is `EPERM`, its pins point into enforced memory, it
+/// cannot convert (`EPERM`). A follower attached with `attach_with_guest_view` (a software
+/// hypervisor's vCPU process) gets the guest view and reads private bytes through it.
+pub fn follower_has_no_guest_view(ctx: &Ctx<'_>) {
+    if let Some(side) = child_side() {
+        return follower_child(side);
+    }
+    let Some(l) = Layout::new(ctx) else { return };
+    for (role, want) in [
+        ("plain", format!("guest-err:{}", libc::EPERM)),
+        ("guest", format!("guest:{SECRET:02x}")),
+    ] {
+        let sock = l.mem.share_with_process().expect("share");
+        let mut child = ChildProcess::spawn(ctx.test_name(), role, sock);
+        assert_eq!(
+            child.recv(),
+            format!(
+                "{want} follower:true next-faults:true convert:Err({})",
+                libc::EPERM
+            ),
+            "{role} follower"
+        );
+        child.send("exit");
+        child.finish();
+    }
+    l.check(&l.view, Some(SHARED), "after the followers");
+}
+
+/// What a forked child sees, as one line: its gmem calls' errnos and whether the parent's
+/// view is mapped in it.
+fn in_forked_child(l: &Layout) -> String {
+    let e = |r: Result<(), i32>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let read = l.mem.read_at(0, &mut [0u8; 8]).map_err(|e| e.errno());
+    let write = l.mem.write_at(0, &[0u8; 8]).map_err(|e| e.errno());
+    let map = l.mem.map(0, PAGE).map(drop).map_err(|e| e.errno());
+    let pin = l.mem.pin(0, PAGE).map(drop).map_err(|e| e.errno());
+    let guest = l.mem.guest().map(drop).map_err(|e| e.errno());
+    let convert = l.mem.convert(0, PAGE, Attr::Private).map_err(|e| e.errno());
+    let view = l.view.as_ptr() as u64;
+    let mapped = std::fs::read_to_string("/proc/self/maps")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            line.split_whitespace()
+                .next()?
+                .split_once('-')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
+        .any(|(a, b)| {
+            let (a, b) = (
+                u64::from_str_radix(&a, 16).unwrap_or(0),
+                u64::from_str_radix(&b, 16).unwrap_or(0),
+            );
+            a <= view && view < b
+        });
+    format!(
+        "read:{} write:{} map:{} pin:{} guest:{} convert:{} view-mapped:{mapped}",
+        e(read),
+        e(write),
+        e(map),
+        e(pin),
+        e(guest),
+        e(convert)
+    )
+}
+
+/// A forked child gets `EPERM` from every gmem call and has no copy of the parent's views
+/// (they are `MADV_DONTFORK`, re-applied before every `fork` even if the VMM set
+/// `MADV_DOFORK`); the parent's views and conversions are untouched by it.
+pub fn forked_child_gets_clean_errors(ctx: &Ctx<'_>) {
+    let Some(l) = Layout::new(ctx) else { return };
+    for dofork in [false, true] {
+        if dofork {
+            // SAFETY: the range is the view's own.
+            let rc =
+                unsafe { libc::madvise(super::addr(&l.view), l.view.len(), libc::MADV_DOFORK) };
+            assert_eq!(rc, 0, "MADV_DOFORK: errno {}", errno());
+        }
+        let (rd, wr) = {
+            let mut fds = [0; 2];
+            // SAFETY: `fds` has room for two descriptors.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            (fds[0], fds[1])
+        };
+        // SAFETY: the child only calls gmem, reads /proc, writes one line and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: errno {}", errno());
+        if pid == 0 {
+            let line = in_forked_child(&l);
+            // SAFETY: writes a live buffer to the pipe, then leaves without unwinding.
+            unsafe {
+                libc::write(wr, line.as_ptr().cast(), line.len());
+            }
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        // SAFETY: closes the parent's copy of the write end.
+        unsafe { libc::close(wr) };
+        let mut out = String::new();
+        // SAFETY: `rd` is the pipe's read end, owned here from now on.
+        let mut f = std::fs::File::from(unsafe {
+            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rd)
+        });
+        std::io::Read::read_to_string(&mut f, &mut out).expect("read the child's line");
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child status {status:#x}"
+        );
+        let p = libc::EPERM;
+        assert_eq!(
+            out,
+            format!("read:{p} write:{p} map:{p} pin:{p} guest:{p} convert:{p} view-mapped:false"),
+            "the forked child (MADV_DOFORK first: {dofork})"
+        );
+        l.check(&l.view, Some(SHARED), "the parent after its child");
+    }
+    l.restore_and_check(Some(SHARED), "the parent converts after its children");
+}

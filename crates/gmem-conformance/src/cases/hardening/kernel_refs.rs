@@ -1,0 +1,242 @@
+//! Kernel references taken through a view before a conversion to private: a page vmspliced
+//! into a pipe, an io_uring fixed buffer, `O_DIRECT` I/O.
+//!
+//! gmem cannot see these references. It keeps DESIGN §2's outcome instead: a conversion to
+//! private moves the contents of every page a host view may have exposed to a fresh page, so
+//! a stale reference holds an orphan that shows only what the page held while shared and
+//! takes no write into the guest's page. One documented exception: a whole private huge page
+//! of a HugeTLB file stays in place (moving it needs a spare huge page), so a reference to it
+//! sees the guest's bytes: [`vmsplice_whole_huge_page_is_the_documented_exception`].
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use gmem::{Attr, BackingKind};
+
+use super::{errno, guest_expect, guest_fill, Layout, SECRET, SHARED};
+use crate::Ctx;
+
+const PAGE: u64 = 4096;
+const PAGE_BYTES: usize = 4096;
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: errno {}", errno());
+    // SAFETY: the read end is fresh and owned by nobody else.
+    let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above, the write end.
+    let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    (rd, wr)
+}
+
+/// vmsplices `len` bytes of the view at `at` into a new pipe (a reference to the pages, no
+/// copy) and returns the pipe's read end.
+fn splice_from_view(l: &Layout, at: u64, len: usize) -> OwnedFd {
+    let (rd, wr) = pipe();
+    let iov = libc::iovec {
+        iov_base: l
+            .view
+            .as_ptr()
+            .wrapping_add(usize::try_from(at).expect("fits"))
+            .cast(),
+        iov_len: len,
+    };
+    // SAFETY: one iovec inside the live view; the pipe takes references to its pages.
+    let n = unsafe { libc::vmsplice(wr.as_raw_fd(), &iov, 1, 0) };
+    assert_eq!(
+        n,
+        isize::try_from(len).expect("fits"),
+        "vmsplice: errno {}",
+        errno()
+    );
+    rd
+}
+
+fn drain(rd: &OwnedFd, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        // SAFETY: reads into the live remainder of `out`.
+        let n = unsafe { libc::read(rd.as_raw_fd(), out[got..].as_mut_ptr().cast(), len - got) };
+        assert!(n > 0, "read from the pipe: {n}, errno {}", errno());
+        got += usize::try_from(n).expect("positive");
+    }
+    out
+}
+
+/// A shared page vmspliced into a pipe, converted to private and written by the guest: the
+/// pipe yields the bytes the page held while shared, never the guest's. Back to shared, the
+/// view shows the guest's bytes in place.
+pub fn vmspliced_page_never_shows_private_bytes(ctx: &Ctx<'_>) {
+    let Some(l) = Layout::new(ctx) else { return };
+    let at = 2 * PAGE;
+    let rd = splice_from_view(&l, at, PAGE_BYTES);
+    l.mem
+        .convert(at, PAGE, Attr::Private)
+        .expect("spliced page to private");
+    guest_fill(&l.mem, at, PAGE, SECRET);
+    assert_eq!(
+        drain(&rd, PAGE_BYTES),
+        vec![SHARED; PAGE_BYTES],
+        "the pipe's stale page"
+    );
+    guest_expect(&l.mem, at, PAGE, SECRET, "the guest's page");
+    l.mem
+        .convert(at, PAGE, Attr::Shared)
+        .expect("back to shared");
+    crate::touch::expect_bytes(&l.view, at, PAGE, SECRET, "shared again, in place");
+}
+
+/// On HugeTLB, a reference into a huge page converted to private as a whole sees the
+/// guest's bytes: the huge page stays in place. Pinned here so that a change is noticed;
+/// `gmem probe` reports it. A part of a huge page converted alone is moved like a base page.
+pub fn vmsplice_whole_huge_page_is_the_documented_exception(ctx: &Ctx<'_>) {
+    let Some(l) = Layout::new(ctx) else { return };
+    let BackingKind::HugeTlb(huge) = l.mem.backing_kind() else {
+        eprintln!(
+            "skipped: backing {} has no huge pages",
+            ctx.backend().name()
+        );
+        return;
+    };
+    l.mem
+        .convert(0, l.size(), Attr::Shared)
+        .expect("all shared");
+    let rd = splice_from_view(&l, 0, PAGE_BYTES);
+    l.mem
+        .convert(0, huge, Attr::Private)
+        .expect("the whole huge page to private");
+    guest_fill(&l.mem, 0, PAGE, SECRET);
+    assert_eq!(
+        drain(&rd, PAGE_BYTES),
+        vec![SECRET; PAGE_BYTES],
+        "the documented exception"
+    );
+}
+
+/// An io_uring fixed buffer registered over a shared page, converted to private: a
+/// `WRITE_FIXED` from it exports the shared-time bytes, a `READ_FIXED` into it never lands
+/// in the guest's page.
+pub fn io_uring_fixed_buffer_holds_an_orphan(ctx: &Ctx<'_>) {
+    use io_uring::{opcode, types, IoUring};
+    let Some(l) = Layout::new(ctx) else { return };
+    let at = 2 * PAGE;
+    let buf = l.view.as_ptr().wrapping_add(PAGE_BYTES * 2);
+    let mut ring = IoUring::new(4).expect("io_uring_setup");
+    let iov = libc::iovec {
+        iov_base: buf.cast(),
+        iov_len: PAGE_BYTES,
+    };
+    // SAFETY: the buffer is a live shared page of the view; the kernel pins it.
+    let reg = unsafe { ring.submitter().register_buffers(&[iov]) };
+    reg.expect("register a view page as a fixed buffer");
+    l.mem
+        .convert(at, PAGE, Attr::Private)
+        .expect("registered page to private");
+    guest_fill(&l.mem, at, PAGE, SECRET);
+    let out = super::sink();
+    let mut run = |sqe: io_uring::squeue::Entry| {
+        // SAFETY: the entry names the registered buffer and a live descriptor.
+        unsafe { ring.submission().push(&sqe).expect("push") };
+        ring.submit_and_wait(1).expect("io_uring_enter");
+        ring.completion().next().expect("a completion").result()
+    };
+    let len = u32::try_from(PAGE_BYTES).expect("fits");
+    let w = opcode::WriteFixed::new(types::Fd(out.as_raw_fd()), buf, len, 0)
+        .offset(0)
+        .build();
+    assert_eq!(run(w), 4096, "WRITE_FIXED");
+    let mut got = vec![0u8; PAGE_BYTES];
+    std::os::unix::fs::FileExt::read_exact_at(&out, &mut got, 0).expect("read back");
+    assert_eq!(
+        got,
+        vec![SHARED; PAGE_BYTES],
+        "WRITE_FIXED exported the orphan"
+    );
+    std::os::unix::fs::FileExt::write_all_at(&out, &[0x99; PAGE_BYTES], 0).expect("fill");
+    let r = opcode::ReadFixed::new(types::Fd(out.as_raw_fd()), buf, len, 0)
+        .offset(0)
+        .build();
+    assert_eq!(run(r), 4096, "READ_FIXED");
+    guest_expect(
+        &l.mem,
+        at,
+        PAGE,
+        SECRET,
+        "READ_FIXED did not reach the guest's page",
+    );
+    l.mem
+        .convert(at, PAGE, Attr::Shared)
+        .expect("back to shared");
+    crate::touch::expect_bytes(&l.view, at, PAGE, SECRET, "shared again, in place");
+}
+
+/// `O_DIRECT` writes from a view page, racing conversions of that page: no byte the guest
+/// wrote while the page was private reaches the file.
+pub fn o_direct_racing_conversions_never_exports_private_bytes(ctx: &Ctx<'_>) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(l) = Layout::new(ctx) else { return };
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!(
+        "gmem-odirect-{}-{}",
+        std::process::id(),
+        ctx.backend().name()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("open an O_DIRECT file");
+    let _ = std::fs::remove_file(&path);
+    let at = 2 * PAGE;
+    let src = l.view.as_ptr().wrapping_add(2 * PAGE_BYTES) as usize;
+    let write = |off: i64| {
+        // SAFETY: O_DIRECT write of one aligned page of the live view.
+        unsafe {
+            libc::pwrite(
+                file.as_raw_fd(),
+                src as *const libc::c_void,
+                PAGE_BYTES,
+                off,
+            )
+        }
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let rounds = 200;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut off = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = write(off * 4096);
+                assert!(
+                    n == 4096 || (n == -1 && errno() == libc::EFAULT),
+                    "{n} {}",
+                    errno()
+                );
+                off = (off + 1) % 256;
+            }
+        });
+        for _ in 0..rounds {
+            l.mem.convert(at, PAGE, Attr::Private).expect("to private");
+            guest_fill(&l.mem, at, PAGE, SECRET);
+            // Leave the secret in place long enough for writes in flight to overlap it.
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            guest_fill(&l.mem, at, PAGE, SHARED);
+            l.mem.convert(at, PAGE, Attr::Shared).expect("to shared");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let plain = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .expect("the file without O_DIRECT");
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut &plain, &mut all).expect("read the file back");
+    assert!(!all.is_empty(), "the writer wrote nothing");
+    assert!(
+        !all.contains(&SECRET),
+        "an O_DIRECT write exported a private byte"
+    );
+}
