@@ -665,3 +665,117 @@ fn receive_inherited_without_environment_is_none() {
         .unwrap()
         .is_none());
 }
+
+/// Forwards one SEQPACKET message with its descriptors from `from` to `to`, letting `edit`
+/// swap descriptors first. False at end of file.
+fn forward(
+    from: &OwnedFd,
+    to: &OwnedFd,
+    edit: &mut dyn FnMut(Vec<OwnedFd>) -> Vec<OwnedFd>,
+) -> bool {
+    use rustix::net::{
+        recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags,
+        SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+    };
+    use std::io::{IoSlice, IoSliceMut};
+    use std::mem::MaybeUninit;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(16))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let Ok(got) = recvmsg(
+        from,
+        &mut [IoSliceMut::new(&mut buf)],
+        &mut anc,
+        RecvFlags::CMSG_CLOEXEC,
+    ) else {
+        return false;
+    };
+    if got.bytes == 0 {
+        return false;
+    }
+    let mut fds = Vec::new();
+    for m in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(r) = m {
+            fds.extend(r);
+        }
+    }
+    let fds = edit(fds);
+    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(16))];
+    let mut anc = SendAncillaryBuffer::new(&mut space);
+    if !borrowed.is_empty() {
+        anc.push(SendAncillaryMessage::ScmRights(&borrowed));
+    }
+    sendmsg(
+        to,
+        &[IoSlice::new(&buf[..got.bytes])],
+        &mut anc,
+        SendFlags::NOSIGNAL,
+    )
+    .is_ok()
+}
+
+/// A memfd of `len` bytes carrying `seals`.
+fn memfd_with(len: u64, seals: i32) -> OwnedFd {
+    let fd = rustix::fs::memfd_create(
+        "hostile",
+        rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+    )
+    .unwrap();
+    rustix::fs::ftruncate(&fd, len).unwrap();
+    rustix::fs::fcntl_add_seals(&fd, rustix::fs::SealFlags::from_bits_retain(seals as u32))
+        .unwrap();
+    fd
+}
+
+/// A hostile party between the two owners swaps the offered memory for a memfd that is
+/// short, or that could shrink or grow under the new owner's mappings: the new owner refuses
+/// it (`EBADF`, naming the file) and the old owner stays in charge, unchanged.
+#[test]
+fn receive_refuses_memory_that_is_short_or_not_sealed() {
+    let size = PAGES * P;
+    let grow_shrink = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+    for (len, seals, what) in [
+        (size / 2, grow_shrink, "short"),
+        (size, 0, "unsealed"),
+        (size, libc::F_SEAL_GROW, "may shrink"),
+        (size, libc::F_SEAL_SHRINK, "may grow"),
+    ] {
+        let mem = build();
+        let before = digest(&mem);
+        let (old_end, mitm_old) = pair();
+        let (mitm_new, new_end) = pair();
+        let relay = std::thread::spawn(move || {
+            let mut swap = |mut fds: Vec<OwnedFd>| {
+                if fds.len() >= 2 {
+                    fds[1] = memfd_with(len, seals);
+                }
+                fds
+            };
+            forward(&mitm_old, &mitm_new, &mut swap);
+            let mut keep = |fds| fds;
+            while forward(&mitm_new, &mitm_old, &mut keep) {}
+        });
+        let receiver = std::thread::spawn(move || receive(new_end.as_fd(), &Options::default()));
+        let offered = hand_over(
+            old_end.as_fd(),
+            &[FileOffer::new(&mem)],
+            &Options::default(),
+        );
+        let got = receiver.join().unwrap();
+        let e = got
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the new owner accepted it"));
+        assert!(matches!(e, HandoverError::Mismatch { .. }), "{what}: {e:?}");
+        assert_eq!(e.errno(), libc::EBADF, "{what}");
+        assert!(
+            offered.is_err(),
+            "{what}: the old owner believes it handed over"
+        );
+        drop(old_end);
+        relay.join().unwrap();
+        assert_eq!(digest(&mem), before, "{what}: the old owner's file changed");
+        mem.convert(0, P, Attr::Private).unwrap();
+        mem.convert(0, P, Attr::Shared).unwrap();
+    }
+}

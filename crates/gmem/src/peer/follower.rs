@@ -153,3 +153,145 @@ fn answer(sock: &OwnedFd, engine: &Engine, msg: &[u8; MSG_LEN]) -> bool {
     let reply = wire::encode_reply(seq, errno, at);
     rustix::net::send(sock, &reply, SendFlags::NOSIGNAL).is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    //! A hostile owner: hellos whose descriptors do not hold what they announce.
+
+    use std::io::IoSlice;
+    use std::mem::MaybeUninit;
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+    use rustix::net::{
+        sendmsg, socketpair, AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+        SocketFlags, SocketType,
+    };
+
+    use super::super::wire::{self, Hello};
+    use super::super::PeerError;
+    use crate::backing::BackingKind;
+    use crate::model::attr::{Attr, AttrMap};
+    use crate::model::error::Errno;
+    use crate::model::flags::Flags;
+    use crate::sys::fd;
+    use crate::verbs::GuestMemfd;
+
+    const SIZE: u64 = 16 * 4096;
+
+    fn memfd(len: u64, seals: libc::c_int) -> OwnedFd {
+        let f = fd::memfd_create(c"hostile", libc::MFD_ALLOW_SEALING).expect("memfd");
+        fd::ftruncate(f.as_fd(), len).expect("ftruncate");
+        if seals != 0 {
+            fd::add_seals(f.as_fd(), seals).expect("seal");
+        }
+        f
+    }
+
+    /// Sends a hello announcing a shared shmem file of `SIZE` bytes (or `kind`) with the given
+    /// descriptors, and attaches to it.
+    fn attach_to(kind: BackingKind, fds: &[BorrowedFd<'_>]) -> Result<GuestMemfd, PeerError> {
+        let (mine, theirs) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socketpair");
+        let hello = Hello {
+            kind,
+            size: SIZE,
+            flags: Flags::MMAP | Flags::INIT_SHARED,
+            block: 4096,
+            runs: 1,
+        };
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut anc = SendAncillaryBuffer::new(&mut space);
+        anc.push(SendAncillaryMessage::ScmRights(fds));
+        sendmsg(
+            mine.as_fd(),
+            &[IoSlice::new(&wire::encode_hello(&hello))],
+            &mut anc,
+            SendFlags::NOSIGNAL,
+        )
+        .expect("sendmsg");
+        let r = GuestMemfd::attach(theirs);
+        drop(mine);
+        r
+    }
+
+    fn runs() -> OwnedFd {
+        wire::write_runs(&AttrMap::new(SIZE / 4096, Attr::Shared)).expect("runs")
+    }
+
+    const SIZE_SEALS: libc::c_int = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+
+    #[test]
+    fn a_memory_file_shorter_than_announced_is_refused() {
+        let mem = memfd(SIZE / 2, SIZE_SEALS);
+        let e = attach_to(BackingKind::Shmem, &[mem.as_fd(), runs().as_fd()]).unwrap_err();
+        assert!(
+            matches!(e, PeerError::Descriptor(m) if m.contains("size")),
+            "{e}"
+        );
+        assert_eq!(e.errno(), libc::EBADF);
+    }
+
+    #[test]
+    fn a_memory_file_that_could_shrink_or_grow_is_refused() {
+        for seals in [0, libc::F_SEAL_GROW, libc::F_SEAL_SHRINK] {
+            let mem = memfd(SIZE, seals);
+            let e = attach_to(BackingKind::Shmem, &[mem.as_fd(), runs().as_fd()]).unwrap_err();
+            assert!(
+                matches!(e, PeerError::Descriptor(m) if m.contains("sealed")),
+                "{e}"
+            );
+            assert_eq!(e.errno(), libc::EBADF);
+        }
+    }
+
+    #[test]
+    fn a_plain_memfd_announced_as_a_kernel_guest_memfd_is_refused() {
+        let mem = memfd(SIZE, SIZE_SEALS);
+        let e = attach_to(
+            BackingKind::KernelGuestMemfd,
+            &[mem.as_fd(), runs().as_fd()],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, PeerError::Descriptor(m) if m.contains("kernel")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_run_table_that_could_change_is_refused() {
+        let mem = memfd(SIZE, SIZE_SEALS);
+        let table = memfd(8, 0);
+        let e = attach_to(BackingKind::Shmem, &[mem.as_fd(), table.as_fd()]).unwrap_err();
+        assert!(
+            matches!(e, PeerError::Protocol(m) if m.contains("sealed")),
+            "{e}"
+        );
+        assert_eq!(e.errno(), libc::EPROTO);
+    }
+
+    #[test]
+    fn a_huge_file_with_a_short_companion_is_refused() {
+        let mem = memfd(SIZE, SIZE_SEALS);
+        let pieces = memfd(SIZE / 2, SIZE_SEALS);
+        let kind = BackingKind::HugeTlb(crate::backing::hugetlb::HUGE_2M);
+        let e = attach_to(kind, &[mem.as_fd(), runs().as_fd(), pieces.as_fd()]).unwrap_err();
+        assert!(
+            matches!(e, PeerError::Descriptor(m) if m.contains("companion")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_well_formed_hello_attaches() {
+        let mem = memfd(SIZE, SIZE_SEALS);
+        let f = attach_to(BackingKind::Shmem, &[mem.as_fd(), runs().as_fd()]).expect("attach");
+        assert!(f.is_follower());
+        assert_eq!(f.size(), SIZE);
+    }
+}
