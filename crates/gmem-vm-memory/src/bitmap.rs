@@ -14,6 +14,7 @@
 //! fewer).
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -106,84 +107,173 @@ impl Bitmap for DirtyLog {
     }
 
     fn slice_at(&self, offset: usize) -> GmemSlice<'_> {
-        GmemSlice {
-            hold: Hold::None,
-            dirty: Some(self),
-            base: offset,
-        }
+        GmemSlice::tagged(std::ptr::from_ref(self) as usize | TAG_LOG, offset)
     }
 }
 
-/// What keeps a slice's pages shared.
-pub(crate) enum Hold {
-    /// Nothing (a slice of the bitmap itself, not of memory).
-    None,
-    /// A slot in the calling thread's table (see [`crate::hold`]).
-    Slot(&'static Slot),
-    /// A gmem pin (followers, HugeTLB, and the fallback of the slot path).
-    Pin(Rc<gmem::Pin>),
+/// A gmem pin shared by the slices made from one `get_slices` item, with the dirty log of
+/// their region.
+pub(crate) struct PinRec {
+    /// Held for its drop: the pages stay pinned while any slice shares the record.
+    #[allow(dead_code)]
+    pub pin: gmem::Pin,
+    pub dirty: Option<std::ptr::NonNull<DirtyLog>>,
 }
+
+const TAG_MASK: usize = 3;
+const TAG_NONE: usize = 0;
+const TAG_SLOT: usize = 1;
+const TAG_PIN: usize = 2;
+const TAG_LOG: usize = 3;
 
 /// The bitmap slice of the adapter's `VolatileSlice`s: a share of the slice's host reference
 /// and a window onto its region's [`DirtyLog`]. Not `Copy`, not `Send`: dropping the last
 /// slice made from one `get_slices` item releases its pages.
+///
+/// Two words, so that vm-memory's generic code moves slices as cheaply as it can: a tagged
+/// address (nothing; a thread slot; a shared gmem pin; the dirty log alone) and the offset
+/// of the slice in its region.
 pub struct GmemSlice<'a> {
-    pub(crate) hold: Hold,
-    pub(crate) dirty: Option<&'a DirtyLog>,
-    /// Offset of the slice's first byte in the region (for the dirty log).
-    pub(crate) base: usize,
+    word: usize,
+    base: usize,
+    _life: PhantomData<&'a DirtyLog>,
+    _not_send: PhantomData<*const ()>,
 }
 
-impl GmemSlice<'_> {
+impl<'a> GmemSlice<'a> {
+    /// The word of a slice holding its pages through a thread slot (never 0).
+    pub(crate) fn slot_word(slot: &'static Slot) -> usize {
+        std::ptr::from_ref(slot) as usize | TAG_SLOT
+    }
+
+    /// The word of a slice holding its pages through a gmem pin (never 0). The word owns one
+    /// strong count of the record: it must become a slice ([`GmemSlice::from_word`]).
+    pub(crate) fn pin_word(rec: Rc<PinRec>) -> usize {
+        Rc::into_raw(rec) as usize | TAG_PIN
+    }
+
+    /// The slice owning `word` (from [`GmemSlice::slot_word`] or [`GmemSlice::pin_word`]).
+    #[inline(always)]
+    pub(crate) fn from_word(word: usize, base: usize) -> Self {
+        Self::tagged(word, base)
+    }
+
+    #[inline(always)]
+    fn tagged(word: usize, base: usize) -> Self {
+        GmemSlice {
+            word,
+            base,
+            _life: PhantomData,
+            _not_send: PhantomData,
+        }
+    }
+
+    fn addr(&self) -> usize {
+        self.word & !TAG_MASK
+    }
+
+    fn log(&self) -> Option<&'a DirtyLog> {
+        let addr = match self.word & TAG_MASK {
+            TAG_NONE => 0,
+            TAG_SLOT => {
+                // SAFETY: a slot tag carries the address of a leaked, never-freed slot.
+                let slot = unsafe { &*(self.addr() as *const Slot) };
+                slot.dirty()
+            }
+            TAG_PIN => {
+                // SAFETY: a pin tag carries `Rc::into_raw` of a record this slice holds one
+                // strong count of, so it is alive.
+                let rec = unsafe { &*(self.addr() as *const PinRec) };
+                rec.dirty.map_or(0, |p| p.as_ptr() as usize)
+            }
+            _ => self.addr(),
+        };
+        // SAFETY: a non-zero address is that of the dirty log of the region this slice was
+        // made from, which lives at least as long as `'a` (the borrow of the memory).
+        (addr != 0).then(|| unsafe { &*(addr as *const DirtyLog) })
+    }
+
     /// True when this slice holds its pages through a gmem [`Pin`](gmem::Pin) (the slow
     /// path) rather than a thread slot.
     pub fn holds_pin(&self) -> bool {
-        matches!(self.hold, Hold::Pin(_))
+        self.word & TAG_MASK == TAG_PIN
     }
 
     /// True when this slice holds host references on its pages.
     pub fn holds_pages(&self) -> bool {
-        !matches!(self.hold, Hold::None)
+        matches!(self.word & TAG_MASK, TAG_SLOT | TAG_PIN)
     }
 }
 
 impl fmt::Debug for GmemSlice<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hold = match &self.hold {
-            Hold::None => "none",
-            Hold::Slot(_) => "slot",
-            Hold::Pin(_) => "pin",
+        let hold = match self.word & TAG_MASK {
+            TAG_SLOT => "slot",
+            TAG_PIN => "pin",
+            _ => "none",
         };
         f.debug_struct("GmemSlice")
             .field("hold", &hold)
-            .field("dirty_tracked", &self.dirty.is_some())
+            .field("dirty_tracked", &self.log().is_some())
             .field("base", &self.base)
             .finish()
     }
 }
 
 impl Clone for GmemSlice<'_> {
+    #[inline(always)]
     fn clone(&self) -> Self {
-        let hold = match &self.hold {
-            Hold::None => Hold::None,
-            Hold::Slot(s) => {
-                s.share();
-                Hold::Slot(s)
-            }
-            Hold::Pin(p) => Hold::Pin(Rc::clone(p)),
-        };
-        GmemSlice {
-            hold,
-            dirty: self.dirty,
-            base: self.base,
+        if self.word & TAG_MASK != TAG_NONE {
+            share(self.word);
         }
+        Self::tagged(self.word, self.base)
+    }
+}
+
+/// One more slice shares the hold of `word`. Out of line so that the generic code around
+/// slices stays small.
+#[inline(never)]
+fn share(word: usize) {
+    let addr = word & !TAG_MASK;
+    match word & TAG_MASK {
+        TAG_SLOT => {
+            // SAFETY: a slot tag carries the address of a leaked, never-freed slot.
+            let slot = unsafe { &*(addr as *const Slot) };
+            slot.share();
+        }
+        TAG_PIN => {
+            // SAFETY: the record is alive (the slice being cloned holds a strong count) and
+            // was made by `Rc::into_raw`; the clone takes one more count, released by its drop.
+            unsafe { Rc::increment_strong_count(addr as *const PinRec) };
+        }
+        _ => {}
+    }
+}
+
+/// A slice sharing the hold of `word` is gone.
+#[inline(never)]
+fn unshare(word: usize) {
+    let addr = word & !TAG_MASK;
+    match word & TAG_MASK {
+        TAG_SLOT => {
+            // SAFETY: a slot tag carries the address of a leaked, never-freed slot.
+            let slot = unsafe { &*(addr as *const Slot) };
+            slot.unshare();
+        }
+        TAG_PIN => {
+            // SAFETY: the slice being dropped held one strong count of the record, made by
+            // `Rc::into_raw`; it is given back here, once.
+            unsafe { Rc::decrement_strong_count(addr as *const PinRec) };
+        }
+        _ => {}
     }
 }
 
 impl Drop for GmemSlice<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
-        if let Hold::Slot(s) = self.hold {
-            s.unshare();
+        if self.word & TAG_MASK != TAG_NONE && self.word & TAG_MASK != TAG_LOG {
+            unshare(self.word);
         }
     }
 }
@@ -195,17 +285,19 @@ impl<'a> WithBitmapSlice<'_> for GmemSlice<'a> {
 impl BitmapSlice for GmemSlice<'_> {}
 
 impl<'a> Bitmap for GmemSlice<'a> {
+    #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
-        if let Some(d) = self.dirty {
+        if let Some(d) = self.log() {
             d.mark(self.base.saturating_add(offset), len);
         }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
-        self.dirty
+        self.log()
             .is_some_and(|d| d.is_dirty(self.base.saturating_add(offset)))
     }
 
+    #[inline]
     fn slice_at(&self, offset: usize) -> GmemSlice<'a> {
         let mut s = self.clone();
         s.base = self.base.saturating_add(offset);

@@ -50,6 +50,8 @@ pub(crate) struct Slot {
     /// Index of the slot in its table.
     index: u32,
     table: AtomicUsize,
+    /// Address of the dirty log of the region the slice is in (0: none). Owning thread only.
+    dirty: AtomicUsize,
 }
 
 /// The slots of one thread.
@@ -71,6 +73,7 @@ impl Table {
                 shares: AtomicU32::new(0),
                 index: u32::try_from(i).unwrap_or(0),
                 table: AtomicUsize::new(0),
+                dirty: AtomicUsize::new(0),
             })
             .collect();
         let table: &'static Table = Box::leak(Box::new(Table {
@@ -86,6 +89,7 @@ impl Table {
     }
 
     /// Takes a free slot (owning thread only).
+    #[inline]
     fn take(&self) -> Option<&Slot> {
         for (w, word) in self.free.iter().enumerate() {
             let bits = word.load(Ordering::Relaxed);
@@ -100,6 +104,7 @@ impl Table {
     }
 
     /// Returns a slot (owning thread only).
+    #[inline]
     fn give_back(&self, index: u32) {
         let i = usize::try_from(index).unwrap_or(0);
         let (w, bit) = (i / 64, i % 64);
@@ -142,6 +147,7 @@ thread_local! {
     static OWNER: Cell<Option<Owner>> = const { Cell::new(None) };
 }
 
+#[inline(always)]
 fn my_table() -> Option<&'static Table> {
     if let Ok(Some(t)) = TABLE.try_with(Cell::get) {
         return Some(t);
@@ -203,7 +209,8 @@ fn heavy_barrier() -> bool {
 
 /// A hold recorded in the calling thread's table, or nothing when the slot path is not
 /// available (no table, none free, a range it cannot encode).
-pub(crate) fn record(tracker: usize, first: u64, end: u64) -> Option<&'static Slot> {
+#[inline(always)]
+pub(crate) fn record(tracker: usize, first: u64, end: u64, dirty: usize) -> Option<&'static Slot> {
     let (Ok(first32), Ok(end32)) = (u32::try_from(first), u32::try_from(end)) else {
         return None;
     };
@@ -214,6 +221,7 @@ pub(crate) fn record(tracker: usize, first: u64, end: u64) -> Option<&'static Sl
     );
     slot.tracker.store(tracker, Ordering::Relaxed);
     slot.shares.store(1, Ordering::Relaxed);
+    slot.dirty.store(dirty, Ordering::Relaxed);
     // The asymmetric barrier's fast side: the slot is written before the state is read; the
     // conversion's `membarrier` orders the hardware.
     compiler_fence(Ordering::SeqCst);
@@ -221,13 +229,21 @@ pub(crate) fn record(tracker: usize, first: u64, end: u64) -> Option<&'static Sl
 }
 
 impl Slot {
+    /// The dirty log address recorded with the hold (0: none).
+    #[inline]
+    pub(crate) fn dirty(&self) -> usize {
+        self.dirty.load(Ordering::Relaxed)
+    }
+
     /// One more slice shares the slot (owning thread only).
+    #[inline]
     pub(crate) fn share(&self) {
         let n = self.shares.load(Ordering::Relaxed);
         self.shares.store(n.saturating_add(1), Ordering::Relaxed);
     }
 
     /// One slice sharing the slot is gone; the last one frees it (owning thread only).
+    #[inline]
     pub(crate) fn unshare(&self) {
         let n = self.shares.load(Ordering::Relaxed);
         if n > 1 {

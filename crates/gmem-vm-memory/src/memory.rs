@@ -12,7 +12,7 @@ use vm_memory::{
     GuestRegionCollection, GuestUsize, Permissions, VolatileSlice,
 };
 
-use crate::bitmap::{DirtyLog, GmemSlice, Hold};
+use crate::bitmap::{DirtyLog, GmemSlice, PinRec};
 use crate::layout::{HoldMode, LayoutError, RegionSpec};
 use crate::tracker::{Denied, Tracker};
 
@@ -160,6 +160,10 @@ impl RefusalLog {
 enum Access {
     Tracked {
         tracker: Arc<Tracker>,
+        /// Start of `view`, kept so the device's path makes no call for it.
+        base: usize,
+        /// The host view slices point into; kept mapped while the region lives.
+        #[allow(dead_code)]
         view: HostView,
     },
     Pinned,
@@ -190,7 +194,12 @@ impl Region {
                     .file
                     .map(spec.offset, spec.len)
                     .map_err(|source| LayoutError::Map { gpa, source })?;
-                Access::Tracked { tracker, view }
+                let base = view.as_ptr() as usize;
+                Access::Tracked {
+                    tracker,
+                    base,
+                    view,
+                }
             }
         };
         let len = usize::try_from(spec.len).map_err(|_| LayoutError::TooLarge { gpa })?;
@@ -210,29 +219,19 @@ impl Region {
     }
 
     /// A slice of `len` bytes at `gpa` (inside this region), holding its pages.
-    #[inline]
+    ///
+    /// The work is in [`Region::hold_raw`], out of line and returning two registers, so that
+    /// vm-memory's generic code around `get_slices` stays small enough to be inlined and keeps
+    /// slices in registers (moving them through the stack cost 3x here).
+    #[inline(always)]
     fn slice(&self, gpa: u64, len: usize) -> Result<VolatileSlice<'_, GmemSlice<'_>>, Refusal> {
-        let rel = gpa - self.gpa;
-        let off = self.offset + rel;
-        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
-        let (first, end) = (off / PAGE_SIZE, (off + len64).div_ceil(PAGE_SIZE));
-        let to_gpa = |file_off: u64| self.gpa + (file_off - self.offset).max(rel);
-        let rel_usize = usize::try_from(rel).unwrap_or(usize::MAX);
-        let (ptr, hold) = match &self.access {
-            Access::Tracked { tracker, view } => match tracker.hold(first, end) {
-                Ok(Some(slot)) => (view.as_ptr().wrapping_add(rel_usize), Hold::Slot(slot)),
-                Ok(None) => self.pin(off, len64, gpa)?,
-                Err(Denied::Private(p)) => return Err(Refusal::Private { gpa: to_gpa(p) }),
-                Err(Denied::Converting(p)) => return Err(Refusal::Converting { gpa: to_gpa(p) }),
-                Err(Denied::Poisoned(p)) => return Err(Refusal::Poisoned { gpa: to_gpa(p) }),
-            },
-            Access::Pinned => self.pin(off, len64, gpa)?,
-        };
-        let bitmap = GmemSlice {
-            hold,
-            dirty: self.dirty.as_ref(),
-            base: rel_usize,
-        };
+        let mut why = None;
+        let (ptr, word) = self.hold_raw(gpa, len, &mut why);
+        if word == 0 {
+            return Err(why.unwrap_or(Refusal::Converting { gpa }));
+        }
+        let base = usize::try_from(gpa - self.gpa).unwrap_or(usize::MAX);
+        let bitmap = GmemSlice::from_word(word, base);
         // SAFETY: `ptr` is the host address of `len` bytes of shared guest memory: either the
         // host view of this region (mapped for the region's whole length, which contains
         // `[rel, rel + len)`), whose pages stay shared and mapped while the hold in `bitmap`
@@ -240,10 +239,41 @@ impl Region {
         // these bytes, valid while the pin (kept in `bitmap`) lives. Every sub-slice or clone
         // shares that hold, and none outlives `'_`, the borrow of this region. The guest may
         // write the memory concurrently, which is what volatile access is for.
-        Ok(unsafe { VolatileSlice::with_bitmap(ptr, len, bitmap, None) })
+        Ok(unsafe { VolatileSlice::with_bitmap(ptr as *mut u8, len, bitmap, None) })
     }
 
-    fn pin(&self, off: u64, len: u64, gpa: u64) -> Result<(*mut u8, Hold), Refusal> {
+    /// Holds `[gpa, gpa + len)`: returns the host address and the bitmap slice's word, or a
+    /// zero word with the reason in `why`.
+    #[inline(never)]
+    fn hold_raw(&self, gpa: u64, len: usize, why: &mut Option<Refusal>) -> (usize, usize) {
+        let rel = gpa - self.gpa;
+        let off = self.offset + rel;
+        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
+        let (first, end) = (off / PAGE_SIZE, (off + len64).div_ceil(PAGE_SIZE));
+        let rel_usize = usize::try_from(rel).unwrap_or(usize::MAX);
+        let dirty = self
+            .dirty
+            .as_ref()
+            .map_or(0, |d| std::ptr::from_ref(d) as usize);
+        let res = match &self.access {
+            Access::Tracked { tracker, base, .. } => match tracker.hold(first, end, dirty) {
+                Ok(Some(slot)) => Ok((base + rel_usize, GmemSlice::slot_word(slot))),
+                Ok(None) => self.pin(off, len64, gpa),
+                Err(d) => Err(denied(d, |p| self.gpa + (p - self.offset).max(rel))),
+            },
+            Access::Pinned => self.pin(off, len64, gpa),
+        };
+        match res {
+            Ok(pair) => pair,
+            Err(r) => {
+                *why = Some(r);
+                (0, 0)
+            }
+        }
+    }
+
+    #[cold]
+    fn pin(&self, off: u64, len: u64, gpa: u64) -> Result<(usize, usize), Refusal> {
         let to_gpa = |o: u64| self.gpa + (o - self.offset);
         match self.file.pin(off, len) {
             Ok(pin) => {
@@ -251,7 +281,11 @@ impl Region {
                 if ptr.is_null() {
                     return Err(Refusal::NoHostMapping { gpa });
                 }
-                Ok((ptr, Hold::Pin(Rc::new(pin))))
+                let rec = PinRec {
+                    pin,
+                    dirty: self.dirty.as_ref().map(std::ptr::NonNull::from),
+                };
+                Ok((ptr as usize, GmemSlice::pin_word(Rc::new(rec))))
             }
             Err(AccessError::Private { offset }) => Err(Refusal::Private {
                 gpa: to_gpa(offset),
@@ -294,6 +328,15 @@ impl Region {
                 Ok(())
             }
         }
+    }
+}
+
+#[cold]
+fn denied(d: Denied, to_gpa: impl Fn(u64) -> u64) -> Refusal {
+    match d {
+        Denied::Private(p) => Refusal::Private { gpa: to_gpa(p) },
+        Denied::Converting(p) => Refusal::Converting { gpa: to_gpa(p) },
+        Denied::Poisoned(p) => Refusal::Poisoned { gpa: to_gpa(p) },
     }
 }
 
@@ -473,7 +516,7 @@ impl GmemMemory {
         })
     }
 
-    #[inline]
+    #[inline(always)]
     fn find(&self, gpa: u64) -> Option<&Region> {
         if let [only] = self.regions.as_slice() {
             return only.contains(gpa).then_some(&**only);
@@ -514,18 +557,14 @@ pub struct GmemSlices<'a> {
 impl<'a> Iterator for GmemSlices<'a> {
     type Item = Result<VolatileSlice<'a, GmemSlice<'a>>, GuestMemoryError>;
 
-    #[inline]
+    #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         if self.count == 0 {
             return None;
         }
-        let (addr, mem) = (self.addr, self.mem);
-        let fail = |this: &mut Self, r: Refusal| {
-            this.count = 0;
-            Some(Err(mem.refuse(r, this.start, this.total, this.access)))
-        };
-        let Some(region) = mem.find(addr) else {
-            return fail(self, Refusal::Hole { gpa: addr });
+        let addr = self.addr;
+        let Some(region) = self.mem.find(addr) else {
+            return Some(Err(self.fail(Refusal::Hole { gpa: addr })));
         };
         let left = region.gpa + region.len - addr;
         let len = usize::try_from(left).map_or(self.count, |l| l.min(self.count));
@@ -535,8 +574,17 @@ impl<'a> Iterator for GmemSlices<'a> {
                 self.addr = addr.wrapping_add(u64::try_from(len).unwrap_or(0));
                 Some(Ok(s))
             }
-            Err(r) => fail(self, r),
+            Err(r) => Some(Err(self.fail(r))),
         }
+    }
+}
+
+impl GmemSlices<'_> {
+    #[cold]
+    #[inline(never)]
+    fn fail(&mut self, r: Refusal) -> GuestMemoryError {
+        self.count = 0;
+        self.mem.refuse(r, self.start, self.total, self.access)
     }
 }
 

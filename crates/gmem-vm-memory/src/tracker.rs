@@ -165,9 +165,14 @@ impl Tracker {
 
     /// Holds file pages `[first, end)` for the calling thread. `Ok(None)`: the slot path
     /// cannot carry this hold; take a gmem pin instead.
-    #[inline]
-    pub fn hold(&self, first: u64, end: u64) -> Result<Option<&'static Slot>, Denied> {
-        let Some(slot) = hold::record(self.core.key(), first, end) else {
+    #[inline(always)]
+    pub fn hold(
+        &self,
+        first: u64,
+        end: u64,
+        dirty: usize,
+    ) -> Result<Option<&'static Slot>, Denied> {
+        let Some(slot) = hold::record(self.core.key(), first, end, dirty) else {
             return Ok(None);
         };
         let (a, b) = (
