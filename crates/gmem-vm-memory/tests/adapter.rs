@@ -7,6 +7,7 @@ use gmem_vm_memory::{GmemAddressSpace, GmemMemory, HoldMode, LayoutError, Refusa
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, Permissions, VolatileSlice};
 
 const P: u64 = 4096;
+const PU: usize = 4096;
 
 fn file(pages: u64) -> GuestMemfd {
     GuestMemfd::builder(pages * P)
@@ -268,8 +269,8 @@ fn a_held_slice_makes_conversion_fail_with_eagain_until_dropped() {
 #[test]
 fn sub_slices_and_clones_keep_the_hold() {
     let (f, mem) = ram(0, 4);
-    let parent = slices(&mem, P, 2 * P as usize, Permissions::Read).remove(0);
-    let sub = parent.subslice(P as usize, 16).expect("subslice");
+    let parent = slices(&mem, P, 2 * PU, Permissions::Read).remove(0);
+    let sub = parent.subslice(PU, 16).expect("subslice");
     let off = parent.offset(8).expect("offset");
     drop(parent);
     assert_eq!(
@@ -509,8 +510,8 @@ fn dirty_pages_written_by_devices_are_tracked() {
     )
     .expect("store");
     // Writes through a sub-slice of a long slice land on the right page.
-    let s = slices(&mem, 0x10_6000, 2 * P as usize, Permissions::Write).remove(0);
-    s.subslice(P as usize + 3, 4)
+    let s = slices(&mem, 0x10_6000, 2 * PU, Permissions::Write).remove(0);
+    s.subslice(PU + 3, 4)
         .expect("sub")
         .write_obj(3u32, 0)
         .expect("write");

@@ -59,13 +59,14 @@ impl Layout {
 }
 
 type WriteFn<'a> = Box<dyn Fn(u64, &[u8]) + 'a>;
+type ReadFn<'a> = Box<dyn Fn(u64, &mut [u8]) + 'a>;
 
 /// The driver: writes descriptors and the available ring, reads the used ring.
 pub struct Driver<'a> {
     /// The queue's layout.
     pub layout: Layout,
     write: WriteFn<'a>,
-    read: Option<Box<dyn Fn(u64, &mut [u8]) + 'a>>,
+    read: Option<ReadFn<'a>>,
 }
 
 impl<'a> Driver<'a> {
