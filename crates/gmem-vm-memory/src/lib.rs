@@ -44,7 +44,7 @@
 //! [`hold`](crate::hold). How regions are validated: [`LayoutError`]. Address spaces whose
 //! regions change: [`GmemAddressSpace`]. Backends in other processes attach with
 //! [`gmem::GuestMemfd::attach`] and build their memory from [`RegionSpec::follower`]
-//! regions.
+//! regions ([`vhost_user`] has the vhost-user side).
 #![deny(missing_docs)]
 
 mod bitmap;
@@ -53,6 +53,7 @@ mod layout;
 mod memory;
 mod space;
 mod tracker;
+pub mod vhost_user;
 
 pub use bitmap::{DirtyLog, GmemSlice, DIRTY_PAGE};
 pub use layout::{HoldMode, LayoutError, RegionSpec};

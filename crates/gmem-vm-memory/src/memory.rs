@@ -476,6 +476,14 @@ impl GmemMemory {
             .collect()
     }
 
+    /// The regions with their files, as `(gpa, len, file offset, file)`, in address order.
+    pub fn region_files(&self) -> Vec<(u64, u64, u64, &GuestMemfd)> {
+        self.regions
+            .iter()
+            .map(|r| (r.gpa, r.len, r.offset, &r.file))
+            .collect()
+    }
+
     /// The hold mode of the region containing `gpa`.
     pub fn hold_mode(&self, gpa: u64) -> Option<HoldMode> {
         self.find(gpa).map(|r| match r.access {
