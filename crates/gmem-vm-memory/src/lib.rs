@@ -41,7 +41,7 @@
 //! ```
 //!
 //! How holds work without costing the device an atomic operation per access:
-//! [`hold`](crate::hold). How regions are validated: [`LayoutError`]. Address spaces whose
+//! [`hold`]. How regions are validated: [`LayoutError`]. Address spaces whose
 //! regions change: [`GmemAddressSpace`]. Backends in other processes attach with
 //! [`gmem::GuestMemfd::attach`] and build their memory from [`RegionSpec::follower`]
 //! regions ([`vhost_user`] has the vhost-user side).

@@ -316,13 +316,20 @@ impl Region {
                 })
             }
             Access::Pinned => {
+                // One lookup per run, not per page: a hostile length costs the runs it spans.
+                let runs = self
+                    .file
+                    .runs(first * PAGE_SIZE, (end - first) * PAGE_SIZE)
+                    .map_err(|_| Refusal::NoHostMapping { gpa })?;
+                if let Some(run) = runs.iter().find(|r| r.attr != gmem::Attr::Shared) {
+                    return Err(Refusal::Private {
+                        gpa: to_gpa(run.offset),
+                    });
+                }
                 for p in first..end {
                     let o = p * PAGE_SIZE;
                     if self.file.is_poisoned(o) {
                         return Err(Refusal::Poisoned { gpa: to_gpa(o) });
-                    }
-                    if self.file.attr(o).map_or(true, |a| a != gmem::Attr::Shared) {
-                        return Err(Refusal::Private { gpa: to_gpa(o) });
                     }
                 }
                 Ok(())
