@@ -168,7 +168,8 @@ pub struct RegionSpec {
     /// Length in bytes (page aligned, non-zero).
     pub len: u64,
     /// How slices hold pages; `None` chooses: [`HoldMode::Pinned`] for HugeTLB,
-    /// [`HoldMode::Tracked`] otherwise. Set [`HoldMode::Pinned`] for a follower.
+    /// [`HoldMode::Tracked`] otherwise. A follower is always [`HoldMode::Pinned`], whatever
+    /// is asked (its conversions reach no listener in this process).
     pub hold: Option<HoldMode>,
 }
 

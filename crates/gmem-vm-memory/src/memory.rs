@@ -187,6 +187,9 @@ impl Region {
         let access = match spec.hold_mode() {
             HoldMode::Pinned => Access::Pinned,
             HoldMode::Tracked if !crate::hold::fast_path_available() => Access::Pinned,
+            // A follower's conversions come from its owner and reach no listener here: its
+            // page states would never change in the tracker. Pins are what its agent checks.
+            HoldMode::Tracked if !owns(&spec.file) => Access::Pinned,
             HoldMode::Tracked => {
                 let tracker = Tracker::for_file(&spec.file, id)
                     .map_err(|source| LayoutError::File { gpa, source })?;
@@ -344,6 +347,18 @@ fn denied(d: Denied, to_gpa: impl Fn(u64) -> u64) -> Refusal {
         Denied::Private(p) => Refusal::Private { gpa: to_gpa(p) },
         Denied::Converting(p) => Refusal::Converting { gpa: to_gpa(p) },
         Denied::Poisoned(p) => Refusal::Poisoned { gpa: to_gpa(p) },
+    }
+}
+
+/// True when this process owns `file` (conversions are made here and heard by listeners).
+///
+/// gmem has no query for it; a conversion of page 0 to the state it is already in is one
+/// that changes nothing on the owner (it returns before any listener or view is involved) and
+/// fails with `EPERM` on a follower.
+fn owns(file: &GuestMemfd) -> bool {
+    match file.attr(0) {
+        Ok(attr) => file.convert(0, PAGE_SIZE, attr).is_ok(),
+        Err(_) => false,
     }
 }
 

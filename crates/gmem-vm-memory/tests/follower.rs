@@ -123,3 +123,35 @@ fn follower_backend_gets_the_same_guest_memory() {
     child.send("exit");
     child.finish();
 }
+
+/// A follower region asked to be tracked is pinned anyway: a tracked follower would never
+/// hear of the owner's conversions.
+#[test]
+fn follower_regions_are_always_pinned() {
+    if let Some(mut side) = child_side() {
+        let file = GuestMemfd::attach(side.peer).expect("attach");
+        let mem =
+            GmemMemory::new([RegionSpec::new(0, file.clone(), 0, file.size())]).expect("memory");
+        side.ctl.send(&format!("{:?}", mem.hold_mode(0)));
+        assert_eq!(side.ctl.recv(), "converted");
+        let r = mem
+            .read_obj::<u64>(GuestAddress(P))
+            .expect_err("private now");
+        side.ctl.send(&format!("{:?}", Refusal::of(&r)));
+        return;
+    }
+    let mem = GuestMemfd::create(4 * P, Flags::MMAP | Flags::INIT_SHARED).expect("create");
+    let mut child = ChildProcess::spawn(
+        "follower_regions_are_always_pinned",
+        "backend",
+        mem.share_with_process().expect("share"),
+    );
+    assert_eq!(child.recv(), "Some(Pinned)");
+    mem.convert(P, P, Attr::Private).expect("to private");
+    child.send("converted");
+    assert_eq!(
+        child.recv(),
+        format!("{:?}", Some(Refusal::Private { gpa: P }))
+    );
+    child.finish();
+}
