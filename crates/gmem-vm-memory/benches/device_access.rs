@@ -196,8 +196,31 @@ fn conversion_cost(rounds: usize) {
     );
 }
 
+/// Two address sets per file: "hot", 512 addresses on 64 pages spread over the file, on
+/// distinct cache lines (a device's rings and descriptors: in cache, TLB-resident); "cold",
+/// 4096 addresses on 4096 pages spread over the file (every access misses the caches).
+/// `shared_page` maps a page number to a shared page near it.
+fn sets(size: u64, shared_page: &dyn Fn(u64) -> u64) -> (Vec<u64>, Vec<u64>) {
+    let pages = size / 4096;
+    let hot: Vec<u64> = (0..512u64)
+        .map(|i| shared_page((i / 8) * (pages / 64)) * 4096 + ((i * 7) % 64) * 64)
+        .collect();
+    let cold: Vec<u64> = (0..4096u64)
+        .map(|i| shared_page((i * 2_654_435_761) % pages) * 4096 + (i % 64) * 8)
+        .collect();
+    (hot, cold)
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "quick");
+    // Optional filters: `p10-hot`, `p10-cold`, `p10-1m`, `p11`, `conv` (default: all).
+    let only: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with('-') && *a != "quick" && *a != "--bench")
+        .collect();
+    let want = |what: &str| only.is_empty() || only.contains(&what);
     let (n, rounds) = if quick {
         (2_000_000, 3)
     } else {
@@ -207,20 +230,6 @@ fn main() {
         "gmem-vm-memory device access; slot path (membarrier): {}",
         gmem_vm_memory::hold::fast_path_available()
     );
-    // Two address sets per file: "hot", 512 addresses on 64 pages spread over the file, on
-    // distinct cache lines (a device's rings and descriptors: in cache, TLB-resident); "cold", 4096 addresses on
-    // 4096 pages spread over the file (every access misses the caches).
-    let sets = |size: u64, shared_page: &dyn Fn(u64) -> u64| {
-        let pages = size / 4096;
-        let hot: Vec<u64> = (0..512u64)
-            .map(|i| shared_page((i / 8) * (pages / 64)) * 4096 + ((i * 7) % 64) * 64)
-            .collect();
-        let cold: Vec<u64> = (0..4096u64)
-            .map(|i| shared_page((i * 2_654_435_761) % pages) * 4096 + (i % 64) * 8)
-            .collect();
-        (hot, cold)
-    };
-
     // 1 run: 64 MiB, all shared.
     let one = GuestMemfd::builder(64 << 20)
         .flags(Flags::MMAP | Flags::INIT_SHARED)
@@ -230,11 +239,27 @@ fn main() {
     for &a in hot.iter().chain(&cold) {
         one.write_at(a & !4095, &[1]).expect("populate");
     }
-    p10("1 run, hot", &one, &hot, n, rounds);
-    p10("1 run, cold", &one, &cold, n / 4, rounds);
+    if want("p10-hot") {
+        p10("1 run, hot", &one, &hot, n, rounds);
+    }
+    if want("p10-cold") {
+        p10("1 run, cold", &one, &cold, n / 4, rounds);
+    }
     drop(one);
 
-    // 1,048,576 runs: 4 GiB (sparse), every odd page private; reads on even pages.
+    if want("p10-1m") {
+        p10_1m(n, rounds);
+    }
+    if want("p11") {
+        p11(rounds, if quick { 200 } else { 1000 });
+    }
+    if want("conv") {
+        conversion_cost(rounds);
+    }
+}
+
+/// P10 on 1,048,576 runs: 4 GiB (sparse), every odd page private; reads on even pages.
+fn p10_1m(n: u64, rounds: usize) {
     let pages: u64 = 1 << 20;
     let big = GuestMemfd::builder(pages * 4096)
         .flags(Flags::MMAP | Flags::INIT_SHARED)
@@ -255,8 +280,4 @@ fn main() {
     }
     p10("1M runs, hot", &big, &hot, n, rounds);
     p10("1M runs, cold", &big, &cold, n / 4, rounds);
-    drop(big);
-
-    p11(rounds, if quick { 200 } else { 1000 });
-    conversion_cost(rounds);
 }
