@@ -1,56 +1,61 @@
-//! One conversion listener per guest memory file: the adapter's view of each page's state, and
+//! One device listener per guest memory file: the adapter's view of each page's state, and
 //! the veto that keeps held pages shared.
 //!
-//! The listener keeps one byte per page of the file: *shared* (set when a conversion to shared
-//! has committed, that is after gmem restored every host view) and *converting* (set in
-//! `prepare` of a conversion to private, cleared by its commit or abort). A device's hold
-//! ([`crate::hold`]) is granted only on pages that are shared and not converting, so the
-//! host view the slice points into always maps them; `prepare` vetoes (`EAGAIN`, naming the
-//! first held page) when a hold exists. The state is read once at registration under the
-//! same lock the commits take, so a conversion racing the registration is never lost.
+//! The listener ([`gmem::DeviceListener`]) keeps one byte per page of the file: *shared* (set
+//! when a conversion to shared has committed, that is after gmem restored every host view),
+//! *converting* (set in `prepare` of a conversion to private, cleared by its commit or abort)
+//! and *poisoned* (set when gmem reports a memory failure, cleared when a punch-hole gives the
+//! page fresh memory). A device's hold ([`crate::hold`]) is granted only on pages that are
+//! exactly *shared* (not converting, not poisoned), so the host view the slice points into
+//! maps them; `prepare` vetoes (`EAGAIN`, naming the first held page) when a hold exists. The
+//! state starts from the snapshot gmem takes when it registers the listener, replayed under
+//! the same lock the commits take, so no conversion or poison is lost or applied twice.
+//!
+//! A page poisoned while a device holds it faults in the host view (gmem's marker), as a
+//! touch of a failed page does; the adapter refuses new holds on it from the moment gmem
+//! tells its listeners, just after the marker is in place.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 use gmem::{
-    Attr, Conversion, ConversionListener, Errno, FileId, GuestMemfd, ListenerId, Veto, PAGE_SIZE,
+    Attr, Conversion, ConversionListener, DeviceListener, DeviceListenerId, Errno, FileId,
+    GuestMemfd, Veto, PAGE_SIZE,
 };
 
 use crate::hold::{self, Slot};
 
 const SHARED: u8 = 1;
 const CONVERTING: u8 = 2;
+const POISONED: u8 = 4;
 
 /// The listener: page states of one file.
 #[derive(Debug)]
 pub(crate) struct Core {
     state: Box<[AtomicU8]>,
-    commits: Mutex<()>,
+    /// Taken by every change but `prepare`/`abort` (which only flip `CONVERTING`), and across
+    /// the registration and the replay of its snapshot.
+    changes: Mutex<()>,
 }
 
 impl Core {
     fn lock(&self) -> MutexGuard<'_, ()> {
-        self.commits.lock().unwrap_or_else(|e| e.into_inner())
+        self.changes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn pages(&self, conv: &Conversion) -> std::ops::Range<usize> {
+    /// The states of the pages of `[offset, offset + len)`, clipped to the file.
+    fn pages(&self, offset: u64, len: u64) -> &[AtomicU8] {
         let n = self.state.len();
-        let first = usize::try_from(conv.offset / PAGE_SIZE).unwrap_or(n).min(n);
-        let end = usize::try_from(conv.offset.saturating_add(conv.len).div_ceil(PAGE_SIZE))
+        let first = usize::try_from(offset / PAGE_SIZE).unwrap_or(n).min(n);
+        let end = usize::try_from(offset.saturating_add(len).div_ceil(PAGE_SIZE))
             .unwrap_or(n)
-            .min(n);
-        first..end
+            .clamp(first, n);
+        &self.state[first..end]
     }
 
     fn key(&self) -> usize {
         std::ptr::from_ref(self) as usize
-    }
-
-    fn clear_converting(&self, pages: std::ops::Range<usize>) {
-        for s in &self.state[pages] {
-            s.fetch_and(!CONVERTING, Ordering::Relaxed);
-        }
     }
 }
 
@@ -59,13 +64,18 @@ impl ConversionListener for Core {
         if conv.to == Attr::Shared {
             return Ok(());
         }
-        let pages = self.pages(conv);
-        for s in &self.state[pages.clone()] {
+        let pages = self.pages(conv.offset, conv.len);
+        for s in pages {
             s.fetch_or(CONVERTING, Ordering::Relaxed);
         }
-        let (first, end) = (to_u64(pages.start), to_u64(pages.end));
+        // After the marks, the barrier on every thread, then the scan: either a device's
+        // slot is seen here, or the device sees the mark (see `crate::hold`).
+        let first = conv.offset / PAGE_SIZE;
+        let end = first + to_u64(pages.len());
         if let Some(p) = hold::first_held(self.key(), first, end) {
-            self.clear_converting(pages);
+            for s in pages {
+                s.fetch_and(!CONVERTING, Ordering::Relaxed);
+            }
             return Err(Veto {
                 offset: p * PAGE_SIZE,
                 reason: "a device holds the page through a vm-memory slice".into(),
@@ -76,16 +86,35 @@ impl ConversionListener for Core {
 
     fn commit(&self, conv: &Conversion) {
         let _g = self.lock();
-        let pages = self.pages(conv);
-        let v = if conv.to == Attr::Shared { SHARED } else { 0 };
-        for s in &self.state[pages] {
-            s.store(v, Ordering::Release);
+        for s in self.pages(conv.offset, conv.len) {
+            match conv.to {
+                Attr::Shared => s.fetch_or(SHARED, Ordering::Release),
+                Attr::Private => s.fetch_and(!(SHARED | CONVERTING), Ordering::Release),
+            };
         }
     }
 
     fn abort(&self, conv: &Conversion) {
         if conv.to == Attr::Private {
-            self.clear_converting(self.pages(conv));
+            for s in self.pages(conv.offset, conv.len) {
+                s.fetch_and(!CONVERTING, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl DeviceListener for Core {
+    fn poisoned(&self, offset: u64) {
+        let _g = self.lock();
+        for s in self.pages(offset, PAGE_SIZE) {
+            s.fetch_or(POISONED, Ordering::Release);
+        }
+    }
+
+    fn unpoisoned(&self, offset: u64, len: u64) {
+        let _g = self.lock();
+        for s in self.pages(offset, len) {
+            s.fetch_and(!POISONED, Ordering::Release);
         }
     }
 }
@@ -102,12 +131,26 @@ pub(crate) enum Denied {
     Poisoned(u64),
 }
 
+impl Denied {
+    /// Why the page at byte offset `page`, in state `v` (not exactly `SHARED`), is refused.
+    #[cold]
+    fn of(v: u8, page: u64) -> Denied {
+        if v & POISONED != 0 {
+            Denied::Poisoned(page)
+        } else if v & CONVERTING != 0 {
+            Denied::Converting(page)
+        } else {
+            Denied::Private(page)
+        }
+    }
+}
+
 /// A registered listener; dropping the last reference unregisters it.
 #[derive(Debug)]
 pub(crate) struct Tracker {
     core: Arc<Core>,
     file: GuestMemfd,
-    id: ListenerId,
+    id: DeviceListenerId,
     key: FileId,
 }
 
@@ -119,7 +162,7 @@ fn trackers() -> MutexGuard<'static, HashMap<FileId, Weak<Tracker>>> {
 }
 
 impl Tracker {
-    /// The tracker of `file`, registering one if there is none.
+    /// The tracker of `file` (the owner's handle), registering one if there is none.
     pub fn for_file(file: &GuestMemfd, key: FileId) -> std::io::Result<Arc<Tracker>> {
         let mut map = trackers();
         if let Some(t) = map.get(&key).and_then(Weak::upgrade) {
@@ -129,32 +172,30 @@ impl Tracker {
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
         let core = Arc::new(Core {
             state: (0..pages).map(|_| AtomicU8::new(0)).collect(),
-            commits: Mutex::new(()),
+            changes: Mutex::new(()),
         });
-        let g = core.lock();
-        let id = file.add_listener(core.clone());
-        // Registered: every conversion from here on is heard. Read the state under the commit
-        // lock, keeping `CONVERTING` bits a prepare may already have set.
-        let runs = match file.runs(0, file.size()) {
-            Ok(r) => r,
-            Err(e) => {
-                drop(g);
-                file.remove_listener(id);
-                return Err(std::io::Error::from_raw_os_error(e.errno()));
-            }
-        };
-        for run in runs {
-            let first = usize::try_from(run.offset / PAGE_SIZE).unwrap_or(pages);
-            let end = usize::try_from((run.offset + run.len) / PAGE_SIZE).unwrap_or(pages);
-            for s in &core.state[first.min(pages)..end.min(pages)] {
-                if run.attr == Attr::Shared {
-                    s.fetch_or(SHARED, Ordering::Release);
-                } else {
-                    s.fetch_and(!SHARED, Ordering::Release);
+        let id = {
+            // Held across the registration and the replay: every change gmem tells after its
+            // snapshot waits for the replay, and lands on top of it.
+            let _g = core.lock();
+            let (id, snap) = file
+                .add_device_listener(core.clone())
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            for run in &snap.runs {
+                let bit = if run.attr == Attr::Shared { SHARED } else { 0 };
+                for s in core.pages(run.offset, run.len) {
+                    // `CONVERTING` may already be set by a `prepare` since the snapshot.
+                    let keep = s.load(Ordering::Relaxed) & CONVERTING;
+                    s.store(keep | bit, Ordering::Release);
                 }
             }
-        }
-        drop(g);
+            for &p in &snap.poisoned {
+                for s in core.pages(p, PAGE_SIZE) {
+                    s.fetch_or(POISONED, Ordering::Release);
+                }
+            }
+            id
+        };
         let t = Arc::new(Tracker {
             core,
             file: file.clone(),
@@ -189,25 +230,14 @@ impl Tracker {
             let v = s.load(Ordering::Acquire);
             if v != SHARED {
                 slot.unshare();
-                let page = (first + to_u64(i)) * PAGE_SIZE;
-                return Err(if v & CONVERTING != 0 {
-                    Denied::Converting(page)
-                } else {
-                    Denied::Private(page)
-                });
-            }
-        }
-        for p in first..end {
-            if self.file.is_poisoned(p * PAGE_SIZE) {
-                slot.unshare();
-                return Err(Denied::Poisoned(p * PAGE_SIZE));
+                return Err(Denied::of(v, (first + to_u64(i)) * PAGE_SIZE));
             }
         }
         Ok(Some(slot))
     }
 
-    /// True when every page of `[first, end)` is shared, not converting and not poisoned
-    /// (no hold taken).
+    /// Whether every page of `[first, end)` is shared, not converting and not poisoned (no
+    /// hold taken).
     pub fn accessible(&self, first: u64, end: u64) -> Result<(), Denied> {
         for p in first..end {
             let v = usize::try_from(p)
@@ -215,14 +245,7 @@ impl Tracker {
                 .and_then(|i| self.core.state.get(i))
                 .map_or(0, |s| s.load(Ordering::Acquire));
             if v != SHARED {
-                return Err(if v & CONVERTING != 0 {
-                    Denied::Converting(p * PAGE_SIZE)
-                } else {
-                    Denied::Private(p * PAGE_SIZE)
-                });
-            }
-            if self.file.is_poisoned(p * PAGE_SIZE) {
-                return Err(Denied::Poisoned(p * PAGE_SIZE));
+                return Err(Denied::of(v, p * PAGE_SIZE));
             }
         }
         Ok(())
@@ -231,7 +254,7 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        self.file.remove_listener(self.id);
+        self.file.remove_device_listener(self.id);
         let mut map = trackers();
         if map.get(&self.key).is_some_and(|w| w.strong_count() == 0) {
             map.remove(&self.key);
