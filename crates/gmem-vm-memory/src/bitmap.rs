@@ -223,57 +223,48 @@ impl fmt::Debug for GmemSlice<'_> {
 impl Clone for GmemSlice<'_> {
     #[inline(always)]
     fn clone(&self) -> Self {
-        if self.word & TAG_MASK != TAG_NONE {
-            share(self.word);
+        match self.word & TAG_MASK {
+            TAG_SLOT => {
+                // SAFETY: a slot tag carries the address of a leaked, never-freed slot.
+                let slot = unsafe { &*(self.addr() as *const Slot) };
+                slot.share();
+            }
+            TAG_PIN => share_pin(self.word),
+            _ => {}
         }
         Self::tagged(self.word, self.base)
     }
 }
 
-/// One more slice shares the hold of `word`. Out of line so that the generic code around
-/// slices stays small.
+/// One more slice shares the gmem pin of `word`. Out of line: the pin path is the slow one.
+#[cold]
 #[inline(never)]
-fn share(word: usize) {
-    let addr = word & !TAG_MASK;
-    match word & TAG_MASK {
-        TAG_SLOT => {
-            // SAFETY: a slot tag carries the address of a leaked, never-freed slot.
-            let slot = unsafe { &*(addr as *const Slot) };
-            slot.share();
-        }
-        TAG_PIN => {
-            // SAFETY: the record is alive (the slice being cloned holds a strong count) and
-            // was made by `Rc::into_raw`; the clone takes one more count, released by its drop.
-            unsafe { Rc::increment_strong_count(addr as *const PinRec) };
-        }
-        _ => {}
-    }
+fn share_pin(word: usize) {
+    // SAFETY: the record is alive (the slice being cloned holds a strong count) and was made
+    // by `Rc::into_raw`; the clone takes one more count, released by its drop.
+    unsafe { Rc::increment_strong_count((word & !TAG_MASK) as *const PinRec) };
 }
 
-/// A slice sharing the hold of `word` is gone.
+/// A slice sharing the gmem pin of `word` is gone.
+#[cold]
 #[inline(never)]
-fn unshare(word: usize) {
-    let addr = word & !TAG_MASK;
-    match word & TAG_MASK {
-        TAG_SLOT => {
-            // SAFETY: a slot tag carries the address of a leaked, never-freed slot.
-            let slot = unsafe { &*(addr as *const Slot) };
-            slot.unshare();
-        }
-        TAG_PIN => {
-            // SAFETY: the slice being dropped held one strong count of the record, made by
-            // `Rc::into_raw`; it is given back here, once.
-            unsafe { Rc::decrement_strong_count(addr as *const PinRec) };
-        }
-        _ => {}
-    }
+fn unshare_pin(word: usize) {
+    // SAFETY: the slice being dropped held one strong count of the record, made by
+    // `Rc::into_raw`; it is given back here, once.
+    unsafe { Rc::decrement_strong_count((word & !TAG_MASK) as *const PinRec) };
 }
 
 impl Drop for GmemSlice<'_> {
     #[inline(always)]
     fn drop(&mut self) {
-        if self.word & TAG_MASK != TAG_NONE && self.word & TAG_MASK != TAG_LOG {
-            unshare(self.word);
+        match self.word & TAG_MASK {
+            TAG_SLOT => {
+                // SAFETY: a slot tag carries the address of a leaked, never-freed slot.
+                let slot = unsafe { &*(self.addr() as *const Slot) };
+                slot.unshare();
+            }
+            TAG_PIN => unshare_pin(self.word),
+            _ => {}
         }
     }
 }

@@ -240,34 +240,10 @@ impl Region {
         gpa >= self.gpa && gpa - self.gpa < self.len
     }
 
-    /// A slice of `len` bytes at `gpa` (inside this region), holding its pages.
-    ///
-    /// The work is in [`Region::hold_raw`], out of line and returning two registers, so that
-    /// vm-memory's generic code around `get_slices` stays small enough to be inlined and keeps
-    /// slices in registers (moving them through the stack cost 3x here).
+    /// Holds `[gpa, gpa + len)` (inside this region): the host address of `gpa` and the word
+    /// of the bitmap slice that carries the hold (never 0).
     #[inline(always)]
-    fn slice(&self, gpa: u64, len: usize) -> Result<VolatileSlice<'_, GmemSlice<'_>>, Refusal> {
-        let mut why = None;
-        let (ptr, word) = self.hold_raw(gpa, len, &mut why);
-        if word == 0 {
-            return Err(why.unwrap_or(Refusal::Converting { gpa }));
-        }
-        let base = usize::try_from(gpa - self.gpa).unwrap_or(usize::MAX);
-        let bitmap = GmemSlice::from_word(word, base);
-        // SAFETY: `ptr` is the host address of `len` bytes of shared guest memory: either the
-        // host view of this region (mapped for the region's whole length, which contains
-        // `[rel, rel + len)`), whose pages stay shared and mapped while the hold in `bitmap`
-        // lives (conversions to private are vetoed), or the address of a gmem pin of exactly
-        // these bytes, valid while the pin (kept in `bitmap`) lives. Every sub-slice or clone
-        // shares that hold, and none outlives `'_`, the borrow of this region. The guest may
-        // write the memory concurrently, which is what volatile access is for.
-        Ok(unsafe { VolatileSlice::with_bitmap(ptr as *mut u8, len, bitmap, None) })
-    }
-
-    /// Holds `[gpa, gpa + len)`: returns the host address and the bitmap slice's word, or a
-    /// zero word with the reason in `why`.
-    #[inline(never)]
-    fn hold_raw(&self, gpa: u64, len: usize, why: &mut Option<Refusal>) -> (usize, usize) {
+    fn hold(&self, gpa: u64, len: usize) -> Result<(usize, usize), Refusal> {
         let rel = gpa - self.gpa;
         let off = self.offset + rel;
         let len64 = u64::try_from(len).unwrap_or(u64::MAX);
@@ -277,20 +253,13 @@ impl Region {
             .dirty
             .as_ref()
             .map_or(0, |d| std::ptr::from_ref(d) as usize);
-        let res = match &self.access {
+        match &self.access {
             Access::Tracked { tracker, base, .. } => match tracker.hold(first, end, dirty) {
                 Ok(Some(slot)) => Ok((base + rel_usize, GmemSlice::slot_word(slot))),
                 Ok(None) => self.pin(off, len64, gpa),
                 Err(d) => Err(denied(d, |p| self.gpa + (p - self.offset).max(rel))),
             },
             Access::Pinned => self.pin(off, len64, gpa),
-        };
-        match res {
-            Ok(pair) => pair,
-            Err(r) => {
-                *why = Some(r);
-                (0, 0)
-            }
         }
     }
 
@@ -567,32 +536,37 @@ impl GmemMemory {
         r.contains(gpa).then_some(&**r)
     }
 
-    fn refuse(
-        &self,
-        refusal: Refusal,
-        gpa: u64,
-        len: usize,
-        access: Permissions,
-    ) -> GuestMemoryError {
+    fn refuse(&self, refusal: Refusal, gpa: u64, len: usize, access: Permissions) {
         self.refusals.record(RefusalRecord {
             refusal,
             gpa,
             len,
             access,
         });
-        refusal.into_error()
     }
 }
 
 /// The slices of one request, made (and held) one at a time.
+///
+/// `next` is a small inline shell around one out-of-line function that finds the region and
+/// takes the hold, and takes the iterator's fields by value rather than the iterator by
+/// reference: the iterator then stays in registers, and vm-memory's generic code around
+/// `get_slices` (`stop_on_error`, `Peekable`, `try_fold`) small enough to be inlined into the
+/// device's code. (An iterator passed by reference to an out-of-line `next` is spilled and
+/// reloaded through every adapter; that cost twice the whole access here.)
 #[derive(Debug)]
 pub struct GmemSlices<'a> {
     mem: &'a GmemMemory,
-    start: u64,
     addr: u64,
     count: usize,
-    total: usize,
+    /// Bytes of the request made into slices so far.
+    done: usize,
     access: Permissions,
+}
+
+thread_local! {
+    /// Why the calling thread's last step refused (read at once by the same `next`).
+    static WHY: std::cell::Cell<Option<Refusal>> = const { std::cell::Cell::new(None) };
 }
 
 impl<'a> Iterator for GmemSlices<'a> {
@@ -603,30 +577,92 @@ impl<'a> Iterator for GmemSlices<'a> {
         if self.count == 0 {
             return None;
         }
-        let addr = self.addr;
-        let Some(region) = self.mem.find(addr) else {
-            return Some(Err(self.fail(Refusal::Hole { gpa: addr })));
-        };
-        let left = region.gpa + region.len - addr;
-        let len = usize::try_from(left).map_or(self.count, |l| l.min(self.count));
-        match region.slice(addr, len) {
-            Ok(s) => {
-                self.count -= len;
-                self.addr = addr.wrapping_add(u64::try_from(len).unwrap_or(0));
-                Some(Ok(s))
-            }
-            Err(r) => Some(Err(self.fail(r))),
+        let s = step(self.mem, self.addr, self.count, self.done, self.access);
+        if s.word == 0 {
+            self.count = 0;
+            return Some(Err(error(self.addr)));
+        }
+        self.count -= s.len;
+        self.done += s.len;
+        self.addr = self
+            .addr
+            .wrapping_add(u64::try_from(s.len).unwrap_or(u64::MAX));
+        let bitmap = GmemSlice::from_word(s.word, s.base);
+        // SAFETY: `step` returned the host address of `s.len` bytes of shared guest memory
+        // and the hold that keeps them so: either a host view of the region (mapped for the
+        // region's whole length), whose pages stay shared and mapped while the hold in
+        // `bitmap` lives (conversions to private are vetoed), or the device-view address of a
+        // gmem pin of exactly these bytes, valid while the pin (kept in `bitmap`) lives. Every
+        // sub-slice or clone shares that hold, and none outlives `'a`, the borrow of the
+        // memory. The guest may write the memory concurrently, which is what volatile access
+        // is for.
+        Some(Ok(unsafe {
+            VolatileSlice::with_bitmap(s.ptr as *mut u8, s.len, bitmap, None)
+        }))
+    }
+}
+
+/// What one step of [`GmemSlices`] made: a held slice, or (`word` 0) a refusal.
+struct Step {
+    /// Host address.
+    ptr: usize,
+    /// The bitmap slice's word: the hold (0: refused).
+    word: usize,
+    /// Length.
+    len: usize,
+    /// Offset in its region.
+    base: usize,
+}
+
+const REFUSED: Step = Step {
+    ptr: 0,
+    word: 0,
+    len: 0,
+    base: 0,
+};
+
+/// Makes the next slice of a request (at `addr`, `count` bytes left, `done` made): finds
+/// its region and holds its pages. A refusal is recorded and kept for [`error`].
+#[inline(never)]
+fn step(m: &GmemMemory, addr: u64, count: usize, done: usize, access: Permissions) -> Step {
+    let Some(region) = m.find(addr) else {
+        fail(m, Refusal::Hole { gpa: addr }, addr, count, done, access);
+        return REFUSED;
+    };
+    let left = region.gpa + region.len - addr;
+    let len = usize::try_from(left).map_or(count, |l| l.min(count));
+    match region.hold(addr, len) {
+        Ok((ptr, word)) => Step {
+            ptr,
+            word,
+            len,
+            base: usize::try_from(addr - region.gpa).unwrap_or(usize::MAX),
+        },
+        Err(r) => {
+            fail(m, r, addr, count, done, access);
+            REFUSED
         }
     }
 }
 
-impl GmemSlices<'_> {
-    #[cold]
-    #[inline(never)]
-    fn fail(&mut self, r: Refusal) -> GuestMemoryError {
-        self.count = 0;
-        self.mem.refuse(r, self.start, self.total, self.access)
-    }
+#[cold]
+#[inline(never)]
+fn fail(m: &GmemMemory, r: Refusal, addr: u64, count: usize, done: usize, access: Permissions) {
+    let start = addr.wrapping_sub(u64::try_from(done).unwrap_or(0));
+    let total = done.saturating_add(count);
+    let _ = WHY.try_with(|w| w.set(Some(r)));
+    m.refuse(r, start, total, access);
+}
+
+/// The error of the refusal [`step`] just made on this thread at `addr`.
+#[cold]
+#[inline(never)]
+fn error(addr: u64) -> GuestMemoryError {
+    WHY.try_with(std::cell::Cell::take)
+        .ok()
+        .flatten()
+        .unwrap_or(Refusal::Hole { gpa: addr })
+        .into_error()
 }
 
 impl FusedIterator for GmemSlices<'_> {}
@@ -652,21 +688,31 @@ impl GuestMemory for GmemMemory {
     ) -> Result<GmemSlices<'a>, GuestMemoryError> {
         let len = u64::try_from(count).unwrap_or(u64::MAX);
         if count > 0 && addr.0.checked_add(len - 1).is_none() {
-            let r = Refusal::Wraps { gpa: addr.0, len };
-            return Err(self.refuse(r, addr.0, count, access));
+            return Err(self.wraps(addr.0, count, access));
         }
         Ok(GmemSlices {
             mem: self,
-            start: addr.0,
             addr: addr.0,
             count,
-            total: count,
+            done: 0,
             access,
         })
     }
 }
 
 impl GmemMemory {
+    /// Refuses a request whose end wraps (out of line: the device's path stays small).
+    #[cold]
+    #[inline(never)]
+    fn wraps(&self, gpa: u64, count: usize, access: Permissions) -> GuestMemoryError {
+        let r = Refusal::Wraps {
+            gpa,
+            len: u64::try_from(count).unwrap_or(u64::MAX),
+        };
+        self.refuse(r, gpa, count, access);
+        r.into_error()
+    }
+
     /// Why `check_range` would be false for this request (nothing is held or recorded).
     pub fn check(&self, gpa: u64, count: usize, access: Permissions) -> Result<(), Refusal> {
         let _ = access;
