@@ -152,6 +152,13 @@ fn my_table() -> Option<&'static Table> {
     if let Ok(Some(t)) = TABLE.try_with(Cell::get) {
         return Some(t);
     }
+    first_table()
+}
+
+/// The calling thread's first hold: takes a table from the pool or makes one.
+#[cold]
+#[inline(never)]
+fn first_table() -> Option<&'static Table> {
     if !fast_path_available() {
         return None;
     }

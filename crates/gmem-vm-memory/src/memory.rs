@@ -14,7 +14,7 @@ use vm_memory::{
 
 use crate::bitmap::{DirtyLog, GmemSlice, PinRec};
 use crate::layout::{HoldMode, LayoutError, RegionSpec};
-use crate::tracker::{Denied, Tracker};
+use crate::tracker::{Denied, Fast, Tracker};
 
 /// Why the adapter refused device code an access. Every refusal is also recorded in the
 /// memory's [`RefusalLog`] (virtio-queue drops errors on some paths: an unreadable descriptor
@@ -179,6 +179,8 @@ impl RefusalLog {
 enum Access {
     Tracked {
         tracker: Arc<Tracker>,
+        /// The tracker as the device's path reads it (`tracker` keeps it valid).
+        fast: Fast,
         /// Start of `view`, kept so the device's path makes no call for it.
         base: usize,
         /// The host view slices point into; kept mapped while the region lives.
@@ -218,6 +220,7 @@ impl Region {
                     .map_err(|source| LayoutError::Map { gpa, source })?;
                 let base = view.as_ptr() as usize;
                 Access::Tracked {
+                    fast: tracker.fast(),
                     tracker,
                     base,
                     view,
@@ -254,7 +257,7 @@ impl Region {
             .as_ref()
             .map_or(0, |d| std::ptr::from_ref(d) as usize);
         match &self.access {
-            Access::Tracked { tracker, base, .. } => match tracker.hold(first, end, dirty) {
+            Access::Tracked { fast, base, .. } => match fast.hold(first, end, dirty) {
                 Ok(Some(slot)) => Ok((base + rel_usize, GmemSlice::slot_word(slot))),
                 Ok(None) => self.pin(off, len64, gpa),
                 Err(d) => Err(denied(d, |p| self.gpa + (p - self.offset).max(rel))),
@@ -264,6 +267,7 @@ impl Region {
     }
 
     #[cold]
+    #[inline(never)]
     fn pin(&self, off: u64, len: u64, gpa: u64) -> Result<(usize, usize), Refusal> {
         let refuse = |e: AccessError| self.refusal(e, off, gpa);
         let pin = self.file.pin(off, len).map_err(refuse)?;
@@ -334,6 +338,7 @@ impl Region {
 }
 
 #[cold]
+#[inline(never)]
 fn denied(d: Denied, to_gpa: impl Fn(u64) -> u64) -> Refusal {
     match d {
         Denied::Private(p) => Refusal::Private { gpa: to_gpa(p) },

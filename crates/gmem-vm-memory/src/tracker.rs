@@ -206,34 +206,14 @@ impl Tracker {
         Ok(t)
     }
 
-    /// Holds file pages `[first, end)` for the calling thread. `Ok(None)`: the slot path
-    /// cannot carry this hold; take a gmem pin instead.
-    #[inline(always)]
-    pub fn hold(
-        &self,
-        first: u64,
-        end: u64,
-        dirty: usize,
-    ) -> Result<Option<&'static Slot>, Denied> {
-        let Some(slot) = hold::record(self.core.key(), first, end, dirty) else {
-            return Ok(None);
-        };
-        let (a, b) = (
-            usize::try_from(first).unwrap_or(usize::MAX),
-            usize::try_from(end).unwrap_or(usize::MAX),
-        );
-        let Some(states) = self.core.state.get(a..b) else {
-            slot.unshare();
-            return Ok(None);
-        };
-        for (i, s) in states.iter().enumerate() {
-            let v = s.load(Ordering::Acquire);
-            if v != SHARED {
-                slot.unshare();
-                return Err(Denied::of(v, (first + to_u64(i)) * PAGE_SIZE));
-            }
+    /// The device path's handle on this tracker. It must not outlive the tracker: keep the
+    /// `Arc<Tracker>` next to it.
+    pub fn fast(&self) -> Fast {
+        Fast {
+            key: self.core.key(),
+            states: std::ptr::NonNull::from(&*self.core.state).cast(),
+            pages: self.core.state.len(),
         }
-        Ok(Some(slot))
     }
 
     /// Whether every page of `[first, end)` is shared, not converting and not poisoned (no
@@ -249,6 +229,54 @@ impl Tracker {
             }
         }
         Ok(())
+    }
+}
+
+/// A tracker as the device's hold sees it: its key and its page states, without the pointer
+/// chase through the tracker and its listener (three dependent loads on every hold).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fast {
+    key: usize,
+    states: std::ptr::NonNull<AtomicU8>,
+    pages: usize,
+}
+
+// SAFETY: `states` points to the `pages` atomic bytes of a tracker's listener, which the
+// holder of a `Fast` keeps alive (an `Arc<Tracker>` beside it, `Tracker::fast`); atomics may
+// be read from any thread.
+unsafe impl Send for Fast {}
+// SAFETY: as for `Send`: shared access is to atomics only.
+unsafe impl Sync for Fast {}
+
+impl Fast {
+    /// Holds file pages `[first, end)` for the calling thread. `Ok(None)`: the slot path
+    /// cannot carry this hold; take a gmem pin instead.
+    #[inline(always)]
+    pub fn hold(
+        &self,
+        first: u64,
+        end: u64,
+        dirty: usize,
+    ) -> Result<Option<&'static Slot>, Denied> {
+        let (Ok(a), Ok(b)) = (usize::try_from(first), usize::try_from(end)) else {
+            return Ok(None);
+        };
+        // SAFETY: `states` is the start of `pages` live atomic bytes (see `Send`).
+        let all = unsafe { std::slice::from_raw_parts(self.states.as_ptr(), self.pages) };
+        let Some(states) = all.get(a..b) else {
+            return Ok(None);
+        };
+        let Some(slot) = hold::record(self.key, first, end, dirty) else {
+            return Ok(None);
+        };
+        for (i, s) in states.iter().enumerate() {
+            let v = s.load(Ordering::Acquire);
+            if v != SHARED {
+                slot.unshare();
+                return Err(Denied::of(v, (first + to_u64(i)) * PAGE_SIZE));
+            }
+        }
+        Ok(Some(slot))
     }
 }
 
