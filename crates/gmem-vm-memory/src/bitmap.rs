@@ -193,10 +193,20 @@ impl<'a> GmemSlice<'a> {
         (addr != 0).then(|| unsafe { &*(addr as *const DirtyLog) })
     }
 
-    /// True when this slice holds its pages through a gmem [`Pin`](gmem::Pin) (the slow
-    /// path) rather than a thread slot.
+    /// True when this slice holds its pages through a gmem [`Pin`](gmem::Pin) (regions of
+    /// followers and HugeTLB files, or a thread out of slots) rather than through a tracked
+    /// thread slot.
     pub fn holds_pin(&self) -> bool {
-        self.word & TAG_MASK == TAG_PIN
+        match self.word & TAG_MASK {
+            TAG_PIN => true,
+            TAG_SLOT => {
+                // SAFETY: a slot tag carries the address of a leaked, never-freed slot, owned
+                // by this (the slice's) thread.
+                let slot = unsafe { &*(self.addr() as *const Slot) };
+                slot.holds_pin()
+            }
+            _ => false,
+        }
     }
 
     /// True when this slice holds host references on its pages.

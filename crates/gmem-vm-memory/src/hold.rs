@@ -24,11 +24,15 @@
 //! than [`SLOTS`] slices at once, a range the slot encoding cannot carry, or a process where
 //! `membarrier` is unavailable falls back to a [`gmem::Pin`] per slice (correct, slower).
 //!
+//! Regions that hold with pins (followers, HugeTLB) keep each slice's [`gmem::Pin`] in a slot
+//! too, with no tracker (the pin is what gmem checks): sub-slices share it through the same
+//! count, and no allocation is made per slice.
+//!
 //! Tables are never freed: a thread's table goes back to a pool when the thread ends and the
 //! next new thread takes it, so their number is the largest number of threads that ever held
 //! slices at once.
 
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -52,7 +56,14 @@ pub(crate) struct Slot {
     table: AtomicUsize,
     /// Address of the dirty log of the region the slice is in (0: none). Owning thread only.
     dirty: AtomicUsize,
+    /// The gmem pin of a slot that holds with one (its `tracker` is 0). Owning thread only.
+    pin: UnsafeCell<Option<gmem::Pin>>,
 }
+
+// SAFETY: other threads (a conversion's scan) read a slot's atomics only; `pin`, the one
+// non-atomic field, is touched only by the thread that owns the slot's table (it took the
+// slot, and the `!Send` slices sharing it live and drop there).
+unsafe impl Sync for Slot {}
 
 /// The slots of one thread.
 #[derive(Debug)]
@@ -74,6 +85,7 @@ impl Table {
                 index: u32::try_from(i).unwrap_or(0),
                 table: AtomicUsize::new(0),
                 dirty: AtomicUsize::new(0),
+                pin: UnsafeCell::new(None),
             })
             .collect();
         let table: &'static Table = Box::leak(Box::new(Table {
@@ -235,7 +247,28 @@ pub(crate) fn record(tracker: usize, first: u64, end: u64, dirty: usize) -> Opti
     Some(slot)
 }
 
+/// A slot of the calling thread holding `pin` (no tracker: gmem checks the pin), or the pin
+/// back when the thread has no free slot.
+#[inline]
+pub(crate) fn record_pin(pin: gmem::Pin, dirty: usize) -> Result<&'static Slot, gmem::Pin> {
+    let Some(slot) = my_table().and_then(Table::take) else {
+        return Err(pin);
+    };
+    // SAFETY: the slot was just taken from the calling thread's table: no other reference to
+    // its pin exists (see `Sync for Slot`).
+    unsafe { *slot.pin.get() = Some(pin) };
+    slot.shares.store(1, Ordering::Relaxed);
+    slot.dirty.store(dirty, Ordering::Relaxed);
+    Ok(slot)
+}
+
 impl Slot {
+    /// True when the slot holds with a gmem pin (owning thread only).
+    pub(crate) fn holds_pin(&self) -> bool {
+        // SAFETY: called by the owning thread only (see `Sync for Slot`); a shared read.
+        unsafe { (*self.pin.get()).is_some() }
+    }
+
     /// The dirty log address recorded with the hold (0: none).
     #[inline]
     pub(crate) fn dirty(&self) -> usize {
@@ -261,11 +294,15 @@ impl Slot {
         // Release: the device's accesses through the slice happen before the page is seen
         // free by a conversion that then revokes it.
         self.tracker.store(0, Ordering::Release);
+        // SAFETY: owning thread only (see `Sync for Slot`); the last slice sharing the slot
+        // is going, so nothing else refers to the pin.
+        let pin = unsafe { (*self.pin.get()).take() };
         let table = self.table.load(Ordering::Relaxed) as *const Table;
         // SAFETY: `table` is the address of the leaked, never-freed table this slot is part
         // of (set once at creation).
         let table = unsafe { &*table };
         table.give_back(self.index);
+        drop(pin);
     }
 }
 

@@ -274,11 +274,20 @@ impl Region {
         // The device view's address: an enforced mapping, where the pinned pages stay mapped
         // while the pin lives.
         let ptr = pin.as_ptr().map_err(refuse)?;
-        let rec = PinRec {
-            pin,
-            dirty: self.dirty.as_ref().map(std::ptr::NonNull::from),
-        };
-        Ok((ptr as usize, GmemSlice::pin_word(Rc::new(rec))))
+        let dirty = self
+            .dirty
+            .as_ref()
+            .map_or(0, |d| std::ptr::from_ref(d) as usize);
+        match crate::hold::record_pin(pin, dirty) {
+            Ok(slot) => Ok((ptr as usize, GmemSlice::slot_word(slot))),
+            Err(pin) => {
+                let rec = PinRec {
+                    pin,
+                    dirty: self.dirty.as_ref().map(std::ptr::NonNull::from),
+                };
+                Ok((ptr as usize, GmemSlice::pin_word(Rc::new(rec))))
+            }
+        }
     }
 
     /// The refusal for gmem's `e` on a request at file offset `off` (gpa `gpa`).
