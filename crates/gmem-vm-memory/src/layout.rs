@@ -94,7 +94,7 @@ pub enum LayoutError {
         #[source]
         source: MapError,
     },
-    /// Identifying the file or registering its conversion listener failed.
+    /// Identifying the file or registering its device listener failed.
     #[error("region at {gpa:#x}: {source}")]
     File {
         /// Guest-physical address given.
@@ -144,15 +144,17 @@ impl LayoutError {
 /// How a region's slices hold their pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HoldMode {
-    /// The owner of the file: a conversion listener tracks page states and vetoes
-    /// conversions of held pages; holds are thread slots ([`crate::hold`]), slices point into
-    /// a gmem host view (where a private page would fault, never read). The default for
-    /// shmem and kernel guest_memfd files.
+    /// The owner of the file: a device listener ([`GuestMemfd::add_device_listener`])
+    /// tracks page states (poison included) and vetoes conversions of held pages; holds are
+    /// thread slots ([`crate::hold`]), slices point into a gmem host view (where a private
+    /// page would fault, never read). The default for shmem and kernel guest_memfd files.
     Tracked,
-    /// A gmem [`Pin`](gmem::Pin) per slice. Used for followers (a file attached from another
-    /// process with [`GuestMemfd::attach`], whose conversions arrive from the owner and are
-    /// refused there while a pin is held) and for HugeTLB files (whose restructuring honours
-    /// pins). About 60 ns per slice more than `Tracked`.
+    /// A gmem [`Pin`](gmem::Pin) per slice, pointing into gmem's device view. Used for
+    /// followers (a file attached from another process with [`GuestMemfd::attach`], whose
+    /// conversions arrive from the owner and are refused there while a pin is held; gmem
+    /// refuses a device listener there) and for HugeTLB files (whose restructuring honours
+    /// pins). Each slice pays gmem's page lock and per-page reference counts: about 60 ns
+    /// more than `Tracked` per slice here (`BENCHMARKS.md`).
     Pinned,
 }
 
