@@ -147,8 +147,11 @@ impl Vmm {
     }
 
     /// Kicks the backend and waits until the used index reaches `idx`.
+    ///
+    /// Kicks again after every 100 ms without an answer, as a driver may: vhost-user sends
+    /// `SET_VRING_ENABLE` without waiting for the backend to apply it, and a backend whose
+    /// worker sees a kick while the ring is still disabled drops it.
     fn kick_and_wait(&self, idx: u16) {
-        self.kick.write(1).expect("kick");
         let drv = self.driver();
         let deadline = Instant::now() + Duration::from_secs(20);
         while drv.used_idx() != idx {
@@ -157,6 +160,7 @@ impl Vmm {
                 "the backend did not answer (used idx {})",
                 drv.used_idx()
             );
+            self.kick.write(1).expect("kick");
             let mut pfd = libc::pollfd {
                 fd: self.call.as_raw_fd(),
                 events: libc::POLLIN,
