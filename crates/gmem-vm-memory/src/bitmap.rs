@@ -107,6 +107,7 @@ impl Bitmap for DirtyLog {
     }
 
     fn slice_at(&self, offset: usize) -> GmemSlice<'_> {
+        // A window onto the log alone: its `at` is the region offset itself (origin 0).
         GmemSlice::tagged(std::ptr::from_ref(self) as usize | TAG_LOG, offset)
     }
 }
@@ -118,6 +119,8 @@ pub(crate) struct PinRec {
     #[allow(dead_code)]
     pub pin: gmem::Pin,
     pub dirty: Option<std::ptr::NonNull<DirtyLog>>,
+    /// Host address of the region's first byte in the mapping the pin's slices point into.
+    pub origin: usize,
 }
 
 const TAG_MASK: usize = 3;
@@ -131,11 +134,13 @@ const TAG_LOG: usize = 3;
 /// slice made from one `get_slices` item releases its pages.
 ///
 /// Two words, so that vm-memory's generic code moves slices as cheaply as it can: a tagged
-/// address (nothing; a thread slot; a shared gmem pin; the dirty log alone) and the offset
-/// of the slice in its region.
+/// address (nothing; a thread slot; a shared gmem pin; the dirty log alone) and the host
+/// address of the slice's first byte (the region offset, for a window onto the log alone).
+/// The hold records where its region starts in that mapping, so a write's dirty page is
+/// `at + offset - origin`.
 pub struct GmemSlice<'a> {
     word: usize,
-    base: usize,
+    at: usize,
     _life: PhantomData<&'a DirtyLog>,
     _not_send: PhantomData<*const ()>,
 }
@@ -152,17 +157,18 @@ impl<'a> GmemSlice<'a> {
         Rc::into_raw(rec) as usize | TAG_PIN
     }
 
-    /// The slice owning `word` (from [`GmemSlice::slot_word`] or [`GmemSlice::pin_word`]).
+    /// The slice owning `word` (from [`GmemSlice::slot_word`] or [`GmemSlice::pin_word`]),
+    /// starting at host address `at`.
     #[inline(always)]
-    pub(crate) fn from_word(word: usize, base: usize) -> Self {
-        Self::tagged(word, base)
+    pub(crate) fn from_word(word: usize, at: usize) -> Self {
+        Self::tagged(word, at)
     }
 
     #[inline(always)]
-    fn tagged(word: usize, base: usize) -> Self {
+    fn tagged(word: usize, at: usize) -> Self {
         GmemSlice {
             word,
-            base,
+            at,
             _life: PhantomData,
             _not_send: PhantomData,
         }
@@ -172,25 +178,32 @@ impl<'a> GmemSlice<'a> {
         self.word & !TAG_MASK
     }
 
-    fn log(&self) -> Option<&'a DirtyLog> {
-        let addr = match self.word & TAG_MASK {
-            TAG_NONE => 0,
+    /// The dirty log of the slice's region, and where the region starts in the mapping the
+    /// slice's `at` is an address of.
+    fn log(&self) -> Option<(&'a DirtyLog, usize)> {
+        let (addr, origin) = match self.word & TAG_MASK {
+            TAG_NONE => (0, 0),
             TAG_SLOT => {
                 // SAFETY: a slot tag carries the address of a leaked, never-freed slot.
                 let slot = unsafe { &*(self.addr() as *const Slot) };
-                slot.dirty()
+                (slot.dirty(), slot.origin())
             }
             TAG_PIN => {
                 // SAFETY: a pin tag carries `Rc::into_raw` of a record this slice holds one
                 // strong count of, so it is alive.
                 let rec = unsafe { &*(self.addr() as *const PinRec) };
-                rec.dirty.map_or(0, |p| p.as_ptr() as usize)
+                (rec.dirty.map_or(0, |p| p.as_ptr() as usize), rec.origin)
             }
-            _ => self.addr(),
+            _ => (self.addr(), 0),
         };
         // SAFETY: a non-zero address is that of the dirty log of the region this slice was
         // made from, which lives at least as long as `'a` (the borrow of the memory).
-        (addr != 0).then(|| unsafe { &*(addr as *const DirtyLog) })
+        (addr != 0).then(|| (unsafe { &*(addr as *const DirtyLog) }, origin))
+    }
+
+    /// The region offset of byte `offset` of the slice.
+    fn rel(&self, origin: usize, offset: usize) -> usize {
+        self.at.wrapping_sub(origin).saturating_add(offset)
     }
 
     /// True when this slice holds its pages through a gmem [`Pin`](gmem::Pin) (regions of
@@ -225,7 +238,7 @@ impl fmt::Debug for GmemSlice<'_> {
         f.debug_struct("GmemSlice")
             .field("hold", &hold)
             .field("dirty_tracked", &self.log().is_some())
-            .field("base", &self.base)
+            .field("at", &self.at)
             .finish()
     }
 }
@@ -242,7 +255,7 @@ impl Clone for GmemSlice<'_> {
             TAG_PIN => share_pin(self.word),
             _ => {}
         }
-        Self::tagged(self.word, self.base)
+        Self::tagged(self.word, self.at)
     }
 }
 
@@ -288,20 +301,20 @@ impl BitmapSlice for GmemSlice<'_> {}
 impl<'a> Bitmap for GmemSlice<'a> {
     #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
-        if let Some(d) = self.log() {
-            d.mark(self.base.saturating_add(offset), len);
+        if let Some((d, origin)) = self.log() {
+            d.mark(self.rel(origin, offset), len);
         }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
         self.log()
-            .is_some_and(|d| d.is_dirty(self.base.saturating_add(offset)))
+            .is_some_and(|(d, origin)| d.is_dirty(self.rel(origin, offset)))
     }
 
     #[inline]
     fn slice_at(&self, offset: usize) -> GmemSlice<'a> {
         let mut s = self.clone();
-        s.base = self.base.saturating_add(offset);
+        s.at = self.at.wrapping_add(offset);
         s
     }
 }

@@ -56,6 +56,9 @@ pub(crate) struct Slot {
     table: AtomicUsize,
     /// Address of the dirty log of the region the slice is in (0: none). Owning thread only.
     dirty: AtomicUsize,
+    /// Host address of the region's first byte in the mapping the slices point into (for
+    /// the dirty log). Owning thread only.
+    origin: AtomicUsize,
     /// The gmem pin of a slot that holds with one (its `tracker` is 0). Owning thread only.
     pin: UnsafeCell<Option<gmem::Pin>>,
 }
@@ -85,6 +88,7 @@ impl Table {
                 index: u32::try_from(i).unwrap_or(0),
                 table: AtomicUsize::new(0),
                 dirty: AtomicUsize::new(0),
+                origin: AtomicUsize::new(0),
                 pin: UnsafeCell::new(None),
             })
             .collect();
@@ -229,7 +233,13 @@ fn heavy_barrier() -> bool {
 /// A hold recorded in the calling thread's table, or nothing when the slot path is not
 /// available (no table, none free, a range it cannot encode).
 #[inline(always)]
-pub(crate) fn record(tracker: usize, first: u64, end: u64, dirty: usize) -> Option<&'static Slot> {
+pub(crate) fn record(
+    tracker: usize,
+    first: u64,
+    end: u64,
+    dirty: usize,
+    origin: usize,
+) -> Option<&'static Slot> {
     let (Ok(first32), Ok(end32)) = (u32::try_from(first), u32::try_from(end)) else {
         return None;
     };
@@ -241,6 +251,7 @@ pub(crate) fn record(tracker: usize, first: u64, end: u64, dirty: usize) -> Opti
     slot.tracker.store(tracker, Ordering::Relaxed);
     slot.shares.store(1, Ordering::Relaxed);
     slot.dirty.store(dirty, Ordering::Relaxed);
+    slot.origin.store(origin, Ordering::Relaxed);
     // The asymmetric barrier's fast side: the slot is written before the state is read; the
     // conversion's `membarrier` orders the hardware.
     compiler_fence(Ordering::SeqCst);
@@ -250,7 +261,11 @@ pub(crate) fn record(tracker: usize, first: u64, end: u64, dirty: usize) -> Opti
 /// A slot of the calling thread holding `pin` (no tracker: gmem checks the pin), or the pin
 /// back when the thread has no free slot.
 #[inline]
-pub(crate) fn record_pin(pin: gmem::Pin, dirty: usize) -> Result<&'static Slot, gmem::Pin> {
+pub(crate) fn record_pin(
+    pin: gmem::Pin,
+    dirty: usize,
+    origin: usize,
+) -> Result<&'static Slot, gmem::Pin> {
     let Some(slot) = my_table().and_then(Table::take) else {
         return Err(pin);
     };
@@ -259,6 +274,7 @@ pub(crate) fn record_pin(pin: gmem::Pin, dirty: usize) -> Result<&'static Slot, 
     unsafe { *slot.pin.get() = Some(pin) };
     slot.shares.store(1, Ordering::Relaxed);
     slot.dirty.store(dirty, Ordering::Relaxed);
+    slot.origin.store(origin, Ordering::Relaxed);
     Ok(slot)
 }
 
@@ -273,6 +289,12 @@ impl Slot {
     #[inline]
     pub(crate) fn dirty(&self) -> usize {
         self.dirty.load(Ordering::Relaxed)
+    }
+
+    /// Where the hold's region starts in the mapping its slices point into.
+    #[inline]
+    pub(crate) fn origin(&self) -> usize {
+        self.origin.load(Ordering::Relaxed)
     }
 
     /// One more slice shares the slot (owning thread only).

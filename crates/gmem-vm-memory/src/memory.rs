@@ -1,5 +1,6 @@
 //! [`GmemMemory`]: vm-memory's permissioned `GuestMemory` over a layout of gmem regions.
 
+use std::cell::Cell;
 use std::io;
 use std::iter::FusedIterator;
 use std::rc::Rc;
@@ -257,7 +258,7 @@ impl Region {
             .as_ref()
             .map_or(0, |d| std::ptr::from_ref(d) as usize);
         match &self.access {
-            Access::Tracked { fast, base, .. } => match fast.hold(first, end, dirty) {
+            Access::Tracked { fast, base, .. } => match fast.hold(first, end, dirty, *base) {
                 Ok(Some(slot)) => Ok((base + rel_usize, GmemSlice::slot_word(slot))),
                 Ok(None) => self.pin(off, len64, gpa),
                 Err(d) => Err(denied(d, |p| self.gpa + (p - self.offset).max(rel))),
@@ -278,12 +279,15 @@ impl Region {
             .dirty
             .as_ref()
             .map_or(0, |d| std::ptr::from_ref(d) as usize);
-        match crate::hold::record_pin(pin, dirty) {
+        // Where the region's first byte is in the device view.
+        let origin = (ptr as usize).wrapping_sub(usize::try_from(off - self.offset).unwrap_or(0));
+        match crate::hold::record_pin(pin, dirty, origin) {
             Ok(slot) => Ok((ptr as usize, GmemSlice::slot_word(slot))),
             Err(pin) => {
                 let rec = PinRec {
                     pin,
                     dirty: self.dirty.as_ref().map(std::ptr::NonNull::from),
+                    origin,
                 };
                 Ok((ptr as usize, GmemSlice::pin_word(Rc::new(rec))))
             }
@@ -591,92 +595,108 @@ impl<'a> Iterator for GmemSlices<'a> {
         if self.count == 0 {
             return None;
         }
-        let s = step(self.mem, self.addr, self.count, self.done, self.access);
-        if s.word == 0 {
+        let (ptr, word) = step(self.mem, self.addr, self.count);
+        if word == 0 {
+            let e = error(self.mem, self.addr, self.count, self.done, self.access);
             self.count = 0;
-            return Some(Err(error(self.addr)));
+            return Some(Err(e));
         }
-        self.count -= s.len;
-        self.done += s.len;
+        let len = if word & CLIPPED == 0 {
+            self.count
+        } else {
+            CLIPPED_LEN.with(Cell::get)
+        };
+        self.count -= len;
+        self.done += len;
         self.addr = self
             .addr
-            .wrapping_add(u64::try_from(s.len).unwrap_or(u64::MAX));
-        let bitmap = GmemSlice::from_word(s.word, s.base);
-        // SAFETY: `step` returned the host address of `s.len` bytes of shared guest memory
-        // and the hold that keeps them so: either a host view of the region (mapped for the
-        // region's whole length), whose pages stay shared and mapped while the hold in
-        // `bitmap` lives (conversions to private are vetoed), or the device-view address of a
-        // gmem pin of exactly these bytes, valid while the pin (kept in `bitmap`) lives. Every
-        // sub-slice or clone shares that hold, and none outlives `'a`, the borrow of the
-        // memory. The guest may write the memory concurrently, which is what volatile access
-        // is for.
+            .wrapping_add(u64::try_from(len).unwrap_or(u64::MAX));
+        let bitmap = GmemSlice::from_word(word & !CLIPPED, ptr);
+        // SAFETY: `step` returned the host address of `len` bytes of shared guest memory (the
+        // rest of the request, or up to the end of its region when `CLIPPED`) and the hold
+        // that keeps them so: either a host view of the region (mapped for the region's whole
+        // length), whose pages stay shared and mapped while the hold in `bitmap` lives
+        // (conversions to private are vetoed), or the device-view address of a gmem pin of
+        // exactly these bytes, valid while the pin (kept in `bitmap`) lives. Every sub-slice
+        // or clone shares that hold, and none outlives `'a`, the borrow of the memory. The
+        // guest may write the memory concurrently, which is what volatile access is for.
         Some(Ok(unsafe {
-            VolatileSlice::with_bitmap(s.ptr as *mut u8, s.len, bitmap, None)
+            VolatileSlice::with_bitmap(ptr as *mut u8, len, bitmap, None)
         }))
     }
 }
 
-/// What one step of [`GmemSlices`] made: a held slice, or (`word` 0) a refusal.
-struct Step {
-    /// Host address.
-    ptr: usize,
-    /// The bitmap slice's word: the hold (0: refused).
-    word: usize,
-    /// Length.
-    len: usize,
-    /// Offset in its region.
-    base: usize,
-}
+/// A hold word's flag (free: slots and pin records are 8-byte aligned, and the tag takes two
+/// bits) saying the slice stops at the end of its region, before the end of the request.
+const CLIPPED: usize = 4;
+const _: () = assert!(std::mem::align_of::<crate::hold::Slot>() >= 8);
 
-const REFUSED: Step = Step {
-    ptr: 0,
-    word: 0,
-    len: 0,
-    base: 0,
-};
-
-/// Makes the next slice of a request (at `addr`, `count` bytes left, `done` made): finds
-/// its region and holds its pages. A refusal is recorded and kept for [`error`].
+/// Makes the next slice of a request (at `addr`, `count` bytes left): finds its region and
+/// holds its pages. Returns the slice's host address and its hold word (with [`CLIPPED`] when
+/// the slice ends at its region's end, before the request's), in two registers; a zero word
+/// when refused (the refusal is kept for [`error`]).
+///
+/// Out of line, taking the iterator's fields by value and returning in registers: see
+/// [`GmemSlices`].
 #[inline(never)]
-fn step(m: &GmemMemory, addr: u64, count: usize, done: usize, access: Permissions) -> Step {
+fn step(m: &GmemMemory, addr: u64, count: usize) -> (usize, usize) {
     let Some(region) = m.find(addr) else {
-        fail(m, Refusal::Hole { gpa: addr }, addr, count, done, access);
-        return REFUSED;
+        refused(Refusal::Hole { gpa: addr });
+        return (0, 0);
     };
-    let left = region.gpa + region.len - addr;
-    let len = usize::try_from(left).map_or(count, |l| l.min(count));
+    let len = region_len(region, addr, count);
     match region.hold(addr, len) {
-        Ok((ptr, word)) => Step {
-            ptr,
-            word,
-            len,
-            base: usize::try_from(addr - region.gpa).unwrap_or(usize::MAX),
-        },
+        Ok((ptr, word)) if len == count => (ptr, word),
+        Ok((ptr, word)) => {
+            CLIPPED_LEN.with(|c| c.set(len));
+            (ptr, word | CLIPPED)
+        }
         Err(r) => {
-            fail(m, r, addr, count, done, access);
-            REFUSED
+            refused(r);
+            (0, 0)
         }
     }
 }
 
-#[cold]
-#[inline(never)]
-fn fail(m: &GmemMemory, r: Refusal, addr: u64, count: usize, done: usize, access: Permissions) {
-    let start = addr.wrapping_sub(u64::try_from(done).unwrap_or(0));
-    let total = done.saturating_add(count);
-    let _ = WHY.try_with(|w| w.set(Some(r)));
-    m.refuse(r, start, total, access);
+/// The length of the slice at `addr` (inside `region`) of a request with `count` bytes left.
+#[inline]
+fn region_len(region: &Region, addr: u64, count: usize) -> usize {
+    let left = region.gpa + region.len - addr;
+    usize::try_from(left).map_or(count, |l| l.min(count))
 }
 
-/// The error of the refusal [`step`] just made on this thread at `addr`.
+thread_local! {
+    /// The length of the slice the calling thread's last [`step`] clipped at the end of its
+    /// region (read at once by the same `next`).
+    static CLIPPED_LEN: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Keeps `r` for the [`error`] the same `next` builds.
 #[cold]
 #[inline(never)]
-fn error(addr: u64) -> GuestMemoryError {
-    WHY.try_with(std::cell::Cell::take)
+fn refused(r: Refusal) {
+    let _ = WHY.try_with(|w| w.set(Some(r)));
+}
+
+/// Records the refusal [`step`] just made on this thread, at `addr` of a request with `count`
+/// bytes left after `done`, and returns its error.
+#[cold]
+#[inline(never)]
+fn error(
+    m: &GmemMemory,
+    addr: u64,
+    count: usize,
+    done: usize,
+    access: Permissions,
+) -> GuestMemoryError {
+    let r = WHY
+        .try_with(Cell::take)
         .ok()
         .flatten()
-        .unwrap_or(Refusal::Hole { gpa: addr })
-        .into_error()
+        .unwrap_or(Refusal::Hole { gpa: addr });
+    let start = addr.wrapping_sub(u64::try_from(done).unwrap_or(0));
+    m.refuse(r, start, done.saturating_add(count), access);
+    r.into_error()
 }
 
 impl FusedIterator for GmemSlices<'_> {}

@@ -257,6 +257,7 @@ impl Fast {
         first: u64,
         end: u64,
         dirty: usize,
+        origin: usize,
     ) -> Result<Option<&'static Slot>, Denied> {
         let (Ok(a), Ok(b)) = (usize::try_from(first), usize::try_from(end)) else {
             return Ok(None);
@@ -266,7 +267,7 @@ impl Fast {
         let Some(states) = all.get(a..b) else {
             return Ok(None);
         };
-        let Some(slot) = hold::record(self.key, first, end, dirty) else {
+        let Some(slot) = hold::record(self.key, first, end, dirty, origin) else {
             return Ok(None);
         };
         for (i, s) in states.iter().enumerate() {

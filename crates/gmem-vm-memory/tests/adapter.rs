@@ -552,6 +552,42 @@ fn dirty_pages_written_by_devices_are_tracked() {
 }
 
 #[test]
+fn dirty_pages_of_pinned_regions_and_file_offsets_land_on_the_right_page() {
+    let f = file(16);
+    let mem = GmemMemory::builder()
+        .region(RegionSpec::new(0x10_0000, f.clone(), 4 * P, 4 * P))
+        .region(RegionSpec {
+            hold: Some(HoldMode::Pinned),
+            ..RegionSpec::new(0x20_0000, f.clone(), 8 * P, 4 * P)
+        })
+        .dirty_tracking(true)
+        .build()
+        .expect("mem");
+    mem.write_obj(1u8, GuestAddress(0x10_1010))
+        .expect("tracked");
+    mem.write_obj(2u32, GuestAddress(0x20_2ffe))
+        .expect("pinned, across pages");
+    let s = slices(&mem, 0x20_0000, 2 * PU, Permissions::Write).remove(0);
+    assert!(s.bitmap().holds_pin());
+    s.subslice(PU + 8, 4)
+        .expect("sub")
+        .write_obj(3u32, 0)
+        .expect("write");
+    drop(s);
+    assert_eq!(
+        mem.take_dirty(),
+        vec![0x10_1000, 0x20_1000, 0x20_2000, 0x20_3000]
+    );
+    let mut buf = [0u8; 4];
+    f.read_at(9 * P + 8, &mut buf).expect("read");
+    assert_eq!(
+        u32::from_le_bytes(buf),
+        3,
+        "the sub-slice wrote the right byte"
+    );
+}
+
+#[test]
 fn hold_modes_follow_the_backing_and_the_spec() {
     let f = file(4);
     let mem = GmemMemory::new([
