@@ -204,6 +204,75 @@ fn poisoned_page_refused_with_ehwpoison() {
 }
 
 #[test]
+fn poison_before_the_layout_and_a_punch_hole_clearing_it_are_followed() {
+    let f = file(4);
+    f.inject_poison(P).expect("poison");
+    f.convert(2 * P, P, Attr::Private).expect("to private");
+    f.inject_poison(2 * P).expect("poison a private page");
+    let mem = GmemMemory::new([RegionSpec::new(0, f.clone(), 0, 4 * P)]).expect("mem");
+    assert_eq!(
+        mem.check(P + 8, 8, Permissions::Read),
+        Err(Refusal::Poisoned { gpa: P + 8 })
+    );
+    assert_eq!(
+        mem.check(2 * P, 8, Permissions::Read),
+        Err(Refusal::Poisoned { gpa: 2 * P }),
+        "poison is named before private"
+    );
+    let err = mem.read_obj::<u64>(GuestAddress(P)).expect_err("poisoned");
+    assert_eq!(Refusal::of(&err), Some(Refusal::Poisoned { gpa: P }));
+    // A punch-hole gives the page fresh memory and clears the record: devices reach it again.
+    f.fallocate(gmem::FallocMode::PUNCH_HOLE, P, P)
+        .expect("punch");
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(P)).expect("read"), 0);
+    f.fallocate(gmem::FallocMode::PUNCH_HOLE, 2 * P, P)
+        .expect("punch");
+    assert_eq!(
+        mem.check(2 * P, 8, Permissions::Read),
+        Err(Refusal::Private { gpa: 2 * P }),
+        "still private once the poison is gone"
+    );
+}
+
+#[test]
+fn a_layout_built_while_the_guest_converts_sees_every_page_as_it_is() {
+    const PAGES: u64 = 64;
+    for _ in 0..4 {
+        let f = file(PAGES);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guest = {
+            let (f, stop) = (f.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x2545_f491_4f6c_dd1d_u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let to = if x & 1 == 0 {
+                        Attr::Private
+                    } else {
+                        Attr::Shared
+                    };
+                    f.convert((x >> 8) % PAGES * P, P, to).expect("convert");
+                }
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mem = GmemMemory::new([RegionSpec::new(0, f.clone(), 0, PAGES * P)]).expect("mem");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        guest.join().expect("guest");
+        for p in 0..PAGES {
+            let want = match f.attr(p * P).expect("attr") {
+                Attr::Shared => Ok(()),
+                Attr::Private => Err(Refusal::Private { gpa: p * P }),
+            };
+            assert_eq!(mem.check(p * P, 8, Permissions::Read), want, "page {p}");
+        }
+    }
+}
+
+#[test]
 fn multi_region_layout_with_holes() {
     let a = file(4);
     let b = file(8);
