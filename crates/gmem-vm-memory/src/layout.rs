@@ -1,7 +1,7 @@
 //! A VM's guest-physical layout: regions of gmem files at guest-physical addresses, with holes
 //! between them, validated with the kernel's memslot rules.
 
-use gmem::{BackingKind, Errno, GuestMemfd, MapError, PAGE_SIZE};
+use gmem::{BackingKind, Errno, FileId, GuestMemfd, MapError, PAGE_SIZE};
 
 /// Why a layout was refused. The layout (and any snapshot it was derived from) is unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,13 @@ pub enum LayoutError {
         /// Start of the region whose file range it overlaps.
         other: u64,
     },
+    /// The region was made from a memslot binding ([`RegionSpec::from_binding`]) of another
+    /// file than the one given (`EINVAL`).
+    #[error("region at {gpa:#x}: the file is not the one its memslot binding binds")]
+    NotBindingFile {
+        /// Guest-physical address given.
+        gpa: u64,
+    },
     /// No region starts at this guest-physical address (`ENOENT`).
     #[error("no region starts at {gpa:#x}")]
     NoRegion {
@@ -113,7 +120,8 @@ impl LayoutError {
             | LayoutError::Unaligned { .. }
             | LayoutError::Wraps { .. }
             | LayoutError::PastFile { .. }
-            | LayoutError::FileOverlap { .. } => libc::EINVAL,
+            | LayoutError::FileOverlap { .. }
+            | LayoutError::NotBindingFile { .. } => libc::EINVAL,
             LayoutError::Overlap { .. } => libc::EEXIST,
             LayoutError::NoRegion { .. } => libc::ENOENT,
             LayoutError::NotMappable { .. } => libc::ENODEV,
@@ -132,6 +140,7 @@ impl LayoutError {
             | LayoutError::PastFile { gpa, .. }
             | LayoutError::Overlap { gpa, .. }
             | LayoutError::FileOverlap { gpa, .. }
+            | LayoutError::NotBindingFile { gpa }
             | LayoutError::NoRegion { gpa }
             | LayoutError::NotMappable { gpa }
             | LayoutError::TooLarge { gpa }
@@ -173,6 +182,10 @@ pub struct RegionSpec {
     /// [`HoldMode::Tracked`] otherwise. A follower is always [`HoldMode::Pinned`], whatever
     /// is asked (its conversions reach no listener in this process).
     pub hold: Option<HoldMode>,
+    /// The identity of the file the memslot binding this region was made from binds
+    /// ([`RegionSpec::from_binding`]); the layout refuses the region when `file` is another
+    /// ([`LayoutError::NotBindingFile`]). `None`: no binding to check against.
+    pub binding_file: Option<FileId>,
 }
 
 impl RegionSpec {
@@ -184,6 +197,7 @@ impl RegionSpec {
             offset,
             len,
             hold: None,
+            binding_file: None,
         }
     }
 
@@ -196,9 +210,13 @@ impl RegionSpec {
         }
     }
 
-    /// The region of a gmem-kvm memslot binding of `file`.
+    /// The region of a gmem-kvm memslot binding of `file`. Building a layout with it fails
+    /// with [`LayoutError::NotBindingFile`] when `file` is not the file `binding` binds.
     pub fn from_binding(binding: &gmem_kvm::Binding, file: GuestMemfd) -> Self {
-        RegionSpec::new(binding.gpa(), file, binding.offset(), binding.len())
+        RegionSpec {
+            binding_file: Some(binding.file_id()),
+            ..RegionSpec::new(binding.gpa(), file, binding.offset(), binding.len())
+        }
     }
 
     /// The hold mode this region will use.

@@ -445,6 +445,9 @@ impl GmemMemory {
                 gpa: spec.gpa,
                 source: io::Error::from_raw_os_error(e.errno()),
             })?;
+            if spec.binding_file.is_some_and(|b| b != id) {
+                return Err(LayoutError::NotBindingFile { gpa: spec.gpa });
+            }
             for &(g, l, o, other) in &existing {
                 spec.check_against(g, l, o, other == id)?;
             }

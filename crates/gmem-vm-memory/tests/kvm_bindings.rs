@@ -3,7 +3,7 @@
 
 use gmem::{Attr, Errno, Flags, GuestMemfd};
 use gmem_kvm::{Vm, VmError};
-use gmem_vm_memory::{GmemMemory, Refusal, RegionSpec};
+use gmem_vm_memory::{GmemMemory, LayoutError, Refusal, RegionSpec};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 const P: u64 = 4096;
@@ -30,6 +30,16 @@ fn kvm_bindings_become_the_device_layout() {
         RegionSpec::from_binding(&high, shmem.clone()),
     ])
     .expect("layout from bindings");
+    assert_eq!(low.file_id(), kernel.id().expect("id"));
+    assert_eq!(high.file_id(), shmem.id().expect("id"));
+    // A binding given with another file than the one it binds is refused.
+    let e = GmemMemory::new([RegionSpec::from_binding(&high, kernel.clone())])
+        .expect_err("another file");
+    assert!(
+        matches!(e, LayoutError::NotBindingFile { gpa: 0x10_0000 }),
+        "{e}"
+    );
+    assert_eq!((e.errno(), e.gpa()), (libc::EINVAL, 0x10_0000));
     assert_eq!(
         mem.regions(),
         vec![(0, 16 * P, 0), (0x10_0000, 8 * P, 4 * P)]
