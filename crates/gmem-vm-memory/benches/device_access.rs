@@ -172,17 +172,20 @@ fn p11(rounds: usize, iters: usize) {
     };
     run(true);
     run(false);
-    let (mut g, mut b) = (Vec::new(), Vec::new());
+    // Many short pairs, each gmem then GuestMemoryMmap (a few ms each): a pair that load hit
+    // skews one ratio, not the median.
+    let (mut g, mut b, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        g.push(run(true));
-        b.push(run(false));
+        let (x, y) = (run(true), run(false));
+        g.push(x);
+        b.push(y);
+        // Throughput ratio: chains/s through gmem over chains/s through GuestMemoryMmap.
+        pairs.push(y / x);
     }
     let min_ratio = min(&b) / min(&g);
-    let (g, b) = (median(g), median(b));
-    // Throughput ratio: chains/s through gmem over chains/s through GuestMemoryMmap.
-    let ratio = b / g;
+    let (g, b, ratio) = (median(g), median(b), median(pairs));
     println!(
-        "P11 device loop, 1,500-byte chains: gmem {g:7.1} ns/chain  GuestMemoryMmap {b:7.1} ns/chain  throughput ratio {ratio:.2} (of minima {min_ratio:.2})  (bar >= 0.8: {})",
+        "P11 device loop, 1,500-byte chains: gmem {g:7.1} ns/chain  GuestMemoryMmap {b:7.1} ns/chain  throughput ratio {ratio:.2} (median of {rounds} pairs; of minima {min_ratio:.2})  (bar >= 0.8: {})",
         if ratio >= 0.8 { "met" } else { "NOT met" }
     );
 }
@@ -288,7 +291,12 @@ fn main() {
         p10_1m(n, rounds);
     }
     if want("p11") {
-        p11(rounds, if quick { 200 } else { 1000 });
+        // 256 chains per iteration: quick 11 pairs of 51,200 chains, full 41 pairs of 25,600.
+        if quick {
+            p11(11, 200);
+        } else {
+            p11(41, 100);
+        }
     }
     if want("conv") {
         conversion_cost(rounds);
