@@ -140,6 +140,7 @@ pub struct Binding {
     offset: u64,
     kind: SlotKind,
     vm: u64,
+    file: FileId,
 }
 
 impl Binding {
@@ -150,6 +151,11 @@ impl Binding {
     /// First guest-physical address.
     pub fn gpa(&self) -> u64 {
         self.gpa
+    }
+    /// The identity of the bound file (as [`GuestMemfd::id`] gives it), so that code given a
+    /// binding and a file can check they belong together.
+    pub fn file_id(&self) -> FileId {
+        self.file
     }
     /// Length in bytes.
     pub fn len(&self) -> u64 {
@@ -425,6 +431,7 @@ impl Vm {
                 SlotKind::Hva
             },
             vm: self.shared.id,
+            file,
         })
     }
 

@@ -16,7 +16,8 @@
 //! - [`GuestMemfd::guest`]: the guest view, which reaches every page.
 //! - [`GuestMemfd::fallocate`]: allocate and punch-hole with the kernel's rules.
 //! - [`GuestMemfd::add_listener`], [`GuestMemfd::add_participant`]: who else hears of
-//!   conversions.
+//!   conversions; [`GuestMemfd::add_device_listener`]: a device layer's listener, which also
+//!   hears of poison and starts from a snapshot no change slips past.
 //! - [`GuestMemfd::share_with_process`] / [`GuestMemfd::attach`]: other processes
 //!   ([`peer`]).
 //! - [`BackingChoice::HugeTlb`]: 2 MiB / 1 GiB pages reserved at creation; mixed huge pages
@@ -67,6 +68,7 @@ pub use model::numa::{NumaError, NumaPolicy};
 pub use model::units::{ByteRange, PageRange, RangeError, PAGE_SIZE};
 pub use verbs::access::Pin;
 pub use verbs::create::{BackingChoice, Builder};
+pub use verbs::device::{DeviceError, DeviceListener, DeviceListenerId, DeviceSnapshot};
 pub use verbs::fallocate::{FallocMode, FallocateError};
 pub use verbs::guest::GuestView;
 pub use verbs::map::{HostFault, HostView, MapError, Sharing};

@@ -7,6 +7,7 @@
 pub(crate) mod access;
 pub(crate) mod convert;
 pub(crate) mod create;
+pub(crate) mod device;
 pub(crate) mod fallocate;
 pub(crate) mod guest;
 pub(crate) mod listen;

@@ -1,0 +1,61 @@
+//! HugeTLB files: slices hold gmem pins, which restructuring honours; a 4 KiB conversion
+//! inside a huge page splits it under a device that keeps reading its other pages.
+
+use gmem::{Attr, BackingChoice, Errno, Flags, GuestMemfd, PoolGuard, HUGE_2M};
+use gmem_vm_memory::{GmemMemory, HoldMode, Refusal, RegionSpec};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+const P: u64 = 4096;
+
+#[test]
+fn hugetlb_regions_hold_pins_across_split_and_merge() {
+    let _pool = match PoolGuard::grow(HUGE_2M, 2) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped: cannot reserve 2 huge pages of 2 MiB: {e}");
+            return;
+        }
+    };
+    let f = GuestMemfd::builder(2 * HUGE_2M)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(BackingChoice::HugeTlb(HUGE_2M))
+        .create()
+        .expect("create");
+    let mem =
+        GmemMemory::new([RegionSpec::new(0x4000_0000, f.clone(), 0, 2 * HUGE_2M)]).expect("memory");
+    assert_eq!(mem.hold_mode(0x4000_0000), Some(HoldMode::Pinned));
+    mem.write_obj(0x1234u64, GuestAddress(0x4000_0000 + 5 * P))
+        .expect("write");
+    // A device holds page 5; the guest makes page 7 private (the huge page splits).
+    let held: Vec<_> = mem
+        .get_slices(GuestAddress(0x4000_0000 + 5 * P), 8, Permissions::ReadWrite)
+        .expect("slices")
+        .collect::<Result<_, _>>()
+        .expect("held");
+    assert!(held[0].bitmap().holds_pin());
+    f.convert(7 * P, P, Attr::Private)
+        .expect("split under a held neighbour");
+    let e = f.convert(5 * P, P, Attr::Private).expect_err("held");
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(5 * P)));
+    held[0]
+        .write_obj(0x5678u64, 0)
+        .expect("the held slice still works");
+    let err = mem
+        .read_obj::<u64>(GuestAddress(0x4000_0000 + 7 * P))
+        .expect_err("private");
+    assert_eq!(
+        Refusal::of(&err),
+        Some(Refusal::Private {
+            gpa: 0x4000_0000 + 7 * P
+        })
+    );
+    drop(held);
+    // Merge back, then the held page's bytes are intact.
+    f.convert(7 * P, P, Attr::Shared).expect("merge");
+    assert_eq!(
+        mem.read_obj::<u64>(GuestAddress(0x4000_0000 + 5 * P))
+            .expect("read"),
+        0x5678
+    );
+    f.convert(5 * P, P, Attr::Private).expect("released");
+}
