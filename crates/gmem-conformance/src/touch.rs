@@ -161,8 +161,9 @@ pub fn expect_bytes(view: &HostView, at: u64, len: u64, value: u8, what: &str) {
 
 /// Asserts that reading and writing the first and the last byte of each page of
 /// `[at, at + len)` faults with an access-error code at the byte touched, with exactly the
-/// signal the view's mechanism gives there ([`HostView::fault_at`]: `SIGSEGV` for a guard
-/// marker, `SIGBUS` for a hole or past the end of the file).
+/// signal and `si_code` the view's mechanism gives there ([`HostView::fault_at`]: `SIGSEGV`
+/// `SEGV_MAPERR` for a guard marker, `SIGBUS` `BUS_ADRERR` for a hole or past the end of the
+/// file).
 #[track_caller]
 pub fn expect_fault(view: &HostView, at: u64, len: u64, what: &str) {
     for (off, n) in page_chunks(at, len) {
@@ -175,7 +176,8 @@ pub fn expect_fault(view: &HostView, at: u64, len: u64, what: &str) {
                 ("write", write_byte(view, byte, 0x5a)),
             ] {
                 match res {
-                    Err(f) if f.at == byte && f.is_access_error() && f.signo == want.signo() => {}
+                    Err(f)
+                        if f.at == byte && f.signo == want.signo() && f.code == want.si_code() => {}
                     other => panic!(
                         "{what}: host {kind} at view offset {byte:#x}: expected {want:?}, got {other:?}"
                     ),
@@ -186,14 +188,14 @@ pub fn expect_fault(view: &HostView, at: u64, len: u64, what: &str) {
 }
 
 /// True when `t`, a touch at byte `at` of `view`, faulted exactly as the view's mechanism
-/// says a touch there must ([`HostView::fault_at`]): the same signal, with an access-error
-/// code. False for a touch that succeeded or faulted otherwise.
+/// says a touch there must ([`HostView::fault_at`]): the same signal and `si_code`. False for
+/// a touch that succeeded or faulted otherwise.
 pub fn faults_as_documented(view: &HostView, at: u64, t: Touch) -> bool {
     let Some(want) = view.fault_at(as_usize(at)) else {
         return false;
     };
     match fault(at, t) {
-        Err(f) => f.signo == want.signo() && f.is_access_error(),
+        Err(f) => f.signo == want.signo() && f.code == want.si_code(),
         Ok(_) => false,
     }
 }

@@ -89,12 +89,16 @@ impl Engine {
         let len = to_usize(r.bytes().len())?;
         let resident = map.residency(off, len)?;
         let page = to_usize(PAGE_SIZE)?;
-        let mut buf = vec![0u8; to_usize(CHUNK_PAGES * PAGE_SIZE)?];
+        // Allocated on the first resident page: most ranges hold none.
+        let mut buf = Vec::new();
         let mut i = 0usize;
         while i < resident.len() {
             if resident[i] & 1 == 0 {
                 i += 1;
                 continue;
+            }
+            if buf.is_empty() {
+                buf = vec![0u8; to_usize(CHUNK_PAGES * PAGE_SIZE)?];
             }
             let start = i;
             while i < resident.len() && resident[i] & 1 == 1 && i - start < buf.len() / page {

@@ -112,7 +112,6 @@ pub struct ParticipantId(u64);
 #[derive(Default)]
 pub(crate) struct Participants {
     list: Vec<(ParticipantId, Box<dyn Participant>)>,
-    next: u64,
 }
 
 impl fmt::Debug for Participants {
@@ -126,8 +125,9 @@ impl fmt::Debug for Participants {
 
 impl Participants {
     pub fn add(&mut self, p: Box<dyn Participant>) -> ParticipantId {
-        let id = ParticipantId(self.next);
-        self.next += 1;
+        // Unique across files, so that an id of another file removes nothing here.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = ParticipantId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         self.list.push((id, p));
         id
     }

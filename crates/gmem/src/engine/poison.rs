@@ -105,14 +105,18 @@ impl Engine {
             st.poison.insert(page);
             st.attrs.get(page) == Attr::Shared
         };
-        if shared {
+        // The record is in; every participant hears of it even if a local view could not be
+        // guarded (that view's failure is the error returned).
+        let guarded = if shared {
             let numa = self.numa_policy_set();
             ctl.views
                 .guard_pages(&self.view_ctx(numa.as_ref()), &[page])
-                .map_err(|source| PoisonError::Os { offset: at, source })?;
-        }
+                .map_err(|source| PoisonError::Os { offset: at, source })
+        } else {
+            Ok(())
+        };
         ctl.participants
             .notify(&Step::Poison(PageRange::one(page).bytes()));
-        Ok(())
+        guarded
     }
 }

@@ -4,12 +4,12 @@
 //!
 //! | backing | a private page in a view | the view itself |
 //! |---|---|---|
-//! | shmem | guard marker: `SIGSEGV` (`SEGV_ACCERR`), `EFAULT` for a kernel access | one mapping; its moves and unmaps by the VMM are seen (userfaultfd events) and neutralised |
-//! | kernel guest_memfd | guard marker: `SIGSEGV`, `EFAULT` | one mapping, `mseal`ed: it cannot be moved, unmapped, remapped over or re-protected by anyone |
+//! | shmem | guard marker: `SIGSEGV` (`SEGV_MAPERR`), `EFAULT` for a kernel access | one mapping; its moves and unmaps by the VMM are seen (userfaultfd events) and neutralised |
+//! | kernel guest_memfd | guard marker: `SIGSEGV` (`SEGV_MAPERR`), `EFAULT` | one mapping, `mseal`ed: it cannot be moved, unmapped, remapped over or re-protected by anyone |
 //! | HugeTLB | a wholly private huge page is a hole: `SIGBUS` (`BUS_ADRERR`); a private 4 KiB page of a split huge page a guard marker: `SIGSEGV` | one mapping per huge-page window that is not plain; moves and unmaps seen and neutralised |
 //!
 //! Guard markers (Linux 6.13, file mappings 6.15) survive `MADV_DONTNEED` (what a balloon
-//! device does), `MADV_PAGEOUT`, `mprotect` and punch-hole, need no mapping of their own (a
+//! device does), `MADV_PAGEOUT`, `mprotect` and gmem's punch-hole, need no mapping of their own (a
 //! guest that shares every other page of 1 GiB costs no extra VMA) and make `write(2)`,
 //! `vmsplice(2)`, io_uring and O_DIRECT through the address fail with `EFAULT`. They raise
 //! `SIGSEGV`, not the `SIGBUS` the kernel's guest_memfd raises: that is the documented
@@ -192,7 +192,7 @@ impl GuestMemfd {
 /// How a host touch of a page of a view faults, by the mechanism that enforces it there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostFault {
-    /// `SIGSEGV` (`SEGV_ACCERR`/`SEGV_MAPERR`): a guard marker on a private or poisoned 4 KiB
+    /// `SIGSEGV` (`SEGV_MAPERR`): a guard marker on a private or poisoned 4 KiB
     /// page (shmem, the kernel guest_memfd, the pieces of a split HugeTLB page).
     Segv,
     /// `SIGBUS` (`BUS_ADRERR`): a hole (a wholly private HugeTLB huge page) or a touch past the
@@ -206,6 +206,15 @@ impl HostFault {
         match self {
             HostFault::Segv => libc::SIGSEGV,
             HostFault::Bus => libc::SIGBUS,
+        }
+    }
+
+    /// The signal's `si_code` as this kernel reports it: `SEGV_MAPERR` (1) for a guard
+    /// marker, `BUS_ADRERR` (2) for a hole or past the end of the file.
+    pub fn si_code(self) -> i32 {
+        match self {
+            HostFault::Segv => 1,
+            HostFault::Bus => libc::BUS_ADRERR,
         }
     }
 }
