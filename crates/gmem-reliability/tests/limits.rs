@@ -204,6 +204,31 @@ fn limits_131072_private_runs_in_1_gib() {
     assert!(!unsafe { probe::read(view.as_ptr().wrapping_add(PAGE as usize)) }.is_fault());
 }
 
+/// A guest that makes a HugeTLB file split page after page cannot bring the VMM to
+/// `vm.max_map_count`: near it (within [`gmem::MAP_HEADROOM`]) the split and a new view fail
+/// with `ENOMEM`, threads still start, and both work again once mappings are free.
+#[test]
+fn limits_map_count_headroom_for_hugetlb_splits() {
+    let _pool = match gmem::PoolGuard::grow(HUGE_2M, 4) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("skipped: cannot reserve 4 HugeTLB pages: {e}");
+            return;
+        }
+    };
+    let out = child(&["map-count"], || Ok(()));
+    for check in [
+        "ok split refused near the limit",
+        "ok nothing changed",
+        "ok view refused near the limit",
+        "ok a thread starts",
+        "ok split once mappings are free",
+        "ok view once mappings are free",
+    ] {
+        assert!(out.contains(check), "{check}:\n{out}");
+    }
+}
+
 /// Reads a HugeTLB counter of the default (2 MiB) pool.
 fn hugepages(name: &str) -> u64 {
     std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{name}"))

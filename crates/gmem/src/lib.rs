@@ -59,7 +59,7 @@ pub use engine::listener::{Conversion, ConversionListener, ListenerId, Veto};
 pub use engine::participant::{Participant, ParticipantId, Step, StepError};
 pub use engine::poison::PoisonError;
 pub use engine::prealloc::{Prealloc, PreallocError, Progress};
-pub use engine::CreateError;
+pub use engine::{CreateError, MAP_HEADROOM};
 pub use model::attr::{Attr, AttrMap, Run};
 pub use model::error::Errno;
 pub use model::flags::Flags;

@@ -356,3 +356,45 @@ fn conformance_hugetlb_multi_page_conversion_reports_how_far_it_got() {
     );
     assert_eq!(mem.hugetlb_accounting().expect("acct").splits(), 0);
 }
+
+/// A guest that puts one private 4 KiB page in every huge page cannot double the host's
+/// memory: splits past the file's piece limit fail with `ENOMEM` naming the page, change
+/// nothing, and are counted; the accounting reports the pieces held; merging gives the
+/// budget back. The default limit is a quarter of the file (at least 16 MiB).
+#[test]
+fn splits_past_the_piece_limit_fail_with_enomem_and_are_accounted() {
+    let Some(_pool) = pool(M2, 12) else { return };
+    let mem = GuestMemfd::builder(8 * M2)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(BackingChoice::HugeTlb(M2))
+        .max_piece_bytes(2 * M2)
+        .create()
+        .expect("create");
+    mem.write_at(0, &pattern(0, (8 * M2) as usize))
+        .expect("fill");
+    let view = mem.map(0, 8 * M2).expect("map");
+    let acct = mem.hugetlb_accounting().expect("HugeTLB accounting");
+    assert_eq!((acct.piece_limit(), acct.piece_bytes()), (2 * M2, 0));
+    for h in 0..2 {
+        mem.convert(h * M2, P, Attr::Private).expect("split within the limit");
+    }
+    assert_eq!((acct.split_pages(), acct.piece_bytes()), (2, 2 * M2));
+    let e = mem.convert(2 * M2, P, Attr::Private).unwrap_err();
+    assert_eq!((e.errno(), e.error_offset()), (libc::ENOMEM, Some(2 * M2)), "{e}");
+    assert_eq!(acct.refused_splits(), 1);
+    assert_eq!(mem.attr(2 * M2).unwrap(), Attr::Shared, "nothing changed");
+    assert_eq!(acct.split_pages(), 2);
+    // Whole huge pages still convert: no pieces needed.
+    mem.convert(3 * M2, M2, Attr::Private).expect("a whole huge page");
+    check_view(&mem, &view, 8 * M2);
+    // A merge gives the budget back.
+    mem.convert(0, P, Attr::Shared).expect("uniform again");
+    assert_eq!(acct.split_pages(), 1);
+    mem.convert(2 * M2, P, Attr::Private).expect("split once budget is back");
+    assert_eq!(acct.piece_bytes(), 2 * M2);
+    check_view(&mem, &view, 8 * M2);
+    // The default limit.
+    let dflt = huge(4);
+    let a = dflt.hugetlb_accounting().expect("accounting");
+    assert_eq!(a.piece_limit(), 16 << 20);
+}

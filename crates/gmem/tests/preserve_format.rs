@@ -386,6 +386,12 @@ fn numa_poison_pins_vm_restructure_rules() {
             section(7, 1, 0, 0, &words(&[63 * P, P + 1, 1])),
             "pin past the end of the file",
         ),
+        (
+            // 65 one-page pins of the same page over a 64-page file: more work than one pass
+            // over the file's pages, refused.
+            section(7, 1, 0, 0, &words(&[0, P, 1].repeat(65))),
+            "pins cover more pages than the file holds",
+        ),
         (section(8, 1, 0, 0, &words(&[0, 5])), "VM link"),
         (section(8, 1, 0, 0, &words(&[2])), "VM section length"),
         (

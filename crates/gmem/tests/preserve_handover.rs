@@ -779,3 +779,134 @@ fn receive_refuses_memory_that_is_short_or_not_sealed() {
         mem.convert(0, P, Attr::Shared).unwrap();
     }
 }
+
+/// 100,000 one-page pins over a sparse 16 GiB file (a 2.4 MB state): the new owner takes them
+/// all again (the work per pin is one reference per page, bounded by the file's pages), and a
+/// state whose pins cover more pages than the file holds is refused before any work.
+#[test]
+fn many_pins_over_a_sparse_file_are_bounded_work() {
+    const PINS: u64 = 100_000;
+    let size = 16u64 << 30;
+    let mem = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED).unwrap();
+    let stride = size / PINS / P * P;
+    let pins: Vec<_> = (0..PINS).map(|i| mem.pin(i * stride, P).unwrap()).collect();
+    let offer = pins
+        .iter()
+        .enumerate()
+        .fold(FileOffer::new(&mem), |o, (i, p)| o.pin(p, i as u64));
+    let (a, b) = pair();
+    let receiver = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    hand_over(a.as_fd(), &[offer], &Options::default()).expect("hand over");
+    let got = receiver.join().unwrap().expect("receive");
+    let f = &got.files[0];
+    assert_eq!(f.pins.len(), PINS as usize);
+    assert!(f
+        .pins
+        .iter()
+        .enumerate()
+        .all(|(i, (tag, pin))| *tag == i as u64 && pin.offset() == i as u64 * stride));
+    let e = f.mem.convert(stride, P, Attr::Private).unwrap_err();
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(stride)));
+}
+
+/// After a hand-over the old owner reaches nothing: every access path fails with `EPERM`
+/// (accessors, new views, pins, the guest view, conversions, allocation, poison, sharing), its
+/// old views hold nothing, the pins it listed no longer give a pointer; the new owner's
+/// private bytes stay private. A pin the old owner did not list makes the hand-over fail
+/// (`EBUSY`, naming its page) and leaves the old owner in charge.
+#[test]
+fn old_owner_after_handover_reaches_nothing() {
+    let mem = build();
+    let shared = first_shared(&mem);
+    // An unlisted pin: refused, nothing handed over.
+    let unlisted = mem.pin(shared, P).unwrap();
+    let (a, b) = pair();
+    let receiver = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).unwrap_err();
+    assert!(
+        matches!(e, HandoverError::UnlistedPin { file: 0, offset } if offset == shared),
+        "{e:?}"
+    );
+    assert_eq!(e.errno(), libc::EBUSY);
+    drop(a);
+    assert!(receiver.join().unwrap().is_err());
+    mem.convert(0, P, Attr::Private).unwrap();
+    mem.convert(0, P, Attr::Shared).unwrap();
+    drop(unlisted);
+    // Now a real hand-over, with a listed pin and a view.
+    let view = mem.map(0, mem.size()).unwrap();
+    let listed = mem.pin(shared, P).unwrap();
+    let (a, b) = pair();
+    let receiver = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    let offer = FileOffer::new(&mem).pin(&listed, 5);
+    hand_over(a.as_fd(), &[offer], &Options::default()).expect("hand over");
+    let got = receiver.join().unwrap().expect("receive");
+    let new = &got.files[0].mem;
+    new.guest()
+        .unwrap()
+        .write(shared + P, b"new owner's")
+        .unwrap();
+    new.convert(shared, 2 * P, Attr::Private).unwrap_err(); // the pin holds `shared`
+    assert_eq!(got.files[0].pins.len(), 1);
+    let eperm = |r: Result<(), i32>, what: &str| assert_eq!(r, Err(libc::EPERM), "{what}");
+    let mut buf = [0u8; 8];
+    eperm(
+        mem.read_at(shared, &mut buf).map_err(|e| e.errno()),
+        "read_at",
+    );
+    eperm(
+        mem.write_at(shared, &buf).map_err(|e| e.errno()),
+        "write_at",
+    );
+    eperm(mem.map(0, P).map(drop).map_err(|e| e.errno()), "map");
+    eperm(mem.pin(shared, P).map(drop).map_err(|e| e.errno()), "pin");
+    eperm(mem.guest().map(drop).map_err(|e| e.errno()), "guest");
+    eperm(
+        mem.convert(0, P, Attr::Private).map_err(|e| e.errno()),
+        "convert",
+    );
+    eperm(
+        mem.fallocate(FallocMode::KEEP_SIZE, 0, P)
+            .map_err(|e| e.errno()),
+        "fallocate",
+    );
+    eperm(mem.inject_poison(0).map_err(|e| e.errno()), "inject_poison");
+    eperm(
+        mem.share_with_process().map(drop).map_err(|e| e.errno()),
+        "share",
+    );
+    eperm(
+        listed.as_ptr().map(drop).map_err(|e| e.errno()),
+        "a listed pin's pointer",
+    );
+    eperm(
+        listed.read(0, &mut buf).map_err(|e| e.errno()),
+        "a listed pin's read",
+    );
+    // The old view shows nothing: every page of it refuses a kernel read (EFAULT), the page
+    // the new owner wrote included.
+    for p in 0..PAGES {
+        let at = view.as_ptr().wrapping_add((p * P) as usize);
+        assert_eq!(kernel_reads(at), Err(libc::EFAULT), "old view, page {p}");
+    }
+    // The new owner's view reads its bytes.
+    let nv = new.map(0, new.size()).unwrap();
+    assert_eq!(
+        kernel_reads(nv.as_ptr().wrapping_add(shared as usize)),
+        Ok(())
+    );
+}
+
+/// Whether the kernel can read one byte at `addr` (`write(2)` of it into a pipe): `EFAULT`
+/// when a touch there would fault. No signal is raised.
+fn kernel_reads(addr: *const u8) -> Result<(), i32> {
+    let (r, w) = std::io::pipe().unwrap();
+    // SAFETY: the kernel checks the address; a bad one is EFAULT, not a fault in this process.
+    let n = unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&w), addr.cast(), 1) };
+    drop((r, w));
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}

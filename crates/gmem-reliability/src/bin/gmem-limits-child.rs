@@ -142,12 +142,98 @@ fn no_userfaultfd(c: &mut Checks, errno: i32) {
     );
 }
 
+/// Mappings of this process (`/proc/self/maps` lines).
+fn map_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps").map_or(0, |m| m.lines().count())
+}
+
+/// One-page anonymous mappings that do not merge (alternating protections), until the
+/// process is `short` mappings below gmem's headroom under `vm.max_map_count`.
+fn fill_mappings(short: usize) -> Vec<usize> {
+    let max: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(65_530);
+    let mut made = Vec::new();
+    loop {
+        let target = max - gmem::MAP_HEADROOM - short;
+        let now = map_count();
+        if now >= target {
+            return made;
+        }
+        for _ in 0..target - now {
+            let prot = if made.len() % 2 == 0 {
+                libc::PROT_READ
+            } else {
+                libc::PROT_NONE
+            };
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            // SAFETY: a fresh anonymous page where the kernel chooses.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, -1, 0) };
+            if p == libc::MAP_FAILED {
+                return made;
+            }
+            made.push(p as usize);
+        }
+    }
+}
+
+/// Near `vm.max_map_count`: the split of a HugeTLB page and a new HugeTLB view fail with
+/// `ENOMEM` and change nothing, the process can still start threads, and both work once
+/// mappings are free again.
+fn map_count_headroom(c: &mut Checks) {
+    let huge = gmem::HUGE_2M;
+    let mem = match GuestMemfd::builder(4 * huge)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(gmem::BackingChoice::HugeTlb(huge))
+        .create()
+    {
+        Ok(m) => m,
+        Err(e) => return c.check("HugeTLB file", false, e.to_string()),
+    };
+    let view = match mem.map(0, 4 * huge) {
+        Ok(v) => v,
+        Err(e) => return c.check("HugeTLB view", false, e.to_string()),
+    };
+    let fill = fill_mappings(1);
+    let r = mem
+        .convert(4096, 4096, Attr::Private)
+        .map_err(|e| e.errno());
+    c.check(
+        "split refused near the limit",
+        r == Err(libc::ENOMEM),
+        format!("{r:?}"),
+    );
+    let runs = mem.run_count();
+    c.check("nothing changed", runs == 1, format!("{runs} runs"));
+    let r = mem.map(0, huge).map(drop).map_err(|e| e.errno());
+    c.check(
+        "view refused near the limit",
+        r == Err(libc::ENOMEM),
+        format!("{r:?}"),
+    );
+    let t = std::thread::spawn(|| 7).join();
+    c.check("a thread starts", matches!(t, Ok(7)), format!("{t:?}"));
+    for p in fill {
+        // SAFETY: unmaps a page this function mapped.
+        unsafe { libc::munmap(p as *mut libc::c_void, 4096) };
+    }
+    let r = mem
+        .convert(4096, 4096, Attr::Private)
+        .map_err(|e| e.to_string());
+    c.check("split once mappings are free", r.is_ok(), format!("{r:?}"));
+    let r = mem.map(0, huge).map(drop).map_err(|e| e.to_string());
+    c.check("view once mappings are free", r.is_ok(), format!("{r:?}"));
+    drop(view);
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let mut c = Checks { failed: false };
     match args.get(1).map(String::as_str) {
         Some("address-space") => address_space(&mut c),
         Some("huge-size") => huge_size(&mut c),
+        Some("map-count") => map_count_headroom(&mut c),
         Some("no-userfaultfd") => {
             let errno = args
                 .get(2)

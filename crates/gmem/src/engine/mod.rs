@@ -432,8 +432,10 @@ impl Drop for Engine {
 }
 
 /// Mappings kept free below `vm.max_map_count`: a thread needs two (stack and guard), the
-/// allocator some, the VMM its own. Operations that add mappings refuse (`ENOMEM`) inside it.
-pub(crate) const MAP_HEADROOM: usize = 1024;
+/// allocator some, the VMM its own. gmem operations that add mappings (a HugeTLB view, the
+/// split of a huge page: one or two per view) fail with `ENOMEM` rather than eat into it, so
+/// a guest's conversion pattern never leaves the VMM unable to start a thread.
+pub const MAP_HEADROOM: usize = 1024;
 
 impl Engine {
     /// Fails with `ENOMEM` when adding `per_view` mappings to every view (and the guest
