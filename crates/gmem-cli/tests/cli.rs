@@ -110,7 +110,20 @@ fn cli_probe_json() {
     let (ok, out, err) = gmem(&["--json", "probe"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-    assert!(v["uffd_poison"].get("Ok").is_some(), "{out}");
+    let shmem = &v["backings"][0];
+    assert_eq!(shmem["backing"], "shmem", "{out}");
+    // A guard marker: SIGSEGV (11), SEGV_MAPERR (1), measured.
+    assert_eq!(shmem["private_page"], serde_json::json!([11, 1]), "{out}");
+    let exceptions = v["exceptions"].as_array().expect("exceptions");
+    assert!(exceptions.len() >= 6, "{out}");
+    // MADV_GUARD_REMOVE's exception is measurable on every machine with shmem.
+    assert_eq!(exceptions[1]["measured"], true, "{out}");
+    assert!(
+        exceptions
+            .iter()
+            .all(|e| e["test"].as_str().is_some_and(|t| !t.is_empty())),
+        "every exception names its test: {out}"
+    );
 }
 
 #[test]

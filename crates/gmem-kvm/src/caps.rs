@@ -108,6 +108,7 @@ impl Capabilities {
             },
             conversion: Provider::Gmem,
             enforcement: Provider::Gmem,
+            host_fault: gmem::HostFault::Segv,
             memslots: if kernel_file && self.guest_memfd_flags.contains(Flags::MMAP) {
                 SlotKind::GmemOnly
             } else {
@@ -165,8 +166,13 @@ pub struct Mode {
     pub attributes: Provider,
     /// Conversion with host-reference checks (`EAGAIN` + offset).
     pub conversion: Provider,
-    /// Enforcement of host access (`SIGBUS` on private pages of host mappings).
+    /// Enforcement of host access to private pages through host mappings.
     pub enforcement: Provider,
+    /// How a host touch of a private page of a kernel file faults: gmem's views carry guard
+    /// markers, so [`gmem::HostFault::Segv`] (`SIGSEGV`, `SEGV_MAPERR`) where the kernel's own
+    /// guest_memfd (with `KVM_SET_MEMORY_ATTRIBUTES`) would raise `SIGBUS`. The documented
+    /// difference of this backing; `gmem probe` reports it.
+    pub host_fault: gmem::HostFault,
     /// Memslots for files of the kernel backing.
     pub memslots: SlotKind,
     /// Guest requests can arrive as `KVM_EXIT_HYPERCALL` (`KVM_HC_MAP_GPA_RANGE`).
@@ -192,9 +198,16 @@ impl fmt::Display for Mode {
         };
         writeln!(f, "per-page attributes: {attrs}")?;
         writeln!(f, "conversion with reference checks: {}", self.conversion)?;
+        let signal = match self.host_fault {
+            gmem::HostFault::Segv => {
+                "guard markers: SIGSEGV (SEGV_MAPERR) on private pages, where the kernel's own \
+                 guest_memfd raises SIGBUS"
+            }
+            gmem::HostFault::Bus => "SIGBUS on private pages",
+        };
         writeln!(
             f,
-            "host access enforcement: {} (SIGBUS on private pages)",
+            "host access enforcement: {} ({signal})",
             self.enforcement
         )?;
         let slots = match self.memslots {

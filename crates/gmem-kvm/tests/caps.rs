@@ -86,7 +86,20 @@ fn mode_names_who_provides_each_part() {
     let mode = vm.mode();
     assert_eq!(mode.conversion, Provider::Gmem);
     assert_eq!(mode.enforcement, Provider::Gmem);
+    assert_eq!(mode.host_fault, gmem::HostFault::Segv);
     assert_eq!(mode.file, Provider::Kernel);
+    // What Mode says is what a real touch of a private page of a kernel file raises.
+    let mem = vm
+        .create_guest_memfd(4 * 4096, Flags::MMAP | Flags::INIT_SHARED)
+        .expect("create");
+    let view = mem.map(0, 4 * 4096).expect("map");
+    mem.convert(4096, 4096, gmem::Attr::Private)
+        .expect("to private");
+    let f = gmem_conformance::touch::read_byte(&view, 4096).expect_err("a private page");
+    assert_eq!(
+        (f.signo, f.code),
+        (mode.host_fault.signo(), mode.host_fault.si_code())
+    );
     assert_eq!(
         mode.memslots,
         if caps.guest_memfd_flags.contains(Flags::MMAP) {
@@ -104,6 +117,7 @@ fn mode_names_who_provides_each_part() {
         "KVM_CAP_EXIT_HYPERCALL:",
         "KVM_CAP_USER_MEMORY2: true",
         "conversion with reference checks: gmem",
+        "SIGSEGV (SEGV_MAPERR) on private pages",
         "doorbell port 0xe00",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");

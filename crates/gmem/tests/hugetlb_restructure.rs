@@ -376,21 +376,28 @@ fn splits_past_the_piece_limit_fail_with_enomem_and_are_accounted() {
     let acct = mem.hugetlb_accounting().expect("HugeTLB accounting");
     assert_eq!((acct.piece_limit(), acct.piece_bytes()), (2 * M2, 0));
     for h in 0..2 {
-        mem.convert(h * M2, P, Attr::Private).expect("split within the limit");
+        mem.convert(h * M2, P, Attr::Private)
+            .expect("split within the limit");
     }
     assert_eq!((acct.split_pages(), acct.piece_bytes()), (2, 2 * M2));
     let e = mem.convert(2 * M2, P, Attr::Private).unwrap_err();
-    assert_eq!((e.errno(), e.error_offset()), (libc::ENOMEM, Some(2 * M2)), "{e}");
+    assert_eq!(
+        (e.errno(), e.error_offset()),
+        (libc::ENOMEM, Some(2 * M2)),
+        "{e}"
+    );
     assert_eq!(acct.refused_splits(), 1);
     assert_eq!(mem.attr(2 * M2).unwrap(), Attr::Shared, "nothing changed");
     assert_eq!(acct.split_pages(), 2);
     // Whole huge pages still convert: no pieces needed.
-    mem.convert(3 * M2, M2, Attr::Private).expect("a whole huge page");
+    mem.convert(3 * M2, M2, Attr::Private)
+        .expect("a whole huge page");
     check_view(&mem, &view, 8 * M2);
     // A merge gives the budget back.
     mem.convert(0, P, Attr::Shared).expect("uniform again");
     assert_eq!(acct.split_pages(), 1);
-    mem.convert(2 * M2, P, Attr::Private).expect("split once budget is back");
+    mem.convert(2 * M2, P, Attr::Private)
+        .expect("split once budget is back");
     assert_eq!(acct.piece_bytes(), 2 * M2);
     check_view(&mem, &view, 8 * M2);
     // The default limit.

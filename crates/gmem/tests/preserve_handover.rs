@@ -900,13 +900,19 @@ fn old_owner_after_handover_reaches_nothing() {
 /// Whether the kernel can read one byte at `addr` (`write(2)` of it into a pipe): `EFAULT`
 /// when a touch there would fault. No signal is raised.
 fn kernel_reads(addr: *const u8) -> Result<(), i32> {
-    let (r, w) = std::io::pipe().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: the kernel checks the address; a bad one is EFAULT, not a fault in this process.
-    let n = unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&w), addr.cast(), 1) };
-    drop((r, w));
+    let n = unsafe { libc::write(fds[1], addr.cast(), 1) };
+    let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    for fd in fds {
+        // SAFETY: closes the pipe this function made.
+        unsafe { libc::close(fd) };
+    }
     if n == 1 {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        Err(err)
     }
 }
