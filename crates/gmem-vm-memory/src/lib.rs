@@ -61,3 +61,9 @@ pub use memory::{
     GmemMemory, GmemMemoryBuilder, GmemSlices, NoPhysicalMemory, Refusal, RefusalLog, RefusalRecord,
 };
 pub use space::GmemAddressSpace;
+
+/// The README's code: the library example runs, the device-layer example compiles (it runs
+/// in `tests/readme.rs`). Kept here, in the crate that depends on everything the README uses.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -76,7 +76,3 @@ pub use verbs::numa::online_nodes;
 pub use verbs::query::FileError;
 pub use verbs::{AttrRun, FileId, GuestMemfd};
 
-/// The README's example, compiled and run as a doctest.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;
