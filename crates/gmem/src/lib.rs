@@ -75,4 +75,3 @@ pub use verbs::map::{HostFault, HostView, MapError, Sharing};
 pub use verbs::numa::online_nodes;
 pub use verbs::query::FileError;
 pub use verbs::{AttrRun, FileId, GuestMemfd};
-
