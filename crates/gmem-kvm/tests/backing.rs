@@ -289,7 +289,11 @@ fn host_views_of_kernel_files_are_guarded_in_one_sealed_mapping() {
     let addr = view.as_ptr().cast::<libc::c_void>();
     // SAFETY: names the view's own range; refused without changing it.
     let rc = unsafe { libc::mprotect(addr, len, libc::PROT_READ) };
-    assert_eq!((rc, errno()), (-1, libc::EPERM), "mprotect on a sealed view");
+    assert_eq!(
+        (rc, errno()),
+        (-1, libc::EPERM),
+        "mprotect on a sealed view"
+    );
     // SAFETY: as above.
     let moved = unsafe { libc::mremap(addr, len, 2 * len, libc::MREMAP_MAYMOVE) };
     assert_eq!((moved, errno()), (libc::MAP_FAILED, libc::EPERM), "mremap");
