@@ -111,6 +111,13 @@ impl Engine {
         // SAFETY: `[off, off + buf.len())` lies inside the live mapping (the range is inside
         // the file, which the mapping covers); `buf` is a separate buffer.
         unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        // The kernel guest_memfd's punch-hole drops the guard markers of every view at the
+        // offset of a page that some mapping still maps (`unmap_mapping_folio`), which would
+        // leave the pages, private already, reachable through every view until the refresh
+        // after the move. The copy just mapped them in gmem's mapping: unmap them there first,
+        // so the views keep their markers through the punch (followers unmap theirs when they
+        // revoke, see `Engine::apply_remote`).
+        map.advise(off, buf.len(), libc::MADV_DONTNEED)?;
         let punch = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
         let tfd = match target {
             Target::File => self.fd(),

@@ -40,6 +40,11 @@ impl Engine {
             let mut st = self.write_pages();
             let cleared = match self.huge() {
                 None => {
+                    // Pages gmem's own mapping maps lose every view's markers when the kernel
+                    // guest_memfd punches them (`Engine::orphan`): unmap them there first.
+                    if let Some(g) = self.guest_map() {
+                        g.advise(to_usize(r.start)?, to_usize(r.len())?, libc::MADV_DONTNEED)?;
+                    }
                     self.backing().fallocate(PUNCH, r.start, r.len())?;
                     st.poison.remove_range(pages)
                 }
