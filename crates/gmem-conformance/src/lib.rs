@@ -199,6 +199,7 @@ macro_rules! rollback_suite {
                 rollback_poison_refused => $crate::rollback::cases::poison_refused,
                 rollback_punch_refresh_refused => $crate::rollback::cases::punch_refresh_refused,
                 rollback_every_call_refused_in_turn => $crate::rollback::cases::every_call_refused_in_turn,
+                rollback_moved_pages_stay_unreachable => $crate::rollback::cases::moved_pages_stay_unreachable,
             );
         }
     };

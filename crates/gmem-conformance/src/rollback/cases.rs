@@ -374,3 +374,63 @@ pub fn every_call_refused_in_turn(ctx: &Ctx<'_>) {
     let n = sweep(&make, &|m| m.convert(0, size, Attr::Shared), libc::EAGAIN);
     assert_eq!(n, 2, "two restores");
 }
+
+/// The orphaning step of a conversion to private ([`gmem`]'s moves: a page a host view
+/// showed is copied out, punched and written back to a fresh page) never makes the page
+/// reachable through a view. The witness is a page whose bytes no host path may ever show:
+/// written through the guest view while private, then poisoned, then converted to shared
+/// (its bytes stay, the poison keeps it faulting). A prober reads it through a view while
+/// the page is converted to private (and moved) and back, thousands of times: it must never
+/// read those bytes. (On the kernel guest_memfd a punch-hole drops every view's markers at
+/// a page that some mapping maps, and the move's own copy mapped it.)
+pub fn moved_pages_stay_unreachable(ctx: &Ctx<'_>) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    if !require(ctx, SHARED) {
+        return;
+    }
+    const HIDDEN: u8 = 0xEE;
+    let mem = ctx.create(PAGES * PAGE, SHARED);
+    let view = mem.map(0, PAGES * PAGE).expect("map");
+    let p = 5;
+    mem.convert(p * PAGE, PAGE, Attr::Private).expect("private");
+    mem.guest()
+        .expect("guest view")
+        .write(p * PAGE, &[HIDDEN; 4096])
+        .expect("guest write");
+    mem.inject_poison(p * PAGE).expect("poison");
+    mem.convert(p * PAGE, PAGE, Attr::Shared)
+        .expect("shared, poisoned");
+    let stop = AtomicBool::new(false);
+    let (seen, probes) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let at = usize::try_from(p * PAGE).expect("offset");
+            while !stop.load(Ordering::Relaxed) {
+                for b in [0, 100, 4095] {
+                    // SAFETY: inside the live view; the probe reports the fault.
+                    let t = unsafe { crate::probe::read(view.as_ptr().wrapping_add(at + b)) };
+                    if t == crate::probe::Touch::Ok(HIDDEN) {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                    probes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        for _ in 0..5000 {
+            mem.convert(p * PAGE, PAGE, Attr::Private)
+                .expect("to private");
+            mem.convert(p * PAGE, PAGE, Attr::Shared)
+                .expect("to shared");
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let probes = probes.load(Ordering::Relaxed);
+    assert!(probes > 0);
+    assert_eq!(
+        seen.load(Ordering::Relaxed),
+        0,
+        "{probes} probes: a view showed the page's bytes while it moved"
+    );
+    let t = crate::touch::read_byte(&view, p * PAGE);
+    assert!(matches!(t, Err(f) if f.is_access_error()), "{t:?}");
+}
