@@ -15,7 +15,7 @@ fuzz="${3:-300}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 GMEM_MODEL_OPS="$ops" cargo test --release -p gmem-reliability --test model -- --nocapture
-GMEM_STRESS_SECS="$stress" cargo test --release -p gmem-reliability --test stress -- --nocapture --test-threads 1
+GMEM_STRESS_SECS="$stress" cargo test --release -p gmem-reliability --test stress --test stress_views -- --nocapture --test-threads 1
 if cargo +nightly fuzz --version >/dev/null 2>&1; then
     fuzz/run.sh "$fuzz"
 else

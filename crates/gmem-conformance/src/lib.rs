@@ -24,6 +24,7 @@ pub mod backend;
 pub mod cases;
 pub mod child;
 pub mod probe;
+pub mod rollback;
 pub mod touch;
 
 pub use backend::{Backend, Shmem};
@@ -205,5 +206,32 @@ macro_rules! __conformance_tests {
                 );
             }
         )*
+    };
+}
+
+/// Instantiates the rollback cases of [`rollback::cases`] for one base-page backing.
+///
+/// `rollback_suite!(name, backend_expr)` expands to `mod name { ... }` holding one
+/// `#[test] fn rollback_<case>()` per case, each run with [`run`] (so an unavailable backing
+/// prints `skipped: <reason>`).
+#[macro_export]
+macro_rules! rollback_suite {
+    ($name:ident, $backend:expr $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::__conformance_tests!($backend;
+                rollback_revoke_refused => $crate::rollback::cases::revoke_refused,
+                rollback_revoke_refused_at_second_call => $crate::rollback::cases::revoke_refused_at_second_call,
+                rollback_restore_refused => $crate::rollback::cases::restore_refused,
+                rollback_restore_refused_at_second_call => $crate::rollback::cases::restore_refused_at_second_call,
+                rollback_listener_veto => $crate::rollback::cases::listener_veto,
+                rollback_poison_refused => $crate::rollback::cases::poison_refused,
+                rollback_punch_refresh_refused => $crate::rollback::cases::punch_refresh_refused,
+                rollback_every_call_refused_in_turn => $crate::rollback::cases::every_call_refused_in_turn,
+                rollback_moved_pages_stay_unreachable => $crate::rollback::cases::moved_pages_stay_unreachable,
+            );
+        }
     };
 }

@@ -10,9 +10,10 @@
 //! is reported at creation ([`HugeTlbError::PoolShort`], naming the page size and the
 //! shortfall), never as a `SIGBUS` under load.
 //!
-//! Punch-hole returns the punched huge pages to the pool and drops their reservation (the
-//! kernel's rule); gmem reserves the range again at once ([`HugeTlb::reserve`]), so the file
-//! never loses its guarantee.
+//! A punch-hole through the kernel would return the punched huge pages to the pool and drop
+//! their reservation (the kernel's rule), and another user of the pool could take them before
+//! the range is reserved again ([`HugeTlb::reserve`]). gmem's punch-hole zeroes huge pages in
+//! place instead (see the engine's punch-hole), so the file never loses its guarantee.
 //!
 //! The same mapping is gmem's path to the huge pages themselves while a huge page is split
 //! (see the engine's HugeTLB restructuring): it is never remapped.

@@ -146,6 +146,22 @@ impl Huge {
         )
     }
 
+    /// The pieces of huge page `h` after a split that did not happen: taken from the piece
+    /// cache (`cached`), they go back into it, as they were before the split; otherwise they
+    /// are dropped.
+    fn unused_pieces(&self, h: u64, cached: bool) {
+        let drop = if cached {
+            self.state().cache(h)
+        } else {
+            Some(h)
+        };
+        if let Some(d) = drop {
+            if let Err(e) = self.punch_pieces(d) {
+                tracing::error!(huge_page = d, "dropping pieces: {e}");
+            }
+        }
+    }
+
     /// gmem's mapping of the companion file.
     pub fn pieces_map(&self) -> &Mapping {
         &self.pieces
@@ -356,19 +372,23 @@ impl Engine {
             source,
         };
         let cached = huge.state().take_cached(h);
-        if cached {
-            copy_mapped(map, huge.pieces_map(), hr, Dir::ToPieces).map_err(os)?;
+        let copied = if cached {
+            copy_mapped(map, huge.pieces_map(), hr, Dir::ToPieces)
         } else {
-            copy_to_companion(map, huge.companion(), hr).map_err(os)?;
+            copy_to_companion(map, huge.companion(), hr)
+        };
+        if let Err(e) = copied {
+            huge.unused_pieces(h, cached);
+            return Err(os(e));
         }
         if let Err(e) = ctl.participants.apply(&Step::Split(hr)) {
-            let _ = huge.punch_pieces(h);
+            huge.unused_pieces(h, cached);
             return Err(refused(e));
         }
         let undo = |ctl: &mut Control, this: &Engine| {
             ctl.participants.undo(&Step::Split(hr));
             let _ = this.remap_guest_window(h, this.fd());
-            let _ = huge.punch_pieces(h);
+            huge.unused_pieces(h, cached);
         };
         if let Err(e) = self.remap_guest_window(h, huge.companion()) {
             undo(ctl, self);

@@ -417,8 +417,10 @@ impl Drop for Engine {
         // Stop the reader before the views go (it holds only a weak reference).
         ctl.views.tracker = None;
         // A file no other process holds, whose sealed views keep it referenced until this
-        // process exits: give its memory back now.
+        // process exits: give its memory back now. A follower never does: the file is its
+        // owner's, which goes on using the memory.
         if self.gate.in_creator()
+            && !self.gate.is_follower()
             && !self.shared_out.load(Ordering::Acquire)
             && ctl.views.holds_sealed()
         {

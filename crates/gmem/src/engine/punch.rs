@@ -1,16 +1,16 @@
 //! Punch-hole and allocation, per backing.
 //!
 //! Punch-hole discards contents (they read back zero), clears poison records in the range
-//! and never changes attributes. On HugeTLB a punched huge page would go back to the pool
-//! and lose its reservation, and a fault on it before gmem reserves it again could find the
-//! pool empty (a `SIGBUS` in whoever touched it). So, with accessors excluded (the page-state
-//! lock held for writing):
+//! and never changes attributes. On HugeTLB a huge page punched through the kernel would go
+//! back to the pool and lose its reservation until gmem reserved the range again, and in
+//! between any other user of the pool (another process, another file) may take the page:
+//! the reservation then fails (`ENOMEM` from the punch) and a later touch of the page, by
+//! gmem's own accessors too, is a `SIGBUS`. Nothing is gained by returning it either: the
+//! page is reserved for the file again at once, so no one else could use it. So, with
+//! accessors excluded (the page-state lock held for writing):
 //!
-//! - a huge page no host reference holds is punched and its range reserved again at once:
-//!   its memory goes back to the pool and is promised to this file again in one step that no
-//!   gmem accessor can interleave with;
-//! - a huge page something holds (a pin, a device slice) is zeroed in place instead: it
-//!   stays allocated and reserved, and the holder reads zeros, as the file does;
+//! - a huge page is zeroed in place: it stays allocated and reserved, and whoever holds it
+//!   (a pin, a device slice) reads zeros, as the file does;
 //! - the pieces of a split huge page are dropped and the page merges back when it can.
 
 use std::io;
@@ -86,14 +86,7 @@ impl Engine {
                 self.unmap_internal(hr)?;
                 huge.punch_pieces(h)?;
             }
-            if self.refs().first_busy(geo.pages(h)).is_some() {
-                self.zero_huge(hr)?;
-            } else {
-                self.backing().fallocate(PUNCH, hr.start, hr.len())?;
-                if let Some(ht) = self.backing().as_hugetlb() {
-                    ht.reserve(hr.start, hr.len())?;
-                }
-            }
+            self.zero_huge(hr)?;
             cleared.extend(st.poison.remove_range(geo.pages(h)));
         }
         Ok(cleared)

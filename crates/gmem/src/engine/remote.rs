@@ -6,6 +6,7 @@ use super::participant::{Step, StepError};
 use super::Engine;
 use crate::model::attr::{Attr, Run};
 use crate::model::units::{page_offset, ByteRange, PageRange};
+use crate::sys::to_usize;
 
 fn step_err(offset: u64, e: &std::io::Error) -> StepError {
     StepError {
@@ -48,6 +49,17 @@ impl Engine {
                             st.attrs.set(run.start, run.end, run.attr);
                         }
                         return Err(step_err(r.start, &e));
+                    }
+                }
+                // The pages leave this process's mapping of the file too: the owner moves
+                // them next, and the kernel guest_memfd's punch-hole drops every view's
+                // markers at a page something still maps (see `Engine::orphan`).
+                if let Some(g) = self.guest_map() {
+                    let (off, len) = (to_usize(r.start), to_usize(r.len()));
+                    if let (Ok(off), Ok(len)) = (off, len) {
+                        if let Err(e) = g.advise(off, len, libc::MADV_DONTNEED) {
+                            tracing::debug!(offset = r.start, "unmapping revoked pages: {e}");
+                        }
                     }
                 }
                 Ok(())
