@@ -11,20 +11,21 @@ use std::sync::Arc;
 use gmem::{ByteRange, Participant, Step, StepError};
 use kvm_bindings::{kvm_memory_attributes, KVM_MEMORY_ATTRIBUTE_PRIVATE};
 
+use crate::gpa::Gpa;
 use crate::vm::VmShared;
 
 /// Keeps the kernel's attributes of one binding in step with gmem's.
 #[derive(Debug)]
 pub struct KernelAttributes {
     vm: Arc<VmShared>,
-    gpa: u64,
+    gpa: Gpa,
     offset: u64,
     len: u64,
 }
 
 impl KernelAttributes {
     /// The participant for the binding of file range `[offset, offset + len)` at `gpa` in `vm`.
-    pub(crate) fn new(vm: Arc<VmShared>, gpa: u64, offset: u64, len: u64) -> Self {
+    pub(crate) fn new(vm: Arc<VmShared>, gpa: Gpa, offset: u64, len: u64) -> Self {
         KernelAttributes {
             vm,
             gpa,
@@ -34,11 +35,14 @@ impl KernelAttributes {
     }
 
     /// The guest-physical range of the part of `r` (file bytes) this binding covers.
-    fn gpa_range(&self, r: ByteRange) -> Option<(u64, u64)> {
+    fn gpa_range(&self, r: ByteRange) -> Option<(Gpa, u64)> {
         let end = self.offset.checked_add(self.len)?;
         let start = r.start.max(self.offset);
         let stop = r.end.min(end);
-        (start < stop).then(|| (self.gpa + (start - self.offset), stop - start))
+        if start >= stop {
+            return None;
+        }
+        Some((self.gpa.checked_add(start - self.offset)?, stop - start))
     }
 
     fn set(&self, r: ByteRange, private: bool) -> Result<(), StepError> {
@@ -46,7 +50,7 @@ impl KernelAttributes {
             return Ok(());
         };
         let attrs = kvm_memory_attributes {
-            address: gpa,
+            address: gpa.raw(),
             size,
             attributes: if private {
                 u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE)

@@ -33,6 +33,8 @@
 use gmem::Attr;
 use kvm_bindings::kvm_regs;
 
+use crate::gpa::Gpa;
+
 /// The doorbell: a 32-bit read carries a request and returns its status.
 pub const DOORBELL_PORT: u16 = 0x0e00;
 /// A 32-bit read gives bits 0..31 of the failing guest-physical address of the last request.
@@ -48,7 +50,7 @@ pub const DOORBELL_ABI_VERSION: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DoorbellRequest {
     /// First guest-physical address.
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Size in bytes.
     pub size: u64,
     /// Attribute asked for.
@@ -59,9 +61,14 @@ fn low32(v: u64) -> u64 {
     v & 0xffff_ffff
 }
 
+/// The low 32 bits of a register, as the guest wrote them in every mode.
+fn reg32(v: u64) -> u32 {
+    u32::try_from(low32(v)).unwrap_or(u32::MAX)
+}
+
 /// Decodes the request in `regs`; `Err(gpa)` when the flags have unknown bits.
-pub fn decode(regs: &kvm_regs) -> Result<DoorbellRequest, u64> {
-    let gpa = low32(regs.rbx) | (low32(regs.rdi) << 32);
+pub fn decode(regs: &kvm_regs) -> Result<DoorbellRequest, Gpa> {
+    let gpa = Gpa::from_halves(reg32(regs.rbx), reg32(regs.rdi));
     let flags = low32(regs.rsi);
     if flags & !u64::from(DOORBELL_TO_PRIVATE) != 0 {
         return Err(gpa);
@@ -93,7 +100,7 @@ mod tests {
         assert_eq!(
             decode(&regs),
             Ok(DoorbellRequest {
-                gpa: 0x1_0000_3000,
+                gpa: Gpa::new(0x1_0000_3000),
                 size: 0x2000,
                 to: Attr::Private
             })
@@ -104,6 +111,6 @@ mod tests {
         };
         assert_eq!(decode(&shared).map(|r| r.to), Ok(Attr::Shared));
         let bad = kvm_regs { rsi: 3, ..regs };
-        assert_eq!(decode(&bad), Err(0x1_0000_3000));
+        assert_eq!(decode(&bad), Err(Gpa::new(0x1_0000_3000)));
     }
 }

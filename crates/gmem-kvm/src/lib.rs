@@ -10,6 +10,7 @@
 //!   guest view for others).
 //! - [`request`], [`doorbell`]: conversions the guest asks for, by hypercall exit, memory
 //!   fault exit, or gmem's I/O-port doorbell.
+//! - [`gpa`]: [`Gpa`], guest-physical addresses with checked arithmetic.
 //! - [`runner`]: vCPUs, the run loop and [`runner::demo_guest`]; [`payload`]: tiny real-mode
 //!   guest programs.
 //! - [`uapi`]: the guest_memfd constants kvm-bindings lacks.
@@ -34,6 +35,7 @@
 pub mod attributes;
 pub mod caps;
 pub mod doorbell;
+pub mod gpa;
 pub mod guest_memfd;
 pub mod memslot;
 pub mod payload;
@@ -49,6 +51,7 @@ pub use kvm_ioctls;
 
 pub use attributes::KernelAttributes;
 pub use caps::{Capabilities, Mode, Provider, SlotKind};
+pub use gpa::Gpa;
 pub use guest_memfd::KernelGuestMemfd;
 pub use memslot::{BindError, Binding};
 pub use request::{Report, Source, Status};

@@ -31,6 +31,7 @@ use gmem::{BackingKind, Errno, FileId, Flags, GuestMemfd, ParticipantId, PAGE_SI
 use kvm_bindings::{kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD};
 
 use crate::caps::SlotKind;
+use crate::gpa::Gpa;
 use crate::vm::Vm;
 
 /// Why a binding could not be created or deleted. State is unchanged after every error.
@@ -135,7 +136,7 @@ impl Errno for BindError {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Binding {
     slot: u32,
-    gpa: u64,
+    gpa: Gpa,
     len: u64,
     offset: u64,
     kind: SlotKind,
@@ -150,6 +151,10 @@ impl Binding {
     }
     /// First guest-physical address.
     pub fn gpa(&self) -> u64 {
+        self.gpa.raw()
+    }
+    /// First guest-physical address, as a [`Gpa`].
+    pub fn start(&self) -> Gpa {
         self.gpa
     }
     /// The identity of the bound file (as [`GuestMemfd::id`] gives it), so that code given a
@@ -179,7 +184,7 @@ impl Binding {
 #[derive(Debug)]
 pub(crate) struct SlotEntry {
     pub slot: u32,
-    pub gpa: u64,
+    pub gpa: Gpa,
     pub len: u64,
     pub offset: u64,
     pub file: FileId,
@@ -200,15 +205,16 @@ pub(crate) struct SlotTable {
 pub(crate) struct Resolved {
     pub mem: GuestMemfd,
     pub offset: u64,
-    slot_gpa: u64,
+    slot_gpa: Gpa,
     slot_offset: u64,
 }
 
 impl Resolved {
-    /// The guest-physical address of file offset `off` (inside the binding).
-    pub fn gpa_of(&self, off: u64) -> u64 {
+    /// The guest-physical address of file offset `off` (`None` below the binding's start or
+    /// when the address would wrap).
+    pub fn gpa_of(&self, off: u64) -> Option<Gpa> {
         self.slot_gpa
-            .wrapping_add(off.wrapping_sub(self.slot_offset))
+            .checked_add(off.checked_sub(self.slot_offset)?)
     }
 }
 
@@ -225,10 +231,10 @@ impl SlotTable {
         (0..limit).find(|s| self.entries.iter().all(|e| e.slot != *s))
     }
 
-    fn gpa_overlap(&self, gpa: u64, end: u64) -> Option<u32> {
+    fn gpa_overlap(&self, gpa: Gpa, len: u64) -> Option<u32> {
         self.entries
             .iter()
-            .find(|e| gpa < e.gpa + e.len && e.gpa < end)
+            .find(|e| gpa.overlaps(len, e.gpa, e.len))
             .map(|e| e.slot)
     }
 
@@ -240,15 +246,15 @@ impl SlotTable {
     }
 
     /// The file range behind `[gpa, gpa + len)`, which must lie inside one binding.
-    pub fn resolve(&self, gpa: u64, len: u64) -> Option<Resolved> {
+    pub fn resolve(&self, gpa: Gpa, len: u64) -> Option<Resolved> {
         let end = gpa.checked_add(len)?;
         let e = self
             .entries
             .iter()
-            .find(|e| e.gpa <= gpa && end <= e.gpa + e.len)?;
+            .find(|e| e.gpa <= gpa && e.gpa.checked_add(e.len).is_some_and(|e_end| end <= e_end))?;
         Some(Resolved {
             mem: e.mem.clone(),
-            offset: e.offset + (gpa - e.gpa),
+            offset: e.offset.checked_add(gpa.checked_offset_from(e.gpa)?)?,
             slot_gpa: e.gpa,
             slot_offset: e.offset,
         })
@@ -281,6 +287,7 @@ impl Vm {
         offset: u64,
         len: u64,
     ) -> Result<Binding, BindError> {
+        let gpa = Gpa::new(gpa);
         let guest = mem.guest().map_or(std::ptr::null_mut(), |g| g.as_ptr());
         let hva = if guest.is_null() {
             if mem.backing_kind() != BackingKind::KernelGuestMemfd {
@@ -312,13 +319,13 @@ impl Vm {
         len: u64,
         hva: *mut u8,
     ) -> Result<Binding, BindError> {
-        self.bind_inner(mem, gpa, offset, len, hva as u64)
+        self.bind_inner(mem, Gpa::new(gpa), offset, len, hva as u64)
     }
 
     fn bind_inner(
         &self,
         mem: &GuestMemfd,
-        gpa: u64,
+        gpa: Gpa,
         offset: u64,
         len: u64,
         hva: u64,
@@ -326,24 +333,30 @@ impl Vm {
         let kernel = mem.backing_kind() == BackingKind::KernelGuestMemfd;
         let file = mem.id().map_err(|e| BindError::Kernel {
             op: "fstat",
-            gpa,
+            gpa: gpa.raw(),
             errno: e.errno(),
         })?;
         let mut slots = self.shared.slots();
         let slot = slots.free_slot().ok_or(BindError::NoFreeSlot)?;
         let mut claimed = false;
         if !kernel {
-            let invalid = BindError::InvalidRange { gpa, offset, len };
+            let invalid = BindError::InvalidRange {
+                gpa: gpa.raw(),
+                offset,
+                len,
+            };
             let page = |v: u64| v % PAGE_SIZE == 0;
-            if len == 0 || !page(len) || !page(gpa) || !page(offset) {
+            if len == 0 || !page(len) || !gpa.is_aligned(PAGE_SIZE) || !page(offset) {
                 return Err(invalid);
             }
-            let (Some(end), Some(file_end)) = (gpa.checked_add(len), offset.checked_add(len))
-            else {
+            let (Some(_), Some(file_end)) = (gpa.checked_add(len), offset.checked_add(len)) else {
                 return Err(invalid);
             };
-            if let Some(slot) = slots.gpa_overlap(gpa, end) {
-                return Err(BindError::GpaOverlap { gpa, slot });
+            if let Some(slot) = slots.gpa_overlap(gpa, len) {
+                return Err(BindError::GpaOverlap {
+                    gpa: gpa.raw(),
+                    slot,
+                });
             }
             let mut owners = owners();
             let map = owners.get_or_insert_with(HashMap::new);
@@ -371,7 +384,7 @@ impl Vm {
         let region = kvm_userspace_memory_region2 {
             slot,
             flags: if kernel { KVM_MEM_GUEST_MEMFD } else { 0 },
-            guest_phys_addr: gpa,
+            guest_phys_addr: gpa.raw(),
             memory_size: len,
             userspace_addr: hva,
             guest_memfd_offset: if kernel { offset } else { 0 },
@@ -397,7 +410,7 @@ impl Vm {
             }
             return Err(BindError::Kernel {
                 op: "KVM_SET_USER_MEMORY_REGION2",
-                gpa,
+                gpa: gpa.raw(),
                 errno: e.errno(),
             });
         }
@@ -452,7 +465,7 @@ impl Vm {
         unsafe { self.shared.fd.set_user_memory_region2(region) }.map_err(|e| {
             BindError::Kernel {
                 op: "KVM_SET_USER_MEMORY_REGION2 (delete)",
-                gpa: binding.gpa,
+                gpa: binding.gpa.raw(),
                 errno: e.errno(),
             }
         })?;
@@ -469,7 +482,60 @@ impl Vm {
             .slots()
             .entries
             .iter()
-            .map(|e| (e.slot, e.gpa, e.len, e.offset))
+            .map(|e| (e.slot, e.gpa.raw(), e.len, e.offset))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table with one binding: 8 pages of a file from offset 4 pages, at gpa 0x10_0000.
+    fn table() -> SlotTable {
+        let mem =
+            GuestMemfd::create(16 * PAGE_SIZE, Flags::MMAP | Flags::INIT_SHARED).expect("create");
+        let file = mem.id().expect("id");
+        let mut t = SlotTable::new(8);
+        t.entries.push(SlotEntry {
+            slot: 0,
+            gpa: Gpa::new(0x10_0000),
+            len: 8 * PAGE_SIZE,
+            offset: 4 * PAGE_SIZE,
+            file,
+            mem,
+            attrs: None,
+        });
+        t
+    }
+
+    #[test]
+    fn resolve_maps_gpas_inside_one_binding_only() {
+        let t = table();
+        let r = t.resolve(Gpa::new(0x10_2000), 0x2000).expect("inside");
+        assert_eq!(r.offset, 4 * PAGE_SIZE + 0x2000);
+        assert_eq!(r.gpa_of(4 * PAGE_SIZE + 0x3000), Some(Gpa::new(0x10_3000)));
+        assert_eq!(r.gpa_of(PAGE_SIZE), None, "below the binding's file offset");
+        assert!(
+            t.resolve(Gpa::new(0x10_7000), 0x2000).is_none(),
+            "crosses the end"
+        );
+        assert!(
+            t.resolve(Gpa::new(0x0f_f000), 0x2000).is_none(),
+            "starts below"
+        );
+        assert!(
+            t.resolve(Gpa::new(u64::MAX - 0xfff), 0x2000).is_none(),
+            "wraps"
+        );
+    }
+
+    #[test]
+    fn gpa_overlap_is_half_open() {
+        let t = table();
+        assert_eq!(t.gpa_overlap(Gpa::new(0x10_7000), 0x1000), Some(0));
+        assert_eq!(t.gpa_overlap(Gpa::new(0x0f_f000), 0x2000), Some(0));
+        assert_eq!(t.gpa_overlap(Gpa::new(0x10_8000), 0x1000), None);
+        assert_eq!(t.gpa_overlap(Gpa::new(0x0f_f000), 0x1000), None);
     }
 }

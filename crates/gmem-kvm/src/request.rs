@@ -21,6 +21,7 @@ use std::fmt;
 use gmem::{Attr, Errno, PAGE_SIZE};
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 
+use crate::gpa::Gpa;
 use crate::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_VALID};
 use crate::vm::VmShared;
 
@@ -127,6 +128,7 @@ pub(crate) fn map_gpa_range(vm: &VmShared, nr: u64, args: [u64; 6]) -> (u64, Opt
         return (KVM_ENOSYS.wrapping_neg(), None);
     }
     let [gpa, npages, attrs, ..] = args;
+    let gpa = Gpa::new(gpa);
     let to = if attrs & KVM_MAP_GPA_RANGE_ENCRYPTED != 0 {
         Attr::Private
     } else {
@@ -138,10 +140,10 @@ pub(crate) fn map_gpa_range(vm: &VmShared, nr: u64, args: [u64; 6]) -> (u64, Opt
         }
         _ => Report {
             source: Source::Hypercall,
-            gpa,
+            gpa: gpa.raw(),
             size: npages.saturating_mul(PAGE_SIZE),
             to,
-            status: Status::Invalid { gpa },
+            status: Status::Invalid { gpa: gpa.raw() },
         },
     };
     let ret = u64::try_from(report.status.errno())
@@ -152,7 +154,7 @@ pub(crate) fn map_gpa_range(vm: &VmShared, nr: u64, args: [u64; 6]) -> (u64, Opt
 
 /// Serves a `KVM_EXIT_MEMORY_FAULT`: the range converts to what the guest accessed it as
 /// (`KVM_MEMORY_EXIT_FLAG_PRIVATE` set: private).
-pub(crate) fn memory_fault(vm: &VmShared, flags: u64, gpa: u64, size: u64) -> Report {
+pub(crate) fn memory_fault(vm: &VmShared, flags: u64, gpa: Gpa, size: u64) -> Report {
     let to = if flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0 {
         Attr::Private
     } else {
@@ -162,20 +164,23 @@ pub(crate) fn memory_fault(vm: &VmShared, flags: u64, gpa: u64, size: u64) -> Re
 }
 
 /// Serves one request (the steps of the [module docs](self)).
-pub(crate) fn serve(vm: &VmShared, source: Source, gpa: u64, size: u64, to: Attr) -> Report {
+pub(crate) fn serve(vm: &VmShared, source: Source, gpa: Gpa, size: u64, to: Attr) -> Report {
     let status = convert(vm, gpa, size, to);
     Report {
         source,
-        gpa,
+        gpa: gpa.raw(),
         size,
         to,
         status,
     }
 }
 
-fn convert(vm: &VmShared, gpa: u64, size: u64, to: Attr) -> Status {
-    let invalid = Status::Invalid { gpa };
-    if size == 0 || gpa % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || gpa.checked_add(size).is_none()
+fn convert(vm: &VmShared, gpa: Gpa, size: u64, to: Attr) -> Status {
+    let invalid = Status::Invalid { gpa: gpa.raw() };
+    if size == 0
+        || !gpa.is_aligned(PAGE_SIZE)
+        || size % PAGE_SIZE != 0
+        || gpa.checked_add(size).is_none()
     {
         return invalid;
     }
@@ -183,11 +188,13 @@ fn convert(vm: &VmShared, gpa: u64, size: u64, to: Attr) -> Status {
         return invalid;
     };
     if let Err(e) = r.mem.convert(r.offset, size, to) {
-        let at = e.error_offset().map_or(gpa, |o| r.gpa_of(o));
+        // The error's file offset lies inside the binding: its address never wraps.
+        let at = e.error_offset().and_then(|o| r.gpa_of(o)).unwrap_or(gpa);
+        let gpa = at.raw();
         return match e.errno() {
-            libc::EAGAIN => Status::Busy { gpa: at },
-            libc::EINVAL => Status::Invalid { gpa: at },
-            errno => Status::Failed { gpa: at, errno },
+            libc::EAGAIN => Status::Busy { gpa },
+            libc::EINVAL => Status::Invalid { gpa },
+            errno => Status::Failed { gpa, errno },
         };
     }
     Status::Done
@@ -271,7 +278,7 @@ mod tests {
         let r = memory_fault(
             &vm.shared,
             u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
-            0x3000,
+            Gpa::new(0x3000),
             0x1000,
         );
         assert_eq!(
@@ -279,10 +286,10 @@ mod tests {
             (Source::MemoryFault, Attr::Private, Status::Done)
         );
         assert_eq!(mem.attr(0x3000).expect("attr"), Attr::Private);
-        let r = memory_fault(&vm.shared, 0, 0x3000, 0x1000);
+        let r = memory_fault(&vm.shared, 0, Gpa::new(0x3000), 0x1000);
         assert_eq!((r.to, r.status), (Attr::Shared, Status::Done));
         assert_eq!(mem.attr(0x3000).expect("attr"), Attr::Shared);
-        let r = memory_fault(&vm.shared, 0, 0x20_0000, 0x1000);
+        let r = memory_fault(&vm.shared, 0, Gpa::new(0x20_0000), 0x1000);
         assert_eq!(r.status, Status::Invalid { gpa: 0x20_0000 });
     }
 }

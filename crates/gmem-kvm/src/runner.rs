@@ -35,6 +35,7 @@ use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd};
 
 use crate::caps::{Capabilities, Mode};
 use crate::doorbell::{self, DOORBELL_ERROR_HI_PORT, DOORBELL_ERROR_LO_PORT, DOORBELL_PORT};
+use crate::gpa::Gpa;
 use crate::memslot::BindError;
 use crate::payload::{Asm, PayloadError, REPORT_MISMATCH, REPORT_OK, REPORT_PORT};
 use crate::request::{self, Report, Source, Status};
@@ -114,7 +115,7 @@ pub enum Exit {
 pub struct Vcpu {
     fd: VcpuFd,
     vm: Arc<VmShared>,
-    error_gpa: u64,
+    error_gpa: Gpa,
     /// KVM copies the general registers into `kvm_run` at every exit (`KVM_CAP_SYNC_REGS`),
     /// so a doorbell request is read without a `KVM_GET_REGS` (which costs about as much as
     /// an exit on a software hypervisor).
@@ -137,7 +138,7 @@ impl Vm {
         Ok(Vcpu {
             fd,
             vm: self.shared.clone(),
-            error_gpa: 0,
+            error_gpa: Gpa::default(),
             sync_regs,
         })
     }
@@ -208,11 +209,11 @@ impl Vcpu {
                 Ok(VcpuExit::IoIn(port, data)) => match port {
                     DOORBELL_PORT if data.len() == 4 => Pending::Doorbell,
                     DOORBELL_ERROR_LO_PORT if data.len() == 4 => {
-                        data.copy_from_slice(&low_half(error_gpa).to_le_bytes());
+                        data.copy_from_slice(&error_gpa.low32().to_le_bytes());
                         continue;
                     }
                     DOORBELL_ERROR_HI_PORT if data.len() == 4 => {
-                        data.copy_from_slice(&high_half(error_gpa).to_le_bytes());
+                        data.copy_from_slice(&error_gpa.high32().to_le_bytes());
                         continue;
                     }
                     _ => {
@@ -241,15 +242,15 @@ impl Vcpu {
                     *h.ret = ret;
                     match report {
                         Some(report) => {
-                            self.error_gpa = report.status.gpa();
+                            self.error_gpa = Gpa::new(report.status.gpa());
                             Pending::Done(Exit::Converted(report))
                         }
                         None => continue,
                     }
                 }
                 Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                    let report = request::memory_fault(&self.vm, flags, gpa, size);
-                    self.error_gpa = report.status.gpa();
+                    let report = request::memory_fault(&self.vm, flags, Gpa::new(gpa), size);
+                    self.error_gpa = Gpa::new(report.status.gpa());
                     Pending::Done(Exit::Converted(report))
                 }
                 Ok(VcpuExit::MmioRead(gpa, data)) => {
@@ -292,13 +293,13 @@ impl Vcpu {
             Ok(r) => request::serve(&self.vm, Source::Doorbell, r.gpa, r.size, r.to),
             Err(gpa) => Report {
                 source: Source::Doorbell,
-                gpa,
+                gpa: gpa.raw(),
                 size: regs.rcx & 0xffff_ffff,
                 to: Attr::Shared,
-                status: Status::Invalid { gpa },
+                status: Status::Invalid { gpa: gpa.raw() },
             },
         };
-        self.error_gpa = report.status.gpa();
+        self.error_gpa = Gpa::new(report.status.gpa());
         let status = u32::try_from(report.status.errno()).unwrap_or(u32::MAX);
         self.set_io_in_data(&status.to_le_bytes());
         Ok(Exit::Converted(report))
@@ -321,14 +322,6 @@ impl Vcpu {
         // which this vCPU owns and which lives as long as `self.fd`; `n` bytes fit in it.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, n) };
     }
-}
-
-fn low_half(v: u64) -> u32 {
-    u32::try_from(v & 0xffff_ffff).unwrap_or(0)
-}
-
-fn high_half(v: u64) -> u32 {
-    u32::try_from(v >> 32).unwrap_or(0)
 }
 
 /// The signal a [`Watchdog`] sends; its handler does nothing, so `KVM_RUN` returns `EINTR`.
