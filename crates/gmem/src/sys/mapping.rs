@@ -140,10 +140,9 @@ impl Mapping {
 
     /// Guard markers on `[offset, offset + len)`: every touch is `SIGSEGV`, every kernel
     /// access through the address `EFAULT`; they survive `MADV_DONTNEED`, `mprotect` and
-    /// punch-hole. Present pages are zapped first (one cheap `MADV_DONTNEED`, so the marker
-    /// walk finds empty entries).
+    /// punch-hole. The kernel zaps present pages itself (its walk retries after a zap), so
+    /// one call does it.
     pub fn guard(&self, offset: usize, len: usize) -> io::Result<()> {
-        self.advise(offset, len, libc::MADV_DONTNEED)?;
         self.advise(offset, len, MADV_GUARD_INSTALL)
     }
 
