@@ -101,48 +101,10 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
     timed(
         &mut steps,
         "host child process maps the file and touches 0x1000",
-        || {
-            let sock = mem.share_with_process()?;
-            clear_cloexec(&sock)?;
-            let exe = std::env::current_exe()?;
-            let status = Command::new(exe)
-                .args([
-                    "__touch",
-                    &sock.as_raw_fd().to_string(),
-                    &secret_at.to_string(),
-                ])
-                .status()?;
-            drop(sock);
-            use std::os::unix::process::ExitStatusExt;
-            let want = mem.host_fault(secret_at);
-            let name = |s: i32| match s {
-                libc::SIGBUS => "SIGBUS".to_string(),
-                libc::SIGSEGV => "SIGSEGV".to_string(),
-                s => format!("signal {s}"),
-            };
-            let expected = want.map_or("no fault".to_string(), |f| name(f.signo()));
-            let outcome = match (status.signal(), want) {
-                (Some(s), Some(f)) if s == f.signo() => format!(
-                    "child killed by {} ({})",
-                    name(s),
-                    match f {
-                        gmem::HostFault::Segv => "a guard marker on the private page",
-                        gmem::HostFault::Bus => "a hole over the private huge page",
-                    }
-                ),
-                (Some(s), _) => format!("child killed by {} (expected {expected})", name(s)),
-                (None, _) => format!("child exited with {status} (expected {expected})"),
-            };
-            Ok(((), outcome))
-        },
+        || child_touches(&mem, secret_at),
     )?;
     timed(&mut steps, "host safe accessor reads 0x1000", || {
-        let mut buf = [0u8; 8];
-        let outcome = match mem.read_at(secret_at, &mut buf) {
-            Err(e) => format!("refused: {e} (errno {})", e.errno()),
-            Ok(()) => "read succeeded (unexpected)".to_string(),
-        };
-        Ok(((), outcome))
+        host_reads_private(&mem, secret_at)
     })?;
     let pin = timed(&mut steps, "host device pins 0x2000 for DMA", || {
         let p = mem.pin(dma_at, PAGE_SIZE)?;
@@ -151,18 +113,7 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
     timed(
         &mut steps,
         "guest asks for 0x0..0x3000 private while pinned",
-        || {
-            let outcome = match mem.convert(0, 3 * PAGE_SIZE, Attr::Private) {
-                Err(e) => format!(
-                    "refused: {e} (errno {}, error_offset {:#x}); nothing changed: {} runs",
-                    e.errno(),
-                    e.error_offset().unwrap_or(0),
-                    mem.run_count()
-                ),
-                Ok(()) => "converted (unexpected)".to_string(),
-            };
-            Ok(((), outcome))
-        },
+        || convert_while_pinned(&mem),
     )?;
     timed(
         &mut steps,
@@ -184,25 +135,94 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
     timed(
         &mut steps,
         "host reads 0x1000 through the safe accessor",
-        || {
-            let mut buf = vec![0u8; SECRET.len()];
-            mem.read_at(secret_at, &mut buf)?;
-            let same = buf == SECRET;
-            Ok((
-                (),
-                format!(
-                    "{:?} ({})",
-                    String::from_utf8_lossy(&buf),
-                    if same {
-                        "preserved in place"
-                    } else {
-                        "CHANGED"
-                    }
-                ),
-            ))
-        },
+        || host_reads_secret(&mem, secret_at),
     )?;
     Ok(steps)
+}
+
+/// Shares the file with a child process of this program that maps it and touches
+/// `secret_at`; the outcome is how the child ended, against the fault the file documents.
+fn child_touches(mem: &GuestMemfd, secret_at: u64) -> R<((), String)> {
+    let sock = mem.share_with_process()?;
+    clear_cloexec(&sock)?;
+    let exe = std::env::current_exe()?;
+    let status = Command::new(exe)
+        .args([
+            "__touch",
+            &sock.as_raw_fd().to_string(),
+            &secret_at.to_string(),
+        ])
+        .status()?;
+    drop(sock);
+    Ok(((), child_outcome(status, mem.host_fault(secret_at))))
+}
+
+/// How the touching child ended, against `want`, the fault expected at the private page.
+fn child_outcome(status: std::process::ExitStatus, want: Option<gmem::HostFault>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let name = |s: i32| match s {
+        libc::SIGBUS => "SIGBUS".to_string(),
+        libc::SIGSEGV => "SIGSEGV".to_string(),
+        s => format!("signal {s}"),
+    };
+    let expected = want.map_or("no fault".to_string(), |f| name(f.signo()));
+    match (status.signal(), want) {
+        (Some(s), Some(f)) if s == f.signo() => format!(
+            "child killed by {} ({})",
+            name(s),
+            match f {
+                gmem::HostFault::Segv => "a guard marker on the private page",
+                gmem::HostFault::Bus => "a hole over the private huge page",
+            }
+        ),
+        (Some(s), _) => format!("child killed by {} (expected {expected})", name(s)),
+        (None, _) => format!("child exited with {status} (expected {expected})"),
+    }
+}
+
+/// The host's checked read of the private page at `secret_at`; the outcome is the refusal.
+fn host_reads_private(mem: &GuestMemfd, secret_at: u64) -> R<((), String)> {
+    let mut buf = [0u8; 8];
+    let outcome = match mem.read_at(secret_at, &mut buf) {
+        Err(e) => format!("refused: {e} (errno {})", e.errno()),
+        Ok(()) => "read succeeded (unexpected)".to_string(),
+    };
+    Ok(((), outcome))
+}
+
+/// Asks for `0x0..0x3000` private while a page of it is pinned; the outcome is the refusal,
+/// with the file unchanged.
+fn convert_while_pinned(mem: &GuestMemfd) -> R<((), String)> {
+    let outcome = match mem.convert(0, 3 * PAGE_SIZE, Attr::Private) {
+        Err(e) => format!(
+            "refused: {e} (errno {}, error_offset {:#x}); nothing changed: {} runs",
+            e.errno(),
+            e.error_offset().unwrap_or(0),
+            mem.run_count()
+        ),
+        Ok(()) => "converted (unexpected)".to_string(),
+    };
+    Ok(((), outcome))
+}
+
+/// The host's checked read of the secret, shared again; the outcome says whether it is
+/// unchanged.
+fn host_reads_secret(mem: &GuestMemfd, secret_at: u64) -> R<((), String)> {
+    let mut buf = vec![0u8; SECRET.len()];
+    mem.read_at(secret_at, &mut buf)?;
+    let same = buf == SECRET;
+    Ok((
+        (),
+        format!(
+            "{:?} ({})",
+            String::from_utf8_lossy(&buf),
+            if same {
+                "preserved in place"
+            } else {
+                "CHANGED"
+            }
+        ),
+    ))
 }
 
 /// The child side of the demo: attach, map, touch one byte (dies of the documented fault if

@@ -206,23 +206,123 @@ fn parse_nodes(v: &str, into: &mut Vec<u32>) -> Result<(), ObjectError> {
     Ok(())
 }
 
+/// The properties of one `-object` value as they are read, before the checks across them.
+struct Props {
+    id: Option<String>,
+    size: Option<u64>,
+    prealloc: bool,
+    policy: PolicyKind,
+    mmap: bool,
+    init_shared: bool,
+    hugetlb: bool,
+    hugesize: Option<u64>,
+    share: Option<bool>,
+    guest_memfd: Option<bool>,
+    nodes: Vec<u32>,
+}
+
+impl Props {
+    /// Every property at its default.
+    fn new() -> Self {
+        Props {
+            id: None,
+            size: None,
+            prealloc: false,
+            policy: PolicyKind::Default,
+            mmap: true,
+            init_shared: false,
+            hugetlb: false,
+            hugesize: None,
+            share: None,
+            guest_memfd: None,
+            nodes: Vec::new(),
+        }
+    }
+
+    /// Sets property `k` to `v` for an object of type `ty` (`memfd` when it is
+    /// `memory-backend-memfd`, which takes three more properties).
+    fn set(&mut self, ty: &str, memfd: bool, k: &str, v: &str) -> Result<(), ObjectError> {
+        match k {
+            "id" => self.id = Some(parse_id(k, v)?),
+            "size" => self.size = Some(parse_size(k, v)?),
+            "prealloc" => self.prealloc = parse_bool(k, v)?,
+            "host-nodes" => parse_nodes(v, &mut self.nodes)?,
+            "policy" => self.policy = parse_policy(k, v)?,
+            "mmap" => self.mmap = parse_bool(k, v)?,
+            "init-shared" => self.init_shared = parse_bool(k, v)?,
+            "hugetlb" => self.hugetlb = parse_bool(k, v)?,
+            "hugetlbsize" => self.hugesize = Some(parse_hugesize(k, v)?),
+            "share" if memfd => self.share = Some(parse_bool(k, v)?),
+            "guest-memfd" if memfd => self.guest_memfd = Some(parse_bool(k, v)?),
+            "seal" if memfd => {
+                parse_bool(k, v)?;
+            }
+            _ => {
+                return Err(ObjectError::UnknownProperty {
+                    ty: ty.to_string(),
+                    prop: k.to_string(),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An `id`: letters, digits, `-`, `_` and `.`, at least one.
+fn parse_id(k: &str, v: &str) -> Result<String, ObjectError> {
+    if v.is_empty()
+        || !v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(invalid(k, v, "ids are letters, digits, '-', '_' and '.'"));
+    }
+    Ok(v.to_string())
+}
+
+/// A `policy`: `default`, `preferred`, `bind` or `interleave`.
+fn parse_policy(k: &str, v: &str) -> Result<PolicyKind, ObjectError> {
+    match v {
+        "default" => Ok(PolicyKind::Default),
+        "preferred" => Ok(PolicyKind::Preferred),
+        "bind" => Ok(PolicyKind::Bind),
+        "interleave" => Ok(PolicyKind::Interleave),
+        _ => Err(invalid(
+            k,
+            v,
+            "expected default, preferred, bind or interleave",
+        )),
+    }
+}
+
+/// A `hugetlbsize`: 2M or 1G.
+fn parse_hugesize(k: &str, v: &str) -> Result<u64, ObjectError> {
+    let sz = parse_size(k, v)?;
+    if sz != 2 << 20 && sz != 1 << 30 {
+        return Err(invalid(k, v, "expected 2M or 1G"));
+    }
+    Ok(sz)
+}
+
+/// The object type: false for `memory-backend-guest-memfd`, true for `memory-backend-memfd`.
+fn parse_type(ty: &str) -> Result<bool, ObjectError> {
+    if ty.is_empty() || ty.contains('=') {
+        return Err(ObjectError::MissingType);
+    }
+    match ty {
+        "memory-backend-guest-memfd" => Ok(false),
+        "memory-backend-memfd" => Ok(true),
+        other => Err(ObjectError::UnknownType(other.to_string())),
+    }
+}
+
 /// Parses one `-object` value.
 pub fn parse(s: &str) -> Result<MemoryObject, ObjectError> {
     let parts = split(s);
     let ty = parts.first().map(String::as_str).unwrap_or("");
-    if ty.is_empty() || ty.contains('=') {
-        return Err(ObjectError::MissingType);
-    }
-    let memfd = match ty {
-        "memory-backend-guest-memfd" => false,
-        "memory-backend-memfd" => true,
-        other => return Err(ObjectError::UnknownType(other.to_string())),
-    };
+    let memfd = parse_type(ty)?;
     let mut seen: Vec<String> = Vec::new();
-    let (mut id, mut size, mut prealloc, mut policy) = (None, None, false, PolicyKind::Default);
-    let (mut mmap, mut init_shared, mut hugetlb, mut hugesize) = (true, false, false, None);
-    let (mut share, mut guest_memfd) = (None, None);
-    let mut nodes = Vec::new();
+    let mut props = Props::new();
     for kv in &parts[1..] {
         let (k, v) = kv
             .split_once('=')
@@ -234,84 +334,65 @@ pub fn parse(s: &str) -> Result<MemoryObject, ObjectError> {
             }
             seen.push(k.to_string());
         }
-        match k {
-            "id" => {
-                if v.is_empty()
-                    || !v
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                {
-                    return Err(invalid(k, v, "ids are letters, digits, '-', '_' and '.'"));
-                }
-                id = Some(v.to_string());
-            }
-            "size" => size = Some(parse_size(k, v)?),
-            "prealloc" => prealloc = parse_bool(k, v)?,
-            "host-nodes" => parse_nodes(v, &mut nodes)?,
-            "policy" => {
-                policy = match v {
-                    "default" => PolicyKind::Default,
-                    "preferred" => PolicyKind::Preferred,
-                    "bind" => PolicyKind::Bind,
-                    "interleave" => PolicyKind::Interleave,
-                    _ => {
-                        return Err(invalid(
-                            k,
-                            v,
-                            "expected default, preferred, bind or interleave",
-                        ))
-                    }
-                }
-            }
-            "mmap" => mmap = parse_bool(k, v)?,
-            "init-shared" => init_shared = parse_bool(k, v)?,
-            "hugetlb" => hugetlb = parse_bool(k, v)?,
-            "hugetlbsize" => {
-                let sz = parse_size(k, v)?;
-                if sz != 2 << 20 && sz != 1 << 30 {
-                    return Err(invalid(k, v, "expected 2M or 1G"));
-                }
-                hugesize = Some(sz);
-            }
-            "share" if memfd => share = Some(parse_bool(k, v)?),
-            "guest-memfd" if memfd => guest_memfd = Some(parse_bool(k, v)?),
-            "seal" if memfd => {
-                parse_bool(k, v)?;
-            }
-            _ => {
-                return Err(ObjectError::UnknownProperty {
-                    ty: ty.to_string(),
-                    prop: k.to_string(),
-                })
-            }
-        }
+        props.set(ty, memfd, k, v)?;
     }
-    let id = id.ok_or(ObjectError::Missing("id"))?;
-    let size = size.ok_or(ObjectError::Missing("size"))?;
+    let id = props.id.ok_or(ObjectError::Missing("id"))?;
+    let size = props.size.ok_or(ObjectError::Missing("size"))?;
     if memfd {
-        if share != Some(true) {
-            return Err(ObjectError::Invalid {
-                prop: "share".into(),
-                value: share.map_or("(unset)", |_| "off").into(),
-                reason: "guest memory must be share=on",
-            });
-        }
-        if guest_memfd != Some(true) {
-            return Err(ObjectError::Invalid {
-                prop: "guest-memfd".into(),
-                value: guest_memfd.map_or("(unset)", |_| "off").into(),
-                reason: "gmem serves memory-backend-memfd only with guest-memfd=on",
-            });
-        }
+        check_memfd(props.share, props.guest_memfd)?;
     }
+    let source = source(props.hugetlb, props.hugesize)?;
+    check_size(size, source)?;
+    let mut nodes = props.nodes;
+    nodes.sort_unstable();
+    nodes.dedup();
+    check_policy(props.policy, &nodes)?;
+    Ok(MemoryObject {
+        id,
+        size,
+        prealloc: props.prealloc,
+        host_nodes: nodes,
+        policy: props.policy,
+        mmap: props.mmap,
+        init_shared: props.init_shared,
+        source,
+    })
+}
+
+/// `memory-backend-memfd` is served only with `share=on` and `guest-memfd=on`.
+fn check_memfd(share: Option<bool>, guest_memfd: Option<bool>) -> Result<(), ObjectError> {
+    if share != Some(true) {
+        return Err(ObjectError::Invalid {
+            prop: "share".into(),
+            value: share.map_or("(unset)", |_| "off").into(),
+            reason: "guest memory must be share=on",
+        });
+    }
+    if guest_memfd != Some(true) {
+        return Err(ObjectError::Invalid {
+            prop: "guest-memfd".into(),
+            value: guest_memfd.map_or("(unset)", |_| "off").into(),
+            reason: "gmem serves memory-backend-memfd only with guest-memfd=on",
+        });
+    }
+    Ok(())
+}
+
+/// The source of the memory: HugeTLB pages of `hugesize` (2 MiB unless given) with
+/// `hugetlb=on`, shmem otherwise (and then no `hugetlbsize`).
+fn source(hugetlb: bool, hugesize: Option<u64>) -> Result<Source, ObjectError> {
     if hugesize.is_some() && !hugetlb {
         return Err(invalid("hugetlbsize", "", "needs hugetlb=on"));
     }
-    let source = if hugetlb {
+    Ok(if hugetlb {
         Source::HugeTlb(hugesize.unwrap_or(2 << 20))
     } else {
         Source::Shmem
-    };
+    })
+}
+
+/// The size must be a non-zero multiple of the page size of `source`.
+fn check_size(size: u64, source: Source) -> Result<(), ObjectError> {
     let align = match source {
         Source::Shmem => 4096,
         Source::HugeTlb(s) => s,
@@ -323,31 +404,22 @@ pub fn parse(s: &str) -> Result<MemoryObject, ObjectError> {
             reason: "must be a non-zero multiple of the page size",
         });
     }
-    nodes.sort_unstable();
-    nodes.dedup();
+    Ok(())
+}
+
+/// `policy=default` takes no host nodes; every other policy needs some.
+fn check_policy(policy: PolicyKind, nodes: &[u32]) -> Result<(), ObjectError> {
     match (policy, nodes.is_empty()) {
-        (PolicyKind::Default, false) => {
-            return Err(invalid(
-                "host-nodes",
-                "",
-                "policy=default takes no host-nodes",
-            ))
-        }
+        (PolicyKind::Default, false) => Err(invalid(
+            "host-nodes",
+            "",
+            "policy=default takes no host-nodes",
+        )),
         (PolicyKind::Bind | PolicyKind::Interleave | PolicyKind::Preferred, true) => {
-            return Err(invalid("policy", "", "this policy needs host-nodes"))
+            Err(invalid("policy", "", "this policy needs host-nodes"))
         }
-        _ => {}
+        _ => Ok(()),
     }
-    Ok(MemoryObject {
-        id,
-        size,
-        prealloc,
-        host_nodes: nodes,
-        policy,
-        mmap,
-        init_shared,
-        source,
-    })
 }
 
 impl fmt::Display for MemoryObject {

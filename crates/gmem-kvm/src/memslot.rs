@@ -338,66 +338,12 @@ impl Vm {
         })?;
         let mut slots = self.shared.slots();
         let slot = slots.free_slot().ok_or(BindError::NoFreeSlot)?;
-        let mut claimed = false;
-        if !kernel {
-            let invalid = BindError::InvalidRange {
-                gpa: gpa.raw(),
-                offset,
-                len,
-            };
-            let page = |v: u64| v % PAGE_SIZE == 0;
-            if len == 0 || !page(len) || !gpa.is_aligned(PAGE_SIZE) || !page(offset) {
-                return Err(invalid);
-            }
-            let (Some(_), Some(file_end)) = (gpa.checked_add(len), offset.checked_add(len)) else {
-                return Err(invalid);
-            };
-            if let Some(slot) = slots.gpa_overlap(gpa, len) {
-                return Err(BindError::GpaOverlap {
-                    gpa: gpa.raw(),
-                    slot,
-                });
-            }
-            let mut owners = owners();
-            let map = owners.get_or_insert_with(HashMap::new);
-            match map.get(&file) {
-                Some(&owner) if owner != self.shared.id => {
-                    return Err(BindError::OtherVm { owner })
-                }
-                Some(_) => {}
-                None => claimed = true,
-            }
-            if file_end > mem.size() {
-                return Err(BindError::OutsideFile {
-                    offset,
-                    len,
-                    size: mem.size(),
-                });
-            }
-            if let Some(slot) = slots.file_overlap(file, offset, file_end) {
-                return Err(BindError::FileOverlap { offset, slot });
-            }
-            if claimed {
-                map.insert(file, self.shared.id);
-            }
-        }
-        let region = kvm_userspace_memory_region2 {
-            slot,
-            flags: if kernel { KVM_MEM_GUEST_MEMFD } else { 0 },
-            guest_phys_addr: gpa.raw(),
-            memory_size: len,
-            userspace_addr: hva,
-            guest_memfd_offset: if kernel { offset } else { 0 },
-            guest_memfd: if kernel {
-                u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(
-                    mem,
-                )))
-                .unwrap_or(u32::MAX)
-            } else {
-                0
-            },
-            ..Default::default()
+        let claimed = if kernel {
+            false
+        } else {
+            self.check_hva_slot(&slots, mem, file, gpa, offset, len)?
         };
+        let region = region(slot, kernel, mem, gpa, offset, len, hva);
         // SAFETY: `userspace_addr` is gmem's guest view of `mem` at `offset` (or 0), which
         // lives as long as the file; the slot table keeps a handle to the file until the slot
         // is deleted. Callers of `bind_at` promised the same for their address.
@@ -436,16 +382,65 @@ impl Vm {
             gpa,
             len,
             offset,
-            kind: if kernel && mem.flags().contains(Flags::MMAP) {
-                SlotKind::GmemOnly
-            } else if kernel {
-                SlotKind::GuestMemfd
-            } else {
-                SlotKind::Hva
-            },
+            kind: slot_kind(kernel, mem),
             vm: self.shared.id,
             file,
         })
+    }
+
+    /// Checks a binding of `len` bytes of `file` (not a kernel guest_memfd) at `offset` to
+    /// `gpa` against the page size, the file's size, the other slots of this VM and the VMs
+    /// that bound the file before; claims the file for this VM when none did. Returns true
+    /// when it claimed the file (the claim is dropped again if the memslot cannot be made).
+    fn check_hva_slot(
+        &self,
+        slots: &SlotTable,
+        mem: &GuestMemfd,
+        file: FileId,
+        gpa: Gpa,
+        offset: u64,
+        len: u64,
+    ) -> Result<bool, BindError> {
+        let mut claimed = false;
+        let invalid = BindError::InvalidRange {
+            gpa: gpa.raw(),
+            offset,
+            len,
+        };
+        let page = |v: u64| v % PAGE_SIZE == 0;
+        if len == 0 || !page(len) || !gpa.is_aligned(PAGE_SIZE) || !page(offset) {
+            return Err(invalid);
+        }
+        let (Some(_), Some(file_end)) = (gpa.checked_add(len), offset.checked_add(len)) else {
+            return Err(invalid);
+        };
+        if let Some(slot) = slots.gpa_overlap(gpa, len) {
+            return Err(BindError::GpaOverlap {
+                gpa: gpa.raw(),
+                slot,
+            });
+        }
+        let mut owners = owners();
+        let map = owners.get_or_insert_with(HashMap::new);
+        match map.get(&file) {
+            Some(&owner) if owner != self.shared.id => return Err(BindError::OtherVm { owner }),
+            Some(_) => {}
+            None => claimed = true,
+        }
+        if file_end > mem.size() {
+            return Err(BindError::OutsideFile {
+                offset,
+                len,
+                size: mem.size(),
+            });
+        }
+        if let Some(slot) = slots.file_overlap(file, offset, file_end) {
+            return Err(BindError::FileOverlap { offset, slot });
+        }
+        if claimed {
+            map.insert(file, self.shared.id);
+        }
+        Ok(claimed)
     }
 
     /// Deletes a binding (the memslot goes; the file and its contents stay).
@@ -484,6 +479,48 @@ impl Vm {
             .iter()
             .map(|e| (e.slot, e.gpa.raw(), e.len, e.offset))
             .collect()
+    }
+}
+
+/// The memslot `slot` for `len` bytes at `gpa`: of the kernel guest_memfd `mem` at `offset`
+/// when `kernel`, else of the host address `hva`.
+fn region(
+    slot: u32,
+    kernel: bool,
+    mem: &GuestMemfd,
+    gpa: Gpa,
+    offset: u64,
+    len: u64,
+    hva: u64,
+) -> kvm_userspace_memory_region2 {
+    kvm_userspace_memory_region2 {
+        slot,
+        flags: if kernel { KVM_MEM_GUEST_MEMFD } else { 0 },
+        guest_phys_addr: gpa.raw(),
+        memory_size: len,
+        userspace_addr: hva,
+        guest_memfd_offset: if kernel { offset } else { 0 },
+        guest_memfd: if kernel {
+            u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(
+                mem,
+            )))
+            .unwrap_or(u32::MAX)
+        } else {
+            0
+        },
+        ..Default::default()
+    }
+}
+
+/// What a slot of `mem` is: gmem-only for a kernel guest_memfd with `MMAP`, a guest_memfd
+/// slot for another kernel guest_memfd, a host address slot otherwise.
+fn slot_kind(kernel: bool, mem: &GuestMemfd) -> SlotKind {
+    if kernel && mem.flags().contains(Flags::MMAP) {
+        SlotKind::GmemOnly
+    } else if kernel {
+        SlotKind::GuestMemfd
+    } else {
+        SlotKind::Hva
     }
 }
 

@@ -144,9 +144,53 @@ impl Vm {
     }
 }
 
+/// What [`Vcpu::run`] does after an exit.
 enum Pending {
+    /// The exit was served inside the loop: enter the guest again.
+    Resume,
+    /// A doorbell read, served once KVM's exit data is no longer borrowed.
     Doorbell,
+    /// An exit for the caller.
     Done(Exit),
+}
+
+/// A guest read of `port`: the doorbell is served after the exit, the error-address ports
+/// get the two halves of `error_gpa`, any other port all ones.
+fn io_in(port: u16, data: &mut [u8], error_gpa: Gpa) -> Pending {
+    match port {
+        DOORBELL_PORT if data.len() == 4 => Pending::Doorbell,
+        DOORBELL_ERROR_LO_PORT if data.len() == 4 => {
+            data.copy_from_slice(&error_gpa.low32().to_le_bytes());
+            Pending::Resume
+        }
+        DOORBELL_ERROR_HI_PORT if data.len() == 4 => {
+            data.copy_from_slice(&error_gpa.high32().to_le_bytes());
+            Pending::Resume
+        }
+        _ => {
+            data.fill(0xff);
+            Pending::Resume
+        }
+    }
+}
+
+/// A guest write to `port`: ignored on the doorbell's ports, returned to the caller on any
+/// other.
+fn io_out(port: u16, data: &[u8]) -> Pending {
+    if matches!(
+        port,
+        DOORBELL_PORT | DOORBELL_ERROR_LO_PORT | DOORBELL_ERROR_HI_PORT
+    ) {
+        return Pending::Resume;
+    }
+    let mut v = [0u8; 4];
+    let n = data.len().min(4);
+    v[..n].copy_from_slice(&data[..n]);
+    Pending::Done(Exit::IoOut {
+        port,
+        value: u32::from_le_bytes(v),
+        size: data.len(),
+    })
 }
 
 impl Vcpu {
@@ -197,86 +241,64 @@ impl Vcpu {
     /// Runs the guest until an exit the caller should see (see the [module docs](self)).
     pub fn run(&mut self) -> Result<Exit, RunError> {
         loop {
-            let error_gpa = self.error_gpa;
-            let pending = match self.fd.run() {
-                Err(e) if e.errno() == libc::EINTR => Pending::Done(Exit::Interrupted),
-                Err(e) => {
-                    return Err(RunError::Ioctl {
-                        op: "KVM_RUN",
-                        errno: e.errno(),
-                    })
-                }
-                Ok(VcpuExit::IoIn(port, data)) => match port {
-                    DOORBELL_PORT if data.len() == 4 => Pending::Doorbell,
-                    DOORBELL_ERROR_LO_PORT if data.len() == 4 => {
-                        data.copy_from_slice(&error_gpa.low32().to_le_bytes());
-                        continue;
-                    }
-                    DOORBELL_ERROR_HI_PORT if data.len() == 4 => {
-                        data.copy_from_slice(&error_gpa.high32().to_le_bytes());
-                        continue;
-                    }
-                    _ => {
-                        data.fill(0xff);
-                        continue;
-                    }
-                },
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    if matches!(
-                        port,
-                        DOORBELL_PORT | DOORBELL_ERROR_LO_PORT | DOORBELL_ERROR_HI_PORT
-                    ) {
-                        continue;
-                    }
-                    let mut v = [0u8; 4];
-                    let n = data.len().min(4);
-                    v[..n].copy_from_slice(&data[..n]);
-                    Pending::Done(Exit::IoOut {
-                        port,
-                        value: u32::from_le_bytes(v),
-                        size: data.len(),
-                    })
-                }
-                Ok(VcpuExit::Hypercall(h)) => {
-                    let (ret, report) = request::map_gpa_range(&self.vm, h.nr, h.args);
-                    *h.ret = ret;
-                    match report {
-                        Some(report) => {
-                            self.error_gpa = Gpa::new(report.status.gpa());
-                            Pending::Done(Exit::Converted(report))
-                        }
-                        None => continue,
-                    }
-                }
-                Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
-                    let report = request::memory_fault(&self.vm, flags, Gpa::new(gpa), size);
-                    self.error_gpa = Gpa::new(report.status.gpa());
-                    Pending::Done(Exit::Converted(report))
-                }
-                Ok(VcpuExit::MmioRead(gpa, data)) => {
-                    data.fill(0xff);
-                    Pending::Done(Exit::Mmio {
-                        gpa,
-                        len: data.len(),
-                        write: false,
-                    })
-                }
-                Ok(VcpuExit::MmioWrite(gpa, data)) => Pending::Done(Exit::Mmio {
-                    gpa,
-                    len: data.len(),
-                    write: true,
-                }),
-                Ok(VcpuExit::Hlt) => Pending::Done(Exit::Halt),
-                Ok(VcpuExit::Shutdown) => Pending::Done(Exit::Shutdown),
-                Ok(VcpuExit::InternalError) => Pending::Done(Exit::InternalError),
-                Ok(VcpuExit::FailEntry(reason, _)) => Pending::Done(Exit::FailEntry(reason)),
-                Ok(other) => Pending::Done(Exit::Unhandled(format!("{other:?}"))),
-            };
-            match pending {
+            match self.run_once()? {
+                Pending::Resume => continue,
                 Pending::Done(exit) => return Ok(exit),
                 Pending::Doorbell => return self.doorbell(),
             }
         }
+    }
+
+    /// Enters the guest once and handles the exit as far as it can be while KVM's exit data
+    /// is borrowed.
+    fn run_once(&mut self) -> Result<Pending, RunError> {
+        let error_gpa = self.error_gpa;
+        let pending = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Pending::Done(Exit::Interrupted),
+            Err(e) => {
+                return Err(RunError::Ioctl {
+                    op: "KVM_RUN",
+                    errno: e.errno(),
+                })
+            }
+            Ok(VcpuExit::IoIn(port, data)) => io_in(port, data, error_gpa),
+            Ok(VcpuExit::IoOut(port, data)) => io_out(port, data),
+            Ok(VcpuExit::Hypercall(h)) => {
+                let (ret, report) = request::map_gpa_range(&self.vm, h.nr, h.args);
+                *h.ret = ret;
+                match report {
+                    Some(report) => {
+                        self.error_gpa = Gpa::new(report.status.gpa());
+                        Pending::Done(Exit::Converted(report))
+                    }
+                    None => Pending::Resume,
+                }
+            }
+            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
+                let report = request::memory_fault(&self.vm, flags, Gpa::new(gpa), size);
+                self.error_gpa = Gpa::new(report.status.gpa());
+                Pending::Done(Exit::Converted(report))
+            }
+            Ok(VcpuExit::MmioRead(gpa, data)) => {
+                data.fill(0xff);
+                Pending::Done(Exit::Mmio {
+                    gpa,
+                    len: data.len(),
+                    write: false,
+                })
+            }
+            Ok(VcpuExit::MmioWrite(gpa, data)) => Pending::Done(Exit::Mmio {
+                gpa,
+                len: data.len(),
+                write: true,
+            }),
+            Ok(VcpuExit::Hlt) => Pending::Done(Exit::Halt),
+            Ok(VcpuExit::Shutdown) => Pending::Done(Exit::Shutdown),
+            Ok(VcpuExit::InternalError) => Pending::Done(Exit::InternalError),
+            Ok(VcpuExit::FailEntry(reason, _)) => Pending::Done(Exit::FailEntry(reason)),
+            Ok(other) => Pending::Done(Exit::Unhandled(format!("{other:?}"))),
+        };
+        Ok(pending)
     }
 
     /// Serves a doorbell read: the request is in the registers, the status goes in the
@@ -522,12 +544,7 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
     let vm = Vm::new()?;
     let caps = *vm.capabilities();
     let mut steps = Vec::new();
-    let flags = Flags::MMAP | Flags::INIT_SHARED;
-    let mem = if caps.guest_memfd && caps.guest_memfd_flags.contains(Flags::MMAP) {
-        vm.create_guest_memfd(DEMO_SIZE, flags)?
-    } else {
-        GuestMemfd::create(DEMO_SIZE, flags)?
-    };
+    let mem = demo_memory(&vm, &caps)?;
     let binding = vm.bind(&mem, 0, 0, DEMO_SIZE)?;
     steps.push(format!(
         "{} file of {} KiB bound at gpa 0 (slot {}, {:?})",
@@ -540,6 +557,44 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
     mem.write_at(DEMO_DATA, &[0xaa; 4096])?;
     steps.push(format!("host wrote 0xaa to gpa {DEMO_DATA:#x}+0x1000"));
 
+    let code = demo_code()?;
+    mem.guest()
+        .and_then(|g| g.write(DEMO_CODE, &code))
+        .map_err(DemoError::Access)?;
+
+    let mut vcpu = vm.create_vcpu(0)?;
+    vcpu.set_real_mode_entry(DEMO_CODE)?;
+    let _watchdog = Watchdog::arm(Duration::from_secs(20)).map_err(|e| DemoError::Unexpected {
+        step: "watchdog",
+        detail: e.to_string(),
+    })?;
+
+    demo_fill(&mut vcpu, &mem, &mut steps)?;
+    demo_private(&mut vcpu, &mem, &mut steps)?;
+    demo_shared(&mut vcpu, &mem, &mut steps)?;
+    Ok(DemoReport {
+        capabilities: caps,
+        mode: caps.mode(),
+        backing: mem.backing_kind(),
+        steps,
+    })
+}
+
+/// The demo guest's memory: a kernel guest_memfd where the VM accepts `MMAP`, else a shmem
+/// file, `MMAP | INIT_SHARED` either way.
+fn demo_memory(vm: &Vm, caps: &Capabilities) -> Result<GuestMemfd, DemoError> {
+    let flags = Flags::MMAP | Flags::INIT_SHARED;
+    let mem = if caps.guest_memfd && caps.guest_memfd_flags.contains(Flags::MMAP) {
+        vm.create_guest_memfd(DEMO_SIZE, flags)?
+    } else {
+        GuestMemfd::create(DEMO_SIZE, flags)?
+    };
+    Ok(mem)
+}
+
+/// The demo guest's code: check the data page and fill it, write the secret, ask for its
+/// page private then shared (reporting each status), halt.
+fn demo_code() -> Result<Vec<u8>, PayloadError> {
     let mut asm = Asm::new();
     let bad = asm.label();
     asm.check_fill(DEMO_DATA, 4096, 0xaa, 0xff, bad)
@@ -551,29 +606,24 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
         .report_eax()
         .hlt();
     asm.place(bad).report(REPORT_MISMATCH).hlt();
-    let code = asm.finish()?;
-    mem.guest()
-        .and_then(|g| g.write(DEMO_CODE, &code))
-        .map_err(DemoError::Access)?;
+    asm.finish()
+}
 
-    let mut vcpu = vm.create_vcpu(0)?;
-    vcpu.set_real_mode_entry(DEMO_CODE)?;
-    let _watchdog = Watchdog::arm(Duration::from_secs(20)).map_err(|e| DemoError::Unexpected {
-        step: "watchdog",
-        detail: e.to_string(),
-    })?;
-    let status0 = |e: &Exit| {
-        matches!(
-            e,
-            Exit::IoOut {
-                port: REPORT_PORT,
-                value: 0,
-                ..
-            }
-        )
-    };
+/// True for the guest's report of a status 0.
+fn status0(e: &Exit) -> bool {
+    matches!(
+        e,
+        Exit::IoOut {
+            port: REPORT_PORT,
+            value: 0,
+            ..
+        }
+    )
+}
 
-    expect(&mut vcpu, "guest checks 0xaa", |e| {
+/// The guest finds the host's `0xaa` and writes `0xff`, which the host reads back.
+fn demo_fill(vcpu: &mut Vcpu, mem: &GuestMemfd, steps: &mut Vec<String>) -> Result<(), DemoError> {
+    expect(vcpu, "guest checks 0xaa", |e| {
         matches!(
             e,
             Exit::IoOut {
@@ -592,10 +642,18 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
         });
     }
     steps.push("guest found 0xaa everywhere and wrote 0xff; host reads 0xff".into());
+    Ok(())
+}
 
-    let asked = expect_converted(&mut vcpu, "guest asks private", Attr::Private)?;
+/// The guest asks for the secret's page private; the host's read of it is refused.
+fn demo_private(
+    vcpu: &mut Vcpu,
+    mem: &GuestMemfd,
+    steps: &mut Vec<String>,
+) -> Result<(), DemoError> {
+    let asked = expect_converted(vcpu, "guest asks private", Attr::Private)?;
     steps.push(format!("guest wrote a secret and asked: {asked}"));
-    expect(&mut vcpu, "guest reads status 0", status0)?;
+    expect(vcpu, "guest reads status 0", status0)?;
     let mut secret = vec![0u8; DEMO_SECRET_BYTES.len()];
     match mem.read_at(DEMO_SECRET, &mut secret) {
         Err(e) => steps.push(format!(
@@ -609,10 +667,20 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
             })
         }
     }
-    let asked = expect_converted(&mut vcpu, "guest asks shared", Attr::Shared)?;
+    Ok(())
+}
+
+/// The guest asks for the secret's page shared again and halts; the host reads the secret.
+fn demo_shared(
+    vcpu: &mut Vcpu,
+    mem: &GuestMemfd,
+    steps: &mut Vec<String>,
+) -> Result<(), DemoError> {
+    let asked = expect_converted(vcpu, "guest asks shared", Attr::Shared)?;
     steps.push(format!("guest asked: {asked}"));
-    expect(&mut vcpu, "guest reads status 0", status0)?;
-    expect(&mut vcpu, "guest halts", |e| matches!(e, Exit::Halt))?;
+    expect(vcpu, "guest reads status 0", status0)?;
+    expect(vcpu, "guest halts", |e| matches!(e, Exit::Halt))?;
+    let mut secret = vec![0u8; DEMO_SECRET_BYTES.len()];
     mem.read_at(DEMO_SECRET, &mut secret)?;
     if secret != DEMO_SECRET_BYTES {
         return Err(DemoError::Unexpected {
@@ -624,10 +692,5 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
         "guest halted; host reads the shared page: {:?}",
         String::from_utf8_lossy(&secret)
     ));
-    Ok(DemoReport {
-        capabilities: caps,
-        mode: caps.mode(),
-        backing: mem.backing_kind(),
-        steps,
-    })
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //! owner's move covers the file, and so every process).
 
 use super::participant::{Step, StepError};
+use super::views::Ctx;
 use super::Engine;
 use crate::model::attr::{Attr, Run};
 use crate::model::units::{page_offset, ByteRange, PageRange};
@@ -24,82 +25,11 @@ impl Engine {
         let mut ctl = self.control_unchecked();
         let numa = self.numa_policy_set();
         let ctx = self.view_ctx(numa.as_ref());
-        let busy = |pages: PageRange| -> Result<(), StepError> {
-            match self.refs().first_busy(pages) {
-                Some(p) => Err(StepError {
-                    errno: libc::EAGAIN,
-                    offset: page_offset(p),
-                }),
-                None => Ok(()),
-            }
-        };
         match *step {
-            Step::Revoke(_) => {
-                let old: Vec<Run> = {
-                    let mut st = self.write_pages();
-                    busy(pages)?;
-                    let old = st.attrs.runs(pages.start, pages.end).collect();
-                    st.attrs.set(pages.start, pages.end, Attr::Private);
-                    old
-                };
-                for run in old.iter().filter(|r| r.attr == Attr::Shared) {
-                    if let Err(e) = ctl.views.revoke(&ctx, run.pages()) {
-                        let mut st = self.write_pages();
-                        for run in &old {
-                            st.attrs.set(run.start, run.end, run.attr);
-                        }
-                        return Err(step_err(r.start, &e));
-                    }
-                }
-                // The pages leave this process's mapping of the file too: the owner moves
-                // them next, and the kernel guest_memfd's punch-hole drops every view's
-                // markers at a page something still maps (see `Engine::orphan`).
-                if let Some(g) = self.guest_map() {
-                    let (off, len) = (to_usize(r.start), to_usize(r.len()));
-                    if let (Ok(off), Ok(len)) = (off, len) {
-                        if let Err(e) = g.advise(off, len, libc::MADV_DONTNEED) {
-                            tracing::debug!(offset = r.start, "unmapping revoked pages: {e}");
-                        }
-                    }
-                }
-                Ok(())
-            }
-            Step::Restore(_) => {
-                let (private, keep) = {
-                    let st = self.read_pages();
-                    let runs: Vec<Run> = st.attrs.runs(pages.start, pages.end).collect();
-                    let private: Vec<PageRange> = runs
-                        .iter()
-                        .filter(|r| r.attr == Attr::Private)
-                        .map(Run::pages)
-                        .collect();
-                    (private, st.poison.in_range(pages))
-                };
-                for p in private {
-                    ctl.views
-                        .restore(&ctx, p, &keep)
-                        .map_err(|e| step_err(r.start, &e))?;
-                }
-                self.write_pages()
-                    .attrs
-                    .set(pages.start, pages.end, Attr::Shared);
-                Ok(())
-            }
+            Step::Revoke(_) => self.follow_revoke(&mut ctl, &ctx, r),
+            Step::Restore(_) => self.follow_restore(&mut ctl, &ctx, r),
             Step::Split(_) | Step::Merge(_) => self.follow_restructure(&mut ctl, step, r),
-            Step::Poison(_) => {
-                let page = pages.start;
-                let shared = {
-                    let mut st = self.write_pages();
-                    st.poison.insert(page);
-                    st.attrs.get(page) == Attr::Shared
-                };
-                if shared {
-                    ctl.views
-                        .guard_pages(&ctx, &[page])
-                        .map_err(|e| step_err(r.start, &e))?;
-                }
-                Ok(())
-            }
+            Step::Poison(_) => self.follow_poison(&mut ctl, &ctx, r),
             Step::Refresh(_) => {
                 let st = self.read_pages();
                 let hs = self.huge().map(|h| h.state());
@@ -107,22 +37,134 @@ impl Engine {
                     .reenforce_range(&ctx, self.shown(&st, hs.as_deref()), pages)
                     .map_err(|e| step_err(r.start, &e))
             }
-            Step::Unpoison(_) => {
-                let cleared: Vec<u64> = {
-                    let mut st = self.write_pages();
-                    let gone = st.poison.remove_range(pages);
-                    gone.into_iter()
-                        .filter(|&p| st.attrs.get(p) == Attr::Shared)
-                        .collect()
-                };
-                for p in cleared {
-                    ctl.views
-                        .restore(&ctx, PageRange::one(p), &[])
-                        .map_err(|e| step_err(r.start, &e))?;
+            Step::Unpoison(_) => self.follow_unpoison(&mut ctl, &ctx, r),
+        }
+    }
+
+    /// `EAGAIN`, naming the page, when this process holds a page of `pages`.
+    fn check_not_busy(&self, pages: PageRange) -> Result<(), StepError> {
+        match self.refs().first_busy(pages) {
+            Some(p) => Err(StepError {
+                errno: libc::EAGAIN,
+                offset: page_offset(p),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The owner revoked `r`: the pages become private here, leave every view (the
+    /// attributes are put back when a view fails) and this process's mapping of the file.
+    fn follow_revoke(
+        &self,
+        ctl: &mut super::Control,
+        ctx: &Ctx<'_>,
+        r: ByteRange,
+    ) -> Result<(), StepError> {
+        let pages = r.pages();
+        let old: Vec<Run> = {
+            let mut st = self.write_pages();
+            self.check_not_busy(pages)?;
+            let old = st.attrs.runs(pages.start, pages.end).collect();
+            st.attrs.set(pages.start, pages.end, Attr::Private);
+            old
+        };
+        for run in old.iter().filter(|r| r.attr == Attr::Shared) {
+            if let Err(e) = ctl.views.revoke(ctx, run.pages()) {
+                let mut st = self.write_pages();
+                for run in &old {
+                    st.attrs.set(run.start, run.end, run.attr);
                 }
-                Ok(())
+                return Err(step_err(r.start, &e));
             }
         }
+        // The pages leave this process's mapping of the file too: the owner moves
+        // them next, and the kernel guest_memfd's punch-hole drops every view's
+        // markers at a page something still maps (see `Engine::orphan`).
+        if let Some(g) = self.guest_map() {
+            let (off, len) = (to_usize(r.start), to_usize(r.len()));
+            if let (Ok(off), Ok(len)) = (off, len) {
+                if let Err(e) = g.advise(off, len, libc::MADV_DONTNEED) {
+                    tracing::debug!(offset = r.start, "unmapping revoked pages: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The owner restored `r`: its private pages come back in every view (poisoned ones
+    /// stay guarded), then the range becomes shared here.
+    fn follow_restore(
+        &self,
+        ctl: &mut super::Control,
+        ctx: &Ctx<'_>,
+        r: ByteRange,
+    ) -> Result<(), StepError> {
+        let pages = r.pages();
+        let (private, keep) = {
+            let st = self.read_pages();
+            let runs: Vec<Run> = st.attrs.runs(pages.start, pages.end).collect();
+            let private: Vec<PageRange> = runs
+                .iter()
+                .filter(|r| r.attr == Attr::Private)
+                .map(Run::pages)
+                .collect();
+            (private, st.poison.in_range(pages))
+        };
+        for p in private {
+            ctl.views
+                .restore(ctx, p, &keep)
+                .map_err(|e| step_err(r.start, &e))?;
+        }
+        self.write_pages()
+            .attrs
+            .set(pages.start, pages.end, Attr::Shared);
+        Ok(())
+    }
+
+    /// The owner poisoned the page at `r`: it is recorded here, and guarded in every view
+    /// when shared.
+    fn follow_poison(
+        &self,
+        ctl: &mut super::Control,
+        ctx: &Ctx<'_>,
+        r: ByteRange,
+    ) -> Result<(), StepError> {
+        let page = r.pages().start;
+        let shared = {
+            let mut st = self.write_pages();
+            st.poison.insert(page);
+            st.attrs.get(page) == Attr::Shared
+        };
+        if shared {
+            ctl.views
+                .guard_pages(ctx, &[page])
+                .map_err(|e| step_err(r.start, &e))?;
+        }
+        Ok(())
+    }
+
+    /// The owner cleared the poison of `r`: the shared pages among those cleared come back
+    /// in every view.
+    fn follow_unpoison(
+        &self,
+        ctl: &mut super::Control,
+        ctx: &Ctx<'_>,
+        r: ByteRange,
+    ) -> Result<(), StepError> {
+        let pages = r.pages();
+        let cleared: Vec<u64> = {
+            let mut st = self.write_pages();
+            let gone = st.poison.remove_range(pages);
+            gone.into_iter()
+                .filter(|&p| st.attrs.get(p) == Attr::Shared)
+                .collect()
+        };
+        for p in cleared {
+            ctl.views
+                .restore(ctx, PageRange::one(p), &[])
+                .map_err(|e| step_err(r.start, &e))?;
+        }
+        Ok(())
     }
 
     /// The owner split or merged the huge page `r`: the follower checks its references and

@@ -32,26 +32,7 @@ impl GuestMemfd {
     }
 
     fn attach_inner(sock: OwnedFd, guest_view: bool) -> Result<GuestMemfd, PeerError> {
-        let mut hello = [0u8; HELLO_LEN];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
-        let mut anc = RecvAncillaryBuffer::new(&mut space);
-        let msg = recvmsg(
-            sock.as_fd(),
-            &mut [IoSliceMut::new(&mut hello)],
-            &mut anc,
-            RecvFlags::CMSG_CLOEXEC,
-        )
-        .map_err(os("recvmsg"))?;
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        for m in anc.drain() {
-            if let RecvAncillaryMessage::ScmRights(r) = m {
-                fds.extend(r);
-            }
-        }
-        if msg.bytes != HELLO_LEN || !(2..=3).contains(&fds.len()) {
-            return Err(PeerError::Protocol("short hello or missing descriptors"));
-        }
-        let hello = wire::parse_hello(&hello)?;
+        let (hello, fds) = recv_hello(&sock)?;
         let mut fds = fds.into_iter();
         let (Some(mem), Some(runs_fd)) = (fds.next(), fds.next()) else {
             return Err(PeerError::Protocol("missing descriptors"));
@@ -60,20 +41,7 @@ impl GuestMemfd {
             .map_err(PeerError::Descriptor)?;
         let attrs = wire::read_runs(runs_fd.as_fd(), hello.runs, hello.size / PAGE_SIZE)?;
         let pieces = fds.next();
-        match (hello.kind, &pieces) {
-            (BackingKind::HugeTlb(_), Some(p)) => {
-                crate::backing::check_received(p.as_fd(), BackingKind::Shmem, hello.size).map_err(
-                    |_| PeerError::Descriptor("companion file of the wrong size or not sealed"),
-                )?
-            }
-            (BackingKind::HugeTlb(_), None) => {
-                return Err(PeerError::Protocol(
-                    "HugeTLB hello without its companion file",
-                ))
-            }
-            (_, Some(_)) => return Err(PeerError::Protocol("unexpected third descriptor")),
-            (_, None) => {}
-        }
+        check_pieces(&hello, pieces.as_ref())?;
         let backing =
             Received::new(mem, hello.kind, hello.block, pieces, hello.size).map_err(|source| {
                 PeerError::Os {
@@ -90,19 +58,7 @@ impl GuestMemfd {
         // Requests already queued behind the hello (the `SPLIT`s of a HugeTLB file, poison,
         // or conversions made since) are applied before the file is handed out, so its first
         // views see the state of the hello plus them.
-        loop {
-            let mut msg = [0u8; MSG_LEN];
-            match rustix::net::recv(&sock, &mut msg, RecvFlags::DONTWAIT) {
-                Ok((MSG_LEN, _)) => {
-                    if !answer(&sock, &engine, &msg) {
-                        return Err(PeerError::Protocol("owner gone while attaching"));
-                    }
-                }
-                Ok(_) => return Err(PeerError::Protocol("short request")),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => break,
-            }
-        }
+        apply_queued(&sock, &engine)?;
         let weak = Arc::downgrade(&engine);
         std::thread::Builder::new()
             .name("gmem-peer".into())
@@ -113,6 +69,69 @@ impl GuestMemfd {
             })?;
         Ok(GuestMemfd::from_engine(engine, guest_view))
     }
+}
+
+/// Receives the owner's hello and the descriptors that come with it (two, or three for a
+/// HugeTLB file), and validates the hello.
+fn recv_hello(sock: &OwnedFd) -> Result<(wire::Hello, Vec<OwnedFd>), PeerError> {
+    let mut hello = [0u8; HELLO_LEN];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let msg = recvmsg(
+        sock.as_fd(),
+        &mut [IoSliceMut::new(&mut hello)],
+        &mut anc,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(os("recvmsg"))?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for m in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(r) = m {
+            fds.extend(r);
+        }
+    }
+    if msg.bytes != HELLO_LEN || !(2..=3).contains(&fds.len()) {
+        return Err(PeerError::Protocol("short hello or missing descriptors"));
+    }
+    Ok((wire::parse_hello(&hello)?, fds))
+}
+
+/// Checks the third descriptor: present exactly for a HugeTLB file, and then its companion
+/// file of pieces, sealed and of the file's size.
+fn check_pieces(hello: &wire::Hello, pieces: Option<&OwnedFd>) -> Result<(), PeerError> {
+    match (hello.kind, pieces) {
+        (BackingKind::HugeTlb(_), Some(p)) => {
+            crate::backing::check_received(p.as_fd(), BackingKind::Shmem, hello.size).map_err(
+                |_| PeerError::Descriptor("companion file of the wrong size or not sealed"),
+            )?
+        }
+        (BackingKind::HugeTlb(_), None) => {
+            return Err(PeerError::Protocol(
+                "HugeTLB hello without its companion file",
+            ))
+        }
+        (_, Some(_)) => return Err(PeerError::Protocol("unexpected third descriptor")),
+        (_, None) => {}
+    }
+    Ok(())
+}
+
+/// Applies the requests already queued on `sock` behind the hello, without waiting for more.
+fn apply_queued(sock: &OwnedFd, engine: &Engine) -> Result<(), PeerError> {
+    loop {
+        let mut msg = [0u8; MSG_LEN];
+        match rustix::net::recv(sock, &mut msg, RecvFlags::DONTWAIT) {
+            Ok((MSG_LEN, _)) => {
+                if !answer(sock, engine, &msg) {
+                    return Err(PeerError::Protocol("owner gone while attaching"));
+                }
+            }
+            Ok(_) => return Err(PeerError::Protocol("short request")),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => break,
+        }
+    }
+    Ok(())
 }
 
 /// The follower's agent: serves the owner's requests until either side goes away.

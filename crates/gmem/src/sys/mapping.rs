@@ -268,6 +268,31 @@ impl Mapping {
     }
 }
 
+/// Replaces `[addr, addr + len)` with a read-write `MAP_SHARED | MAP_FIXED` mapping of `fd`
+/// from offset 0: whatever was mapped there is gone at once, with nothing in between.
+///
+/// For the view tracker only, on a range it found in `/proc/self/smaps` mapping the guest
+/// memory file outside every live view (a view the VMM moved or grew, the target of a
+/// `MREMAP_DONTUNMAP`, what remains of a view given up): such a range holds guest memory,
+/// never a Rust object.
+///
+/// The new mapping is deliberately not owned by a [`Mapping`]: it lies in address space
+/// gmem does not own, or no longer owns. The VMM created the range with its own `mremap`
+/// and unmaps it itself; what remains of a view given up belongs to that view's
+/// [`Mapping`], which is [forgotten](Mapping::forget) right after. A second owner would
+/// unmap on drop addresses the VMM may since have mapped anew.
+pub(crate) fn replace_foreign(addr: usize, len: usize, fd: BorrowedFd<'_>) -> io::Result<()> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_SHARED | libc::MAP_FIXED;
+    // SAFETY: replaces a mapping of guest memory that gmem found at `addr` (see above) in
+    // place; no Rust object lives there.
+    let p = unsafe { libc::mmap(addr as *mut libc::c_void, len, rw, flags, fd.as_raw_fd(), 0) };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         if self.keep || self.generation != fork::generation() {

@@ -279,69 +279,40 @@ impl super::ViewSet {
                 return Vec::new();
             }
         };
+        let lost = self.lost_views(&vmas, known);
+        self.neutralize_aliases(&vmas, known, &lost);
+        for id in &lost {
+            self.lose(*id);
+        }
+        if let Err(e) = self.reenforce(ctx, shown) {
+            tracing::error!("re-enforcing the views: {e}");
+        }
+        lost
+    }
+
+    /// The ids of the views that are no longer whole at their address in `vmas`.
+    fn lost_views(&self, vmas: &[crate::sys::proc::Vma], known: &Known) -> Vec<u64> {
         let mut lost = Vec::new();
         for s in self.slots() {
-            let (lo, hi) = (s.base(), s.base() + s.len);
-            let mut covered = lo;
-            let mut whole = true;
-            for v in vmas.iter().filter(|v| v.end > lo && v.start < hi) {
-                let ours = known.is_file(v) || known.is_hole(v);
-                if !ours || v.start > covered {
-                    whole = false;
-                    break;
-                }
-                if known.is_file(v) && v.offset != s.offset + (v.start - lo) as u64 {
-                    whole = false;
-                    break;
-                }
-                covered = v.end;
-            }
-            if !whole || covered < hi {
+            if !is_whole(s, vmas, known) {
                 lost.push(s.id);
             }
         }
+        lost
+    }
+
+    /// Replaces every mapping of the file in `vmas` that lies outside the live views (those
+    /// not in `lost`) and still carries the view registration, or lies inside a view in
+    /// `lost`, with an empty mapping.
+    fn neutralize_aliases(&self, vmas: &[crate::sys::proc::Vma], known: &Known, lost: &[u64]) {
         let uffd = self.uffd().cloned();
-        let hole = |start: usize, end: usize| {
-            if let Some(u) = &uffd {
-                let _ = u.unregister(start, end - start);
-            }
-            let fd = match super::slot::hole_fd() {
-                Ok(fd) => fd,
-                Err(e) => {
-                    tracing::error!("hole memfd: {e}");
-                    return;
-                }
-            };
-            let rw = libc::PROT_READ | libc::PROT_WRITE;
-            // SAFETY: replaces a mapping of guest memory that gmem found at `start` with an
-            // empty one; no Rust object lives there.
-            let p = unsafe {
-                libc::mmap(
-                    start as *mut libc::c_void,
-                    end - start,
-                    rw,
-                    libc::MAP_SHARED | libc::MAP_FIXED,
-                    std::os::fd::AsRawFd::as_raw_fd(&fd),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                tracing::error!(
-                    start,
-                    "neutralising an alias: {}",
-                    io::Error::last_os_error()
-                );
-            } else {
-                tracing::warn!(start, end, "a moved host view was neutralised");
-            }
-        };
         let in_live = |v: &crate::sys::proc::Vma, views: &super::ViewSet| {
             views
                 .slots()
                 .iter()
                 .any(|s| !lost.contains(&s.id) && v.start >= s.base() && v.end <= s.base() + s.len)
         };
-        for v in &vmas {
+        for v in vmas {
             if !known.is_file(v) || known.is_internal(v) || in_live(v, self) {
                 continue;
             }
@@ -352,15 +323,45 @@ impl super::ViewSet {
                 .iter()
                 .any(|s| lost.contains(&s.id) && v.start >= s.base() && v.end <= s.base() + s.len);
             if v.uffd_wp || inside_lost {
-                hole(v.start, v.end);
+                hole(uffd.as_deref(), v.start, v.end);
             }
         }
-        for id in &lost {
-            self.lose(*id);
+    }
+}
+
+/// True when the view in `s` is still whole at its address in `vmas`: mapped without a gap
+/// by mappings of the file (at the view's offsets) or of the holes memfd.
+fn is_whole(s: &super::slot::Slot, vmas: &[crate::sys::proc::Vma], known: &Known) -> bool {
+    let (lo, hi) = (s.base(), s.base() + s.len);
+    let mut covered = lo;
+    for v in vmas.iter().filter(|v| v.end > lo && v.start < hi) {
+        let ours = known.is_file(v) || known.is_hole(v);
+        if !ours || v.start > covered {
+            return false;
         }
-        if let Err(e) = self.reenforce(ctx, shown) {
-            tracing::error!("re-enforcing the views: {e}");
+        if known.is_file(v) && v.offset != s.offset + (v.start - lo) as u64 {
+            return false;
         }
-        lost
+        covered = v.end;
+    }
+    covered >= hi
+}
+
+/// Unregisters `[start, end)` from the view userfaultfd and replaces it with an empty
+/// mapping of the holes memfd, where every touch is `SIGBUS`. Failures are logged.
+fn hole(uffd: Option<&Uffd>, start: usize, end: usize) {
+    if let Some(u) = uffd {
+        let _ = u.unregister(start, end - start);
+    }
+    let fd = match super::slot::hole_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!("hole memfd: {e}");
+            return;
+        }
+    };
+    match crate::sys::mapping::replace_foreign(start, end - start, fd) {
+        Err(e) => tracing::error!(start, "neutralising an alias: {e}"),
+        Ok(()) => tracing::warn!(start, end, "a moved host view was neutralised"),
     }
 }

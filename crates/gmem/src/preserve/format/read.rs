@@ -103,6 +103,14 @@ fn put<T>(slot: &mut Option<T>, v: T, at: usize) -> Result<(), FormatError> {
     Ok(())
 }
 
+/// What the header announces.
+struct Header {
+    files: usize,
+    sections: u32,
+    crc: u32,
+    generation: u64,
+}
+
 impl State {
     /// Parses and validates a state from untrusted bytes. Never panics; every failure names
     /// the byte offset where the problem was found.
@@ -111,93 +119,117 @@ impl State {
             return Err(FormatError::TooLarge { len: bytes.len() });
         }
         let mut r = Reader::new(bytes, 0);
-        if r.take(8)? != MAGIC {
-            return Err(invalid(0, "magic"));
-        }
-        let version = r.u16()?;
-        if version != VERSION {
-            return Err(FormatError::Version { version });
-        }
-        if usize::from(r.u16()?) != HEADER_LEN {
-            return Err(invalid(10, "header length"));
-        }
-        r.zero32("header flags")?;
-        let total = r.u64()?;
-        if usize::try_from(total).ok() != Some(bytes.len()) {
-            return Err(FormatError::Truncated {
-                at: 16,
-                need: usize::try_from(total).unwrap_or(usize::MAX),
-            });
-        }
-        let files = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
-        if files == 0 || files > MAX_FILES {
-            return Err(invalid(24, "file count"));
-        }
-        let sections = r.u32()?;
-        let crc = r.u32()?;
-        r.zero32("reserved header word")?;
-        let generation = r.u64()?;
-        let mut zeroed = [0u8; HEADER_LEN];
-        zeroed.copy_from_slice(bytes.get(..HEADER_LEN).ok_or(FormatError::Truncated {
-            at: 0,
-            need: HEADER_LEN,
-        })?);
-        zeroed[32..36].fill(0);
-        let body = bytes.get(HEADER_LEN..).unwrap_or(&[]);
-        let actual = update(crc32c(&zeroed), body);
-        if actual != crc {
-            return Err(FormatError::Checksum {
-                expected: crc,
-                actual,
-            });
-        }
-        let mut parts: Vec<Partial> = (0..files).map(|_| Partial::default()).collect();
-        for _ in 0..sections {
-            let at = r.at();
-            let t = r.u16()?;
-            let v = r.u16()?;
-            let file = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
-            let flags = r.u32()?;
-            let len = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
-            if flags & !FLAG_OPTIONAL != 0 {
-                return Err(invalid(at + 8, "section flags"));
-            }
-            let payload_at = r.at();
-            let payload = r.take(len)?;
-            let pad = r.take(len.next_multiple_of(8) - len)?;
-            if pad.iter().any(|&b| b != 0) {
-                return Err(invalid(payload_at + len, "section padding"));
-            }
-            if t == 0 || t > tag::LAST {
-                if flags & FLAG_OPTIONAL != 0 {
-                    continue;
-                }
-                return Err(FormatError::UnknownSection { at, tag: t });
-            }
-            if v != 1 {
-                return Err(FormatError::SectionVersion {
-                    at,
-                    tag: t,
-                    version: v,
-                });
-            }
-            let part = parts
-                .get_mut(file)
-                .ok_or(invalid(at + 4, "section file index"))?;
-            parse_section(t, Reader::new(payload, payload_at), part, at)?;
+        let header = read_header(&mut r, bytes.len())?;
+        check_checksum(bytes, header.crc)?;
+        let mut parts: Vec<Partial> = (0..header.files).map(|_| Partial::default()).collect();
+        for _ in 0..header.sections {
+            read_section(&mut r, &mut parts)?;
         }
         if !r.done() {
             return Err(invalid(r.at(), "bytes after the last section"));
         }
-        let mut out = Vec::with_capacity(files);
+        let mut out = Vec::with_capacity(header.files);
         for p in parts {
             out.push(finish(p)?);
         }
         Ok(State {
-            generation,
+            generation: header.generation,
             files: out,
         })
     }
+}
+
+/// Reads and checks the header of a state of `len` bytes, leaving `r` at the first section.
+fn read_header(r: &mut Reader<'_>, len: usize) -> Result<Header, FormatError> {
+    if r.take(8)? != MAGIC {
+        return Err(invalid(0, "magic"));
+    }
+    let version = r.u16()?;
+    if version != VERSION {
+        return Err(FormatError::Version { version });
+    }
+    if usize::from(r.u16()?) != HEADER_LEN {
+        return Err(invalid(10, "header length"));
+    }
+    r.zero32("header flags")?;
+    let total = r.u64()?;
+    if usize::try_from(total).ok() != Some(len) {
+        return Err(FormatError::Truncated {
+            at: 16,
+            need: usize::try_from(total).unwrap_or(usize::MAX),
+        });
+    }
+    let files = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+    if files == 0 || files > MAX_FILES {
+        return Err(invalid(24, "file count"));
+    }
+    let sections = r.u32()?;
+    let crc = r.u32()?;
+    r.zero32("reserved header word")?;
+    let generation = r.u64()?;
+    Ok(Header {
+        files,
+        sections,
+        crc,
+        generation,
+    })
+}
+
+/// Checks the checksum of the whole state (computed with its own header field zeroed)
+/// against `crc`, the one the header announces.
+fn check_checksum(bytes: &[u8], crc: u32) -> Result<(), FormatError> {
+    let mut zeroed = [0u8; HEADER_LEN];
+    zeroed.copy_from_slice(bytes.get(..HEADER_LEN).ok_or(FormatError::Truncated {
+        at: 0,
+        need: HEADER_LEN,
+    })?);
+    zeroed[32..36].fill(0);
+    let body = bytes.get(HEADER_LEN..).unwrap_or(&[]);
+    let actual = update(crc32c(&zeroed), body);
+    if actual != crc {
+        return Err(FormatError::Checksum {
+            expected: crc,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Reads one section at `r` (header, payload and padding) and parses it into the part of
+/// the file it names; skips an unknown section marked optional.
+fn read_section(r: &mut Reader<'_>, parts: &mut [Partial]) -> Result<(), FormatError> {
+    let at = r.at();
+    let t = r.u16()?;
+    let v = r.u16()?;
+    let file = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+    let flags = r.u32()?;
+    let len = usize::try_from(r.u32()?).unwrap_or(usize::MAX);
+    if flags & !FLAG_OPTIONAL != 0 {
+        return Err(invalid(at + 8, "section flags"));
+    }
+    let payload_at = r.at();
+    let payload = r.take(len)?;
+    let pad = r.take(len.next_multiple_of(8) - len)?;
+    if pad.iter().any(|&b| b != 0) {
+        return Err(invalid(payload_at + len, "section padding"));
+    }
+    if t == 0 || t > tag::LAST {
+        if flags & FLAG_OPTIONAL != 0 {
+            return Ok(());
+        }
+        return Err(FormatError::UnknownSection { at, tag: t });
+    }
+    if v != 1 {
+        return Err(FormatError::SectionVersion {
+            at,
+            tag: t,
+            version: v,
+        });
+    }
+    let part = parts
+        .get_mut(file)
+        .ok_or(invalid(at + 4, "section file index"))?;
+    parse_section(t, Reader::new(payload, payload_at), part, at)
 }
 
 fn parse_section(t: u16, r: Reader<'_>, part: &mut Partial, at: usize) -> Result<(), FormatError> {

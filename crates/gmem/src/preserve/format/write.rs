@@ -3,8 +3,8 @@
 use super::super::crc::crc32c;
 use super::super::error::FormatError;
 use super::{
-    tag, NumaMode, NumaRecord, RestructureKind, State, VmLink, HEADER_LEN, MAGIC, MAX_FILES,
-    MAX_STATE_LEN, VERSION,
+    tag, FileState, NumaMode, NumaRecord, RestructureKind, State, VmLink, HEADER_LEN, MAGIC,
+    MAX_FILES, MAX_STATE_LEN, VERSION,
 };
 use crate::backing::BackingKind;
 use crate::model::attr::Attr;
@@ -85,89 +85,146 @@ impl State {
         w.buf.resize(HEADER_LEN, 0);
         for (i, f) in self.files.iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
-            w.section(tag::FILE, i, |w| {
-                w.u32(kind_code(f.kind));
-                w.u32(0);
-                w.u64(f.flags.bits());
-                w.u64(f.size);
-                w.u64(f.block_size);
-                w.u64(f.id.dev);
-                w.u64(f.id.ino);
-            })?;
-            w.section(tag::RUNS, i, |w| {
-                for r in &f.runs {
-                    w.u64((r.start_page << 1) | u64::from(r.attr == Attr::Private));
-                }
-            })?;
-            if f.numa != NumaRecord::default() {
-                w.section(tag::NUMA, i, |w| {
-                    w.u32(numa_code(f.numa.mode));
-                    w.u32(0);
-                    for &n in &f.numa.nodes {
-                        w.u64(n);
-                    }
-                })?;
-            }
-            if !f.bindings.is_empty() {
-                w.section(tag::BINDINGS, i, |w| {
-                    for b in &f.bindings {
-                        w.u32(b.slot);
-                        w.u32(0);
-                        w.u64(b.offset);
-                        w.u64(b.gpa);
-                        w.u64(b.size);
-                    }
-                })?;
-            }
-            if !f.restructure.is_empty() {
-                w.section(tag::RESTRUCTURE, i, |w| {
-                    for r in &f.restructure {
-                        w.u64(r.offset);
-                        w.u64(r.len);
-                        w.u32(match r.kind {
-                            RestructureKind::Split => 1,
-                            RestructureKind::PendingMerge => 2,
-                        });
-                        w.u32(0);
-                    }
-                })?;
-            }
-            if !f.poison.is_empty() {
-                w.section(tag::POISON, i, |w| {
-                    for &p in &f.poison {
-                        w.u64(p);
-                    }
-                })?;
-            }
-            if !f.pins.is_empty() {
-                w.section(tag::PINS, i, |w| {
-                    for p in &f.pins {
-                        w.u64(p.offset);
-                        w.u64(p.len);
-                        w.u64(p.tag);
-                    }
-                })?;
-            }
-            if let VmLink::Carried { token } = f.vm {
-                w.section(tag::VM, i, |w| {
-                    w.u32(1);
-                    w.u32(0);
-                    w.u64(token);
-                })?;
-            }
+            write_file(&mut w, i, f)?;
         }
-        let total = w.buf.len();
-        let files = u32::try_from(self.files.len()).unwrap_or(u32::MAX);
-        let h = &mut w.buf[..HEADER_LEN];
-        h[0..8].copy_from_slice(&MAGIC);
-        h[8..10].copy_from_slice(&VERSION.to_le_bytes());
-        h[10..12].copy_from_slice(&u16::try_from(HEADER_LEN).unwrap_or(0).to_le_bytes());
-        h[16..24].copy_from_slice(&u64::try_from(total).unwrap_or(u64::MAX).to_le_bytes());
-        h[24..28].copy_from_slice(&files.to_le_bytes());
-        h[28..32].copy_from_slice(&w.sections.to_le_bytes());
-        h[40..48].copy_from_slice(&self.generation.to_le_bytes());
-        let crc = crc32c(&w.buf);
-        w.buf[32..36].copy_from_slice(&crc.to_le_bytes());
-        Ok(w.buf)
+        Ok(finish_header(w, self.files.len(), self.generation))
     }
+}
+
+/// Writes the sections of file `i`: file and runs always, the others when not empty.
+fn write_file(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    section_file(w, i, f)?;
+    section_runs(w, i, f)?;
+    section_numa(w, i, f)?;
+    section_bindings(w, i, f)?;
+    section_restructure(w, i, f)?;
+    section_poison(w, i, f)?;
+    section_pins(w, i, f)?;
+    section_vm(w, i, f)
+}
+
+/// Writes the file section of file `i`: kind, flags, size, block size and identity.
+fn section_file(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    w.section(tag::FILE, i, |w| {
+        w.u32(kind_code(f.kind));
+        w.u32(0);
+        w.u64(f.flags.bits());
+        w.u64(f.size);
+        w.u64(f.block_size);
+        w.u64(f.id.dev);
+        w.u64(f.id.ino);
+    })
+}
+
+/// Writes the runs section of file `i`: the first page of each run, its attribute in bit 0.
+fn section_runs(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    w.section(tag::RUNS, i, |w| {
+        for r in &f.runs {
+            w.u64((r.start_page << 1) | u64::from(r.attr == Attr::Private));
+        }
+    })
+}
+
+/// Writes the NUMA section of file `i`, when its policy is not the default one.
+fn section_numa(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    if f.numa != NumaRecord::default() {
+        w.section(tag::NUMA, i, |w| {
+            w.u32(numa_code(f.numa.mode));
+            w.u32(0);
+            for &n in &f.numa.nodes {
+                w.u64(n);
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes the bindings section of file `i`, when it has bindings.
+fn section_bindings(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    if !f.bindings.is_empty() {
+        w.section(tag::BINDINGS, i, |w| {
+            for b in &f.bindings {
+                w.u32(b.slot);
+                w.u32(0);
+                w.u64(b.offset);
+                w.u64(b.gpa);
+                w.u64(b.size);
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes the restructuring section of file `i`, when it has split or merging huge pages.
+fn section_restructure(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    if !f.restructure.is_empty() {
+        w.section(tag::RESTRUCTURE, i, |w| {
+            for r in &f.restructure {
+                w.u64(r.offset);
+                w.u64(r.len);
+                w.u32(match r.kind {
+                    RestructureKind::Split => 1,
+                    RestructureKind::PendingMerge => 2,
+                });
+                w.u32(0);
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes the poison section of file `i`, when it has poisoned pages.
+fn section_poison(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    if !f.poison.is_empty() {
+        w.section(tag::POISON, i, |w| {
+            for &p in &f.poison {
+                w.u64(p);
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes the pins section of file `i`, when it has pins.
+fn section_pins(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    if !f.pins.is_empty() {
+        w.section(tag::PINS, i, |w| {
+            for p in &f.pins {
+                w.u64(p.offset);
+                w.u64(p.len);
+                w.u64(p.tag);
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes the VM section of file `i`, when it carries a VM.
+fn section_vm(w: &mut Writer, i: u32, f: &FileState) -> Result<(), FormatError> {
+    if let VmLink::Carried { token } = f.vm {
+        w.section(tag::VM, i, |w| {
+            w.u32(1);
+            w.u32(0);
+            w.u64(token);
+        })?;
+    }
+    Ok(())
+}
+
+/// Fills in the header of a state of `files` files and `generation`, checksum last, and
+/// returns the whole state.
+fn finish_header(mut w: Writer, files: usize, generation: u64) -> Vec<u8> {
+    let total = w.buf.len();
+    let files = u32::try_from(files).unwrap_or(u32::MAX);
+    let h = &mut w.buf[..HEADER_LEN];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    h[10..12].copy_from_slice(&u16::try_from(HEADER_LEN).unwrap_or(0).to_le_bytes());
+    h[16..24].copy_from_slice(&u64::try_from(total).unwrap_or(u64::MAX).to_le_bytes());
+    h[24..28].copy_from_slice(&files.to_le_bytes());
+    h[28..32].copy_from_slice(&w.sections.to_le_bytes());
+    h[40..48].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32c(&w.buf);
+    w.buf[32..36].copy_from_slice(&crc.to_le_bytes());
+    w.buf
 }

@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::super::error::{io, os, HandoverError};
-use super::super::format::{RestructureKind, RunRecord, State, MAX_STATE_LEN};
+use super::super::format::{FileState, RestructureKind, RunRecord, State, MAX_STATE_LEN};
 use super::{
     recv, send, Got, Msg, Options, Restored, RestoredFile, Step, OP_ABORT, OP_ACCEPT, OP_COMMIT,
     OP_DONE, OP_OFFER, OP_REJECT,
@@ -15,6 +15,7 @@ use crate::model::attr::{Attr, AttrMap};
 use crate::model::error::Errno;
 use crate::model::numa::NumaPolicy;
 use crate::sys::fd;
+use crate::verbs::access::Pin;
 use crate::verbs::{FileId, GuestMemfd};
 
 /// Receives files handed over by the process at the other end of `sock` (see
@@ -140,99 +141,25 @@ fn read_state(offer: &OfferInfo, f: &OwnedFd) -> Result<Vec<u8>, HandoverError> 
     Ok(buf)
 }
 
+/// Checks the state and the received files against the offer and each other, and builds
+/// the files from them with everything the state recorded.
 fn verify(
     offer: &OfferInfo,
     state_fd: &OwnedFd,
     files: Vec<OwnedFd>,
 ) -> Result<Restored, HandoverError> {
-    let bytes = read_state(offer, state_fd)?;
-    if super::super::crc::crc32c(&bytes) != offer.crc {
-        return Err(HandoverError::Protocol {
-            what: "state checksum differs from the offer",
-        });
-    }
-    let state = State::decode(&bytes)?;
-    let huge = state
-        .files
-        .iter()
-        .filter(|f| matches!(f.kind, BackingKind::HugeTlb(_)))
-        .count();
+    let state = decode_offered(offer, state_fd)?;
     let n = state.files.len();
-    if files.len() != n + huge || usize::try_from(offer.files).ok() != Some(n) {
-        return Err(HandoverError::Protocol {
-            what: "file count differs from the descriptors",
-        });
-    }
+    check_file_count(offer, &state, files.len())?;
     let mut files = files;
     let mut companions = files.split_off(n).into_iter();
     let mut ids: Vec<FileId> = Vec::with_capacity(files.len());
     let mut out = Vec::with_capacity(files.len());
     for (i, (fs, f)) in state.files.into_iter().zip(files).enumerate() {
-        let mismatch = |what| HandoverError::Mismatch { file: i, what };
-        let st = fd::fstat(f.as_fd()).map_err(io("fstat file"))?;
-        if u64::try_from(st.st_size).ok() != Some(fs.size) {
-            return Err(mismatch("size differs from fstat"));
-        }
-        let id = FileId {
-            dev: st.st_dev,
-            ino: st.st_ino,
-        };
-        if id != fs.id {
-            return Err(mismatch("identity differs from fstat"));
-        }
-        if ids.contains(&id) {
-            return Err(mismatch("the same file twice"));
-        }
-        ids.push(id);
+        check_file(i, &fs, &f, &mut ids)?;
         let attrs = run_map(&fs.runs, fs.pages());
-        let block_ok = match fs.kind {
-            BackingKind::HugeTlb(page) => u64::try_from(st.st_blksize).ok() == Some(page),
-            _ => true,
-        };
-        if !block_ok {
-            return Err(mismatch("huge page size differs from fstat"));
-        }
-        crate::backing::check_received(f.as_fd(), fs.kind, fs.size).map_err(mismatch)?;
-        let pieces = match fs.kind {
-            BackingKind::HugeTlb(_) => {
-                let p = companions.next().ok_or(mismatch("no companion file"))?;
-                crate::backing::check_received(p.as_fd(), BackingKind::Shmem, fs.size)
-                    .map_err(|_| mismatch("companion file of the wrong size or not sealed"))?;
-                Some(p)
-            }
-            _ => None,
-        };
-        let backing: Box<dyn Backing> = Box::new(
-            Received::new(f, fs.kind, fs.block_size, pieces, fs.size).map_err(io("adopt file"))?,
-        );
-        let how = Assembly {
-            attrs: Some(attrs),
-            ..Assembly::default()
-        };
-        let mem = GuestMemfd::from_engine(Engine::assemble(backing, fs.size, fs.flags, how)?, true);
-        let restore = |what, errno| HandoverError::Restore {
-            file: i,
-            what,
-            errno,
-        };
-        restore_restructure(&mem, &fs.restructure)
-            .map_err(|errno| restore("restructuring", errno))?;
-        for &p in &fs.poison {
-            mem.inject_poison(p)
-                .map_err(|e| restore("poison", e.errno()))?;
-        }
-        if fs.numa != super::super::format::NumaRecord::default() {
-            let policy: NumaPolicy = fs
-                .numa
-                .to_policy()
-                .map_err(|e| restore("NUMA policy", e.errno()))?;
-            mem.set_numa_policy(&policy)
-                .map_err(|e| restore("NUMA policy", e.errno()))?;
-        }
-        let mut pins = Vec::with_capacity(fs.pins.len());
-        for p in &fs.pins {
-            pins.push((p.tag, mem.pin(p.offset, p.len)?));
-        }
+        let mem = adopt_file(i, &fs, f, attrs, &mut companions)?;
+        let pins = restore_file(i, &mem, &fs)?;
         out.push(RestoredFile {
             mem,
             state: fs,
@@ -244,6 +171,136 @@ fn verify(
         generation: state.generation,
         old_owner_gone: false,
     })
+}
+
+/// Reads the state, checks it against the offer's checksum and decodes it.
+fn decode_offered(offer: &OfferInfo, state_fd: &OwnedFd) -> Result<State, HandoverError> {
+    let bytes = read_state(offer, state_fd)?;
+    if super::super::crc::crc32c(&bytes) != offer.crc {
+        return Err(HandoverError::Protocol {
+            what: "state checksum differs from the offer",
+        });
+    }
+    Ok(State::decode(&bytes)?)
+}
+
+/// Checks that `received` descriptors are one per file of the state plus one companion per
+/// HugeTLB file, and that the offer announced as many files as the state holds.
+fn check_file_count(
+    offer: &OfferInfo,
+    state: &State,
+    received: usize,
+) -> Result<(), HandoverError> {
+    let huge = state
+        .files
+        .iter()
+        .filter(|f| matches!(f.kind, BackingKind::HugeTlb(_)))
+        .count();
+    let n = state.files.len();
+    if received != n + huge || usize::try_from(offer.files).ok() != Some(n) {
+        return Err(HandoverError::Protocol {
+            what: "file count differs from the descriptors",
+        });
+    }
+    Ok(())
+}
+
+/// Checks file `i` against its record: size, identity (not seen before in `ids`, where it
+/// is added), huge page size, and the seals and size of the received backing.
+fn check_file(
+    i: usize,
+    fs: &FileState,
+    f: &OwnedFd,
+    ids: &mut Vec<FileId>,
+) -> Result<(), HandoverError> {
+    let mismatch = |what| HandoverError::Mismatch { file: i, what };
+    let st = fd::fstat(f.as_fd()).map_err(io("fstat file"))?;
+    if u64::try_from(st.st_size).ok() != Some(fs.size) {
+        return Err(mismatch("size differs from fstat"));
+    }
+    let id = FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
+    if id != fs.id {
+        return Err(mismatch("identity differs from fstat"));
+    }
+    if ids.contains(&id) {
+        return Err(mismatch("the same file twice"));
+    }
+    ids.push(id);
+    let block_ok = match fs.kind {
+        BackingKind::HugeTlb(page) => u64::try_from(st.st_blksize).ok() == Some(page),
+        _ => true,
+    };
+    if !block_ok {
+        return Err(mismatch("huge page size differs from fstat"));
+    }
+    crate::backing::check_received(f.as_fd(), fs.kind, fs.size).map_err(mismatch)
+}
+
+/// Builds the engine of file `i` over `f` (and, for HugeTLB, the next of `companions`, its
+/// file of pieces) with the recorded attributes `attrs`.
+fn adopt_file(
+    i: usize,
+    fs: &FileState,
+    f: OwnedFd,
+    attrs: AttrMap,
+    companions: &mut impl Iterator<Item = OwnedFd>,
+) -> Result<GuestMemfd, HandoverError> {
+    let mismatch = |what| HandoverError::Mismatch { file: i, what };
+    let pieces = match fs.kind {
+        BackingKind::HugeTlb(_) => {
+            let p = companions.next().ok_or(mismatch("no companion file"))?;
+            crate::backing::check_received(p.as_fd(), BackingKind::Shmem, fs.size)
+                .map_err(|_| mismatch("companion file of the wrong size or not sealed"))?;
+            Some(p)
+        }
+        _ => None,
+    };
+    let backing: Box<dyn Backing> = Box::new(
+        Received::new(f, fs.kind, fs.block_size, pieces, fs.size).map_err(io("adopt file"))?,
+    );
+    let how = Assembly {
+        attrs: Some(attrs),
+        ..Assembly::default()
+    };
+    Ok(GuestMemfd::from_engine(
+        Engine::assemble(backing, fs.size, fs.flags, how)?,
+        true,
+    ))
+}
+
+/// Restores what the record of file `i` says beyond attributes, in order: restructuring,
+/// poison, NUMA policy; then takes its pins again and returns them with their tags.
+fn restore_file(
+    i: usize,
+    mem: &GuestMemfd,
+    fs: &FileState,
+) -> Result<Vec<(u64, Pin)>, HandoverError> {
+    let restore = |what, errno| HandoverError::Restore {
+        file: i,
+        what,
+        errno,
+    };
+    restore_restructure(mem, &fs.restructure).map_err(|errno| restore("restructuring", errno))?;
+    for &p in &fs.poison {
+        mem.inject_poison(p)
+            .map_err(|e| restore("poison", e.errno()))?;
+    }
+    if fs.numa != super::super::format::NumaRecord::default() {
+        let policy: NumaPolicy = fs
+            .numa
+            .to_policy()
+            .map_err(|e| restore("NUMA policy", e.errno()))?;
+        mem.set_numa_policy(&policy)
+            .map_err(|e| restore("NUMA policy", e.errno()))?;
+    }
+    let mut pins = Vec::with_capacity(fs.pins.len());
+    for p in &fs.pins {
+        pins.push((p.tag, mem.pin(p.offset, p.len)?));
+    }
+    Ok(pins)
 }
 
 /// Marks the huge pages the old owner had split (their pieces are in the companion file)
