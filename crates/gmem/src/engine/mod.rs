@@ -614,7 +614,7 @@ impl Engine {
 
 impl Engine {
     /// How a touch of byte `at` of view `id` faults (see [`crate::HostView::fault_at`]).
-    pub(crate) fn fault_at(&self, id: u64, at: usize) -> Option<crate::verbs::map::HostFault> {
+    pub(crate) fn fault_at(&self, id: u64, at: usize) -> Option<crate::model::fault::HostFault> {
         let (offset, len, in_file) = {
             let ctl = self.control_unchecked();
             let slot = ctl.views.slots().iter().find(|s| s.id == id)?;
@@ -624,15 +624,15 @@ impl Engine {
             return None;
         }
         if at >= in_file {
-            return Some(crate::verbs::map::HostFault::Bus);
+            return Some(crate::model::fault::HostFault::Bus);
         }
         self.host_fault(offset + at as u64)
     }
 
     /// How a host view's touch of the page at file offset `offset` faults, if it does: the
     /// same in every view (they show the same windows).
-    pub(crate) fn host_fault(&self, offset: u64) -> Option<crate::verbs::map::HostFault> {
-        use crate::verbs::map::HostFault;
+    pub(crate) fn host_fault(&self, offset: u64) -> Option<crate::model::fault::HostFault> {
+        use crate::model::fault::HostFault;
         if offset >= self.size {
             return Some(HostFault::Bus);
         }

@@ -6,6 +6,7 @@
 
 pub mod attr;
 pub mod error;
+pub mod fault;
 pub mod flags;
 pub mod huge;
 pub mod numa;
