@@ -268,26 +268,40 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1024);
     let size = mib << 20;
+    // `GMEM_BENCH_ONLY=P8` (or `P6`, `TLB`, comma-separated) runs only those rows.
+    let only = std::env::var("GMEM_BENCH_ONLY").ok();
+    let on = |bar: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|b| b.trim().eq_ignore_ascii_case(bar)))
+    };
     let mut rows = Vec::new();
-    p6(&mut rows, "4 KiB shmem", None, BackingChoice::Shmem, size);
+    if on("P6") {
+        p6(&mut rows, "4 KiB shmem", None, BackingChoice::Shmem, size);
+    }
     {
         let pages = 2 * size / HUGE_2M + 4;
         match PoolGuard::grow(HUGE_2M, pages) {
             Ok(_pool) => {
-                p6(
-                    &mut rows,
-                    "2 MiB HugeTLB",
-                    Some(HUGE_2M),
-                    BackingChoice::HugeTlb(HUGE_2M),
-                    size,
-                );
-                p8(&mut rows);
-                tlb(&mut rows, size);
+                if on("P6") {
+                    p6(
+                        &mut rows,
+                        "2 MiB HugeTLB",
+                        Some(HUGE_2M),
+                        BackingChoice::HugeTlb(HUGE_2M),
+                        size,
+                    );
+                }
+                if on("P8") {
+                    p8(&mut rows);
+                }
+                if on("TLB") {
+                    tlb(&mut rows, size);
+                }
             }
             Err(e) => eprintln!("skipped 2 MiB rows: {e}"),
         }
     }
-    if size >= HUGE_1G {
+    if size >= HUGE_1G && on("P6") {
         let pages = 2 * size / HUGE_1G;
         match PoolGuard::grow(HUGE_1G, pages) {
             Ok(_pool) => p6(

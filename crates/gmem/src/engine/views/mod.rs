@@ -424,6 +424,9 @@ impl ViewSet {
             if let Some(p) = ctx.numa {
                 numa::mbind(&aside.map, 0, aside.map.len(), p)?;
             }
+            // Unregistered while it is replaced, so the remap raises no unmap event (the
+            // kernel would wait for the tracker thread to read it).
+            unregister_window(slot, geo, h, uffd.as_deref())?;
             place(slot, geo, h, aside)?;
             register_window(slot, geo, h, uffd.as_deref())?;
             slot.windows.insert(h, Window::Pieces);
@@ -441,6 +444,8 @@ impl ViewSet {
             if slot.huge_span(geo, h).is_none() || slot.window(h) != Window::Pieces {
                 continue;
             }
+            // As in a split: no unmap event for gmem's own remap.
+            unregister_window(slot, geo, h, uffd.as_deref())?;
             if private {
                 hole(slot, geo, h)?;
                 slot.windows.insert(h, Window::Hole);
