@@ -127,33 +127,77 @@ fn row(
     }
 }
 
+/// Which mapping the host populates, and so whether a host view showed the pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exposure {
+    /// A host view populated the pages: kernel references may hold them, so a conversion to
+    /// private moves them to fresh memory.
+    View,
+    /// Only the guest mapping (the guest's own accesses) populated them; the file has no
+    /// host view: no page is moved.
+    GuestOnly,
+}
+
+impl Exposure {
+    fn label(self) -> &'static str {
+        match self {
+            Exposure::View => "populated through a host view",
+            Exposure::GuestOnly => "populated by the guest only, no host view",
+        }
+    }
+}
+
+/// The mapping a bar populates and its baseline zaps: a host view of the whole file, or the
+/// guest mapping. The view (if any) lives as long as the returned value.
+fn target(mem: &GuestMemfd, size: u64, e: Exposure) -> R<(Option<gmem::HostView>, *mut u8, usize)> {
+    Ok(match e {
+        Exposure::View => {
+            let v = mem.map(0, size)?;
+            let (p, l) = (v.as_ptr(), v.len());
+            (Some(v), p, l)
+        }
+        Exposure::GuestOnly => {
+            let g = mem.guest()?;
+            (None, g.as_ptr(), usize::try_from(g.len())?)
+        }
+    })
+}
+
 /// P1: 1 GiB uniform, populated: shared → private → shared and re-populated, against
-/// `MADV_DONTNEED` + `MADV_POPULATE_WRITE` on the same view.
+/// `MADV_DONTNEED` + `MADV_POPULATE_WRITE` on the same mapping.
 pub fn p1(size: u64, reps: usize) -> R<Vec<Row>> {
+    let mut rows = Vec::new();
+    for e in [Exposure::View, Exposure::GuestOnly] {
+        rows.push(p1_one(size, reps, e)?);
+    }
+    Ok(rows)
+}
+
+fn p1_one(size: u64, reps: usize, e: Exposure) -> R<Row> {
     let mem = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
-    let view = mem.map(0, size)?;
-    let len = view.len();
-    madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+    let (_view, ptr, len) = target(&mem, size, e)?;
+    madvise(ptr, len, libc::MADV_POPULATE_WRITE)?;
     let (mut g, mut b, mut gc) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
         let t = Instant::now();
-        madvise(view.as_ptr(), len, libc::MADV_DONTNEED)?;
-        madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+        madvise(ptr, len, libc::MADV_DONTNEED)?;
+        madvise(ptr, len, libc::MADV_POPULATE_WRITE)?;
         b.push(t.elapsed());
         let t = Instant::now();
         mem.convert(0, size, Attr::Private)?;
         mem.convert(0, size, Attr::Shared)?;
         let conv = t.elapsed();
-        madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+        madvise(ptr, len, libc::MADV_POPULATE_WRITE)?;
         g.push(t.elapsed());
         gc.push(conv);
     }
     let (g, b, gc) = (median(g), median(b), median(gc));
-    Ok(vec![row(
+    Ok(row(
         "P1",
         format!(
-            "convert {} MiB shared→private→shared + re-map (conversion alone {:.1} ms) vs zap + re-map",
+            "convert {} MiB shared→private→shared + re-map, {} (conversion alone {:.1} ms) vs zap + re-map",
             size >> 20,
+            e.label(),
             ms(gc)
         ),
         ms(g),
@@ -161,25 +205,32 @@ pub fn p1(size: u64, reps: usize) -> R<Vec<Row>> {
         "ms",
         "≤ 1.5×",
         1.5,
-    )])
+    ))
 }
 
 /// P2: every other 4 KiB page to private with one call per page, and the whole pattern back
 /// to shared with one call, against a bare per-page `MADV_DONTNEED` loop on the same pages.
 pub fn p2(size: u64) -> R<Vec<Row>> {
+    let mut rows = Vec::new();
+    for e in [Exposure::View, Exposure::GuestOnly] {
+        rows.extend(p2_one(size, e)?);
+    }
+    Ok(rows)
+}
+
+fn p2_one(size: u64, e: Exposure) -> R<Vec<Row>> {
     let mem = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED)?;
-    let view = mem.map(0, size)?;
-    let len = view.len();
-    madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+    let (_view, ptr, len) = target(&mem, size, e)?;
+    madvise(ptr, len, libc::MADV_POPULATE_WRITE)?;
     let pages = size / PAGE_SIZE;
     let step = usize::try_from(PAGE_SIZE)?;
     let t = Instant::now();
     for p in (0..pages).step_by(2) {
         let off = usize::try_from(p * PAGE_SIZE)?;
-        madvise(view.as_ptr().wrapping_add(off), step, libc::MADV_DONTNEED)?;
+        madvise(ptr.wrapping_add(off), step, libc::MADV_DONTNEED)?;
     }
     let base = t.elapsed();
-    madvise(view.as_ptr(), len, libc::MADV_POPULATE_WRITE)?;
+    madvise(ptr, len, libc::MADV_POPULATE_WRITE)?;
     let t = Instant::now();
     for p in (0..pages).step_by(2) {
         mem.convert(p * PAGE_SIZE, PAGE_SIZE, Attr::Private)?;
@@ -194,9 +245,10 @@ pub fn p2(size: u64) -> R<Vec<Row>> {
         row(
             "P2",
             format!(
-                "{} per-page to-private calls ({} runs) vs per-page madvise loop",
+                "{} per-page to-private calls ({} runs), {}, vs per-page madvise loop",
                 pages / 2,
-                runs
+                runs,
+                e.label()
             ),
             ns(per_page) / n,
             ns(base) / n,
@@ -207,7 +259,8 @@ pub fn p2(size: u64) -> R<Vec<Row>> {
         row(
             "P2",
             format!(
-                "one bulk call over the {runs}-run pattern back to shared vs per-page madvise loop"
+                "one bulk call over the {runs}-run pattern back to shared, {}, vs per-page madvise loop",
+                e.label()
             ),
             ms(bulk),
             ms(base),
@@ -559,7 +612,7 @@ pub fn small_access() -> R<Vec<Row>> {
         let runs = mem.run_count();
         let spread = pages / 4096;
         let offs: Vec<u64> = (0..4096u64)
-            .map(|i| (i * spread & !1) * PAGE_SIZE + (i % 8) * 64)
+            .map(|i| ((i * spread) & !1) * PAGE_SIZE + (i % 8) * 64)
             .collect();
         for &o in &offs {
             mem.write_at(o, &[1u8; 64])?;
