@@ -559,7 +559,7 @@ pub fn small_access() -> R<Vec<Row>> {
         let runs = mem.run_count();
         let spread = pages / 4096;
         let offs: Vec<u64> = (0..4096u64)
-            .map(|i| (i * spread & !1) * PAGE_SIZE + (i % 8) * 64)
+            .map(|i| ((i * spread) & !1) * PAGE_SIZE + (i % 8) * 64)
             .collect();
         for &o in &offs {
             mem.write_at(o, &[1u8; 64])?;
