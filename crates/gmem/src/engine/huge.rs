@@ -41,6 +41,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::gate::GateError;
 use super::participant::Step;
 use super::{Control, Engine};
 use crate::backing::Backing;
@@ -504,6 +505,17 @@ impl Engine {
             }
         }
         n
+    }
+
+    /// Merges every split huge page that is uniform and no longer held, under the control
+    /// lock once the file is live; returns how many merged (0 at once for other backings).
+    pub(crate) fn merge_pending(&self) -> Result<u64, GateError> {
+        let Some(huge) = self.huge() else {
+            return Ok(0);
+        };
+        let mut ctl = self.control_live()?;
+        let all = huge.state().split_in(0, u64::MAX);
+        Ok(self.merge_all(&mut ctl, &all))
     }
 
     /// After host references on `r` were dropped: merges waiting huge pages among them that

@@ -10,7 +10,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::model::attr::Attr;
+use crate::model::attr::{Attr, Run};
+
+use super::gate::GateError;
+use super::participant::{Participant, ParticipantId};
+use super::Engine;
 
 /// One conversion, as listeners see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,4 +101,67 @@ impl ListenerSet {
     pub fn abort(&self, conv: &Conversion) {
         self.list.iter().for_each(|(_, l)| l.abort(conv));
     }
+}
+
+impl Engine {
+    /// Adds a conversion listener under the control lock, whatever the gate says.
+    pub(crate) fn add_listener(&self, listener: Arc<dyn ConversionListener>) -> ListenerId {
+        self.control_unchecked().listeners.add(listener)
+    }
+
+    /// Removes a listener under the control lock, whatever the gate says; false when it was
+    /// not registered.
+    pub(crate) fn remove_listener(&self, id: ListenerId) -> bool {
+        self.control_unchecked().listeners.remove(id)
+    }
+
+    /// Adds `listener` and the participant `relay` and reads the whole file's attribute runs
+    /// and poisoned pages, all in one hold of the control lock (refused in a forked child
+    /// and once handed over): no change can fall between the state read and the first
+    /// notice.
+    pub(crate) fn add_observer(
+        &self,
+        listener: Arc<dyn ConversionListener>,
+        relay: Box<dyn Participant>,
+    ) -> Result<Observer, GateError> {
+        let mut ctl = self.control()?;
+        let (runs, poisoned) = {
+            let st = self.read_pages();
+            (
+                st.attrs.runs(0, self.pages_total()).collect(),
+                st.poison.all(),
+            )
+        };
+        Ok(Observer {
+            listener: ctl.listeners.add(listener),
+            relay: ctl.participants.add(relay),
+            runs,
+            poisoned,
+        })
+    }
+
+    /// Removes what [`Engine::add_observer`] added, in one hold of the control lock
+    /// (whatever the gate says); false when the listener was not registered on this file.
+    pub(crate) fn remove_observer(&self, listener: ListenerId, relay: ParticipantId) -> bool {
+        let mut ctl = self.control_unchecked();
+        // Listener ids are unique across files, participant ids only within one: the relay is
+        // removed only once the listener proved the id belongs to this file.
+        if !ctl.listeners.remove(listener) {
+            return false;
+        }
+        ctl.participants.remove(relay)
+    }
+}
+
+/// What [`Engine::add_observer`] registered, and the state it starts from.
+#[derive(Debug)]
+pub(crate) struct Observer {
+    /// The listener's id.
+    pub listener: ListenerId,
+    /// The relay participant's id.
+    pub relay: ParticipantId,
+    /// The runs of equal attributes covering the whole file, in order.
+    pub runs: Vec<Run>,
+    /// The poisoned pages, in order.
+    pub poisoned: Vec<u64>,
 }

@@ -25,6 +25,7 @@ pub(crate) mod participant;
 pub(crate) mod poison;
 pub(crate) mod prealloc;
 pub(crate) mod punch;
+mod query;
 pub(crate) mod refs;
 pub(crate) mod remote;
 pub(crate) mod views;
@@ -121,16 +122,16 @@ pub(crate) fn check_args(size: u64, flags: Flags, block: u64) -> Result<(), Crea
 /// Per-page state that accessors read: attributes and poison records.
 #[derive(Debug)]
 pub(crate) struct PageState {
-    pub attrs: AttrMap,
-    pub poison: PoisonSet,
+    pub(in crate::engine) attrs: AttrMap,
+    pub(in crate::engine) poison: PoisonSet,
 }
 
 /// State that changes only under the control lock.
 #[derive(Debug)]
 pub(crate) struct Control {
-    pub views: ViewSet,
-    pub listeners: ListenerSet,
-    pub participants: Participants,
+    pub(in crate::engine) views: ViewSet,
+    pub(in crate::engine) listeners: ListenerSet,
+    pub(in crate::engine) participants: Participants,
 }
 
 /// The least default piece limit of a HugeTLB file: 16 MiB (eight 2 MiB pages).
@@ -304,33 +305,35 @@ impl Engine {
         self.shared_out.store(true, Ordering::Release);
     }
 
-    pub(crate) fn read_pages(&self) -> ShardedLockReadGuard<'_, PageState> {
+    /// The page-state lock, for reading.
+    pub(in crate::engine) fn read_pages(&self) -> ShardedLockReadGuard<'_, PageState> {
         self.pages.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn write_pages(&self) -> ShardedLockWriteGuard<'_, PageState> {
+    /// The page-state lock, for writing.
+    pub(in crate::engine) fn write_pages(&self) -> ShardedLockWriteGuard<'_, PageState> {
         self.pages.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The control lock, for work that is not a conversion (views, listeners): refused in a
     /// forked child and once handed over.
-    pub(crate) fn control(&self) -> Result<MutexGuard<'_, Control>, GateError> {
+    pub(in crate::engine) fn control(&self) -> Result<MutexGuard<'_, Control>, GateError> {
         self.gate.access()?;
         Ok(self.control_unchecked())
     }
 
     /// The control lock whatever the gate says (drops, hand-over, the follower agent).
-    pub(crate) fn control_unchecked(&self) -> MutexGuard<'_, Control> {
+    pub(in crate::engine) fn control_unchecked(&self) -> MutexGuard<'_, Control> {
         self.control.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The control lock once the file is live (waits while frozen; `EPERM` on a follower,
     /// once handed over, in a forked child).
-    pub(crate) fn control_live(&self) -> Result<MutexGuard<'_, Control>, GateError> {
+    pub(in crate::engine) fn control_live(&self) -> Result<MutexGuard<'_, Control>, GateError> {
         self.gate.lock_live(&self.control)
     }
 
-    pub(crate) fn try_control(&self) -> Option<MutexGuard<'_, Control>> {
+    pub(in crate::engine) fn try_control(&self) -> Option<MutexGuard<'_, Control>> {
         views::tracker::try_lock(&self.control)
     }
 

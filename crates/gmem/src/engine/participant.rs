@@ -12,6 +12,9 @@ use std::fmt;
 use crate::model::error::Errno;
 use crate::model::units::ByteRange;
 
+use super::gate::GateError;
+use super::Engine;
+
 /// One change a conversion (or poison, or punch-hole) makes, as a participant applies it.
 /// Ranges are file bytes, page aligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,5 +179,41 @@ impl Participants {
                 tracing::error!(participant = p.name(), ?step, "could not follow: {e}");
             }
         }
+    }
+}
+
+impl Engine {
+    /// Adds a participant under the control lock, whatever the gate says.
+    pub(crate) fn add_participant(&self, participant: Box<dyn Participant>) -> ParticipantId {
+        self.control_unchecked().participants.add(participant)
+    }
+
+    /// Removes a participant under the control lock, whatever the gate says; false when it
+    /// was not registered.
+    pub(crate) fn remove_participant(&self, id: ParticipantId) -> bool {
+        self.control_unchecked().participants.remove(id)
+    }
+
+    /// True when a participant whose name starts with `prefix` is registered (read under the
+    /// control lock, whatever the gate says).
+    pub(crate) fn has_participant_named(&self, prefix: &str) -> bool {
+        self.control_unchecked().participants.any_named(prefix)
+    }
+
+    /// Gives the file to another process: once the file is live, takes the control lock
+    /// (`EPERM` on a follower, once handed over, in a forked child; waits while frozen) and,
+    /// holding it, calls `join`, adds the participant it returns and marks the file shared
+    /// out. No change of the file can fall between what `join` reads of it (through the
+    /// engine's queries) and the participant's first step. Nothing is added when `join`
+    /// fails.
+    pub(crate) fn share_out<E: From<GateError>>(
+        &self,
+        join: impl FnOnce() -> Result<Box<dyn Participant>, E>,
+    ) -> Result<ParticipantId, E> {
+        let mut ctl = self.control_live()?;
+        let participant = join()?;
+        let id = ctl.participants.add(participant);
+        self.mark_shared_out();
+        Ok(id)
     }
 }

@@ -220,59 +220,56 @@ impl GuestMemfd {
             None,
         )
         .map_err(os("socketpair"))?;
-        let mut ctl = inner.control_live()?;
-        let (runs_fd, runs) = {
-            let st = inner.read_pages();
-            (wire::write_runs(&st.attrs)?, st.attrs.len())
-        };
-        let hello = Hello {
-            kind: inner.backing().kind(),
-            size: inner.size(),
-            flags: inner.flags(),
-            block: inner.block_size(),
-            runs: u64::try_from(runs).unwrap_or(u64::MAX),
-        };
-        let mut fds: Vec<BorrowedFd<'_>> = vec![inner.fd(), runs_fd.as_fd()];
-        if let Some(h) = inner.huge() {
-            fds.push(h.companion());
-        }
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
-        let mut anc = SendAncillaryBuffer::new(&mut space);
-        anc.push(SendAncillaryMessage::ScmRights(&fds));
-        sendmsg(
-            mine.as_fd(),
-            &[IoSlice::new(&wire::encode_hello(&hello))],
-            &mut anc,
-            SendFlags::NOSIGNAL,
-        )
-        .map_err(os("sendmsg"))?;
-        let mut link = PeerLink::new(mine);
-        if let Some(h) = inner.huge() {
-            // Huge pages split now: the follower maps their pieces before any later request.
-            for hp in h.state().split_in(0, u64::MAX) {
-                if link.post(&Step::Split(h.geo.bytes(hp))).is_err() {
+        inner.share_out(|| {
+            let (runs_fd, runs) = inner.with_attrs(|attrs| -> Result<_, PeerError> {
+                Ok((wire::write_runs(attrs)?, attrs.len()))
+            })?;
+            let hello = Hello {
+                kind: inner.backing().kind(),
+                size: inner.size(),
+                flags: inner.flags(),
+                block: inner.block_size(),
+                runs: u64::try_from(runs).unwrap_or(u64::MAX),
+            };
+            let mut fds: Vec<BorrowedFd<'_>> = vec![inner.fd(), runs_fd.as_fd()];
+            if let Some(h) = inner.huge() {
+                fds.push(h.companion());
+            }
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+            let mut anc = SendAncillaryBuffer::new(&mut space);
+            anc.push(SendAncillaryMessage::ScmRights(&fds));
+            sendmsg(
+                mine.as_fd(),
+                &[IoSlice::new(&wire::encode_hello(&hello))],
+                &mut anc,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(os("sendmsg"))?;
+            let mut link = PeerLink::new(mine);
+            if let Some(h) = inner.huge() {
+                // Huge pages split now: the follower maps their pieces before any later
+                // request.
+                for hp in h.state().split_in(0, u64::MAX) {
+                    if link.post(&Step::Split(h.geo.bytes(hp))).is_err() {
+                        return Err(PeerError::Protocol("follower gone while sharing"));
+                    }
+                }
+            }
+            for p in inner.poisoned() {
+                let r = crate::model::units::PageRange::one(p).bytes();
+                debug_assert_eq!(r.start, page_offset(p));
+                if link.post(&Step::Poison(r)).is_err() {
                     return Err(PeerError::Protocol("follower gone while sharing"));
                 }
             }
-        }
-        for p in inner.read_pages().poison.all() {
-            let r = crate::model::units::PageRange::one(p).bytes();
-            debug_assert_eq!(r.start, page_offset(p));
-            if link.post(&Step::Poison(r)).is_err() {
-                return Err(PeerError::Protocol("follower gone while sharing"));
-            }
-        }
-        ctl.participants.add(Box::new(link));
-        inner.mark_shared_out();
+            Ok(Box::new(link))
+        })?;
         Ok(theirs)
     }
 
     /// True when a follower is attached (a live-update hand-over refuses such a file: its
     /// followers would go on following this process, not the new owner).
     pub fn has_followers(&self) -> bool {
-        self.inner
-            .control_unchecked()
-            .participants
-            .any_named("peer")
+        self.inner.has_participant_named("peer")
     }
 }

@@ -180,40 +180,34 @@ impl GuestMemfd {
         if self.is_follower() {
             return Err(DeviceError::Follower);
         }
-        let mut ctl = self.inner.control()?;
-        let snapshot = {
-            let st = self.inner.read_pages();
-            DeviceSnapshot {
-                runs: st
-                    .attrs
-                    .runs(0, self.inner.pages_total())
-                    .map(|run| {
-                        let b = run.pages().bytes();
-                        AttrRun {
-                            offset: b.start,
-                            len: b.len(),
-                            attr: run.attr,
-                        }
-                    })
-                    .collect(),
-                poisoned: st.poison.all().into_iter().map(page_offset).collect(),
-            }
+        let added = self.inner.add_observer(
+            Arc::new(Conversions(listener.clone())),
+            Box::new(PoisonRelay(listener)),
+        )?;
+        let snapshot = DeviceSnapshot {
+            runs: added
+                .runs
+                .into_iter()
+                .map(|run| {
+                    let b = run.pages().bytes();
+                    AttrRun {
+                        offset: b.start,
+                        len: b.len(),
+                        attr: run.attr,
+                    }
+                })
+                .collect(),
+            poisoned: added.poisoned.into_iter().map(page_offset).collect(),
         };
         let id = DeviceListenerId {
-            listener: ctl.listeners.add(Arc::new(Conversions(listener.clone()))),
-            relay: ctl.participants.add(Box::new(PoisonRelay(listener))),
+            listener: added.listener,
+            relay: added.relay,
         };
         Ok((id, snapshot))
     }
 
     /// Removes a [`DeviceListener`]; false when it was not registered on this file.
     pub fn remove_device_listener(&self, id: DeviceListenerId) -> bool {
-        let mut ctl = self.inner.control_unchecked();
-        // Listener ids are unique across files, participant ids only within one: the relay is
-        // removed only once the listener proved the id belongs to this file.
-        if !ctl.listeners.remove(id.listener) {
-            return false;
-        }
-        ctl.participants.remove(id.relay)
+        self.inner.remove_observer(id.listener, id.relay)
     }
 }

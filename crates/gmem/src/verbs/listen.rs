@@ -16,24 +16,24 @@ impl GuestMemfd {
     /// with the file's control lock held: they must not convert, map or add listeners on the
     /// same file.
     pub fn add_listener(&self, listener: Arc<dyn ConversionListener>) -> ListenerId {
-        self.inner.control_unchecked().listeners.add(listener)
+        self.inner.add_listener(listener)
     }
 
     /// Removes a listener; returns false when it was not registered.
     pub fn remove_listener(&self, id: ListenerId) -> bool {
-        self.inner.control_unchecked().listeners.remove(id)
+        self.inner.remove_listener(id)
     }
 
     /// Adds a participant: from now on every conversion, split, merge and poison of the file
     /// is applied to it inside the transaction, and undone on it when a later part fails.
     /// (The KVM crate adds one that keeps the kernel's memory attributes in step.)
     pub fn add_participant(&self, participant: Box<dyn Participant>) -> ParticipantId {
-        self.inner.control_unchecked().participants.add(participant)
+        self.inner.add_participant(participant)
     }
 
     /// Removes a participant; returns false when it was not registered.
     pub fn remove_participant(&self, id: ParticipantId) -> bool {
-        self.inner.control_unchecked().participants.remove(id)
+        self.inner.remove_participant(id)
     }
 
     /// The restructuring counters of a HugeTLB file (`None` for other backings). The handle
@@ -46,11 +46,6 @@ impl GuestMemfd {
     /// merged. Merges normally happen on their own (after conversions and when the last
     /// reference to a piece is dropped); this is for a caller that wants them now.
     pub fn merge_pending(&self) -> Result<u64, ConvertError> {
-        let Some(huge) = self.inner.huge() else {
-            return Ok(0);
-        };
-        let mut ctl = self.inner.control_live()?;
-        let all = huge.state().split_in(0, u64::MAX);
-        Ok(self.inner.merge_all(&mut ctl, &all))
+        Ok(self.inner.merge_pending()?)
     }
 }

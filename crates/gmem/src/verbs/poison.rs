@@ -1,7 +1,7 @@
 //! Memory failure: injecting and querying poison (rules in the engine's poison docs).
 
 use crate::engine::poison::PoisonError;
-use crate::model::units::{page_of, page_offset, PageRange, RangeError};
+use crate::model::units::{page_of, page_offset, RangeError};
 
 use super::GuestMemfd;
 
@@ -23,20 +23,11 @@ impl GuestMemfd {
 
     /// True when the page containing `offset` is poisoned.
     pub fn is_poisoned(&self, offset: u64) -> bool {
-        self.inner
-            .read_pages()
-            .poison
-            .any_in(PageRange::one(page_of(offset)))
+        self.inner.is_poisoned(page_of(offset))
     }
 
     /// Byte offsets of every poisoned page, in order.
     pub fn poisoned_pages(&self) -> Vec<u64> {
-        self.inner
-            .read_pages()
-            .poison
-            .all()
-            .into_iter()
-            .map(page_offset)
-            .collect()
+        self.inner.poisoned().into_iter().map(page_offset).collect()
     }
 }

@@ -123,17 +123,17 @@ impl GuestMemfd {
             }
             .into());
         }
-        Ok(self.inner.read_pages().attrs.get(page_of(offset)))
+        Ok(self.inner.attr(page_of(offset)))
     }
 
     /// The runs of equal attributes inside `[offset, offset + len)` (page aligned), clipped.
     pub fn runs(&self, offset: u64, len: u64) -> Result<Vec<AttrRun>, FileError> {
         let r = self.inner.page_range(offset, len)?;
         let p = r.pages();
-        let st = self.inner.read_pages();
-        Ok(st
-            .attrs
+        Ok(self
+            .inner
             .runs(p.start, p.end)
+            .into_iter()
             .map(|run| {
                 let b = run.pages().bytes();
                 AttrRun {
@@ -149,16 +149,12 @@ impl GuestMemfd {
     pub fn any_private(&self, offset: u64, len: u64) -> Result<bool, FileError> {
         let r: ByteRange = self.inner.byte_range(offset, len)?;
         let p = r.pages();
-        Ok(self
-            .inner
-            .read_pages()
-            .attrs
-            .any(p.start, p.end, Attr::Private))
+        Ok(self.inner.any_attr(p.start, p.end, Attr::Private))
     }
 
     /// The number of runs covering the whole file.
     pub fn run_count(&self) -> usize {
-        self.inner.read_pages().attrs.len()
+        self.inner.run_count()
     }
 
     /// `read(2)` on guest memory: refused with `EINVAL`, as by the kernel.

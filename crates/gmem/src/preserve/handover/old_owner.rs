@@ -155,16 +155,14 @@ fn snapshot(o: &FileOffer) -> Result<FileState, HandoverError> {
         op: "fstat",
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
-    let runs = {
-        let st = inner.read_pages();
-        st.attrs
-            .runs(0, st.attrs.pages())
-            .map(|r| RunRecord {
-                start_page: r.start,
-                attr: r.attr,
-            })
-            .collect()
-    };
+    let runs = inner
+        .all_runs()
+        .into_iter()
+        .map(|r| RunRecord {
+            start_page: r.start,
+            attr: r.attr,
+        })
+        .collect();
     let numa = inner
         .numa_policy_set()
         .as_ref()
