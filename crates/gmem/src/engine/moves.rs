@@ -57,14 +57,17 @@ impl Engine {
             // Every view has revoked `r`, so no new kernel reference can be taken through
             // one: a page not resident now never held one. Most conversions find none and
             // take no lock.
-            if !self.any_resident(ctl, r)? {
+            let Some(resident) = self.residency(ctl, r)? else {
                 ctl.views.forget_history(r);
                 continue;
-            }
+            };
             let st = self.write_pages();
             let moved = match ctl.views.mech() {
+                // The residency read above serves the move: a page that became resident
+                // since was not resident when every view had revoked it, so it holds no
+                // kernel reference.
                 Mech::Guards | Mech::Sealed => match self.guest_map() {
-                    Some(map) => self.move_range(map, r, Target::File)?,
+                    Some(map) => self.move_range(map, r, Target::File, Some(resident))?,
                     None => false,
                 },
                 Mech::Huge => {
@@ -77,7 +80,8 @@ impl Engine {
                     let mut moved = false;
                     for h in split {
                         if let Some(sub) = huge.geo.pages(h).intersect(&r) {
-                            moved |= self.move_range(huge.pieces_map(), sub, Target::Companion)?;
+                            moved |=
+                                self.move_range(huge.pieces_map(), sub, Target::Companion, None)?;
                         }
                     }
                     moved
@@ -93,25 +97,35 @@ impl Engine {
         Ok(())
     }
 
-    /// True when a page of `r` is resident in the memory a move would take it from.
-    fn any_resident(&self, ctl: &Control, r: PageRange) -> io::Result<bool> {
+    /// The residency of `r` (one byte per page, `mincore`'s) in the memory a move would take
+    /// it from, or `None` when no page of it is resident.
+    fn residency(&self, ctl: &Control, r: PageRange) -> io::Result<Option<Vec<u8>>> {
         let (off, len) = (to_usize(r.bytes().start)?, to_usize(r.bytes().len())?);
         let map = match ctl.views.mech() {
             Mech::Guards | Mech::Sealed => self.guest_map(),
             Mech::Huge => self.huge().map(|h| h.pieces_map()),
         };
-        match map {
-            Some(m) => Ok(m.residency(off, len)?.iter().any(|b| b & 1 == 1)),
-            None => Ok(false),
-        }
+        let Some(m) = map else { return Ok(None) };
+        let v = m.residency(off, len)?;
+        Ok(v.iter().any(|b| b & 1 == 1).then_some(v))
     }
 
     /// Moves the resident pages of `r`, reached through `map` (a mapping of the whole file or
-    /// of the companion, at file offsets); true when there was one.
-    fn move_range(&self, map: &Mapping, r: PageRange, target: Target) -> io::Result<bool> {
+    /// of the companion, at file offsets); true when there was one. `resident` is the
+    /// range's residency when the caller has read it (read here otherwise).
+    fn move_range(
+        &self,
+        map: &Mapping,
+        r: PageRange,
+        target: Target,
+        resident: Option<Vec<u8>>,
+    ) -> io::Result<bool> {
         let off = to_usize(r.bytes().start)?;
         let len = to_usize(r.bytes().len())?;
-        let resident = map.residency(off, len)?;
+        let resident = match resident {
+            Some(v) => v,
+            None => map.residency(off, len)?,
+        };
         let page = to_usize(PAGE_SIZE)?;
         // Allocated on the first resident page: most ranges hold none.
         let mut buf = Vec::new();
