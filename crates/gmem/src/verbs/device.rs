@@ -185,18 +185,7 @@ impl GuestMemfd {
             Box::new(PoisonRelay(listener)),
         )?;
         let snapshot = DeviceSnapshot {
-            runs: added
-                .runs
-                .into_iter()
-                .map(|run| {
-                    let b = run.pages().bytes();
-                    AttrRun {
-                        offset: b.start,
-                        len: b.len(),
-                        attr: run.attr,
-                    }
-                })
-                .collect(),
+            runs: added.runs.into_iter().map(AttrRun::from).collect(),
             poisoned: added.poisoned.into_iter().map(page_offset).collect(),
         };
         let id = DeviceListenerId {

@@ -42,6 +42,17 @@ pub struct AttrRun {
     pub attr: Attr,
 }
 
+impl From<crate::model::attr::Run> for AttrRun {
+    fn from(run: crate::model::attr::Run) -> AttrRun {
+        let b = run.pages().bytes();
+        AttrRun {
+            offset: b.start,
+            len: b.len(),
+            attr: run.attr,
+        }
+    }
+}
+
 /// A guest memory file: pages that are each shared or private, with host access enforced.
 ///
 /// Cloning is cheap and yields another handle to the same file (like `dup(2)`); the file lives

@@ -134,14 +134,7 @@ impl GuestMemfd {
             .inner
             .runs(p.start, p.end)
             .into_iter()
-            .map(|run| {
-                let b = run.pages().bytes();
-                AttrRun {
-                    offset: b.start,
-                    len: b.len(),
-                    attr: run.attr,
-                }
-            })
+            .map(AttrRun::from)
             .collect())
     }
 
