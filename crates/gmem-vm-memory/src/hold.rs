@@ -24,7 +24,7 @@
 //! than [`SLOTS`] slices at once, a range the slot encoding cannot carry, or a process where
 //! `membarrier` is unavailable falls back to a [`gmem::Pin`] per slice (correct, slower).
 //!
-//! Regions that hold with pins (followers, HugeTLB) keep each slice's [`gmem::Pin`] in a slot
+//! Regions that hold with pins (HugeTLB, or asked for) keep each slice's [`gmem::Pin`] in a slot
 //! too, with no tracker (the pin is what gmem checks): sub-slices share it through the same
 //! count, and no allocation is made per slice.
 //!

@@ -153,17 +153,18 @@ impl LayoutError {
 /// How a region's slices hold their pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HoldMode {
-    /// The owner of the file: a device listener ([`GuestMemfd::add_device_listener`])
-    /// tracks page states (poison included) and vetoes conversions of held pages; holds are
-    /// thread slots ([`crate::hold`]), slices point into a gmem host view (where a private
-    /// page would fault, never read). The default for shmem and kernel guest_memfd files.
+    /// A device listener ([`GuestMemfd::add_device_listener`]) tracks page states (poison
+    /// included) and vetoes conversions of held pages; holds are thread slots
+    /// ([`crate::hold`]), slices point into a gmem host view (where a private page would
+    /// fault, never read). The default for shmem and kernel guest_memfd files, the owner's
+    /// and followers' alike (a file attached from another process with
+    /// [`GuestMemfd::attach`]: the owner's steps reach its listeners, and their veto
+    /// refuses the owner's conversion).
     Tracked,
-    /// A gmem [`Pin`](gmem::Pin) per slice, pointing into gmem's device view. Used for
-    /// followers (a file attached from another process with [`GuestMemfd::attach`], whose
-    /// conversions arrive from the owner and are refused there while a pin is held; gmem
-    /// refuses a device listener there) and for HugeTLB files (whose restructuring honours
-    /// pins). Each slice pays gmem's page lock and per-page reference counts: about 60 ns
-    /// more than `Tracked` per slice here (`BENCHMARKS.md`).
+    /// A gmem [`Pin`](gmem::Pin) per slice, pointing into gmem's device view. The default for
+    /// HugeTLB files (whose restructuring honours pins). Each slice pays gmem's page lock and
+    /// per-page reference counts: about 60 ns more than `Tracked` per slice here
+    /// (`BENCHMARKS.md`).
     Pinned,
 }
 
@@ -179,8 +180,7 @@ pub struct RegionSpec {
     /// Length in bytes (page aligned, non-zero).
     pub len: u64,
     /// How slices hold pages; `None` chooses: [`HoldMode::Pinned`] for HugeTLB,
-    /// [`HoldMode::Tracked`] otherwise. A follower is always [`HoldMode::Pinned`], whatever
-    /// is asked (its conversions reach no listener in this process).
+    /// [`HoldMode::Tracked`] otherwise.
     pub hold: Option<HoldMode>,
     /// The identity of the file the memslot binding this region was made from binds
     /// ([`RegionSpec::from_binding`]); the layout refuses the region when `file` is another
@@ -201,13 +201,11 @@ impl RegionSpec {
         }
     }
 
-    /// A region of a file attached from another process ([`GuestMemfd::attach`]): slices
-    /// hold gmem pins, which the follower reports to the owner's conversions.
+    /// A region of a file attached from another process ([`GuestMemfd::attach`]). Holds work
+    /// as in the owner (tracked on shmem and kernel guest_memfd files, pins on HugeTLB): a
+    /// held slice makes the owner's conversion of its pages fail with `EAGAIN`.
     pub fn follower(gpa: u64, file: GuestMemfd, offset: u64, len: u64) -> Self {
-        RegionSpec {
-            hold: Some(HoldMode::Pinned),
-            ..RegionSpec::new(gpa, file, offset, len)
-        }
+        RegionSpec::new(gpa, file, offset, len)
     }
 
     /// The region of a gmem-kvm memslot binding of `file`. Building a layout with it fails

@@ -209,9 +209,6 @@ impl Region {
         let access = match spec.hold_mode() {
             HoldMode::Pinned => Access::Pinned,
             HoldMode::Tracked if !crate::hold::fast_path_available() => Access::Pinned,
-            // A follower's conversions come from its owner and reach no listener here: its
-            // page states would never change in the tracker. Pins are what its agent checks.
-            HoldMode::Tracked if spec.file.is_follower() => Access::Pinned,
             HoldMode::Tracked => {
                 let tracker = Tracker::for_file(&spec.file, id)
                     .map_err(|source| LayoutError::File { gpa, source })?;

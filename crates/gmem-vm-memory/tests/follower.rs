@@ -17,7 +17,7 @@ fn backend(side: gmem_conformance::child::ChildSide) {
     let file = GuestMemfd::attach(side.peer).expect("attach");
     let mem =
         GmemMemory::new([RegionSpec::follower(GPA, file.clone(), 0, file.size())]).expect("memory");
-    assert_eq!(mem.hold_mode(GPA), Some(HoldMode::Pinned));
+    assert_eq!(mem.hold_mode(GPA), Some(HoldMode::Tracked));
     let mut held = Vec::new();
     ctl.send("ready");
     loop {
@@ -125,10 +125,11 @@ fn follower_backend_gets_the_same_guest_memory() {
     child.finish();
 }
 
-/// A follower region asked to be tracked is pinned anyway: a tracked follower would never
-/// hear of the owner's conversions.
+/// A follower region holds as the owner's do (tracked on shmem): its tracker hears the
+/// owner's conversions through the follower's agent, so a page made private is refused with
+/// its gpa at once.
 #[test]
-fn follower_regions_are_always_pinned() {
+fn follower_regions_are_tracked_and_hear_the_owners_conversions() {
     if let Some(mut side) = child_side() {
         let file = GuestMemfd::attach(side.peer).expect("attach");
         let mem =
@@ -143,11 +144,11 @@ fn follower_regions_are_always_pinned() {
     }
     let mem = GuestMemfd::create(4 * P, Flags::MMAP | Flags::INIT_SHARED).expect("create");
     let mut child = ChildProcess::spawn(
-        "follower_regions_are_always_pinned",
+        "follower_regions_are_tracked_and_hear_the_owners_conversions",
         "backend",
         mem.share_with_process().expect("share"),
     );
-    assert_eq!(child.recv(), "Some(Pinned)");
+    assert_eq!(child.recv(), "Some(Tracked)");
     mem.convert(P, P, Attr::Private).expect("to private");
     child.send("converted");
     assert_eq!(

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gmem::{Attr, Errno, Flags, GuestMemfd};
-use gmem_vm_memory::{GmemMemory, Refusal, RegionSpec};
+use gmem_vm_memory::{GmemMemory, HoldMode, Refusal, RegionSpec};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 const P: u64 = 4096;
@@ -19,17 +19,41 @@ const PAGES: u64 = 16;
 const SECRET: u8 = 0xee;
 const RUN: Duration = Duration::from_millis(1500);
 
-fn race(pinned: bool) {
+/// Whose memory the devices use, and how their slices hold it.
+#[derive(Debug, Clone, Copy)]
+enum Devices {
+    /// The owner's file, tracked holds.
+    Tracked,
+    /// The owner's file, a gmem pin per slice.
+    Pinned,
+    /// A follower of the file (attached in this process, so the owner's steps go through
+    /// the follower's agent, as they do for a backend in another process), tracked holds.
+    Follower,
+}
+
+fn race(devices: Devices) {
     let file = GuestMemfd::builder(PAGES * P)
         .flags(Flags::MMAP | Flags::INIT_SHARED)
         .create()
         .expect("create");
-    let spec = if pinned {
-        RegionSpec::follower(0, file.clone(), 0, PAGES * P)
-    } else {
-        RegionSpec::new(0, file.clone(), 0, PAGES * P)
+    let spec = match devices {
+        Devices::Tracked => RegionSpec::new(0, file.clone(), 0, PAGES * P),
+        Devices::Pinned => RegionSpec {
+            hold: Some(HoldMode::Pinned),
+            ..RegionSpec::new(0, file.clone(), 0, PAGES * P)
+        },
+        Devices::Follower => {
+            let follower =
+                GuestMemfd::attach(file.share_with_process().expect("share")).expect("attach");
+            RegionSpec::follower(0, follower, 0, PAGES * P)
+        }
     };
     let mem = GmemMemory::new([spec]).expect("memory");
+    let want = match devices {
+        Devices::Pinned => HoldMode::Pinned,
+        Devices::Tracked | Devices::Follower => HoldMode::Tracked,
+    };
+    assert_eq!(mem.hold_mode(0), Some(want));
     let stop = AtomicBool::new(false);
     let (reads, refused, eagain, converted) = (
         AtomicU64::new(0),
@@ -109,16 +133,21 @@ fn race(pinned: bool) {
         eagain.load(Ordering::Relaxed),
         converted.load(Ordering::Relaxed),
     );
-    println!("pinned={pinned}: {r} reads, {f} refusals, {c} conversions, {e} EAGAIN");
+    println!("{devices:?}: {r} reads, {f} refusals, {c} conversions, {e} EAGAIN");
     assert!(r > 0 && c > 0, "both sides made progress");
 }
 
 #[test]
 fn race_devices_against_conversions_tracked() {
-    race(false);
+    race(Devices::Tracked);
 }
 
 #[test]
 fn race_devices_against_conversions_pinned() {
-    race(true);
+    race(Devices::Pinned);
+}
+
+#[test]
+fn race_follower_devices_against_the_owners_conversions() {
+    race(Devices::Follower);
 }

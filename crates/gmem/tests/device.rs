@@ -4,8 +4,8 @@
 use std::sync::{Arc, Mutex};
 
 use gmem::{
-    Attr, AttrRun, Conversion, ConversionListener, DeviceError, DeviceListener, Errno, FallocMode,
-    Flags, GuestMemfd, Veto,
+    Attr, AttrRun, Conversion, ConversionListener, DeviceListener, Errno, FallocMode, Flags,
+    GuestMemfd, Veto,
 };
 
 const P: u64 = 4096;
@@ -174,14 +174,72 @@ fn device_listener_removed_hears_nothing_and_ids_of_other_files_remove_nothing()
 }
 
 #[test]
-fn device_listener_on_a_follower_is_refused_with_eperm() {
+fn device_listener_on_a_follower_hears_the_owners_steps_and_its_veto_refuses_them() {
     let owner = file(4);
+    owner.convert(3 * P, P, Attr::Private).expect("page 3");
     let follower = GuestMemfd::attach(owner.share_with_process().expect("share")).expect("attach");
-    let e = follower
-        .add_device_listener(Arc::new(Recorder::default()))
-        .expect_err("follower");
-    assert_eq!(e, DeviceError::Follower);
-    assert_eq!((e.errno(), e.error_offset()), (libc::EPERM, None));
+    let rec = Arc::new(Recorder {
+        veto: Some(P),
+        ..Recorder::default()
+    });
+    let (id, snap) = follower
+        .add_device_listener(rec.clone())
+        .expect("register on the follower");
+    assert_eq!(
+        snap.runs,
+        vec![
+            AttrRun {
+                offset: 0,
+                len: 3 * P,
+                attr: Attr::Shared
+            },
+            AttrRun {
+                offset: 3 * P,
+                len: P,
+                attr: Attr::Private
+            },
+        ]
+    );
+    // The follower's listener holds page 1: the owner's conversion is refused there, and
+    // nothing changed anywhere.
+    let e = owner
+        .convert(0, 2 * P, Attr::Private)
+        .expect_err("vetoed in the follower");
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(P)));
+    assert_eq!(
+        rec.take(),
+        vec![Notice::Prepare(0, 2 * P, Attr::Private)],
+        "the veto changes nothing, so there is nothing to abort"
+    );
+    assert_eq!(owner.attr(0).expect("attr"), Attr::Shared);
+    assert_eq!(follower.attr(0).expect("attr"), Attr::Shared);
+    // Pages it does not hold convert, and it hears the commit.
+    owner.convert(2 * P, P, Attr::Private).expect("page 2");
+    assert_eq!(
+        rec.take(),
+        vec![
+            Notice::Prepare(2 * P, P, Attr::Private),
+            Notice::Commit(2 * P, P, Attr::Private)
+        ]
+    );
+    owner.convert(2 * P, 2 * P, Attr::Shared).expect("back");
+    assert_eq!(
+        rec.take(),
+        vec![
+            Notice::Prepare(2 * P, 2 * P, Attr::Shared),
+            Notice::Commit(2 * P, 2 * P, Attr::Shared)
+        ]
+    );
+    // Poison and its clearing reach it too.
+    owner.inject_poison(0).expect("poison");
+    owner
+        .fallocate(FallocMode::PUNCH_HOLE, 0, P)
+        .expect("punch clears poison");
+    assert_eq!(
+        rec.take(),
+        vec![Notice::Poisoned(0), Notice::Unpoisoned(0, P)]
+    );
+    assert!(follower.remove_device_listener(id));
 }
 
 /// Replays a snapshot and the commits after it into a page map.

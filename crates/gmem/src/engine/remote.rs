@@ -1,7 +1,10 @@
-//! A follower applies its owner's steps: the same changes to its own views, without
-//! participants of its own (the owner coordinates everyone) and without moving pages (the
-//! owner's move covers the file, and so every process).
+//! A follower applies its owner's steps: the same changes to its own views, without moving
+//! pages (the owner's move covers the file, and so every process). The owner coordinates
+//! every process; what a follower registers itself are its device listeners
+//! ([`crate::GuestMemfd::add_device_listener`]): a revoke or restore is a conversion for
+//! them (prepare, which may veto, then commit or abort), and poison steps reach their relays.
 
+use super::listener::Conversion;
 use super::participant::{Step, StepError};
 use super::views::Ctx;
 use super::Engine;
@@ -26,10 +29,20 @@ impl Engine {
         let numa = self.numa_policy_set();
         let ctx = self.view_ctx(numa.as_ref());
         match *step {
-            Step::Revoke(_) => self.follow_revoke(&mut ctl, &ctx, r),
-            Step::Restore(_) => self.follow_restore(&mut ctl, &ctx, r),
+            Step::Revoke(_) => self.as_conversion(&mut ctl, r, Attr::Private, |this, ctl| {
+                this.follow_revoke(ctl, &ctx, r)
+            }),
+            Step::Restore(_) => self.as_conversion(&mut ctl, r, Attr::Shared, |this, ctl| {
+                this.follow_restore(ctl, &ctx, r)
+            }),
             Step::Split(_) | Step::Merge(_) => self.follow_restructure(&mut ctl, step, r),
-            Step::Poison(_) => self.follow_poison(&mut ctl, &ctx, r),
+            Step::Poison(_) => {
+                self.follow_poison(&mut ctl, &ctx, r)?;
+                // This process's own participants (device listeners' poison relays) hear it
+                // as they would in the owner.
+                ctl.participants.notify(step);
+                Ok(())
+            }
             Step::Refresh(_) => {
                 let st = self.read_pages();
                 let hs = self.huge().map(|h| h.state());
@@ -37,7 +50,45 @@ impl Engine {
                     .reenforce_range(&ctx, self.shown(&st, hs.as_deref()), pages)
                     .map_err(|e| step_err(r.start, &e))
             }
-            Step::Unpoison(_) => self.follow_unpoison(&mut ctl, &ctx, r),
+            Step::Unpoison(_) => {
+                self.follow_unpoison(&mut ctl, &ctx, r)?;
+                ctl.participants.notify(step);
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs `apply` (a revoke or a restore of `r`) as a conversion of `r` to `to` for this
+    /// process's listeners, as the owner's conversion is for its own: they prepare first (a
+    /// veto is `EAGAIN` at the listener's offset, and nothing changes), then hear the commit,
+    /// or the abort when `apply` fails. So a device that holds pages in a follower (a
+    /// backend in another process) vetoes the owner's conversion the way it would in the
+    /// owner. An undo from the owner arrives as the opposite step: a conversion back.
+    fn as_conversion(
+        &self,
+        ctl: &mut super::Control,
+        r: ByteRange,
+        to: Attr,
+        apply: impl FnOnce(&Engine, &mut super::Control) -> Result<(), StepError>,
+    ) -> Result<(), StepError> {
+        let conv = Conversion {
+            offset: r.start,
+            len: r.len(),
+            to,
+        };
+        ctl.listeners.prepare(&conv).map_err(|v| StepError {
+            errno: libc::EAGAIN,
+            offset: v.offset,
+        })?;
+        match apply(self, ctl) {
+            Ok(()) => {
+                ctl.listeners.commit(&conv);
+                Ok(())
+            }
+            Err(e) => {
+                ctl.listeners.abort(&conv);
+                Err(e)
+            }
         }
     }
 

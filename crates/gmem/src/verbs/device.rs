@@ -21,10 +21,11 @@
 //! - a punch-hole clearing poison: [`DeviceListener::unpoisoned`] after the views reach the
 //!   shared ones again.
 //!
-//! A follower hears of no conversion here: its owner converts, and the follower's agent
-//! applies the owner's steps without listeners. Registering on a follower is refused
-//! ([`DeviceError::Follower`]); device code there holds pages with [`GuestMemfd::pin`],
-//! which the owner's conversions honour.
+//! On a follower (a file attached from another process) the notices come from the owner's
+//! steps as the follower's agent applies them: a revoke is a conversion to private, a
+//! restore one to shared (an undo arrives as the opposite conversion), and a veto here fails
+//! the owner's conversion with `EAGAIN` at the listener's offset, so a device backend in
+//! another process holds pages the way one in the owner does.
 
 use std::sync::Arc;
 
@@ -68,10 +69,6 @@ pub struct DeviceListenerId {
 /// Why a device listener could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
-    /// The file follows another process (`EPERM`): conversions are its owner's, and no
-    /// listener here would hear of them. Hold pages with pins instead.
-    #[error("a follower hears of no conversion: its owner makes them")]
-    Follower,
     /// This process may not use the file (`EPERM`): handed over, or a forked child.
     #[error(transparent)]
     Gate(#[from] GateError),
@@ -80,7 +77,6 @@ pub enum DeviceError {
 impl Errno for DeviceError {
     fn errno(&self) -> i32 {
         match self {
-            DeviceError::Follower => libc::EPERM,
             DeviceError::Gate(e) => e.errno(),
         }
     }
@@ -137,8 +133,7 @@ impl GuestMemfd {
     /// of the control lock: every conversion, poison and punch-hole after the snapshot is
     /// told to the listener, none before it is.
     ///
-    /// `EPERM` on a follower ([`DeviceError::Follower`]), once the file was handed over and in
-    /// a forked child ([`DeviceError::Gate`]).
+    /// `EPERM` once the file was handed over and in a forked child ([`DeviceError::Gate`]).
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
@@ -177,9 +172,6 @@ impl GuestMemfd {
         &self,
         listener: Arc<dyn DeviceListener>,
     ) -> Result<(DeviceListenerId, DeviceSnapshot), DeviceError> {
-        if self.is_follower() {
-            return Err(DeviceError::Follower);
-        }
         let added = self.inner.add_observer(
             Arc::new(Conversions(listener.clone())),
             Box::new(PoisonRelay(listener)),
