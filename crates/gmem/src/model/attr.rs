@@ -290,6 +290,55 @@ impl AttrMap {
         }
     }
 
+    /// The map of `pages` pages made of consecutive runs: `starts` gives each run's first
+    /// page and attribute, in increasing order, the first at page 0 (what [`AttrMap::runs`]
+    /// of a whole map yields). Runs past the end are dropped; adjacent runs of one attribute
+    /// merge. Costs one pass over the words, not a `set` per run.
+    ///
+    /// `prepare` sees the fresh words before they are written (all zero), once, when the map
+    /// is not uniform: a caller that knows its allocator hands out untouched memory can fault
+    /// it in with one call there instead of a page fault per 4 KiB page as the words fill.
+    pub fn from_runs(
+        pages: u64,
+        starts: impl IntoIterator<Item = (u64, Attr)>,
+        prepare: impl FnOnce(&mut [u64]),
+    ) -> Self {
+        let pages = pages.clamp(1, MAX_PAGES);
+        let mut runs: Vec<(u64, Attr)> = Vec::new();
+        for (start, attr) in starts {
+            if start >= pages || runs.last().is_some_and(|&(s, _)| start <= s) {
+                if start >= pages {
+                    break;
+                }
+                continue;
+            }
+            if runs.last().is_some_and(|&(_, a)| a == attr) {
+                continue;
+            }
+            runs.push((start, attr));
+        }
+        let first = runs.first().map_or(Attr::Shared, |&(_, a)| a);
+        if runs.len() <= 1 {
+            return AttrMap::new(pages, first);
+        }
+        let mut w = vec![0u64; widx(pages - 1) + 1].into_boxed_slice();
+        prepare(&mut w);
+        // `runs` starts at page 0 only if the caller's did; a first run starting later is
+        // taken from page 0.
+        for (i, &(start, attr)) in runs.iter().enumerate() {
+            if attr == Attr::Private {
+                let start = if i == 0 { 0 } else { start };
+                let end = runs.get(i + 1).map_or(pages, |&(s, _)| s);
+                fill(&mut w, start, end, Attr::Private);
+            }
+        }
+        AttrMap {
+            pages,
+            boundaries: (runs.len() - 1) as u64,
+            repr: Repr::Bits(w),
+        }
+    }
+
     /// Number of pages covered.
     #[inline]
     pub fn pages(&self) -> u64 {
@@ -640,6 +689,61 @@ mod tests {
         m.runs(0, m.pages())
             .map(|r| (r.start, r.end, r.attr))
             .collect()
+    }
+
+    #[test]
+    fn from_runs_is_the_map_the_sets_make() {
+        let pages = 1000;
+        let patterns: Vec<Vec<(u64, Attr)>> = vec![
+            vec![(0, Attr::Shared)],
+            vec![(0, Attr::Private)],
+            vec![(0, Attr::Shared), (1, Attr::Private), (2, Attr::Shared)],
+            vec![
+                (0, Attr::Private),
+                (63, Attr::Shared),
+                (64, Attr::Private),
+                (999, Attr::Shared),
+            ],
+            // Adjacent runs of one attribute merge; runs past the end are dropped.
+            vec![
+                (0, Attr::Shared),
+                (10, Attr::Shared),
+                (20, Attr::Private),
+                (2000, Attr::Shared),
+            ],
+            // A first run that starts late is taken from page 0.
+            vec![(5, Attr::Private), (500, Attr::Shared)],
+            (0..pages)
+                .map(|p| {
+                    (
+                        p,
+                        if p % 2 == 1 {
+                            Attr::Private
+                        } else {
+                            Attr::Shared
+                        },
+                    )
+                })
+                .collect(),
+        ];
+        for pat in patterns {
+            let mut want = AttrMap::new(pages, pat[0].1);
+            for (i, &(start, attr)) in pat.iter().enumerate().skip(1) {
+                let end = pat.get(i + 1).map_or(pages, |&(s, _)| s);
+                want.set(start, end, attr);
+            }
+            let mut prepared = None;
+            let got = AttrMap::from_runs(pages, pat.iter().copied(), |w| {
+                prepared = Some((w.len(), w.iter().all(|&x| x == 0)));
+            });
+            assert_eq!(got, want, "{pat:?}");
+            assert_eq!(got.len(), want.len(), "{pat:?}");
+            assert_eq!(runs(&got), runs(&want), "{pat:?}");
+            match prepared {
+                Some(p) => assert_eq!(p, (16, true), "fresh zero words, once: {pat:?}"),
+                None => assert_eq!(got.len(), 1, "only a uniform map skips it: {pat:?}"),
+            }
+        }
     }
 
     #[test]

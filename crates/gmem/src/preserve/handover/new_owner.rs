@@ -11,7 +11,7 @@ use super::{
 };
 use crate::backing::{Backing, BackingKind, Received};
 use crate::engine::{Assembly, Engine};
-use crate::model::attr::{Attr, AttrMap};
+use crate::model::attr::AttrMap;
 use crate::model::error::Errno;
 use crate::model::numa::NumaPolicy;
 use crate::sys::fd;
@@ -328,13 +328,12 @@ fn restore_restructure(
     mem.inner.adopt_split(&split, &waiting).map_err(|e| e.errno)
 }
 
-/// Builds the run map from validated runs (starts increasing from 0, below `pages`).
+/// Builds the run map from validated runs (starts increasing from 0, below `pages`), its
+/// words faulted in with one call (this runs while the old owner is frozen).
 fn run_map(runs: &[RunRecord], pages: u64) -> AttrMap {
-    let first = runs.first().map_or(Attr::Shared, |r| r.attr);
-    let mut map = AttrMap::new(pages, first);
-    for (i, r) in runs.iter().enumerate().skip(1) {
-        let end = runs.get(i + 1).map_or(pages, |n| n.start_page);
-        map.set(r.start_page, end, r.attr);
-    }
-    map
+    AttrMap::from_runs(
+        pages,
+        runs.iter().map(|r| (r.start_page, r.attr)),
+        crate::sys::mapping::populate_words,
+    )
 }
