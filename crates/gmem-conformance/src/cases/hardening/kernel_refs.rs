@@ -205,31 +205,50 @@ pub fn o_direct_racing_conversions_never_exports_private_bytes(ctx: &Ctx<'_>) {
             )
         }
     };
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
     let rounds = 200;
     std::thread::scope(|s| {
         s.spawn(|| {
             let mut off = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 let n = write(off * 4096);
                 assert!(
                     n == 4096 || (n == -1 && errno() == libc::EFAULT),
                     "{n} {}",
                     errno()
                 );
+                if n == 4096 {
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
                 off = (off + 1) % 256;
             }
         });
-        for _ in 0..rounds {
+        // At least `rounds` rounds, and on until the writer has written while the page was
+        // shared (a loaded machine may not schedule it at first), within a bound.
+        let start = std::time::Instant::now();
+        let mut round = 0;
+        while round < rounds
+            || (written.load(Ordering::Relaxed) == 0
+                && start.elapsed() < std::time::Duration::from_secs(20))
+        {
+            round += 1;
             l.mem.convert(at, PAGE, Attr::Private).expect("to private");
             guest_fill(&l.mem, at, PAGE, SECRET);
             // Leave the secret in place long enough for writes in flight to overlap it.
             std::thread::sleep(std::time::Duration::from_micros(100));
             guest_fill(&l.mem, at, PAGE, SHARED);
             l.mem.convert(at, PAGE, Attr::Shared).expect("to shared");
+            // And the shared page long enough for the writer to use it.
+            std::thread::sleep(std::time::Duration::from_micros(100));
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
     });
+    assert!(
+        written.load(Ordering::Relaxed) > 0,
+        "the writer never wrote the shared page"
+    );
     let plain = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .expect("the file without O_DIRECT");
     let mut all = Vec::new();
