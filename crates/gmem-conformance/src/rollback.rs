@@ -547,6 +547,31 @@ pub fn at(who: &str, call: Call) -> (String, Call) {
     (who.to_string(), call)
 }
 
+/// The rig's listeners, in the order they were added (and hear every notice).
+pub const LISTENERS: [&str; 3] = ["L1", "L2", "L3"];
+
+/// What the listeners hear of a conversion `c` that none vetoes: each prepares, then each
+/// hears `end` (`Heard::Commit` or `Heard::Abort`).
+pub fn heard(c: Conversion, end: fn(Conversion) -> Heard) -> Vec<(String, Heard)> {
+    let mut v: Vec<(String, Heard)> = LISTENERS
+        .iter()
+        .map(|l| (l.to_string(), Heard::Prepare(c)))
+        .collect();
+    v.extend(LISTENERS.iter().map(|l| (l.to_string(), end(c))));
+    v
+}
+
+/// Every participant believes what the file says now (`split`: the huge pages split now), and
+/// every undo in the journal came in reverse order.
+#[track_caller]
+pub fn beliefs_agree(rig: &Rig, from: &Mirror, split: &[u64]) {
+    expect_undo_in_reverse(&rig.journal.all());
+    let now = rig.mirror(split);
+    for who in PARTICIPANTS {
+        assert_eq!(rig.believed(from, who), now, "participant {who}");
+    }
+}
+
 /// Asserts that `err` is the error a conversion gives when a participant refused `step` with
 /// `errno`: `Busy` for `EAGAIN`, `Peer` otherwise, naming [`refusal_offset`].
 #[track_caller]
@@ -623,9 +648,10 @@ impl Rig {
     pub fn new(mem: GuestMemfd, views: Vec<HostView>, list: Vec<u64>, split: Vec<u64>) -> Rig {
         let journal = Journal::new();
         let hearing = Hearing::default();
-        Recorder::add(&mem, "L1", &hearing);
-        let l2 = Recorder::add(&mem, "L2", &hearing);
-        Recorder::add(&mem, "L3", &hearing);
+        let [l1, l2, l3] = LISTENERS;
+        Recorder::add(&mem, l1, &hearing);
+        let l2 = Recorder::add(&mem, l2, &hearing);
+        Recorder::add(&mem, l3, &hearing);
         Scripted::add(&mem, "a", &journal, Refuse::Never, 0);
         let b = Scripted::add(&mem, "b", &journal, Refuse::Never, 0);
         Scripted::add(&mem, "c", &journal, Refuse::Never, 0);

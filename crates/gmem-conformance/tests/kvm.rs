@@ -1,4 +1,5 @@
-//! The conformance catalogue on the kernel's guest_memfd, and DESIGN §7 items 7 (bindings) and
+//! The conformance catalogue, the hardening cases and the engine rollback cases on the kernel's
+//! guest_memfd, and DESIGN §7 items 7 (bindings) and
 //! 8 (guest and host see the same bytes) on `/dev/kvm`.
 //!
 //! Every test prints `skipped: <reason>` and passes when `/dev/kvm` cannot be opened.
@@ -60,6 +61,9 @@ impl Backend for KernelGuestMemfd {
 
 gmem_conformance::conformance_suite!(kernel_guest_memfd, KernelGuestMemfd::new());
 gmem_conformance::hardening_suite!(kernel_guest_memfd_hardening, KernelGuestMemfd::new());
+// The engine's rollback (a participant refusing each kind of step, or its Nth call; a
+// listener vetoing) on files whose host views are sealed and guarded.
+gmem_conformance::rollback_suite!(kernel_guest_memfd_rollback, KernelGuestMemfd::new());
 
 /// DESIGN §7 items 7 and 8 on `/dev/kvm`, for a kernel guest_memfd (gmem-only memslot) and a
 /// shmem file (hva memslot over gmem's guest view).

@@ -14,8 +14,8 @@ use gmem::{
     PoisonError, PoolGuard, Step, HUGE_1G, HUGE_2M,
 };
 use gmem_conformance::rollback::{
-    at, digest, expect_refusal, expect_undo_in_reverse, fill, pages, pattern, sweep, Call,
-    Counters, Heard, Kind, Mirror, Refuse, Rig, PAGE,
+    at, beliefs_agree, digest, expect_refusal, expect_undo_in_reverse, fill, heard, pages, pattern,
+    sweep, Call, Counters, Heard, Kind, Refuse, Rig, PAGE, PARTICIPANTS,
 };
 
 gmem_conformance::rollback_suite!(shmem, gmem_conformance::Shmem);
@@ -119,28 +119,8 @@ fn each(who: &[&str], call: Call) -> Vec<(String, Call)> {
     who.iter().map(|w| at(w, call)).collect()
 }
 
-const ALL: [&str; 3] = ["a", "b", "c"];
-
-#[track_caller]
-fn beliefs_agree(rig: &Rig, from: &Mirror, split: &[u64]) {
-    expect_undo_in_reverse(&rig.journal.all());
-    let now = rig.mirror(split);
-    for who in ALL {
-        assert_eq!(rig.believed(from, who), now, "participant {who}");
-    }
-}
-
 fn aborted(c: Conversion) -> Vec<(String, Heard)> {
-    let mut v: Vec<_> = ["L1", "L2", "L3"]
-        .iter()
-        .map(|l| (l.to_string(), Heard::Prepare(c)))
-        .collect();
-    v.extend(
-        ["L1", "L2", "L3"]
-            .iter()
-            .map(|l| (l.to_string(), Heard::Abort(c))),
-    );
-    v
+    heard(c, Heard::Abort)
 }
 
 fn one(page: u64, to: Attr) -> Conversion {
@@ -187,9 +167,15 @@ fn split_refused(g: Geo, errno: i32) {
     rig.mem
         .convert(t * PAGE, PAGE, Attr::Private)
         .expect("the retry succeeds");
-    let mut want = each(&ALL, Call::Apply(split));
-    want.extend(each(&ALL, Call::Apply(Step::Revoke(pages(t, t + 1)))));
-    want.extend(each(&ALL, Call::Apply(Step::Refresh(pages(t, t + 1)))));
+    let mut want = each(&PARTICIPANTS, Call::Apply(split));
+    want.extend(each(
+        &PARTICIPANTS,
+        Call::Apply(Step::Revoke(pages(t, t + 1))),
+    ));
+    want.extend(each(
+        &PARTICIPANTS,
+        Call::Apply(Step::Refresh(pages(t, t + 1))),
+    ));
     assert_eq!(rig.journal.all(), want);
     let c1 = counters(&rig);
     assert_eq!(
@@ -220,13 +206,13 @@ fn revoke_refused_after_split(g: Geo, errno: i32) {
         .convert(t * PAGE, PAGE, Attr::Private)
         .expect_err("b refuses the revoke");
     expect_refusal(&err, &revoke, errno);
-    let mut want = each(&ALL, Call::Apply(split));
+    let mut want = each(&PARTICIPANTS, Call::Apply(split));
     want.extend([
         at("a", Call::Apply(revoke)),
         at("b", Call::Refused(revoke)),
         at("a", Call::Undo(revoke)),
     ]);
-    want.extend(each(&ALL, Call::Apply(merge)));
+    want.extend(each(&PARTICIPANTS, Call::Apply(merge)));
     assert_eq!(rig.journal.all(), want);
     assert_eq!(rig.heard(), aborted(one(t, Attr::Private)));
     assert_eq!(rig.snapshot(), before);
@@ -260,7 +246,7 @@ fn merge_refused(g: Geo, errno: i32) {
     rig.mem
         .convert(t * PAGE, PAGE, Attr::Shared)
         .expect("a refused merge does not fail the conversion");
-    let mut want = each(&ALL, Call::Apply(restore));
+    let mut want = each(&PARTICIPANTS, Call::Apply(restore));
     want.extend([
         at("a", Call::Apply(merge)),
         at("b", Call::Refused(merge)),
@@ -283,7 +269,7 @@ fn merge_refused(g: Geo, errno: i32) {
     rig.journal.clear();
     rig.b.set(Refuse::Never, 0);
     assert_eq!(rig.mem.merge_pending().expect("merge_pending"), 1);
-    assert_eq!(rig.journal.all(), each(&ALL, Call::Apply(merge)));
+    assert_eq!(rig.journal.all(), each(&PARTICIPANTS, Call::Apply(merge)));
     let c1 = counters(&rig);
     assert_eq!(
         (c1.split_pages, c1.waiting, c1.merges),
@@ -321,13 +307,13 @@ fn restore_refused_in_a_hole(g: Geo, errno: i32) {
         .convert(t * PAGE, PAGE, Attr::Shared)
         .expect_err("b refuses the restore");
     expect_refusal(&err, &restore, errno);
-    let mut want = each(&ALL, Call::Apply(split));
+    let mut want = each(&PARTICIPANTS, Call::Apply(split));
     want.extend([
         at("a", Call::Apply(restore)),
         at("b", Call::Refused(restore)),
         at("a", Call::Undo(restore)),
     ]);
-    want.extend(each(&ALL, Call::Apply(merge)));
+    want.extend(each(&PARTICIPANTS, Call::Apply(merge)));
     assert_eq!(rig.journal.all(), want);
     assert_eq!(rig.heard(), aborted(one(t, Attr::Shared)));
     assert_eq!(rig.snapshot(), before);
@@ -386,8 +372,11 @@ fn poison_split_refused(g: Geo, errno: i32) {
     rig.journal.clear();
     rig.b.set(Refuse::Never, 0);
     rig.mem.inject_poison(t * PAGE).expect("poison");
-    let mut want = each(&ALL, Call::Apply(split));
-    want.extend(each(&ALL, Call::Apply(Step::Poison(pages(t, t + 1)))));
+    let mut want = each(&PARTICIPANTS, Call::Apply(split));
+    want.extend(each(
+        &PARTICIPANTS,
+        Call::Apply(Step::Poison(pages(t, t + 1))),
+    ));
     assert_eq!(rig.journal.all(), want);
     assert!(rig.heard().is_empty());
     let mut now_split = rig.split.clone();
@@ -519,7 +508,7 @@ fn partial_conversion(g: Geo) {
     );
     let mut want = Vec::new();
     for s in &reference[..5] {
-        want.extend(each(&ALL, Call::Apply(*s)));
+        want.extend(each(&PARTICIPANTS, Call::Apply(*s)));
     }
     want.extend([
         at("a", Call::Apply(whole)),

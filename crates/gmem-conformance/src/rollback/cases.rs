@@ -9,10 +9,7 @@
 
 use gmem::{Attr, Conversion, ConvertError, Errno, FallocMode, Flags, Step, Veto};
 
-use super::{
-    at, expect_refusal, expect_undo_in_reverse, fill, pages, sweep, Call, Heard, Kind, Mirror,
-    Refuse, Rig, PAGE,
-};
+use super::{at, expect_refusal, fill, pages, sweep, Call, Heard, Kind, Mirror, Refuse, Rig, PAGE};
 use crate::cases::require;
 use crate::Ctx;
 
@@ -49,39 +46,17 @@ fn conv(first: u64, end: u64, to: Attr) -> Conversion {
 }
 
 fn heard_abort(c: Conversion) -> Vec<(String, Heard)> {
-    let mut v: Vec<(String, Heard)> = ["L1", "L2", "L3"]
-        .iter()
-        .map(|l| (l.to_string(), Heard::Prepare(c)))
-        .collect();
-    v.extend(
-        ["L1", "L2", "L3"]
-            .iter()
-            .map(|l| (l.to_string(), Heard::Abort(c))),
-    );
-    v
+    super::heard(c, Heard::Abort)
 }
 
 fn heard_commit(c: Conversion) -> Vec<(String, Heard)> {
-    let mut v: Vec<(String, Heard)> = ["L1", "L2", "L3"]
-        .iter()
-        .map(|l| (l.to_string(), Heard::Prepare(c)))
-        .collect();
-    v.extend(
-        ["L1", "L2", "L3"]
-            .iter()
-            .map(|l| (l.to_string(), Heard::Commit(c))),
-    );
-    v
+    super::heard(c, Heard::Commit)
 }
 
 /// Every participant believes what the file says now.
 #[track_caller]
 fn beliefs_agree(rig: &Rig, from: &Mirror) {
-    expect_undo_in_reverse(&rig.journal.all());
-    let now = rig.mirror(&[]);
-    for who in super::PARTICIPANTS {
-        assert_eq!(rig.believed(from, who), now, "participant {who}");
-    }
+    super::beliefs_agree(rig, from, &[]);
 }
 
 /// `b` refuses the first revoke of a conversion to private of pages 2..6 (two runs: 2 and

@@ -16,6 +16,8 @@
 //! device view, an enforced host view in which private pages fault.
 
 use super::gate::GateError;
+use crossbeam_utils::sync::ShardedLockReadGuard;
+
 use super::{Engine, PageState};
 use crate::model::attr::Attr;
 use crate::model::error::Errno;
@@ -122,16 +124,7 @@ impl Engine {
         buf: &mut [u8],
         guest: bool,
     ) -> Result<(), AccessError> {
-        let map = self.mapping()?;
-        let st = self.read_pages();
-        // Checked under the lock: a hand-over's release takes it for writing before it
-        // revokes the mapping copies go through.
-        self.gate().access()?;
-        if guest {
-            check_poison(&st, r)?;
-        } else {
-            check(&st, r)?;
-        }
+        let (map, _st) = self.checked(r, guest)?;
         copy_out(map, r, buf);
         Ok(())
     }
@@ -139,6 +132,19 @@ impl Engine {
     /// Copies `buf` into the file at `r` if every page is shared and unpoisoned (`guest`:
     /// any attribute, poison still refused).
     pub(crate) fn write(&self, r: ByteRange, buf: &[u8], guest: bool) -> Result<(), AccessError> {
+        let (map, _st) = self.checked(r, guest)?;
+        copy_in(map, r, buf);
+        Ok(())
+    }
+
+    /// gmem's mapping and the page state held for reading, once every page of `r` is shared
+    /// and unpoisoned (`guest`: any attribute, poison still refused). A copy made while the
+    /// guard lives cannot meet a conversion to private of `r`.
+    fn checked(
+        &self,
+        r: ByteRange,
+        guest: bool,
+    ) -> Result<(&Mapping, ShardedLockReadGuard<'_, PageState>), AccessError> {
         let map = self.mapping()?;
         let st = self.read_pages();
         // Checked under the lock: a hand-over's release takes it for writing before it
@@ -149,8 +155,7 @@ impl Engine {
         } else {
             check(&st, r)?;
         }
-        copy_in(map, r, buf);
-        Ok(())
+        Ok((map, st))
     }
 
     /// Takes a host reference on every page of `r` if all are shared and unpoisoned.

@@ -178,7 +178,7 @@ impl Engine {
 }
 
 /// The runs of `old` with attribute `attr`, as page ranges.
-fn parts(old: &[Run], attr: Attr) -> Vec<PageRange> {
+pub(super) fn parts(old: &[Run], attr: Attr) -> Vec<PageRange> {
     old.iter()
         .filter(|r| r.attr == attr)
         .map(Run::pages)

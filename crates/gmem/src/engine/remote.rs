@@ -4,6 +4,7 @@
 //! ([`crate::GuestMemfd::add_device_listener`]): a revoke or restore is a conversion for
 //! them (prepare, which may veto, then commit or abort), and poison steps reach their relays.
 
+use super::convert::parts;
 use super::listener::Conversion;
 use super::participant::{Step, StepError};
 use super::views::Ctx;
@@ -154,12 +155,7 @@ impl Engine {
         let (private, keep) = {
             let st = self.read_pages();
             let runs: Vec<Run> = st.attrs.runs(pages.start, pages.end).collect();
-            let private: Vec<PageRange> = runs
-                .iter()
-                .filter(|r| r.attr == Attr::Private)
-                .map(Run::pages)
-                .collect();
-            (private, st.poison.in_range(pages))
+            (parts(&runs, Attr::Private), st.poison.in_range(pages))
         };
         for p in private {
             ctl.views
