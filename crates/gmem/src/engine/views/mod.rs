@@ -424,9 +424,10 @@ impl ViewSet {
             if let Some(p) = ctx.numa {
                 numa::mbind(&aside.map, 0, aside.map.len(), p)?;
             }
-            // Unregistered while it is replaced, so the remap raises no unmap event (the
-            // kernel would wait for the tracker thread to read it).
-            unregister_window(slot, geo, h, uffd.as_deref())?;
+            // Replaced while still registered: writers of the window are blocked on its
+            // write protection, and unregistering would wake them into the old window, whose
+            // bytes were already copied (their writes would be lost). The remap raises an
+            // unmap event (announced above), which the tracker thread reads.
             place(slot, geo, h, aside)?;
             register_window(slot, geo, h, uffd.as_deref())?;
             slot.windows.insert(h, Window::Pieces);
@@ -444,8 +445,7 @@ impl ViewSet {
             if slot.huge_span(geo, h).is_none() || slot.window(h) != Window::Pieces {
                 continue;
             }
-            // As in a split: no unmap event for gmem's own remap.
-            unregister_window(slot, geo, h, uffd.as_deref())?;
+            // Replaced while still registered, as in a split (its writers are blocked).
             if private {
                 hole(slot, geo, h)?;
                 slot.windows.insert(h, Window::Hole);
