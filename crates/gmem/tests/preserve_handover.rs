@@ -916,3 +916,72 @@ fn kernel_reads(addr: *const u8) -> Result<(), i32> {
         Err(err)
     }
 }
+
+/// vmsplices `len` bytes at `addr` into a new pipe (a kernel reference to the pages, no
+/// copy) and returns its read end.
+fn splice(addr: *const u8, len: usize) -> OwnedFd {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    use std::os::fd::FromRawFd;
+    // SAFETY: the read end is fresh and owned by nothing else.
+    let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    // SAFETY: as above, the write end.
+    let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+    let iov = libc::iovec {
+        iov_base: addr.cast_mut().cast(),
+        iov_len: len,
+    };
+    // SAFETY: one iovec inside a live view; the pipe takes references to its pages.
+    let n = unsafe { libc::vmsplice(std::os::fd::AsRawFd::as_raw_fd(&wr), &iov, 1, 0) };
+    assert_eq!(
+        n,
+        len as isize,
+        "vmsplice: {}",
+        std::io::Error::last_os_error()
+    );
+    rd
+}
+
+/// A page the old owner vmspliced into a pipe before the hand-over: the kernel reference
+/// outlives the old owner's views, and the new owner's conversion to private moves the page
+/// though no view of the new owner ever showed it, so the pipe yields the shared-time bytes,
+/// never the new owner's private ones.
+#[test]
+fn old_owners_kernel_reference_never_sees_the_new_owners_private_bytes() {
+    let mem = build();
+    let shared = first_shared(&mem);
+    let mut before = vec![0u8; P as usize];
+    mem.read_at(shared, &mut before).unwrap();
+    let view = mem.map(0, mem.size()).unwrap();
+    let rd = splice(view.as_ptr().wrapping_add(shared as usize), P as usize);
+    let (a, b) = pair();
+    let receiver = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+    hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).expect("hand over");
+    let got = receiver.join().unwrap().expect("receive");
+    let new = &got.files[0].mem;
+    new.convert(shared, P, Attr::Private).unwrap();
+    new.guest()
+        .unwrap()
+        .write(shared, &vec![0xa5; P as usize])
+        .unwrap();
+    let mut piped = vec![0u8; P as usize];
+    let mut n = 0;
+    while n < piped.len() {
+        let k = rustix::io::read(&rd, &mut piped[n..]).unwrap();
+        assert!(k > 0, "the pipe ended early");
+        n += k;
+    }
+    assert!(
+        piped == before,
+        "the pipe's page holds {:#04x}.., not the shared-time bytes {:#04x}..",
+        piped[8],
+        before[8]
+    );
+    let mut now = vec![0u8; P as usize];
+    new.guest().unwrap().read(shared, &mut now).unwrap();
+    assert!(
+        now == vec![0xa5; P as usize],
+        "the new owner's private page"
+    );
+}

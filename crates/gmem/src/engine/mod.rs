@@ -134,6 +134,25 @@ pub(crate) struct Control {
     pub(in crate::engine) participants: Participants,
 }
 
+impl Control {
+    /// True when a kernel reference to a page of `r` may exist (see `engine::moves`): a view
+    /// of this process shows it, or showed it since it last moved, or another process maps
+    /// the file (a peer follower, whose kernel references this process cannot see).
+    pub(in crate::engine) fn may_be_referenced(&self, r: PageRange) -> bool {
+        self.participants.maps_elsewhere() || self.views.exposed(r)
+    }
+
+    /// The pages of `r` hold no kernel reference any more (moved to fresh memory, punched,
+    /// or found not resident once every view revoked them). Remembered as shown while
+    /// another process maps the file: it may take a new reference at any time, and one taken
+    /// before it leaves outlives it.
+    pub(in crate::engine) fn forget_shown(&mut self, r: PageRange) {
+        if !self.participants.maps_elsewhere() {
+            self.views.forget_history(r);
+        }
+    }
+}
+
 /// The least default piece limit of a HugeTLB file: 16 MiB (eight 2 MiB pages).
 pub(crate) const DEFAULT_PIECE_FLOOR: u64 = 16 << 20;
 
@@ -247,7 +266,14 @@ impl Engine {
             guest,
             huge,
             control: Mutex::new(Control {
-                views: ViewSet::new(mech),
+                views: {
+                    let mut v = ViewSet::new(mech);
+                    if someone_elses {
+                        // Another process's mappings showed any page of it.
+                        v.note_shown(PageRange::new(0, pages));
+                    }
+                    v
+                },
                 listeners: ListenerSet::default(),
                 participants: Participants::default(),
             }),

@@ -13,8 +13,11 @@
 //! fresh page only.
 //!
 //! A page may hold a kernel reference only if it is allocated and a host view showed it
-//! since it last moved (a live view, or one dropped since). Pages never allocated, or never
-//! shown by a view, take the cheap path and are not touched; a page whose contents are all
+//! since it last moved (a live view, or one dropped since), or another process may have
+//! mapped it: every page of a file shared with a peer follower (for as long as one follows,
+//! and until each page moves after it left), and of a file received by a hand-over (the old
+//! owner's views showed any page). Pages never allocated, or never shown, take the cheap
+//! path and are not touched; a page whose contents are all
 //! zero is punched and allocated again, with no copy. The move happens under the control
 //! lock after every view and participant has revoked the page, and host accessors are
 //! already refused (the page is private); the guest view's copies wait for it. Only a
@@ -51,14 +54,14 @@ impl Engine {
     /// wait, so none of them maps a page between its unmapping and its punch.
     pub(crate) fn orphan(&self, ctl: &mut Control, parts: &[PageRange]) -> io::Result<()> {
         for &r in parts {
-            if !ctl.views.exposed(r) {
+            if !ctl.may_be_referenced(r) {
                 continue;
             }
             // Every view has revoked `r`, so no new kernel reference can be taken through
             // one: a page not resident now never held one. Most conversions find none and
             // take no lock.
             let Some(resident) = self.residency(ctl, r)? else {
-                ctl.views.forget_history(r);
+                ctl.forget_shown(r);
                 continue;
             };
             let st = self.write_pages();
@@ -89,7 +92,7 @@ impl Engine {
             };
             // A page no mapping holds has no kernel reference either (a reference keeps
             // the page allocated and resident): what was not moved needs no new page.
-            ctl.views.forget_history(r);
+            ctl.forget_shown(r);
             if moved {
                 self.refresh(ctl, &st, r)?;
             }

@@ -105,6 +105,14 @@ pub trait Participant: Send {
     fn is_gone(&self) -> bool {
         false
     }
+    /// True when the participant is another process that maps the file's pages (a peer
+    /// follower): kernel references it takes there are invisible here, so every page counts
+    /// as shown by a view while it participates (see [`GuestMemfd::convert`]'s moves).
+    ///
+    /// [`GuestMemfd::convert`]: crate::GuestMemfd::convert
+    fn maps_file(&self) -> bool {
+        false
+    }
 }
 
 /// Handle returned when a participant is added, to remove it again.
@@ -139,6 +147,11 @@ impl Participants {
         let before = self.list.len();
         self.list.retain(|(i, _)| *i != id);
         before != self.list.len()
+    }
+
+    /// True when a registered participant maps the file in another process.
+    pub fn maps_elsewhere(&self) -> bool {
+        self.list.iter().any(|(_, p)| p.maps_file())
     }
 
     /// True when a participant whose name starts with `prefix` is registered.
@@ -212,6 +225,10 @@ impl Engine {
     ) -> Result<ParticipantId, E> {
         let mut ctl = self.control_live()?;
         let participant = join()?;
+        if participant.maps_file() {
+            // What it maps stays shown after it leaves, until each page moves.
+            ctl.views.note_shown(self.all_pages());
+        }
         let id = ctl.participants.add(participant);
         self.mark_shared_out();
         Ok(id)

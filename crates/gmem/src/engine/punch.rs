@@ -46,7 +46,7 @@ impl Engine {
                 }
                 Some(huge) => self.punch_huge(huge, &mut st, pages)?,
             };
-            ctl.views.forget_history(pages);
+            ctl.forget_shown(pages);
             self.refresh(&mut ctl, &st, pages)?;
             if !cleared.is_empty() {
                 self.unguard_cleared(&mut ctl, &st, &cleared)?;

@@ -159,6 +159,10 @@ impl Participant for PeerLink {
         "peer"
     }
 
+    fn maps_file(&self) -> bool {
+        true
+    }
+
     fn apply(&mut self, step: &Step) -> Result<(), StepError> {
         let at = step.range().start;
         if self.state == State::Gone {

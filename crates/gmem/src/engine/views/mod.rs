@@ -277,6 +277,14 @@ impl ViewSet {
             || self.history.iter().any(|h| h.intersect(&r).is_some())
     }
 
+    /// Records that something outside the views showed the pages of `r` (another process's
+    /// mappings): they count as exposed until forgotten.
+    pub fn note_shown(&mut self, r: PageRange) {
+        if !r.is_empty() {
+            self.history.push(r);
+        }
+    }
+
     /// Forgets the history of `r` (its pages just moved to fresh memory).
     pub fn forget_history(&mut self, r: PageRange) {
         let mut kept = Vec::with_capacity(self.history.len());
