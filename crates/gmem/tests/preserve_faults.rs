@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 
 use gmem::preserve::{crc32c, hand_over, receive, Binding, FileOffer, Options, Step};
 use gmem::Errno;
-use gmem::{Attr, FallocMode, Flags, GuestMemfd};
+use gmem::{Attr, FallocMode, Flags, GuestMemfd, HostView};
+use gmem_conformance::touch;
 use rustix::io::{fcntl_setfd, FdFlags};
 use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
 
@@ -120,6 +121,24 @@ fn exercise(mem: &GuestMemfd) {
     mem.fallocate(FallocMode::KEEP_SIZE, 0, mem.size()).unwrap();
 }
 
+/// After a failed hand-over the old owner's view shows what it showed before (the old owner
+/// ends its host access before `COMMIT` and gives it back): shared pages read, their first
+/// byte the page's index past the guest writer's slots; private pages fault.
+fn view_as_before(mem: &GuestMemfd, view: &HostView) {
+    for r in mem.runs(0, mem.size()).unwrap() {
+        for p in r.offset / P..(r.offset + r.len) / P {
+            let got = touch::read_byte(view, p * P);
+            match r.attr {
+                Attr::Shared if p * P >= SLOTS * 64 => assert_eq!(got, Ok(p as u8), "page {p}"),
+                Attr::Shared => assert!(got.is_ok(), "page {p}: {got:?}"),
+                Attr::Private => {
+                    assert!(got.is_err_and(|f| f.is_access_error()), "page {p}: {got:?}")
+                }
+            }
+        }
+    }
+}
+
 fn old_role(die: Option<Step>, writer: bool) {
     let sock = inherited_sock();
     let mem = build();
@@ -145,6 +164,7 @@ fn old_role(die: Option<Step>, writer: bool) {
             std::thread::yield_now();
         }
     }
+    let view = mem.map(0, mem.size()).unwrap();
     let pin = mem.pin(0, P).unwrap();
     let offer = FileOffer::new(&mem)
         .binding(Binding {
@@ -164,6 +184,7 @@ fn old_role(die: Option<Step>, writer: bool) {
         Ok(_) => println!("OUTCOME handed-over"),
         Err(e) => {
             drop(pin);
+            view_as_before(&mem, &view);
             exercise(&mem);
             println!("OUTCOME kept errno={} {}", e.errno(), digest(&mem));
         }

@@ -917,6 +917,112 @@ fn kernel_reads(addr: *const u8) -> Result<(), i32> {
     }
 }
 
+/// The new owner owns from the moment it reads `COMMIT` and may make a page private at once:
+/// by then the old owner reaches nothing. Its view refuses a kernel read (`EFAULT`) and its
+/// accessor is `EPERM`, both checked from inside the new owner's `CommitReceived` step,
+/// before the old owner has read `DONE`.
+#[test]
+fn old_owner_reaches_nothing_once_the_new_owner_owns() {
+    let mem = build();
+    let shared = first_shared(&mem);
+    let view = mem.map(0, mem.size()).unwrap();
+    let at = view.as_ptr().wrapping_add(shared as usize) as usize;
+    assert_eq!(
+        kernel_reads(at as *const u8),
+        Ok(()),
+        "before the hand-over"
+    );
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let (seen2, old) = (seen.clone(), mem.clone());
+    let opts = Options {
+        on_step: Some(Arc::new(move |s| {
+            if s == Step::CommitReceived {
+                let mut b = [0u8; 8];
+                let read = old.read_at(shared, &mut b).map_err(|e| e.errno());
+                *seen2.lock().unwrap() = Some((kernel_reads(at as *const u8), read));
+            }
+        })),
+        ..Options::default()
+    };
+    let (a, b) = pair();
+    let receiver = std::thread::spawn(move || receive(b.as_fd(), &opts));
+    hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).expect("hand over");
+    receiver.join().unwrap().expect("receive");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some((Err(libc::EFAULT), Err(libc::EPERM))),
+        "the old owner's view and accessor once the new owner owns"
+    );
+}
+
+/// A new owner that sends `ACCEPT` and vanishes before `COMMIT`: the old owner had already
+/// ended its host access (the new owner might have owned) and gives it all back: the view
+/// shows the shared pages again, the private ones still fault, accessors and conversions
+/// work, contents and attributes are as they were.
+#[test]
+fn new_owner_vanishing_after_accept_gives_the_old_owner_its_views_back() {
+    let mem = build();
+    let before = digest(&mem);
+    let shared = first_shared(&mem);
+    let view = mem.map(0, mem.size()).unwrap();
+    let (a, b) = pair();
+    let fake = std::thread::spawn(move || {
+        // Read the offer (its descriptors are closed with it), accept it, then vanish.
+        let mut msg = [0u8; 64];
+        let got = rustix::net::recv(&b, &mut msg, rustix::net::RecvFlags::empty()).unwrap();
+        assert_eq!(got.0, 32, "OFFER message");
+        let mut accept = [0u8; 32];
+        accept[..4].copy_from_slice(b"GMHO");
+        accept[4..6].copy_from_slice(&1u16.to_le_bytes());
+        accept[6..8].copy_from_slice(&2u16.to_le_bytes()); // ACCEPT
+        accept[12..16].copy_from_slice(&msg[12..16]); // the offer's CRC
+        rustix::net::send(&b, &accept, rustix::net::SendFlags::empty()).unwrap();
+        drop(b);
+    });
+    let steps = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = steps.clone();
+    let opts = Options {
+        on_step: Some(Arc::new(move |s| s2.lock().unwrap().push(s))),
+        ..Options::default()
+    };
+    let e = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).unwrap_err();
+    fake.join().unwrap();
+    assert!(
+        matches!(e, HandoverError::PeerGone { .. }),
+        "the new owner is gone: {e:?}"
+    );
+    assert!(steps.lock().unwrap().contains(&Step::AcceptReceived));
+    assert_eq!(digest(&mem), before);
+    for r in mem.runs(0, mem.size()).unwrap() {
+        let at = view.as_ptr().wrapping_add(r.offset as usize);
+        let want = match r.attr {
+            Attr::Shared => Ok(()),
+            Attr::Private => Err(libc::EFAULT),
+        };
+        assert_eq!(
+            kernel_reads(at),
+            want,
+            "view at {:#x} ({:?})",
+            r.offset,
+            r.attr
+        );
+    }
+    let mut b = [0u8; 8];
+    mem.read_at(shared, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), shared / P);
+    mem.convert(shared, P, Attr::Private).unwrap();
+    assert_eq!(
+        kernel_reads(view.as_ptr().wrapping_add(shared as usize)),
+        Err(libc::EFAULT)
+    );
+    mem.convert(shared, P, Attr::Shared).unwrap();
+    assert_eq!(
+        kernel_reads(view.as_ptr().wrapping_add(shared as usize)),
+        Ok(())
+    );
+    mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap();
+}
+
 /// vmsplices `len` bytes at `addr` into a new pipe (a kernel reference to the pages, no
 /// copy) and returns its read end.
 fn splice(addr: *const u8, len: usize) -> OwnedFd {

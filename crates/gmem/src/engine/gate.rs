@@ -4,7 +4,9 @@
 //! update), when the caller is a forked child (the file's mappings and userfaultfd belong to
 //! the parent's address space), and, for conversions and allocation, when the file follows
 //! another process's owner. While a hand-over runs the file is *frozen*: conversions wait for
-//! the freeze to end, allocation is refused.
+//! the freeze to end, allocation is refused. From the moment the new owner may own the file
+//! (right before `COMMIT` is sent) it is *committing*: host access is refused too, and stays
+//! refused once handed over; a hand-over that fails then goes back to frozen, then live.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -20,6 +22,11 @@ pub enum Phase {
     Live,
     /// A hand-over is running: conversions wait, allocation is `EPERM`.
     Frozen,
+    /// The new owner may own the file from the next message on: host access (reads, writes,
+    /// pins, views, the guest view) is `EPERM` and every view faults, conversions wait.
+    /// A hand-over that fails from here goes back to [`Phase::Frozen`] with every view as it
+    /// was.
+    Committing,
     /// Handed over to a new owner: every operation is `EPERM`.
     Released,
 }
@@ -29,7 +36,8 @@ impl Phase {
         match self {
             Phase::Live => 0,
             Phase::Frozen => 1,
-            Phase::Released => 2,
+            Phase::Committing => 2,
+            Phase::Released => 3,
         }
     }
 
@@ -37,6 +45,7 @@ impl Phase {
         match c {
             0 => Phase::Live,
             1 => Phase::Frozen,
+            2 => Phase::Committing,
             _ => Phase::Released,
         }
     }
@@ -48,6 +57,9 @@ pub enum GateError {
     /// The file was handed over to a new owner by a live update.
     #[error("the file was handed over to another process")]
     Released,
+    /// A live update is handing the file over: the new owner may own it already.
+    #[error("the file is being handed over to another process")]
+    Committing,
     /// The caller is a forked child of the process that owns the file.
     #[error("the file belongs to the parent process (this is a forked child)")]
     Forked,
@@ -101,25 +113,24 @@ impl Gate {
         self.generation == fork::generation()
     }
 
-    /// Host access (read, write, pin, map): refused once handed over and in a forked child.
+    /// Host access (read, write, pin, map): refused while a hand-over commits, once handed
+    /// over, and in a forked child.
     pub fn access(&self) -> Result<(), GateError> {
         if !self.in_creator() {
             return Err(GateError::Forked);
         }
-        if self.phase() == Phase::Released {
-            return Err(GateError::Released);
+        match self.phase() {
+            Phase::Committing => Err(GateError::Committing),
+            Phase::Released => Err(GateError::Released),
+            Phase::Live | Phase::Frozen => Ok(()),
         }
-        Ok(())
     }
 
     /// Changes that only an owner makes (conversion, poison, allocation): also refused on a
     /// follower.
     pub fn owner(&self) -> Result<(), GateError> {
-        self.access()?;
-        if self.follower {
-            return Err(GateError::Follower);
-        }
-        Ok(())
+        self.owner_anytime()?;
+        self.access()
     }
 
     /// Allocation and punch-hole: refused while frozen too.
@@ -131,20 +142,32 @@ impl Gate {
         Ok(())
     }
 
-    /// Takes `control` once the file is live: waits while it is frozen, fails once handed
-    /// over. The phase is checked under the control lock, and [`Gate::set`] is called under it
-    /// too, so no conversion starts after a freeze has taken its snapshot.
+    /// The checks of [`Gate::owner`] that do not depend on the phase.
+    fn owner_anytime(&self) -> Result<(), GateError> {
+        if !self.in_creator() {
+            return Err(GateError::Forked);
+        }
+        if self.follower {
+            return Err(GateError::Follower);
+        }
+        Ok(())
+    }
+
+    /// Takes `control` once the file is live: waits while it is frozen or committing, fails
+    /// once handed over. The phase is checked under the control lock, and [`Gate::set`] is
+    /// called under it too, so no conversion starts after a freeze has taken its snapshot.
     pub fn lock_live<'a, T>(&self, control: &'a Mutex<T>) -> Result<MutexGuard<'a, T>, GateError> {
+        let waits = |p| matches!(p, Phase::Frozen | Phase::Committing);
         loop {
-            self.owner()?;
+            self.owner_anytime()?;
             let ctl = control.lock().unwrap_or_else(|e| e.into_inner());
             match self.phase() {
                 Phase::Live => return Ok(ctl),
                 Phase::Released => return Err(GateError::Released),
-                Phase::Frozen => {
+                Phase::Frozen | Phase::Committing => {
                     drop(ctl);
                     let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-                    while self.phase() == Phase::Frozen {
+                    while waits(self.phase()) {
                         g = self.thawed.wait(g).unwrap_or_else(|e| e.into_inner());
                     }
                 }

@@ -1,8 +1,10 @@
 //! The file's life across a live update, as the preservation subsystem drives it: freeze,
 //! thaw, release, and the state it snapshots and restores.
 
+use std::io;
+
 use super::gate::Phase;
-use super::Engine;
+use super::{Control, Engine};
 use crate::model::units::{page_offset, ByteRange, PageRange};
 
 /// The restructuring of a HugeTLB file: split huge pages, and those waiting to merge.
@@ -32,12 +34,47 @@ impl Engine {
         Ok(())
     }
 
-    /// Ends a freeze that did not hand the file over.
+    /// Ends a freeze that did not hand the file over (after a commit, the views are given back
+    /// first).
     pub(crate) fn thaw(&self) {
-        let _ctl = self.control_unchecked();
+        let ctl = self.control_unchecked();
+        if self.gate().phase() == Phase::Committing {
+            self.unrevoke(&ctl);
+        }
         if self.gate().phase() == Phase::Frozen {
             self.gate().set(Phase::Live);
         }
+    }
+
+    /// The new owner may own the file from the next message on: host access is refused from
+    /// here (the phase changes under the page-state write lock, so no accessor copy is in
+    /// flight after it and none starts) and every view faults, reversibly
+    /// ([`Engine::thaw`] gives them back). On error the file is as before the call, still frozen.
+    pub(crate) fn commit(&self) -> io::Result<()> {
+        let ctl = self.control_unchecked();
+        {
+            let _pages = self.write_pages();
+            self.gate().set(Phase::Committing);
+        }
+        let res = ctl.views.revoke_all();
+        if res.is_err() {
+            self.unrevoke(&ctl);
+        }
+        res
+    }
+
+    /// Ends a commit whose hand-over failed: every view shows what it showed before, host
+    /// access works again, the file is frozen.
+    fn unrevoke(&self, ctl: &Control) {
+        {
+            let st = self.read_pages();
+            let hs = self.huge().map(|h| h.state());
+            if let Err(e) = ctl.views.unrevoke_all(self.shown(&st, hs.as_deref())) {
+                // The views that could not be given back keep faulting: safe, and logged.
+                tracing::error!("giving the views back after a failed hand-over: {e}");
+            }
+        }
+        self.gate().set(Phase::Frozen);
     }
 
     /// The file now belongs to another process: every access path of this one fails with

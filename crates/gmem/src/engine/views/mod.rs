@@ -466,6 +466,39 @@ impl ViewSet {
         Ok(())
     }
 
+    /// Makes every view fault, reversibly (a hand-over is committing): `PROT_NONE` over each
+    /// view, its guard markers and windows left as they are; a sealed view (which refuses
+    /// `mprotect`) takes one guard over the whole view. Undone by [`ViewSet::unrevoke_all`],
+    /// which also repairs a call that failed half-way.
+    pub fn revoke_all(&self) -> io::Result<()> {
+        self.slots.iter().try_for_each(|slot| match slot.mech {
+            Mech::Sealed => slot.map.guard(0, slot.len),
+            Mech::Guards | Mech::Huge => slot.map.protect(0, slot.len, libc::PROT_NONE),
+        })
+    }
+
+    /// Undoes [`ViewSet::revoke_all`]: every view shows what `shown` says again (its private
+    /// and poisoned pages keep faulting). Every view is tried; the first failure is returned.
+    pub fn unrevoke_all(&self, shown: Shown<'_>) -> io::Result<()> {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let mut first = Ok(());
+        for slot in &self.slots {
+            let res = match slot.mech {
+                Mech::Guards | Mech::Huge => slot.map.protect(0, slot.len, rw),
+                Mech::Sealed => {
+                    let pages = slot.file_pages();
+                    gaps(pages, &shown.faulting(pages))
+                        .into_iter()
+                        .try_for_each(|r| slot.unguard(r))
+                }
+            };
+            if first.is_ok() {
+                first = res;
+            }
+        }
+        first
+    }
+
     /// Makes every page of every view fault (the file was handed over to another process).
     pub fn release_all(&mut self) {
         let uffd = self.uffd.clone();
@@ -599,6 +632,22 @@ impl Drop for ViewSet {
 }
 
 /// `r` minus the single pages `keep`, as ranges in order.
+/// The parts of `r` outside `taken` (ranges in order, not overlapping).
+fn gaps(r: PageRange, taken: &[PageRange]) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    let mut at = r.start;
+    for t in taken {
+        if t.start > at {
+            out.push(PageRange::new(at, t.start.min(r.end)));
+        }
+        at = at.max(t.end);
+    }
+    if at < r.end {
+        out.push(PageRange::new(at, r.end));
+    }
+    out
+}
+
 fn minus(r: PageRange, keep: &[u64]) -> Vec<PageRange> {
     let mut out = Vec::new();
     let mut at = r.start;

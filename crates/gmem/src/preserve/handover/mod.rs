@@ -12,9 +12,16 @@
 //! | 2 | | `OFFER` + `SCM_RIGHTS` [state, file 0, file 1, ...] → | |
 //! | 3 | | | reads the state, checks checksum, sizes (`fstat`), identities, runs; builds its files; takes the recorded pins again |
 //! | 4 | | ← `ACCEPT` (or `REJECT errno`) | |
-//! | 5 | | `COMMIT` → | **owns** from here |
+//! | 5 | ends its host access: accessors, pins and the guest view `EPERM`, every view faults (given back if the hand-over fails from here) | `COMMIT` → | **owns** from here |
 //! | 6 | | ← `DONE` | |
-//! | 7 | marks its files handed over (conversions and allocation `EPERM`) | | |
+//! | 7 | marks its files handed over (conversions and allocation `EPERM`), revokes its guest mapping | | |
+//!
+//! Step 5 comes before `COMMIT` because the new owner may make a page private as soon as it
+//! owns: no host path of the old owner may reach the file from then on, not even for the
+//! moment until it reads `DONE`. A file received this way counts every page as shown by a
+//! view (`engine::moves`): a kernel reference the old owner took (a page vmspliced into a
+//! pipe, an io_uring buffer) outlives its views, and the new owner's first conversion of a
+//! resident page to private moves it.
 //!
 //! # When a side dies
 //!
@@ -87,7 +94,7 @@ pub enum Step {
     OfferSent,
     /// Old owner: `ACCEPT` read.
     AcceptReceived,
-    /// Old owner: `COMMIT` sent; the new owner owns once it reads it.
+    /// Old owner: host access ended and `COMMIT` sent; the new owner owns once it reads it.
     CommitSent,
     /// Old owner: `DONE` read; the files are handed over.
     DoneReceived,

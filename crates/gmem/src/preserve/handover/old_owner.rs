@@ -69,6 +69,14 @@ impl Frozen {
             .position(|(f, (p, r))| f.poisoned_pages() != *p || restructure_of(f) != *r)
     }
 
+    /// Ends host access to every file, reversibly (see [`Engine::commit`]); on error the
+    /// files committed so far are given back when this is dropped.
+    ///
+    /// [`Engine::commit`]: crate::engine::Engine::commit
+    fn commit(&self) -> std::io::Result<()> {
+        self.files.iter().try_for_each(|f| f.inner.commit())
+    }
+
     fn release(mut self) -> Duration {
         for f in &self.files {
             f.inner.release();
@@ -296,6 +304,12 @@ pub(crate) fn finish_old(
             file,
             what: "a page was poisoned during the hand-over",
         });
+    }
+    // The new owner owns once it reads COMMIT and may make pages private at once: this
+    // process's host access ends first (given back if the hand-over fails from here).
+    if let Err(e) = frozen.commit() {
+        let _ = send(sock, &Msg::new(OP_ABORT, frozen.crc));
+        return Err(io("mprotect views")(e));
     }
     if send(sock, &Msg::new(OP_COMMIT, frozen.crc)).is_err() {
         return Err(HandoverError::PeerGone {
