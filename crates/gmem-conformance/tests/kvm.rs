@@ -75,7 +75,7 @@ mod kvm_bindings_and_guest {
     use gmem_conformance::touch;
     use gmem_kvm::kvm_bindings::{kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD};
     use gmem_kvm::payload::{check_and_fill, REPORT_OK, REPORT_PORT};
-    use gmem_kvm::{BindError, Exit, SlotKind, Vm, Watchdog};
+    use gmem_kvm::{BindError, Exit, Gpa, SlotKind, Vm, Watchdog};
 
     const PAGE: u64 = PAGE_SIZE;
     const SIZE: u64 = 1 << 20;
@@ -167,36 +167,45 @@ mod kvm_bindings_and_guest {
         let mem = file(&vm, kind, SIZE);
         for off in 1..PAGE {
             expect_bind_errno(
-                vm.bind(&mem, 0, off, PAGE),
+                vm.bind(&mem, Gpa::new(0), off, PAGE),
                 libc::EINVAL,
                 &format!("offset {off:#x}"),
             );
         }
-        expect_bind_errno(vm.bind(&mem, 0x800, 0, PAGE), libc::EINVAL, "unaligned gpa");
         expect_bind_errno(
-            vm.bind(&mem, 0, 0, PAGE + 1),
+            vm.bind(&mem, Gpa::new(0x800), 0, PAGE),
+            libc::EINVAL,
+            "unaligned gpa",
+        );
+        expect_bind_errno(
+            vm.bind(&mem, Gpa::new(0), 0, PAGE + 1),
             libc::EINVAL,
             "unaligned length",
         );
-        expect_bind_errno(vm.bind(&mem, 0, 0, 0), libc::EINVAL, "empty");
+        expect_bind_errno(vm.bind(&mem, Gpa::new(0), 0, 0), libc::EINVAL, "empty");
         expect_bind_errno(
-            vm.bind(&mem, 0, SIZE, PAGE),
+            vm.bind(&mem, Gpa::new(0), SIZE, PAGE),
             libc::EINVAL,
             "offset at the end",
         );
         expect_bind_errno(
-            vm.bind(&mem, 0, SIZE - PAGE, 2 * PAGE),
+            vm.bind(&mem, Gpa::new(0), SIZE - PAGE, 2 * PAGE),
             libc::EINVAL,
             "past the end",
         );
         expect_bind_errno(
-            vm.bind(&mem, 0, u64::MAX - PAGE + 1, PAGE),
+            vm.bind(&mem, Gpa::new(0), u64::MAX - PAGE + 1, PAGE),
             libc::EINVAL,
             "wrapping offset",
         );
         assert!(vm.bindings().is_empty(), "no slot was made");
-        let b = vm.bind(&mem, 0, SIZE - PAGE, PAGE).expect("last page");
-        assert_eq!((b.gpa(), b.offset(), b.len()), (0, SIZE - PAGE, PAGE));
+        let b = vm
+            .bind(&mem, Gpa::new(0), SIZE - PAGE, PAGE)
+            .expect("last page");
+        assert_eq!(
+            (b.gpa(), b.offset(), b.len()),
+            (Gpa::new(0), SIZE - PAGE, PAGE)
+        );
     }
 
     #[test]
@@ -214,7 +223,7 @@ mod kvm_bindings_and_guest {
         let mem = file(&vm, kind, SIZE);
         let other = file(&vm, kind, SIZE);
         let b = vm
-            .bind(&mem, 0x10_0000, 4 * PAGE, 4 * PAGE)
+            .bind(&mem, Gpa::new(0x10_0000), 4 * PAGE, 4 * PAGE)
             .expect("first binding");
         assert_eq!(
             b.kind(),
@@ -230,7 +239,7 @@ mod kvm_bindings_and_guest {
             (0, SIZE),
         ] {
             expect_bind_errno(
-                vm.bind(&mem, 0x80_0000, off, len),
+                vm.bind(&mem, Gpa::new(0x80_0000), off, len),
                 libc::EINVAL,
                 &format!("file range {off:#x}+{len:#x} overlaps"),
             );
@@ -242,22 +251,22 @@ mod kvm_bindings_and_guest {
             (0x10_0000, &other),
         ] {
             expect_bind_errno(
-                vm.bind(f, gpa, 12 * PAGE, 2 * PAGE),
+                vm.bind(f, Gpa::new(gpa), 12 * PAGE, 2 * PAGE),
                 libc::EEXIST,
                 &format!("gpa {gpa:#x} overlaps"),
             );
         }
         // Guest-physical overlap is checked before the file, as the kernel does.
         expect_bind_errno(
-            vm.bind(&mem, 0x10_0000, 4 * PAGE, PAGE),
+            vm.bind(&mem, Gpa::new(0x10_0000), 4 * PAGE, PAGE),
             libc::EEXIST,
             "both overlap",
         );
-        vm.bind(&mem, 0x20_0000, 8 * PAGE, 4 * PAGE)
+        vm.bind(&mem, Gpa::new(0x20_0000), 8 * PAGE, 4 * PAGE)
             .expect("adjacent file range");
-        vm.bind(&mem, 0x10_4000, 0, 4 * PAGE)
+        vm.bind(&mem, Gpa::new(0x10_4000), 0, 4 * PAGE)
             .expect("adjacent gpa range");
-        vm.bind(&other, 0x30_0000, 4 * PAGE, 4 * PAGE)
+        vm.bind(&other, Gpa::new(0x30_0000), 4 * PAGE, 4 * PAGE)
             .expect("same range of another file");
         assert_eq!(vm.bindings().len(), 4);
     }
@@ -275,25 +284,30 @@ mod kvm_bindings_and_guest {
     fn other_vm(kind: Kind) {
         let Some(vm) = vm() else { return };
         let mem = file(&vm, kind, SIZE);
-        vm.bind(&mem, 0, 0, PAGE).expect("bind in the first VM");
+        vm.bind(&mem, Gpa::new(0), 0, PAGE)
+            .expect("bind in the first VM");
         let second = Vm::new().expect("second VM");
-        expect_bind_errno(second.bind(&mem, 0, PAGE, PAGE), libc::EINVAL, "second VM");
+        expect_bind_errno(
+            second.bind(&mem, Gpa::new(0), PAGE, PAGE),
+            libc::EINVAL,
+            "second VM",
+        );
         drop(vm);
         match kind {
             // The kernel ties the file to the VM that created it, for good.
             Kind::Kernel => expect_bind_errno(
-                second.bind(&mem, 0, PAGE, PAGE),
+                second.bind(&mem, Gpa::new(0), PAGE, PAGE),
                 libc::EINVAL,
                 "second VM after the first is gone",
             ),
             // A shmem file belongs to a VM while that VM lives.
             Kind::Shmem => {
                 second
-                    .bind(&mem, 0, PAGE, PAGE)
+                    .bind(&mem, Gpa::new(0), PAGE, PAGE)
                     .expect("second VM after the first is gone");
                 let third = Vm::new().expect("third VM");
                 expect_bind_errno(
-                    third.bind(&mem, 0, 2 * PAGE, PAGE),
+                    third.bind(&mem, Gpa::new(0), 2 * PAGE, PAGE),
                     libc::EINVAL,
                     "third VM",
                 );
@@ -315,7 +329,9 @@ mod kvm_bindings_and_guest {
     fn conformance_kvm_bind_create_delete_only() {
         let Some(vm) = vm() else { return };
         let mem = file(&vm, Kind::Kernel, SIZE);
-        let b = vm.bind(&mem, 0x10_0000, 0, 4 * PAGE).expect("bind");
+        let b = vm
+            .bind(&mem, Gpa::new(0x10_0000), 0, 4 * PAGE)
+            .expect("bind");
         let fd = u32::try_from(mem.as_fd().as_raw_fd()).unwrap();
         // Moving or re-flagging a guest_memfd slot is refused by the kernel.
         let moved = kvm_userspace_memory_region2 {
@@ -333,12 +349,12 @@ mod kvm_bindings_and_guest {
         mem.write_at(0, b"kept").expect("write");
         let other_vm = Vm::new().expect("another VM");
         let foreign = other_vm
-            .bind(&file(&other_vm, Kind::Shmem, SIZE), 0, 0, PAGE)
+            .bind(&file(&other_vm, Kind::Shmem, SIZE), Gpa::new(0), 0, PAGE)
             .expect("bind");
         assert_eq!(vm.unbind(foreign).map_err(|e| e.errno()), Err(libc::EINVAL));
         vm.unbind(b).expect("delete");
         assert!(vm.bindings().is_empty());
-        vm.bind(&mem, 0x40_0000, 0, 4 * PAGE)
+        vm.bind(&mem, Gpa::new(0x40_0000), 0, 4 * PAGE)
             .expect("create again elsewhere");
         let mut buf = [0u8; 4];
         mem.read_at(0, &mut buf).expect("read");
@@ -349,7 +365,7 @@ mod kvm_bindings_and_guest {
     fn conformance_kvm_file_outlives_its_vm() {
         let Some(vm) = vm() else { return };
         let mem = file(&vm, Kind::Kernel, SIZE);
-        vm.bind(&mem, 0, 0, SIZE).expect("bind");
+        vm.bind(&mem, Gpa::new(0), 0, SIZE).expect("bind");
         let vcpu = vm.create_vcpu(0).expect("vcpu");
         mem.write_at(PAGE, b"survives").expect("write");
         drop(vcpu);
@@ -367,15 +383,16 @@ mod kvm_bindings_and_guest {
     }
 
     /// Host 0xaa, the guest checks every byte and writes 0xff, the host sees 0xff.
-    fn same_bytes(kind: Kind, gpa: u64, offset: u64) {
+    fn same_bytes(kind: Kind, gpa: Gpa, offset: u64) {
         let Some(vm) = vm() else { return };
         let mem = file(&vm, kind, SIZE);
         let code_at = 0x1000;
-        let data_gpa = gpa + 0x2000;
+        let data_gpa = gpa.checked_add(0x2000).expect("data gpa");
         let data = offset + 0x2000;
         // The code lives in its own binding at gpa 0 (file offset 0); the data binding shows
         // file offset `offset` at guest-physical `gpa`.
-        vm.bind(&mem, 0, 0, 0x2_0000).expect("bind the code");
+        vm.bind(&mem, Gpa::new(0), 0, 0x2_0000)
+            .expect("bind the code");
         vm.bind(&mem, gpa, offset, 0x4_0000).expect("bind the data");
         let view = mem.map(data, PAGE).expect("host view");
         touch::fill(&view, 0, PAGE, 0xaa).expect("host writes 0xaa through its view");
@@ -385,7 +402,7 @@ mod kvm_bindings_and_guest {
             .write(code_at, &code)
             .expect("load");
         let mut vcpu = vm.create_vcpu(0).expect("vcpu");
-        vcpu.set_real_mode_entry(code_at).expect("entry");
+        vcpu.set_real_mode_entry(Gpa::new(code_at)).expect("entry");
         let _wd = Watchdog::arm(Duration::from_secs(20)).expect("watchdog");
         match vcpu.run().expect("KVM_RUN") {
             Exit::IoOut {
@@ -411,11 +428,11 @@ mod kvm_bindings_and_guest {
 
     #[test]
     fn conformance_kvm_guest_host_same_bytes_kernel_gmem_only_slot() {
-        same_bytes(Kind::Kernel, 0x4_0000, 0x8_0000);
+        same_bytes(Kind::Kernel, Gpa::new(0x4_0000), 0x8_0000);
     }
 
     #[test]
     fn conformance_kvm_guest_host_same_bytes_shmem_hva_slot() {
-        same_bytes(Kind::Shmem, 0x4_0000, 0x8_0000);
+        same_bytes(Kind::Shmem, Gpa::new(0x4_0000), 0x8_0000);
     }
 }

@@ -15,11 +15,11 @@ use gmem_kvm::payload::{
     doorbell_loop, doorbell_noop_loop, report_loop, report_loop_like_doorbell,
 };
 use gmem_kvm::uapi::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
-use gmem_kvm::{Exit, Vcpu, Vm};
+use gmem_kvm::{Exit, Gpa, Vcpu, Vm};
 
 const GIB: u64 = 1 << 30;
 const GIB_LEN: usize = 1 << 30;
-const GPA: u64 = 1 << 32;
+const GPA: Gpa = Gpa::new(1 << 32);
 const SLOT: u32 = 7;
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -60,7 +60,7 @@ fn raw_once(vm: &Vm) -> Duration {
     let region = kvm_userspace_memory_region2 {
         slot: SLOT,
         flags: KVM_MEM_GUEST_MEMFD,
-        guest_phys_addr: GPA,
+        guest_phys_addr: GPA.raw(),
         memory_size: GIB,
         userspace_addr: map as u64,
         guest_memfd: u32::try_from(fd.as_raw_fd()).expect("fd"),
@@ -133,21 +133,29 @@ fn round_trip(vm: &Vm, samples: usize) {
     let mem = vm
         .create_guest_memfd(size, Flags::MMAP | Flags::INIT_SHARED)
         .expect("create");
-    vm.bind(&mem, 0, 0, size).expect("bind");
-    let page = 0x2_0000;
+    vm.bind(&mem, Gpa::new(0), 0, size).expect("bind");
+    let page = Gpa::new(0x2_0000);
     let vcpu_at = |id: u64, code: Vec<u8>, at: u64| {
         mem.guest()
             .expect("guest view")
             .write(at, &code)
             .expect("load");
         let vcpu = vm.create_vcpu(id).expect("vcpu");
-        vcpu.set_real_mode_entry(at).expect("entry");
+        vcpu.set_real_mode_entry(Gpa::new(at)).expect("entry");
         vcpu
     };
     let mut bare = vcpu_at(0, report_loop().expect("asm"), 0x1000);
-    let mut noop = vcpu_at(1, doorbell_noop_loop(0x3_0000).expect("asm"), 0x3000);
+    let mut noop = vcpu_at(
+        1,
+        doorbell_noop_loop(Gpa::new(0x3_0000)).expect("asm"),
+        0x3000,
+    );
     let mut conv = vcpu_at(2, doorbell_loop(page).expect("asm"), 0x5000);
-    let mut same = vcpu_at(3, report_loop_like_doorbell(0x3_0000).expect("asm"), 0x7000);
+    let mut same = vcpu_at(
+        3,
+        report_loop_like_doorbell(Gpa::new(0x3_0000)).expect("asm"),
+        0x7000,
+    );
     for _ in 0..1000 {
         run_one(&mut bare);
         run_one(&mut same);

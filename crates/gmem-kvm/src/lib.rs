@@ -17,16 +17,16 @@
 //!
 //! ```no_run
 //! use gmem::Flags;
-//! use gmem_kvm::{runner::Exit, Vm};
+//! use gmem_kvm::{runner::Exit, Gpa, Vm};
 //!
 //! let vm = Vm::new()?;
 //! println!("{}", vm.mode());
 //! let mem = vm.create_guest_memfd(1 << 20, Flags::MMAP | Flags::INIT_SHARED)?;
-//! vm.bind(&mem, 0, 0, 1 << 20)?;
-//! let code = gmem_kvm::payload::check_and_fill(0x8000, 16, 0, 0xff)?;
+//! vm.bind(&mem, Gpa::new(0), 0, 1 << 20)?;
+//! let code = gmem_kvm::payload::check_and_fill(Gpa::new(0x8000), 16, 0, 0xff)?;
 //! mem.guest()?.write(0x1000, &code)?;
 //! let mut vcpu = vm.create_vcpu(0)?;
-//! vcpu.set_real_mode_entry(0x1000)?;
+//! vcpu.set_real_mode_entry(Gpa::new(0x1000))?;
 //! while vcpu.run()? != Exit::Halt {}
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

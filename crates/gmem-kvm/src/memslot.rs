@@ -42,7 +42,7 @@ pub enum BindError {
     #[error("invalid binding gpa {gpa:#x} offset {offset:#x} len {len:#x}")]
     InvalidRange {
         /// Guest-physical address given.
-        gpa: u64,
+        gpa: Gpa,
         /// File offset given.
         offset: u64,
         /// Length given.
@@ -76,7 +76,7 @@ pub enum BindError {
     #[error("guest-physical range at {gpa:#x} overlaps slot {slot}")]
     GpaOverlap {
         /// Guest-physical address given.
-        gpa: u64,
+        gpa: Gpa,
         /// The slot already there.
         slot: u32,
     },
@@ -98,7 +98,7 @@ pub enum BindError {
         /// The call.
         op: &'static str,
         /// Guest-physical address of the slot.
-        gpa: u64,
+        gpa: Gpa,
         /// The kernel's errno.
         errno: i32,
     },
@@ -125,7 +125,7 @@ impl Errno for BindError {
             BindError::InvalidRange { offset, .. }
             | BindError::OutsideFile { offset, .. }
             | BindError::FileOverlap { offset, .. } => Some(*offset),
-            BindError::GpaOverlap { gpa, .. } | BindError::Kernel { gpa, .. } => Some(*gpa),
+            BindError::GpaOverlap { gpa, .. } | BindError::Kernel { gpa, .. } => Some(gpa.raw()),
             _ => None,
         }
     }
@@ -150,10 +150,10 @@ impl Binding {
         self.slot
     }
     /// First guest-physical address.
-    pub fn gpa(&self) -> u64 {
-        self.gpa.raw()
+    pub fn gpa(&self) -> Gpa {
+        self.gpa
     }
-    /// First guest-physical address, as a [`Gpa`].
+    /// First guest-physical address (the same as [`Binding::gpa`]).
     pub fn start(&self) -> Gpa {
         self.gpa
     }
@@ -283,11 +283,10 @@ impl Vm {
     pub fn bind(
         &self,
         mem: &GuestMemfd,
-        gpa: u64,
+        gpa: Gpa,
         offset: u64,
         len: u64,
     ) -> Result<Binding, BindError> {
-        let gpa = Gpa::new(gpa);
         let guest = mem.guest().map_or(std::ptr::null_mut(), |g| g.as_ptr());
         let hva = if guest.is_null() {
             if mem.backing_kind() != BackingKind::KernelGuestMemfd {
@@ -314,12 +313,12 @@ impl Vm {
     pub unsafe fn bind_at(
         &self,
         mem: &GuestMemfd,
-        gpa: u64,
+        gpa: Gpa,
         offset: u64,
         len: u64,
         hva: *mut u8,
     ) -> Result<Binding, BindError> {
-        self.bind_inner(mem, Gpa::new(gpa), offset, len, hva as u64)
+        self.bind_inner(mem, gpa, offset, len, hva as u64)
     }
 
     fn bind_inner(
@@ -333,7 +332,7 @@ impl Vm {
         let kernel = mem.backing_kind() == BackingKind::KernelGuestMemfd;
         let file = mem.id().map_err(|e| BindError::Kernel {
             op: "fstat",
-            gpa: gpa.raw(),
+            gpa,
             errno: e.errno(),
         })?;
         let mut slots = self.shared.slots();
@@ -356,7 +355,7 @@ impl Vm {
             }
             return Err(BindError::Kernel {
                 op: "KVM_SET_USER_MEMORY_REGION2",
-                gpa: gpa.raw(),
+                gpa,
                 errno: e.errno(),
             });
         }
@@ -402,11 +401,7 @@ impl Vm {
         len: u64,
     ) -> Result<bool, BindError> {
         let mut claimed = false;
-        let invalid = BindError::InvalidRange {
-            gpa: gpa.raw(),
-            offset,
-            len,
-        };
+        let invalid = BindError::InvalidRange { gpa, offset, len };
         let page = |v: u64| v % PAGE_SIZE == 0;
         if len == 0 || !page(len) || !gpa.is_aligned(PAGE_SIZE) || !page(offset) {
             return Err(invalid);
@@ -415,10 +410,7 @@ impl Vm {
             return Err(invalid);
         };
         if let Some(slot) = slots.gpa_overlap(gpa, len) {
-            return Err(BindError::GpaOverlap {
-                gpa: gpa.raw(),
-                slot,
-            });
+            return Err(BindError::GpaOverlap { gpa, slot });
         }
         let mut owners = owners();
         let map = owners.get_or_insert_with(HashMap::new);
@@ -460,7 +452,7 @@ impl Vm {
         unsafe { self.shared.fd.set_user_memory_region2(region) }.map_err(|e| {
             BindError::Kernel {
                 op: "KVM_SET_USER_MEMORY_REGION2 (delete)",
-                gpa: binding.gpa.raw(),
+                gpa: binding.gpa,
                 errno: e.errno(),
             }
         })?;
@@ -472,12 +464,12 @@ impl Vm {
     }
 
     /// The bindings of this VM as `(slot, gpa, len, file offset)`, in creation order.
-    pub fn bindings(&self) -> Vec<(u32, u64, u64, u64)> {
+    pub fn bindings(&self) -> Vec<(u32, Gpa, u64, u64)> {
         self.shared
             .slots()
             .entries
             .iter()
-            .map(|e| (e.slot, e.gpa.raw(), e.len, e.offset))
+            .map(|e| (e.slot, e.gpa, e.len, e.offset))
             .collect()
     }
 }

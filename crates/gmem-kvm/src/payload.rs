@@ -8,9 +8,10 @@
 //!
 //! ```
 //! use gmem_kvm::payload::{Asm, REPORT_OK};
+//! use gmem_kvm::Gpa;
 //! let mut asm = Asm::new();
 //! let fail = asm.label();
-//! asm.check_fill(0x10000, 4096, 0xaa, 0xff, fail); // every byte 0xaa? make it 0xff
+//! asm.check_fill(Gpa::new(0x10000), 4096, 0xaa, 0xff, fail); // every byte 0xaa? make it 0xff
 //! asm.report(REPORT_OK).hlt();
 //! asm.place(fail).report(1).hlt();
 //! let code = asm.finish()?;
@@ -21,6 +22,7 @@
 use crate::doorbell::{
     DOORBELL_ERROR_HI_PORT, DOORBELL_ERROR_LO_PORT, DOORBELL_PORT, DOORBELL_TO_PRIVATE,
 };
+use crate::gpa::Gpa;
 
 /// Port a program writes 32 bits to in order to report a value to the VMM.
 pub const REPORT_PORT: u16 = 0x0e10;
@@ -29,7 +31,7 @@ pub const REPORT_OK: u32 = 0x600d;
 /// The value [`check_and_fill`] reports when a byte did not hold the expected value.
 pub const REPORT_MISMATCH: u32 = 0xbad;
 /// Real mode reaches guest-physical addresses below this bound (1 MiB).
-pub const REAL_MODE_LIMIT: u64 = 0x10_0000;
+pub const REAL_MODE_LIMIT: Gpa = Gpa::new(0x10_0000);
 
 /// Why a program could not be assembled (`EINVAL`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +51,7 @@ pub enum PayloadError {
     #[error("guest-physical range {gpa:#x}+{len:#x} is not reachable from real mode")]
     Unreachable {
         /// First address.
-        gpa: u64,
+        gpa: Gpa,
         /// Length in bytes.
         len: u64,
     },
@@ -148,9 +150,9 @@ impl Asm {
     }
 
     /// Splits `[gpa, gpa + len)` into a real-mode segment and offset, or records an error.
-    fn seg_off(&mut self, gpa: u64, len: u64) -> (u16, u16) {
-        let seg = (gpa >> 4) & 0xf000;
-        let off = gpa & 0xffff;
+    fn seg_off(&mut self, gpa: Gpa, len: u64) -> (u16, u16) {
+        let seg = (gpa.raw() >> 4) & 0xf000;
+        let off = gpa.raw() & 0xffff;
         if gpa >= REAL_MODE_LIMIT || off + len > 0x1_0000 {
             self.fail(PayloadError::Unreachable { gpa, len });
             return (0, 0);
@@ -198,13 +200,9 @@ impl Asm {
 
     /// Asks the VMM to convert `[gpa, gpa + size)` through the doorbell; the status lands in
     /// `eax`.
-    pub fn doorbell(&mut self, gpa: u64, size: u32, to_private: bool) -> &mut Self {
-        let [lo, hi] = [
-            u32::try_from(gpa & 0xffff_ffff).unwrap_or(0),
-            u32::try_from(gpa >> 32).unwrap_or(0),
-        ];
-        self.mov32(Reg32::Ebx, lo)
-            .mov32(Reg32::Edi, hi)
+    pub fn doorbell(&mut self, gpa: Gpa, size: u32, to_private: bool) -> &mut Self {
+        self.mov32(Reg32::Ebx, gpa.low32())
+            .mov32(Reg32::Edi, gpa.high32())
             .mov32(Reg32::Ecx, size)
             .mov32(Reg32::Esi, if to_private { DOORBELL_TO_PRIVATE } else { 0 })
             .in32(DOORBELL_PORT)
@@ -219,7 +217,7 @@ impl Asm {
     }
 
     /// `mov byte [gpa], value`.
-    pub fn store(&mut self, gpa: u64, value: u8) -> &mut Self {
+    pub fn store(&mut self, gpa: Gpa, value: u8) -> &mut Self {
         let (seg, off) = self.seg_off(gpa, 1);
         let [lo, hi] = off.to_le_bytes();
         self.load_segment(seg, false)
@@ -227,15 +225,16 @@ impl Asm {
     }
 
     /// Stores `bytes` from `gpa` on, one `mov byte` each.
-    pub fn store_bytes(&mut self, gpa: u64, bytes: &[u8]) -> &mut Self {
-        for (i, b) in bytes.iter().enumerate() {
-            self.store(gpa + i as u64, *b);
+    pub fn store_bytes(&mut self, gpa: Gpa, bytes: &[u8]) -> &mut Self {
+        // An address that would wrap lies past real mode: the first store has failed already.
+        for (at, b) in (0..).map_while(|i| gpa.checked_add(i)).zip(bytes) {
+            self.store(at, *b);
         }
         self
     }
 
     /// `mov al, [gpa]`.
-    pub fn load_al(&mut self, gpa: u64) -> &mut Self {
+    pub fn load_al(&mut self, gpa: Gpa) -> &mut Self {
         let (seg, off) = self.seg_off(gpa, 1);
         let [lo, hi] = off.to_le_bytes();
         self.load_segment(seg, false).emit(&[0xa0, lo, hi])
@@ -255,7 +254,7 @@ impl Asm {
 
     /// Fills `len` bytes (1..=0xffff, inside one 64 KiB segment) from `gpa` with `value`
     /// (`rep stosb`).
-    pub fn fill(&mut self, gpa: u64, len: u16, value: u8) -> &mut Self {
+    pub fn fill(&mut self, gpa: Gpa, len: u16, value: u8) -> &mut Self {
         let (seg, off) = self.seg_off(gpa, u64::from(len));
         let [olo, ohi] = off.to_le_bytes();
         let [llo, lhi] = len.to_le_bytes();
@@ -269,7 +268,7 @@ impl Asm {
     /// that differs.
     pub fn check_fill(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         len: u16,
         expect: u8,
         fill: u8,
@@ -280,13 +279,13 @@ impl Asm {
 
     /// Checks that each of `len` bytes from `gpa` holds `expect`; jumps to `mismatch` at the
     /// first byte that differs.
-    pub fn check(&mut self, gpa: u64, len: u16, expect: u8, mismatch: Label) -> &mut Self {
+    pub fn check(&mut self, gpa: Gpa, len: u16, expect: u8, mismatch: Label) -> &mut Self {
         self.check_inner(gpa, len, expect, None, mismatch)
     }
 
     fn check_inner(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         len: u16,
         expect: u8,
         fill: Option<u8>,
@@ -351,7 +350,7 @@ impl Asm {
 /// Checks that `len` bytes at `data_gpa` hold `expect` and overwrites them with `fill`; reports
 /// [`REPORT_OK`] or [`REPORT_MISMATCH`], then halts.
 pub fn check_and_fill(
-    data_gpa: u64,
+    data_gpa: Gpa,
     len: u16,
     expect: u8,
     fill: u8,
@@ -366,7 +365,7 @@ pub fn check_and_fill(
 }
 
 /// Asks for `[gpa, gpa + 4 KiB)` private, then shared, forever: one doorbell exit per request.
-pub fn doorbell_loop(gpa: u64) -> Result<Vec<u8>, PayloadError> {
+pub fn doorbell_loop(gpa: Gpa) -> Result<Vec<u8>, PayloadError> {
     let mut asm = Asm::new();
     let top = asm.label();
     asm.place(top)
@@ -378,7 +377,7 @@ pub fn doorbell_loop(gpa: u64) -> Result<Vec<u8>, PayloadError> {
 
 /// Asks for `[gpa, gpa + 4 KiB)` shared forever (the range is already shared: a doorbell exit
 /// whose conversion has nothing to do).
-pub fn doorbell_noop_loop(gpa: u64) -> Result<Vec<u8>, PayloadError> {
+pub fn doorbell_noop_loop(gpa: Gpa) -> Result<Vec<u8>, PayloadError> {
     let mut asm = Asm::new();
     let top = asm.label();
     asm.place(top).doorbell(gpa, 4096, false).jmp(top);
@@ -387,12 +386,12 @@ pub fn doorbell_noop_loop(gpa: u64) -> Result<Vec<u8>, PayloadError> {
 
 /// Loads the doorbell's registers as [`doorbell_noop_loop`] does, then reports `eax` instead of
 /// ringing: the same guest instructions, one bare I/O exit per iteration.
-pub fn report_loop_like_doorbell(gpa: u64) -> Result<Vec<u8>, PayloadError> {
+pub fn report_loop_like_doorbell(gpa: Gpa) -> Result<Vec<u8>, PayloadError> {
     let mut asm = Asm::new();
     let top = asm.label();
     asm.place(top)
-        .mov32(Reg32::Ebx, u32::try_from(gpa & 0xffff_ffff).unwrap_or(0))
-        .mov32(Reg32::Edi, u32::try_from(gpa >> 32).unwrap_or(0))
+        .mov32(Reg32::Ebx, gpa.low32())
+        .mov32(Reg32::Edi, gpa.high32())
         .mov32(Reg32::Ecx, 4096)
         .mov32(Reg32::Esi, 0)
         .report_eax()
@@ -451,7 +450,7 @@ mod tests {
             })
         );
         let mut asm = Asm::new();
-        asm.fill(0xf000, 0x2000, 0);
+        asm.fill(Gpa::new(0xf000), 0x2000, 0);
         assert!(matches!(
             asm.finish(),
             Err(PayloadError::Unreachable { .. })
@@ -461,7 +460,7 @@ mod tests {
     #[test]
     fn store_encodes_segment_and_offset() {
         let mut asm = Asm::new();
-        asm.store(0x2_3456, 0x7f);
+        asm.store(Gpa::new(0x2_3456), 0x7f);
         // mov ax, 0x2000; mov ds, ax; mov byte [0x3456], 0x7f
         assert_eq!(
             asm.finish(),

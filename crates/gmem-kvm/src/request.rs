@@ -48,17 +48,17 @@ pub enum Status {
     /// nothing converted (`EAGAIN`). `gpa` is the first such page.
     Busy {
         /// Guest-physical address of the first busy page.
-        gpa: u64,
+        gpa: Gpa,
     },
     /// The request was malformed or the range is not bound (`EINVAL`).
     Invalid {
         /// The guest-physical address the request named.
-        gpa: u64,
+        gpa: Gpa,
     },
     /// The host failed to carry the request out (the errno: `ENOMEM`, the kernel's, ...).
     Failed {
         /// The guest-physical address the request named.
-        gpa: u64,
+        gpa: Gpa,
         /// The errno.
         errno: i32,
     },
@@ -76,9 +76,9 @@ impl Status {
     }
 
     /// The guest-physical address the guest receives with the status (0 for [`Status::Done`]).
-    pub fn gpa(&self) -> u64 {
+    pub fn gpa(&self) -> Gpa {
         match self {
-            Status::Done => 0,
+            Status::Done => Gpa::new(0),
             Status::Busy { gpa } | Status::Invalid { gpa } | Status::Failed { gpa, .. } => *gpa,
         }
     }
@@ -90,7 +90,7 @@ pub struct Report {
     /// How the request arrived.
     pub source: Source,
     /// First guest-physical address of the range.
-    pub gpa: u64,
+    pub gpa: Gpa,
     /// Length of the range in bytes.
     pub size: u64,
     /// The attribute asked for.
@@ -140,10 +140,10 @@ pub(crate) fn map_gpa_range(vm: &VmShared, nr: u64, args: [u64; 6]) -> (u64, Opt
         }
         _ => Report {
             source: Source::Hypercall,
-            gpa: gpa.raw(),
+            gpa,
             size: npages.saturating_mul(PAGE_SIZE),
             to,
-            status: Status::Invalid { gpa: gpa.raw() },
+            status: Status::Invalid { gpa },
         },
     };
     let ret = u64::try_from(report.status.errno())
@@ -168,7 +168,7 @@ pub(crate) fn serve(vm: &VmShared, source: Source, gpa: Gpa, size: u64, to: Attr
     let status = convert(vm, gpa, size, to);
     Report {
         source,
-        gpa: gpa.raw(),
+        gpa,
         size,
         to,
         status,
@@ -176,7 +176,7 @@ pub(crate) fn serve(vm: &VmShared, source: Source, gpa: Gpa, size: u64, to: Attr
 }
 
 fn convert(vm: &VmShared, gpa: Gpa, size: u64, to: Attr) -> Status {
-    let invalid = Status::Invalid { gpa: gpa.raw() };
+    let invalid = Status::Invalid { gpa };
     if size == 0
         || !gpa.is_aligned(PAGE_SIZE)
         || size % PAGE_SIZE != 0
@@ -189,8 +189,7 @@ fn convert(vm: &VmShared, gpa: Gpa, size: u64, to: Attr) -> Status {
     };
     if let Err(e) = r.mem.convert(r.offset, size, to) {
         // The error's file offset lies inside the binding: its address never wraps.
-        let at = e.error_offset().and_then(|o| r.gpa_of(o)).unwrap_or(gpa);
-        let gpa = at.raw();
+        let gpa = e.error_offset().and_then(|o| r.gpa_of(o)).unwrap_or(gpa);
         return match e.errno() {
             libc::EAGAIN => Status::Busy { gpa },
             libc::EINVAL => Status::Invalid { gpa },
@@ -228,7 +227,8 @@ mod tests {
         let mem = vm
             .create_guest_memfd(1 << 20, Flags::MMAP | Flags::INIT_SHARED)
             .expect("create");
-        vm.bind(&mem, 0x10_0000, 0, 1 << 20).expect("bind");
+        vm.bind(&mem, Gpa::new(0x10_0000), 0, 1 << 20)
+            .expect("bind");
         let v = &vm.shared;
         let enc = KVM_MAP_GPA_RANGE_ENCRYPTED;
 
@@ -245,7 +245,12 @@ mod tests {
         let pin = mem.pin(0x5000, 1).expect("pin");
         let (ret, r) = map_gpa_range(v, KVM_HC_MAP_GPA_RANGE, [0x10_4000, 4, enc | 1, 0, 0, 0]);
         assert_eq!(ret, (libc::EAGAIN as u64).wrapping_neg());
-        assert_eq!(r.expect("report").status, Status::Busy { gpa: 0x10_5000 });
+        assert_eq!(
+            r.expect("report").status,
+            Status::Busy {
+                gpa: Gpa::new(0x10_5000)
+            }
+        );
         drop(pin);
 
         let (ret, _) = map_gpa_range(v, KVM_HC_MAP_GPA_RANGE, [0x10_2000, 2, 0, 0, 0, 0]);
@@ -261,7 +266,12 @@ mod tests {
         ] {
             let (ret, r) = map_gpa_range(v, KVM_HC_MAP_GPA_RANGE, bad);
             assert_eq!(ret, (libc::EINVAL as u64).wrapping_neg(), "{bad:x?}");
-            assert_eq!(r.expect("report").status, Status::Invalid { gpa: bad[0] });
+            assert_eq!(
+                r.expect("report").status,
+                Status::Invalid {
+                    gpa: Gpa::new(bad[0])
+                }
+            );
         }
         assert_eq!(mem.run_count(), 1, "nothing converted");
 
@@ -274,7 +284,7 @@ mod tests {
         let Some(vm) = vm() else { return };
         let mem =
             gmem::GuestMemfd::create(1 << 20, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
-        vm.bind(&mem, 0, 0, 1 << 20).expect("bind");
+        vm.bind(&mem, Gpa::new(0), 0, 1 << 20).expect("bind");
         let r = memory_fault(
             &vm.shared,
             u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE),
@@ -290,6 +300,11 @@ mod tests {
         assert_eq!((r.to, r.status), (Attr::Shared, Status::Done));
         assert_eq!(mem.attr(0x3000).expect("attr"), Attr::Shared);
         let r = memory_fault(&vm.shared, 0, Gpa::new(0x20_0000), 0x1000);
-        assert_eq!(r.status, Status::Invalid { gpa: 0x20_0000 });
+        assert_eq!(
+            r.status,
+            Status::Invalid {
+                gpa: Gpa::new(0x20_0000)
+            }
+        );
     }
 }

@@ -92,7 +92,7 @@ pub enum Exit {
     /// `userspace_addr` faults). A read gets all ones.
     Mmio {
         /// The address.
-        gpa: u64,
+        gpa: Gpa,
         /// Access size in bytes.
         len: usize,
         /// True for a write.
@@ -196,7 +196,8 @@ fn io_out(port: u16, data: &[u8]) -> Pending {
 impl Vcpu {
     /// Points the vCPU at real-mode code at `gpa` (below 1 MiB): `cs` is the 64 KiB segment
     /// holding it, `ip` the rest.
-    pub fn set_real_mode_entry(&self, gpa: u64) -> Result<(), RunError> {
+    pub fn set_real_mode_entry(&self, gpa: Gpa) -> Result<(), RunError> {
+        let gpa = gpa.raw();
         let mut sregs = self
             .fd
             .get_sregs()
@@ -268,7 +269,7 @@ impl Vcpu {
                 *h.ret = ret;
                 match report {
                     Some(report) => {
-                        self.error_gpa = Gpa::new(report.status.gpa());
+                        self.error_gpa = report.status.gpa();
                         Pending::Done(Exit::Converted(report))
                     }
                     None => Pending::Resume,
@@ -276,19 +277,19 @@ impl Vcpu {
             }
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
                 let report = request::memory_fault(&self.vm, flags, Gpa::new(gpa), size);
-                self.error_gpa = Gpa::new(report.status.gpa());
+                self.error_gpa = report.status.gpa();
                 Pending::Done(Exit::Converted(report))
             }
             Ok(VcpuExit::MmioRead(gpa, data)) => {
                 data.fill(0xff);
                 Pending::Done(Exit::Mmio {
-                    gpa,
+                    gpa: Gpa::new(gpa),
                     len: data.len(),
                     write: false,
                 })
             }
             Ok(VcpuExit::MmioWrite(gpa, data)) => Pending::Done(Exit::Mmio {
-                gpa,
+                gpa: Gpa::new(gpa),
                 len: data.len(),
                 write: true,
             }),
@@ -315,13 +316,13 @@ impl Vcpu {
             Ok(r) => request::serve(&self.vm, Source::Doorbell, r.gpa, r.size, r.to),
             Err(gpa) => Report {
                 source: Source::Doorbell,
-                gpa: gpa.raw(),
+                gpa,
                 size: regs.rcx & 0xffff_ffff,
                 to: Attr::Shared,
-                status: Status::Invalid { gpa: gpa.raw() },
+                status: Status::Invalid { gpa },
             },
         };
-        self.error_gpa = Gpa::new(report.status.gpa());
+        self.error_gpa = report.status.gpa();
         let status = u32::try_from(report.status.errno()).unwrap_or(u32::MAX);
         self.set_io_in_data(&status.to_le_bytes());
         Ok(Exit::Converted(report))
@@ -545,7 +546,7 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
     let caps = *vm.capabilities();
     let mut steps = Vec::new();
     let mem = demo_memory(&vm, &caps)?;
-    let binding = vm.bind(&mem, 0, 0, DEMO_SIZE)?;
+    let binding = vm.bind(&mem, Gpa::new(0), 0, DEMO_SIZE)?;
     steps.push(format!(
         "{} file of {} KiB bound at gpa 0 (slot {}, {:?})",
         mem.backing_kind(),
@@ -563,7 +564,7 @@ pub fn demo_guest() -> Result<DemoReport, DemoError> {
         .map_err(DemoError::Access)?;
 
     let mut vcpu = vm.create_vcpu(0)?;
-    vcpu.set_real_mode_entry(DEMO_CODE)?;
+    vcpu.set_real_mode_entry(Gpa::new(DEMO_CODE))?;
     let _watchdog = Watchdog::arm(Duration::from_secs(20)).map_err(|e| DemoError::Unexpected {
         step: "watchdog",
         detail: e.to_string(),
@@ -597,12 +598,13 @@ fn demo_memory(vm: &Vm, caps: &Capabilities) -> Result<GuestMemfd, DemoError> {
 fn demo_code() -> Result<Vec<u8>, PayloadError> {
     let mut asm = Asm::new();
     let bad = asm.label();
-    asm.check_fill(DEMO_DATA, 4096, 0xaa, 0xff, bad)
+    let (data, secret) = (Gpa::new(DEMO_DATA), Gpa::new(DEMO_SECRET));
+    asm.check_fill(data, 4096, 0xaa, 0xff, bad)
         .report(REPORT_OK)
-        .store_bytes(DEMO_SECRET, DEMO_SECRET_BYTES)
-        .doorbell(DEMO_SECRET, 4096, true)
+        .store_bytes(secret, DEMO_SECRET_BYTES)
+        .doorbell(secret, 4096, true)
         .report_eax()
-        .doorbell(DEMO_SECRET, 4096, false)
+        .doorbell(secret, 4096, false)
         .report_eax()
         .hlt();
     asm.place(bad).report(REPORT_MISMATCH).hlt();

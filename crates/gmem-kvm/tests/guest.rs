@@ -14,30 +14,33 @@ use gmem::{AccessError, Attr, Conversion, ConversionListener, Flags, Veto};
 use gmem_conformance::probe::{self, Touch};
 use gmem_kvm::doorbell::DOORBELL_PORT;
 use gmem_kvm::payload::{Asm, Reg32, REPORT_MISMATCH, REPORT_OK};
-use gmem_kvm::{Exit, Source, Status};
+use gmem_kvm::{Exit, Gpa, Source, Status};
 
 const SIZE: u64 = 2 << 20;
 const SECRET: u64 = 0x2_0000;
+/// Where the guest sees [`SECRET`]: files are bound at gpa 0, so guest-physical = file offset.
+const SECRET_GPA: Gpa = Gpa::new(SECRET);
 const SECRET_BYTES: &[u8] = b"guest-only secret";
 const PAGE: u64 = 4096;
 
 fn secret_round_trip(kind: Kind) {
     let Some(vm) = vm_or_skip() else { return };
     let mem = create(&vm, kind, SIZE, Flags::MMAP | Flags::INIT_SHARED);
-    vm.bind(&mem, 0, 0, SIZE).expect("bind");
+    vm.bind(&mem, Gpa::new(0), 0, SIZE).expect("bind");
     let view = mem.map(SECRET, PAGE).expect("host view of the secret page");
 
     let mut asm = Asm::new();
     let bad = asm.label();
-    asm.store_bytes(SECRET, SECRET_BYTES)
-        .doorbell(SECRET, 4096, true)
+    asm.store_bytes(SECRET_GPA, SECRET_BYTES)
+        .doorbell(SECRET_GPA, 4096, true)
         .report_eax();
     // The guest still reaches its page once it is private.
     for (i, b) in SECRET_BYTES.iter().enumerate() {
-        asm.load_al(SECRET + i as u64).jump_if_al_ne(*b, bad);
+        asm.load_al(Gpa::new(SECRET + i as u64))
+            .jump_if_al_ne(*b, bad);
     }
     asm.report(REPORT_OK)
-        .doorbell(SECRET, 4096, false)
+        .doorbell(SECRET_GPA, 4096, false)
         .report_eax()
         .hlt();
     asm.place(bad).report(REPORT_MISMATCH).hlt();
@@ -46,7 +49,13 @@ fn secret_round_trip(kind: Kind) {
     let r = expect_converted(&mut vcpu, "guest asks private");
     assert_eq!(
         (r.source, r.gpa, r.size, r.to, r.status),
-        (Source::Doorbell, SECRET, PAGE, Attr::Private, Status::Done)
+        (
+            Source::Doorbell,
+            SECRET_GPA,
+            PAGE,
+            Attr::Private,
+            Status::Done
+        )
     );
     expect_report(&mut vcpu, 0, "status of the request to private");
     assert_eq!(mem.attr(SECRET).expect("attr"), Attr::Private);
@@ -96,15 +105,15 @@ fn secret_private_then_shared_shmem_hva_slot() {
 fn pinned_request(kind: Kind, sync_regs: bool) {
     let Some(vm) = vm_or_skip() else { return };
     let mem = create(&vm, kind, SIZE, Flags::MMAP | Flags::INIT_SHARED);
-    vm.bind(&mem, 0, 0, SIZE).expect("bind");
+    vm.bind(&mem, Gpa::new(0), 0, SIZE).expect("bind");
     let first = 0x3_0000;
     let pinned_page = first + PAGE;
 
     let mut asm = Asm::new();
-    asm.doorbell(first, 3 * 4096, true)
+    asm.doorbell(Gpa::new(first), 3 * 4096, true)
         .report_eax()
         .report_error_gpa()
-        .doorbell(first, 3 * 4096, true)
+        .doorbell(Gpa::new(first), 3 * 4096, true)
         .report_eax()
         .report_error_gpa()
         .hlt();
@@ -118,7 +127,12 @@ fn pinned_request(kind: Kind, sync_regs: bool) {
 
     let pin = mem.pin(pinned_page, 16).expect("pin");
     let r = expect_converted(&mut vcpu, "request over a pinned page");
-    assert_eq!(r.status, Status::Busy { gpa: pinned_page });
+    assert_eq!(
+        r.status,
+        Status::Busy {
+            gpa: Gpa::new(pinned_page)
+        }
+    );
     expect_report(&mut vcpu, 11, "EAGAIN");
     expect_report(
         &mut vcpu,
@@ -205,8 +219,8 @@ fn listener_veto_reaches_the_guest_as_eagain_with_its_page() {
     // The second binding shows file offset 0x100000 at gpa 0x80000: guest addresses and file
     // offsets differ, and the status names the guest address.
     let mem = create(&vm, Kind::Kernel, SIZE, Flags::MMAP | Flags::INIT_SHARED);
-    vm.bind(&mem, 0, 0, 0x4_0000).expect("bind low");
-    vm.bind(&mem, 0x8_0000, 0x10_0000, 0x4_0000)
+    vm.bind(&mem, Gpa::new(0), 0, 0x4_0000).expect("bind low");
+    vm.bind(&mem, Gpa::new(0x8_0000), 0x10_0000, 0x4_0000)
         .expect("bind high");
     let device = Arc::new(Device {
         busy: Mutex::new(Some(0x10_2000)),
@@ -215,15 +229,20 @@ fn listener_veto_reaches_the_guest_as_eagain_with_its_page() {
     mem.add_listener(device.clone());
 
     let mut asm = Asm::new();
-    asm.doorbell(0x8_0000, 4 * 4096, true)
+    asm.doorbell(Gpa::new(0x8_0000), 4 * 4096, true)
         .report_eax()
         .report_error_gpa()
-        .doorbell(0x8_0000, 4 * 4096, true)
+        .doorbell(Gpa::new(0x8_0000), 4 * 4096, true)
         .report_eax()
         .hlt();
     let mut vcpu = load(&vm, &mem, &asm.finish().expect("assemble"));
     let r = expect_converted(&mut vcpu, "vetoed request");
-    assert_eq!(r.status, Status::Busy { gpa: 0x8_2000 });
+    assert_eq!(
+        r.status,
+        Status::Busy {
+            gpa: Gpa::new(0x8_2000)
+        }
+    );
     assert_eq!(
         *device.heard.lock().unwrap(),
         vec!["prepare 0x100000".to_string()],
@@ -254,8 +273,8 @@ fn listener_veto_reaches_the_guest_as_eagain_with_its_page() {
 fn doorbell_refuses_malformed_and_unbound_requests_with_einval() {
     let Some(vm) = vm_or_skip() else { return };
     let mem = create(&vm, Kind::Kernel, SIZE, Flags::MMAP | Flags::INIT_SHARED);
-    vm.bind(&mem, 0, 0, 0x4_0000).expect("bind low");
-    vm.bind(&mem, 0x4_0000, 0x8_0000, 0x4_0000)
+    vm.bind(&mem, Gpa::new(0), 0, 0x4_0000).expect("bind low");
+    vm.bind(&mem, Gpa::new(0x4_0000), 0x8_0000, 0x4_0000)
         .expect("bind next to it");
     // (gpa, size, flags): each is refused with EINVAL naming `gpa`.
     let bad: [(u64, u32, u32); 7] = [
@@ -282,7 +301,7 @@ fn doorbell_refuses_malformed_and_unbound_requests_with_einval() {
     for (gpa, size, flags) in bad {
         let what = format!("request gpa {gpa:#x} size {size:#x} flags {flags:#x}");
         let r = expect_converted(&mut vcpu, &what);
-        assert_eq!(r.status, Status::Invalid { gpa }, "{what}");
+        assert_eq!(r.status, Status::Invalid { gpa: Gpa::new(gpa) }, "{what}");
         expect_report(&mut vcpu, 22, &what);
         expect_report(&mut vcpu, u32::try_from(gpa).unwrap(), &what);
         expect_report(&mut vcpu, 0, &what);
@@ -295,11 +314,11 @@ fn starts_private(kind: Kind) {
     let Some(vm) = vm_or_skip() else { return };
     // Every page starts private: the guest runs from private memory, writes a page, shares it.
     let mem = create(&vm, kind, SIZE, Flags::MMAP);
-    vm.bind(&mem, 0, 0, SIZE).expect("bind");
+    vm.bind(&mem, Gpa::new(0), 0, SIZE).expect("bind");
     let data = 0x5_0000;
     let mut asm = Asm::new();
-    asm.fill(data, 4096, 0x5a)
-        .doorbell(data, 4096, false)
+    asm.fill(Gpa::new(data), 4096, 0x5a)
+        .doorbell(Gpa::new(data), 4096, false)
         .report_eax()
         .hlt();
     let mut vcpu = load(&vm, &mem, &asm.finish().expect("assemble"));
@@ -341,11 +360,12 @@ fn host_view_as_slot_address(kind: Kind) {
     mem.write_at(0x6_1000, &[0x22]).expect("write");
     mem.convert(0x6_1000, PAGE, Attr::Private).expect("private");
     // SAFETY: the view lives until the end of the test, after the VM's last run.
-    unsafe { vm.bind_at(&mem, 0, 0, SIZE, view.as_ptr()) }.expect("bind over the host view");
+    unsafe { vm.bind_at(&mem, Gpa::new(0), 0, SIZE, view.as_ptr()) }
+        .expect("bind over the host view");
     let mut asm = Asm::new();
-    asm.load_al(0x6_0000)
+    asm.load_al(Gpa::new(0x6_0000))
         .report_eax()
-        .load_al(0x6_1000)
+        .load_al(Gpa::new(0x6_1000))
         .report_eax()
         .hlt();
     let mut vcpu = load(&vm, &mem, &asm.finish().expect("assemble"));
@@ -357,7 +377,7 @@ fn host_view_as_slot_address(kind: Kind) {
     assert_eq!(
         next(&mut vcpu),
         Exit::Mmio {
-            gpa: 0x6_1000,
+            gpa: Gpa::new(0x6_1000),
             len: 1,
             write: false
         }
@@ -383,19 +403,20 @@ fn emulated_guest_access_to_private_page_through_host_view_is_mmio_shmem() {
 fn emulated_guest_cannot_reach_a_kernel_file_without_mmap() {
     let Some(vm) = vm_or_skip() else { return };
     let code = create(&vm, Kind::Shmem, 0x4_0000, Flags::MMAP | Flags::INIT_SHARED);
-    vm.bind(&code, 0, 0, 0x4_0000).expect("bind the code");
+    vm.bind(&code, Gpa::new(0), 0, 0x4_0000)
+        .expect("bind the code");
     let sealed = create(&vm, Kind::Kernel, 0x4_0000, Flags::NONE);
     let b = vm
-        .bind(&sealed, 0x8_0000, 0, 0x4_0000)
+        .bind(&sealed, Gpa::new(0x8_0000), 0, 0x4_0000)
         .expect("bind the file without MMAP");
     assert_eq!(b.kind(), gmem_kvm::SlotKind::GuestMemfd);
     let mut asm = Asm::new();
-    asm.load_al(0x8_0000).report_eax().hlt();
+    asm.load_al(Gpa::new(0x8_0000)).report_eax().hlt();
     let mut vcpu = load(&vm, &code, &asm.finish().expect("assemble"));
     assert_eq!(
         next(&mut vcpu),
         Exit::Mmio {
-            gpa: 0x8_0000,
+            gpa: Gpa::new(0x8_0000),
             len: 1,
             write: false
         }
@@ -415,13 +436,13 @@ fn hypercall_exit_is_enabled_where_the_kernel_offers_it() {
 fn two_vcpus_convert_their_own_pages_at_once() {
     let Some(vm) = vm_or_skip() else { return };
     let mem = create(&vm, Kind::Kernel, SIZE, Flags::MMAP | Flags::INIT_SHARED);
-    vm.bind(&mem, 0, 0, SIZE).expect("bind");
+    vm.bind(&mem, Gpa::new(0), 0, SIZE).expect("bind");
     std::thread::scope(|s| {
         for id in 0..2u64 {
             let (vm, mem) = (&vm, &mem);
             s.spawn(move || {
                 let code_at = 0x1000 + id * 0x1000;
-                let page = 0x7_0000 + id * 0x1_0000;
+                let page = Gpa::new(0x7_0000 + id * 0x1_0000);
                 let mut asm = Asm::new();
                 for _ in 0..50 {
                     asm.doorbell(page, 0x4000, true)
@@ -436,7 +457,7 @@ fn two_vcpus_convert_their_own_pages_at_once() {
                     .write(code_at, &code)
                     .expect("load");
                 let mut vcpu = vm.create_vcpu(id).expect("vcpu");
-                vcpu.set_real_mode_entry(code_at).expect("entry");
+                vcpu.set_real_mode_entry(Gpa::new(code_at)).expect("entry");
                 for i in 0..100 {
                     let r = expect_converted(&mut vcpu, "request");
                     assert_eq!(r.status, Status::Done, "vcpu {id} request {i}");
@@ -461,7 +482,7 @@ fn two_vcpus_convert_their_own_pages_at_once() {
 fn watchdog_interrupts_a_guest_that_never_exits() {
     let Some(vm) = vm_or_skip() else { return };
     let mem = create(&vm, Kind::Shmem, SIZE, Flags::MMAP | Flags::INIT_SHARED);
-    vm.bind(&mem, 0, 0, SIZE).expect("bind");
+    vm.bind(&mem, Gpa::new(0), 0, SIZE).expect("bind");
     let mut asm = Asm::new();
     let spin = asm.label();
     asm.place(spin).jmp(spin);
@@ -477,6 +498,6 @@ fn watchdog_interrupts_a_guest_that_never_exits() {
         .expect("guest view")
         .write(0x8000, &[0xf4])
         .expect("hlt");
-    vcpu.set_real_mode_entry(0x8000).expect("entry");
+    vcpu.set_real_mode_entry(Gpa::new(0x8000)).expect("entry");
     expect_halt(&mut vcpu);
 }

@@ -20,7 +20,7 @@ use gmem::preserve::{
 };
 use gmem::{Attr, BackingKind, Flags, GuestMemfd};
 use gmem_conformance::probe;
-use gmem_kvm::{BindError, Vm, VmError};
+use gmem_kvm::{BindError, Gpa, Vm, VmError};
 
 const P: u64 = 4096;
 const SIZE: u64 = 2 << 20;
@@ -89,7 +89,7 @@ fn preserve_kvm_child() {
     );
     let vm = Vm::new().unwrap();
     // The kernel ties the file to the VM that created it.
-    match vm.bind(old, 0, 0, SIZE) {
+    match vm.bind(old, Gpa::new(0), 0, SIZE) {
         Err(BindError::Kernel { errno, .. }) => println!("BIND-OLD errno={errno}"),
         other => panic!("binding the old file: {other:?}"),
     }
@@ -108,7 +108,7 @@ fn preserve_kvm_child() {
     .unwrap();
     assert_eq!(new.backing_kind(), BackingKind::KernelGuestMemfd);
     assert_ne!(new.id().unwrap(), old.id().unwrap());
-    vm.bind(&new, 0, 0, SIZE).unwrap();
+    vm.bind(&new, Gpa::new(0), 0, SIZE).unwrap();
     println!("NEW {}", digest(&new));
     println!(
         "COPY size={} copied={} runs={} elapsed_us={}",
@@ -125,7 +125,7 @@ fn kernel_guest_memfd_is_copied_into_a_new_vm() {
     let mem = vm
         .create_guest_memfd(SIZE, Flags::MMAP | Flags::INIT_SHARED)
         .unwrap();
-    vm.bind(&mem, 0, 0, SIZE).unwrap();
+    vm.bind(&mem, Gpa::new(0), 0, SIZE).unwrap();
     let g = mem.guest().expect("guest view");
     for p in 0..SIZE / P {
         g.write(p * P, &[(p as u8).wrapping_mul(7) | 1; 512])
@@ -232,10 +232,10 @@ fn kvm_guest_writing_during_handover_loses_nothing() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let Some(vm) = open_vm() else { return };
     let mem = GuestMemfd::create(SIZE, Flags::MMAP | Flags::INIT_SHARED).unwrap();
-    vm.bind(&mem, 0, 0, SIZE).unwrap();
+    vm.bind(&mem, Gpa::new(0), 0, SIZE).unwrap();
     let mut asm = gmem_kvm::payload::Asm::new();
     for i in 0..FILLS {
-        asm.fill(FILL_BASE + i * P, P as u16, fill_value(i));
+        asm.fill(Gpa::new(FILL_BASE + i * P), P as u16, fill_value(i));
     }
     asm.hlt();
     mem.guest()
@@ -248,7 +248,7 @@ fn kvm_guest_writing_during_handover_loses_nothing() {
         let t0 = std::time::Instant::now();
         let vcpu_thread = s.spawn(|| {
             let mut vcpu = vm.create_vcpu(0).unwrap();
-            vcpu.set_real_mode_entry(0x1000).unwrap();
+            vcpu.set_real_mode_entry(Gpa::new(0x1000)).unwrap();
             loop {
                 match vcpu.run() {
                     Ok(gmem_kvm::Exit::Halt) => {

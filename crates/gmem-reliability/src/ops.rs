@@ -308,36 +308,49 @@ impl Generator {
         let seed = self.rng.byte();
         let follower = self.follower && self.rng.chance(1, 4);
         match self.rng.below(100) {
-            0..=29 => {
-                let (offset, len) = self.pages();
-                let to = if self.rng.chance(1, 2) {
-                    Attr::Private
-                } else {
-                    Attr::Shared
-                };
-                Op::Convert { offset, len, to }
-            }
+            0..=29 => self.convert(),
             30..=37 => self.fallocate(),
-            38..=46 => {
-                let (offset, len) = self.bytes();
-                Op::WriteAt { offset, len, seed }
-            }
-            47..=52 => {
-                let (offset, len) = self.bytes();
-                Op::ReadAt {
-                    offset,
-                    len,
-                    follower,
-                }
-            }
-            53..=59 => {
-                let (offset, len) = self.bytes();
-                Op::GuestWrite { offset, len, seed }
-            }
-            60..=61 => {
-                let (offset, len) = self.bytes();
-                Op::GuestRead { offset, len }
-            }
+            k @ 38..=61 => self.access(k, seed, follower),
+            k @ 62..=80 => self.pin_op(k, seed, follower),
+            k @ 81..=93 => self.view_op(k, seed),
+            94 => self.set_veto(),
+            95 if !self.follower && self.rng.chance(1, 2) => self.inject_poison(),
+            95 => self.attr_at(),
+            k => self.runs_or_follower_convert(k),
+        }
+    }
+
+    /// `convert` of a page range to either attribute.
+    fn convert(&mut self) -> Op {
+        let (offset, len) = self.pages();
+        let to = if self.rng.chance(1, 2) {
+            Attr::Private
+        } else {
+            Attr::Shared
+        };
+        Op::Convert { offset, len, to }
+    }
+
+    /// A host or guest access of a byte range, for `k` in 38..=61 of [`Generator::op`]'s
+    /// draw.
+    fn access(&mut self, k: u64, seed: u8, follower: bool) -> Op {
+        let (offset, len) = self.bytes();
+        match k {
+            38..=46 => Op::WriteAt { offset, len, seed },
+            47..=52 => Op::ReadAt {
+                offset,
+                len,
+                follower,
+            },
+            53..=59 => Op::GuestWrite { offset, len, seed },
+            _ => Op::GuestRead { offset, len },
+        }
+    }
+
+    /// A pin, an unpin, or an access through a pin, for `k` in 62..=80 of
+    /// [`Generator::op`]'s draw.
+    fn pin_op(&mut self, k: u64, seed: u8, follower: bool) -> Op {
+        match k {
             62..=68 => {
                 let (offset, len) = self.bytes();
                 Op::Pin {
@@ -355,11 +368,18 @@ impl Generator {
                 len: self.rng.below(64),
                 seed,
             },
-            79..=80 => Op::PinRead {
+            _ => Op::PinRead {
                 index: self.rng.index(64),
                 at: self.rng.next_u64(),
                 len: self.rng.below(64),
             },
+        }
+    }
+
+    /// A one-byte access through a host view, a new view or dropping one, for `k` in 81..=93
+    /// of [`Generator::op`]'s draw.
+    fn view_op(&mut self, k: u64, seed: u8) -> Op {
+        match k {
             81..=87 => Op::HostWrite {
                 view: self.rng.index(8),
                 at: self.rng.next_u64(),
@@ -369,51 +389,65 @@ impl Generator {
                 view: self.rng.index(8),
                 at: self.rng.next_u64(),
             },
-            92 => {
-                let (offset, len) = if self.rng.chance(3, 4) {
-                    let pages = self.size / PAGE;
-                    let start = self.rng.below(pages);
-                    (start * PAGE, self.rng.range(1, pages + 2 - start) * PAGE)
-                } else {
-                    self.bytes()
-                };
-                Op::Map { offset, len }
-            }
-            93 => Op::Unmap {
+            92 => self.map(),
+            _ => Op::Unmap {
                 index: self.rng.index(8),
             },
-            94 => Op::SetVeto {
-                page: self
-                    .rng
-                    .chance(1, 2)
-                    .then(|| self.rng.below(self.size / PAGE)),
+        }
+    }
+
+    /// A new host view: mostly of whole pages (possibly past the end), else of a byte range.
+    fn map(&mut self) -> Op {
+        let (offset, len) = if self.rng.chance(3, 4) {
+            let pages = self.size / PAGE;
+            let start = self.rng.below(pages);
+            (start * PAGE, self.rng.range(1, pages + 2 - start) * PAGE)
+        } else {
+            self.bytes()
+        };
+        Op::Map { offset, len }
+    }
+
+    /// The listener's veto: one page half the time, none the other half.
+    fn set_veto(&mut self) -> Op {
+        Op::SetVeto {
+            page: self
+                .rng
+                .chance(1, 2)
+                .then(|| self.rng.below(self.size / PAGE)),
+        }
+    }
+
+    /// Poison at an offset, rarely past the end.
+    fn inject_poison(&mut self) -> Op {
+        Op::InjectPoison {
+            offset: if self.rng.chance(15, 16) {
+                self.rng.below(self.size)
+            } else {
+                self.size + self.rng.below(4 * PAGE)
             },
-            95 if !self.follower && self.rng.chance(1, 2) => Op::InjectPoison {
-                offset: if self.rng.chance(15, 16) {
-                    self.rng.below(self.size)
-                } else {
-                    self.size + self.rng.below(4 * PAGE)
-                },
+        }
+    }
+
+    /// `attr` at an offset, sometimes anywhere past the end.
+    fn attr_at(&mut self) -> Op {
+        Op::AttrAt {
+            offset: if self.rng.chance(9, 10) {
+                self.rng.below(self.size)
+            } else {
+                self.size + self.rng.below(u64::MAX - self.size)
             },
-            95 => Op::AttrAt {
-                offset: if self.rng.chance(9, 10) {
-                    self.rng.below(self.size)
-                } else {
-                    self.size + self.rng.below(u64::MAX - self.size)
-                },
-            },
-            96..=97 => {
-                let (offset, len) = self.pages();
-                Op::Runs { offset, len }
-            }
-            _ if self.follower => {
-                let (offset, len) = self.pages();
-                Op::FollowerConvert { offset, len }
-            }
-            _ => {
-                let (offset, len) = self.pages();
-                Op::Runs { offset, len }
-            }
+        }
+    }
+
+    /// `runs` of a page range, for `k` in 96..=99 of [`Generator::op`]'s draw; for 98 and 99
+    /// the follower's `convert` of it instead, when there is a follower.
+    fn runs_or_follower_convert(&mut self, k: u64) -> Op {
+        let (offset, len) = self.pages();
+        if k >= 98 && self.follower {
+            Op::FollowerConvert { offset, len }
+        } else {
+            Op::Runs { offset, len }
         }
     }
 }

@@ -213,7 +213,7 @@ impl RegionSpec {
     pub fn from_binding(binding: &gmem_kvm::Binding, file: GuestMemfd) -> Self {
         RegionSpec {
             binding_file: Some(binding.file_id()),
-            ..RegionSpec::new(binding.gpa(), file, binding.offset(), binding.len())
+            ..RegionSpec::new(binding.gpa().raw(), file, binding.offset(), binding.len())
         }
     }
 

@@ -2,7 +2,7 @@
 //! file bound in one VM, seen by devices at the bindings' guest-physical addresses.
 
 use gmem::{Attr, Errno, Flags, GuestMemfd};
-use gmem_kvm::{Vm, VmError};
+use gmem_kvm::{Gpa, Vm, VmError};
 use gmem_vm_memory::{GmemMemory, LayoutError, Refusal, RegionSpec};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -21,9 +21,11 @@ fn kvm_bindings_become_the_device_layout() {
         .create_guest_memfd(16 * P, Flags::MMAP | Flags::INIT_SHARED)
         .expect("kernel guest_memfd");
     let shmem = GuestMemfd::create(16 * P, Flags::MMAP | Flags::INIT_SHARED).expect("shmem");
-    let low = vm.bind(&kernel, 0, 0, 16 * P).expect("bind kernel file");
+    let low = vm
+        .bind(&kernel, Gpa::new(0), 0, 16 * P)
+        .expect("bind kernel file");
     let high = vm
-        .bind(&shmem, 0x10_0000, 4 * P, 8 * P)
+        .bind(&shmem, Gpa::new(0x10_0000), 4 * P, 8 * P)
         .expect("bind shmem");
     let mem = GmemMemory::new([
         RegionSpec::from_binding(&low, kernel.clone()),

@@ -4,7 +4,7 @@
 //! side is a [`HostView`] probed with `SIGBUS` checks, the guest's side is
 //! [`gmem::GuestMemfd::guest`].
 
-use gmem::{Attr, FallocMode, Flags, GuestMemfd, HostView};
+use gmem::{Attr, FallocMode, Flags, GuestMemfd, HostView, Pin};
 
 use super::{expect_errno, guest_expect, guest_fill, require, runs_of, PAGE};
 use crate::child::{ChildProcess, ChildSide};
@@ -501,83 +501,90 @@ pub fn pinned_page(ctx: &Ctx<'_>) {
     }
     let before = runs_of(&mem);
     let pin = mem.pin(2 * PAGE + 10, 20).expect("pin inside page 2");
+    pinned_bulk_refused(&mem, &view, &before);
+    others_convert_around_the_pin(&mem, &view, &pin);
+    drop(pin);
+    bulk_after_unpin(&mem, &view);
+    spanning_pin_names_its_first_page(&mem);
+}
 
-    let e = mem
-        .convert(0, 4 * PAGE, Attr::Private)
-        .expect_err("bulk over a pin");
+/// Converting `[off, off + len)` to private fails with `EAGAIN` naming the pinned page at
+/// `busy`.
+#[track_caller]
+fn expect_busy(mem: &GuestMemfd, off: u64, len: u64, busy: u64, what: &str) {
+    let e = mem.convert(off, len, Attr::Private).expect_err(what);
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(busy)));
+}
+
+/// With page 2 pinned, the bulk call is refused and changes neither attributes nor bytes
+/// (the host views it revoked fault back in); so is any range holding the pin.
+fn pinned_bulk_refused(mem: &GuestMemfd, view: &HostView, before: &[(u64, u64, bool)]) {
+    expect_busy(mem, 0, 4 * PAGE, 2 * PAGE, "bulk over a pin");
     assert_eq!(
-        (e.errno(), e.error_offset()),
-        (libc::EAGAIN, Some(2 * PAGE))
-    );
-    assert_eq!(
-        runs_of(&mem),
+        runs_of(mem),
         before,
         "a refused conversion changed attributes"
     );
     for p in 0..4 {
         touch::expect_bytes(
-            &view,
+            view,
             p * PAGE,
             PAGE,
             page_byte(p),
             "after the refused bulk call",
         );
     }
-    let e = mem
-        .convert(PAGE, 3 * PAGE, Attr::Private)
-        .expect_err("a range holding the pin");
-    assert_eq!(
-        (e.errno(), e.error_offset()),
-        (libc::EAGAIN, Some(2 * PAGE))
-    );
+    expect_busy(mem, PAGE, 3 * PAGE, 2 * PAGE, "a range holding the pin");
+}
 
+/// With page 2 pinned, the other pages convert one by one; page 2 alone is refused, stays
+/// shared with its bytes, and the pin still reads them.
+fn others_convert_around_the_pin(mem: &GuestMemfd, view: &HostView, pin: &Pin) {
     for p in [0, 1, 3] {
-        convert(&mem, p * PAGE, PAGE, Attr::Private);
-        touch::expect_fault(&view, p * PAGE, PAGE, "page converted one by one");
+        convert(mem, p * PAGE, PAGE, Attr::Private);
+        touch::expect_fault(view, p * PAGE, PAGE, "page converted one by one");
     }
-    let e = mem
-        .convert(2 * PAGE, PAGE, Attr::Private)
-        .expect_err("the pinned page alone");
-    assert_eq!(
-        (e.errno(), e.error_offset()),
-        (libc::EAGAIN, Some(2 * PAGE))
-    );
+    expect_busy(mem, 2 * PAGE, PAGE, 2 * PAGE, "the pinned page alone");
     assert_eq!(mem.attr(2 * PAGE).expect("attr"), Attr::Shared);
-    touch::expect_bytes(&view, 2 * PAGE, PAGE, page_byte(2), "pinned page");
+    touch::expect_bytes(view, 2 * PAGE, PAGE, page_byte(2), "pinned page");
     let mut b = [0u8; 20];
     pin.read(0, &mut b).expect("read through the pin");
     assert_eq!(b, [page_byte(2); 20]);
+}
 
-    drop(pin);
-    convert(&mem, 0, 4 * PAGE, Attr::Private);
-    touch::expect_fault(&view, 0, 4 * PAGE, "all private after the unpin");
+/// Once unpinned, the bulk call succeeds and every byte is intact: the guest sees them while
+/// private, the host once shared again.
+fn bulk_after_unpin(mem: &GuestMemfd, view: &HostView) {
+    convert(mem, 0, 4 * PAGE, Attr::Private);
+    touch::expect_fault(view, 0, 4 * PAGE, "all private after the unpin");
     for p in 0..4 {
         guest_expect(
-            &mem,
+            mem,
             p * PAGE,
             PAGE,
             page_byte(p),
             "contents after the bulk call",
         );
     }
-    convert(&mem, 0, 4 * PAGE, Attr::Shared);
+    convert(mem, 0, 4 * PAGE, Attr::Shared);
     for p in 0..4 {
         touch::expect_bytes(
-            &view,
+            view,
             p * PAGE,
             PAGE,
             page_byte(p),
             "contents back in the host",
         );
     }
-    // A pin spanning pages 1..=2 names its first page.
+}
+
+/// A pin spanning pages 1..=2 names its first page; once it is gone the bulk call succeeds,
+/// and a private page cannot be pinned (`EFAULT`).
+fn spanning_pin_names_its_first_page(mem: &GuestMemfd) {
     let pin = mem.pin(PAGE + 100, PAGE).expect("pin across pages 1 and 2");
-    let e = mem
-        .convert(0, 4 * PAGE, Attr::Private)
-        .expect_err("bulk over a spanning pin");
-    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(PAGE)));
-    convert(&mem, 3 * PAGE, PAGE, Attr::Private);
+    expect_busy(mem, 0, 4 * PAGE, PAGE, "bulk over a spanning pin");
+    convert(mem, 3 * PAGE, PAGE, Attr::Private);
     drop(pin);
-    convert(&mem, 0, 4 * PAGE, Attr::Private);
+    convert(mem, 0, 4 * PAGE, Attr::Private);
     expect_errno(mem.pin(0, 1), libc::EFAULT, "pinning a private page");
 }

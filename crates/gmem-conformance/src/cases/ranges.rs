@@ -121,8 +121,23 @@ impl Area<'_> {
 
     /// `guest_test_explicit_conversion`, in place.
     fn explicit_conversion(&self, area_len: u64, do_fallocate: bool) {
-        let block = self.mem.block_size();
-        // Memory is shared by default.
+        self.default_then_initial_pattern();
+        for (off, size) in RANGES {
+            let r = |s: &str| format!("range ({off:#x}, {size:#x}): {s}");
+            self.guest_fill(off, size, P1);
+            if do_fallocate {
+                self.allocate_blocks_of(off, size);
+            }
+            self.range_to_private(off, size, &r);
+            self.odd_frames_back_to_shared(off, size, &r);
+            self.range_back_to_shared(off, size, area_len, &r);
+            self.reset_area(area_len, do_fallocate, &r);
+        }
+    }
+
+    /// Memory is shared by default: the host sees the guest's default pattern, then the guest
+    /// sees the host's initial pattern.
+    fn default_then_initial_pattern(&self) {
         self.guest_fill(0, AREA_DATA, DEF_P);
         self.guest_expect(0, AREA_DATA, DEF_P, "default pattern");
         self.host_expect(0, AREA_DATA, DEF_P, "host sees the default pattern");
@@ -133,78 +148,91 @@ impl Area<'_> {
             INIT_P,
             "guest sees the host's initial pattern",
         );
+    }
 
-        for (off, size) in RANGES {
-            let r = |s: &str| format!("range ({off:#x}, {size:#x}): {s}");
-            self.guest_fill(off, size, P1);
-            if do_fallocate {
-                let start = (self.base + off) / block * block;
-                let end = (self.base + off + size).div_ceil(block) * block;
-                self.mem
-                    .fallocate(FallocMode::KEEP_SIZE, start, end - start)
-                    .expect("allocate before conversion");
-            }
-            self.convert(off, size, Attr::Private);
-            self.host_sigbus(off, size, &r("private range"));
-            self.host_expect_outside(off, size, INIT_P, &r("shared around the private range"));
+    /// Allocates the blocks holding `[off, off + size)` of the area.
+    fn allocate_blocks_of(&self, off: u64, size: u64) {
+        let block = self.mem.block_size();
+        let start = (self.base + off) / block * block;
+        let end = (self.base + off + size).div_ceil(block) * block;
+        self.mem
+            .fallocate(FallocMode::KEEP_SIZE, start, end - start)
+            .expect("allocate before conversion");
+    }
 
-            // The guest writes its private data: the first page, then the rest.
-            self.guest_fill(off, PAGE, P2);
-            self.guest_expect(off, PAGE, P2, &r("first private page"));
-            if size > PAGE {
-                self.guest_expect(off + PAGE, size - PAGE, P1, &r("rest of the private range"));
-                self.guest_fill(off + PAGE, size - PAGE, P2);
-            }
-            self.guest_expect(off, size, P2, &r("private data"));
-            self.guest_expect_outside(off, size, INIT_P, &r("shared data around"));
+    /// The range goes private: the host faults on it and still sees its initial pattern
+    /// around it; the guest writes its private data over the range and sees the initial
+    /// pattern around it.
+    fn range_to_private(&self, off: u64, size: u64, r: &dyn Fn(&str) -> String) {
+        self.convert(off, size, Attr::Private);
+        self.host_sigbus(off, size, &r("private range"));
+        self.host_expect_outside(off, size, INIT_P, &r("shared around the private range"));
 
-            // Odd frames back to shared (holes in the private range): in place, the host sees
-            // the guest's private bytes, writes its own, and the guest sees those; even frames
-            // stay private.
-            for j in (0..size / PAGE).map(|k| k * PAGE) {
-                if (j / PAGE) & 1 == 1 {
-                    self.convert(off + j, PAGE, Attr::Shared);
-                    self.host_expect(off + j, PAGE, P2, &r("odd frame back to shared"));
-                    self.host_fill(off + j, PAGE, P3);
-                    self.guest_expect(off + j, PAGE, P3, &r("odd frame after the host wrote"));
-                } else {
-                    self.host_sigbus(off + j, PAGE, &r("even frame still private"));
-                    self.guest_expect(off + j, PAGE, P2, &r("even frame keeps its bytes"));
-                }
-            }
-            let frames = size / PAGE;
-            assert_eq!(
-                self.mem.runs(self.base + off, size).expect("runs").len() as u64,
-                frames,
-                "{}",
-                self.what(&r("one run per frame"))
-            );
-
-            // The whole range back to shared; the guest writes P3, the host checks it and
-            // writes P4, the guest checks that.
-            self.convert(off, size, Attr::Shared);
-            self.guest_fill(off, size, P3);
-            self.host_expect(off, size, P3, &r("host sees the guest's pattern"));
-            self.host_fill(off, size, P4);
-            self.guest_expect(off, size, P4, &r("guest sees the host's pattern"));
-            self.guest_fill(off, size, INIT_P);
-            assert_eq!(
-                self.mem.runs(self.base, area_len).expect("runs").len(),
-                1,
-                "{}",
-                self.what(&r("the area is one shared run again"))
-            );
-
-            if do_fallocate {
-                // Free the whole area: in place, its shared bytes are gone too.
-                self.mem
-                    .fallocate(FallocMode::PUNCH_HOLE, self.base, area_len)
-                    .expect("punch the area");
-                self.host_expect(0, AREA_DATA, 0, &r("area after punch-hole"));
-                self.guest_fill(0, AREA_DATA, INIT_P);
-            }
-            self.host_expect(0, AREA_DATA, INIT_P, &r("area reset"));
+        // The guest writes its private data: the first page, then the rest.
+        self.guest_fill(off, PAGE, P2);
+        self.guest_expect(off, PAGE, P2, &r("first private page"));
+        if size > PAGE {
+            self.guest_expect(off + PAGE, size - PAGE, P1, &r("rest of the private range"));
+            self.guest_fill(off + PAGE, size - PAGE, P2);
         }
+        self.guest_expect(off, size, P2, &r("private data"));
+        self.guest_expect_outside(off, size, INIT_P, &r("shared data around"));
+    }
+
+    /// Odd frames back to shared (holes in the private range): in place, the host sees the
+    /// guest's private bytes, writes its own, and the guest sees those; even frames stay
+    /// private. The range is then one run per frame.
+    fn odd_frames_back_to_shared(&self, off: u64, size: u64, r: &dyn Fn(&str) -> String) {
+        for j in (0..size / PAGE).map(|k| k * PAGE) {
+            if (j / PAGE) & 1 == 1 {
+                self.convert(off + j, PAGE, Attr::Shared);
+                self.host_expect(off + j, PAGE, P2, &r("odd frame back to shared"));
+                self.host_fill(off + j, PAGE, P3);
+                self.guest_expect(off + j, PAGE, P3, &r("odd frame after the host wrote"));
+            } else {
+                self.host_sigbus(off + j, PAGE, &r("even frame still private"));
+                self.guest_expect(off + j, PAGE, P2, &r("even frame keeps its bytes"));
+            }
+        }
+        let frames = size / PAGE;
+        assert_eq!(
+            self.mem.runs(self.base + off, size).expect("runs").len() as u64,
+            frames,
+            "{}",
+            self.what(&r("one run per frame"))
+        );
+    }
+
+    /// The whole range back to shared; the guest writes P3, the host checks it and writes P4,
+    /// the guest checks that and writes the initial pattern again. The area is then one
+    /// shared run.
+    fn range_back_to_shared(&self, off: u64, size: u64, area_len: u64, r: &dyn Fn(&str) -> String) {
+        self.convert(off, size, Attr::Shared);
+        self.guest_fill(off, size, P3);
+        self.host_expect(off, size, P3, &r("host sees the guest's pattern"));
+        self.host_fill(off, size, P4);
+        self.guest_expect(off, size, P4, &r("guest sees the host's pattern"));
+        self.guest_fill(off, size, INIT_P);
+        assert_eq!(
+            self.mem.runs(self.base, area_len).expect("runs").len(),
+            1,
+            "{}",
+            self.what(&r("the area is one shared run again"))
+        );
+    }
+
+    /// With `do_fallocate`, frees the whole area (in place, its shared bytes are gone too:
+    /// the host sees zeroes) and writes the initial pattern again; either way the host sees
+    /// the initial pattern over the whole area.
+    fn reset_area(&self, area_len: u64, do_fallocate: bool, r: &dyn Fn(&str) -> String) {
+        if do_fallocate {
+            self.mem
+                .fallocate(FallocMode::PUNCH_HOLE, self.base, area_len)
+                .expect("punch the area");
+            self.host_expect(0, AREA_DATA, 0, &r("area after punch-hole"));
+            self.guest_fill(0, AREA_DATA, INIT_P);
+        }
+        self.host_expect(0, AREA_DATA, INIT_P, &r("area reset"));
     }
 
     /// `guest_test_punch_hole`: punch-hole frees private memory, which reads zero after, and

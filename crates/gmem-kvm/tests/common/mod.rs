@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use gmem::{Flags, GuestMemfd};
 use gmem_kvm::payload::REPORT_PORT;
-use gmem_kvm::{Exit, Report, Vcpu, Vm, VmError, Watchdog};
+use gmem_kvm::{Exit, Gpa, Report, Vcpu, Vm, VmError, Watchdog};
 
 /// Where test programs are loaded.
 pub const CODE: u64 = 0x1000;
@@ -47,7 +47,8 @@ pub fn load(vm: &Vm, mem: &GuestMemfd, code: &[u8]) -> Vcpu {
         .write(CODE, code)
         .expect("load the program");
     let vcpu = vm.create_vcpu(0).expect("KVM_CREATE_VCPU");
-    vcpu.set_real_mode_entry(CODE).expect("real-mode entry");
+    vcpu.set_real_mode_entry(Gpa::new(CODE))
+        .expect("real-mode entry");
     vcpu
 }
 

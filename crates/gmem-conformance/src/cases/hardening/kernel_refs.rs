@@ -9,6 +9,7 @@
 //! sees the guest's bytes: [`vmsplice_whole_huge_page_is_the_documented_exception`].
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use gmem::{Attr, BackingKind};
 
@@ -175,8 +176,27 @@ pub fn io_uring_fixed_buffer_holds_an_orphan(ctx: &Ctx<'_>) {
 /// `O_DIRECT` writes from a view page, racing conversions of that page: no byte the guest
 /// wrote while the page was private reaches the file.
 pub fn o_direct_racing_conversions_never_exports_private_bytes(ctx: &Ctx<'_>) {
-    use std::os::unix::fs::OpenOptionsExt;
     let Some(l) = Layout::new(ctx) else { return };
+    let file = o_direct_scratch_file(ctx);
+    let at = 2 * PAGE;
+    let src = l.view.as_ptr().wrapping_add(2 * PAGE_BYTES) as usize;
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| o_direct_writer(&file, src, &stop, &written));
+        flip_page_until_written(&l, at, 200, &written);
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(
+        written.load(Ordering::Relaxed) > 0,
+        "the writer never wrote the shared page"
+    );
+    assert_no_private_byte_in(&file);
+}
+
+/// A new `O_DIRECT` file in the temporary directory, already unlinked.
+fn o_direct_scratch_file(ctx: &Ctx<'_>) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = std::env::temp_dir();
     let path = dir.join(format!(
         "gmem-odirect-{}-{}",
@@ -192,8 +212,13 @@ pub fn o_direct_racing_conversions_never_exports_private_bytes(ctx: &Ctx<'_>) {
         .open(&path)
         .expect("open an O_DIRECT file");
     let _ = std::fs::remove_file(&path);
-    let at = 2 * PAGE;
-    let src = l.view.as_ptr().wrapping_add(2 * PAGE_BYTES) as usize;
+    file
+}
+
+/// Until `stop`, writes the view page at address `src` to successive pages of `file` with
+/// `O_DIRECT`, counting in `written` the writes that went through. Each write either writes
+/// the whole page or fails with `EFAULT`.
+fn o_direct_writer(file: &std::fs::File, src: usize, stop: &AtomicBool, written: &AtomicU64) {
     let write = |off: i64| {
         // SAFETY: O_DIRECT write of one aligned page of the live view.
         unsafe {
@@ -205,50 +230,46 @@ pub fn o_direct_racing_conversions_never_exports_private_bytes(ctx: &Ctx<'_>) {
             )
         }
     };
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let stop = AtomicBool::new(false);
-    let written = AtomicU64::new(0);
-    let rounds = 200;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let mut off = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let n = write(off * 4096);
-                assert!(
-                    n == 4096 || (n == -1 && errno() == libc::EFAULT),
-                    "{n} {}",
-                    errno()
-                );
-                if n == 4096 {
-                    written.fetch_add(1, Ordering::Relaxed);
-                }
-                off = (off + 1) % 256;
-            }
-        });
-        // At least `rounds` rounds, and on until the writer has written while the page was
-        // shared (a loaded machine may not schedule it at first), within a bound.
-        let start = std::time::Instant::now();
-        let mut round = 0;
-        while round < rounds
-            || (written.load(Ordering::Relaxed) == 0
-                && start.elapsed() < std::time::Duration::from_secs(20))
-        {
-            round += 1;
-            l.mem.convert(at, PAGE, Attr::Private).expect("to private");
-            guest_fill(&l.mem, at, PAGE, SECRET);
-            // Leave the secret in place long enough for writes in flight to overlap it.
-            std::thread::sleep(std::time::Duration::from_micros(100));
-            guest_fill(&l.mem, at, PAGE, SHARED);
-            l.mem.convert(at, PAGE, Attr::Shared).expect("to shared");
-            // And the shared page long enough for the writer to use it.
-            std::thread::sleep(std::time::Duration::from_micros(100));
+    let mut off = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let n = write(off * 4096);
+        assert!(
+            n == 4096 || (n == -1 && errno() == libc::EFAULT),
+            "{n} {}",
+            errno()
+        );
+        if n == 4096 {
+            written.fetch_add(1, Ordering::Relaxed);
         }
-        stop.store(true, Ordering::Relaxed);
-    });
-    assert!(
-        written.load(Ordering::Relaxed) > 0,
-        "the writer never wrote the shared page"
-    );
+        off = (off + 1) % 256;
+    }
+}
+
+/// Converts the page at `at` to private, where the guest writes the secret for a while, and
+/// back to shared, holding the shared bytes again, for at least `rounds` rounds and on until
+/// the writer has written while the page was shared (a loaded machine may not schedule it at
+/// first), within a bound.
+fn flip_page_until_written(l: &Layout, at: u64, rounds: u32, written: &AtomicU64) {
+    let start = std::time::Instant::now();
+    let mut round = 0;
+    while round < rounds
+        || (written.load(Ordering::Relaxed) == 0
+            && start.elapsed() < std::time::Duration::from_secs(20))
+    {
+        round += 1;
+        l.mem.convert(at, PAGE, Attr::Private).expect("to private");
+        guest_fill(&l.mem, at, PAGE, SECRET);
+        // Leave the secret in place long enough for writes in flight to overlap it.
+        std::thread::sleep(std::time::Duration::from_micros(100));
+        guest_fill(&l.mem, at, PAGE, SHARED);
+        l.mem.convert(at, PAGE, Attr::Shared).expect("to shared");
+        // And the shared page long enough for the writer to use it.
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
+}
+
+/// Reads `file` back without `O_DIRECT`: the writer wrote something, and no private byte.
+fn assert_no_private_byte_in(file: &std::fs::File) {
     let plain = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .expect("the file without O_DIRECT");
     let mut all = Vec::new();
