@@ -153,10 +153,6 @@ impl Binding {
     pub fn gpa(&self) -> Gpa {
         self.gpa
     }
-    /// First guest-physical address (the same as [`Binding::gpa`]).
-    pub fn start(&self) -> Gpa {
-        self.gpa
-    }
     /// The identity of the bound file (as [`GuestMemfd::id`] gives it), so that code given a
     /// binding and a file can check they belong together.
     pub fn file_id(&self) -> FileId {
