@@ -24,6 +24,21 @@ impl Engine {
         st.attrs.runs(0, st.attrs.pages()).collect()
     }
 
+    /// The runs covering the whole file, with the attribute map's change count they were
+    /// read at (see [`AttrMap::changes`]).
+    pub(crate) fn all_runs_counted(&self) -> (u64, Vec<Run>) {
+        let st = self.read_pages();
+        (
+            st.attrs.changes(),
+            st.attrs.runs(0, st.attrs.pages()).collect(),
+        )
+    }
+
+    /// The attribute map's change count now.
+    pub(crate) fn attr_changes(&self) -> u64 {
+        self.read_pages().attrs.changes()
+    }
+
     /// True when some page of `[start, end)` has attribute `attr`.
     pub(crate) fn any_attr(&self, start: u64, end: u64, attr: Attr) -> bool {
         self.read_pages().attrs.any(start, end, attr)

@@ -118,14 +118,25 @@ enum Repr {
 /// m.set(10, 20, Attr::Shared);
 /// assert_eq!((m.len(), m.heap_bytes()), (1, 0));
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct AttrMap {
     pages: u64,
     /// Pages `p` in `1..pages` whose attribute differs from page `p - 1`'s: the run count
     /// less one.
     boundaries: u64,
     repr: Repr,
+    /// Calls of `set` since the map was made (see [`AttrMap::changes`]).
+    changes: u64,
 }
+
+/// Maps are equal when they hold the same attributes, whatever their history.
+impl PartialEq for AttrMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.pages == other.pages && self.boundaries == other.boundaries && self.repr == other.repr
+    }
+}
+
+impl Eq for AttrMap {}
 
 /// Index of the word holding page `page`.
 ///
@@ -287,6 +298,7 @@ impl AttrMap {
             pages: pages.clamp(1, MAX_PAGES),
             boundaries: 0,
             repr: Repr::Uniform(attr),
+            changes: 0,
         }
     }
 
@@ -336,7 +348,16 @@ impl AttrMap {
             pages,
             boundaries: (runs.len() - 1) as u64,
             repr: Repr::Bits(w),
+            changes: 0,
         }
+    }
+
+    /// How many times [`AttrMap::set`] was called on this map (clipped-empty ranges
+    /// excepted): while the count stays the same the map does, so a snapshot of its runs
+    /// taken with the count is still exact when the count is unchanged.
+    #[inline]
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Number of pages covered.
@@ -498,6 +519,7 @@ impl AttrMap {
         if start >= end {
             return;
         }
+        self.changes = self.changes.wrapping_add(1);
         if start == 0 && end == self.pages {
             self.repr = Repr::Uniform(attr);
             self.boundaries = 0;

@@ -15,6 +15,7 @@ use super::{
     recv, send, FileOffer, Got, HandedOver, Msg, Options, Step, MAX_FDS, OP_ABORT, OP_ACCEPT,
     OP_COMMIT, OP_DONE, OP_OFFER, OP_REJECT,
 };
+use crate::model::attr::Run;
 use crate::model::error::Errno;
 use crate::model::units::ByteRange;
 use crate::sys::fd;
@@ -103,6 +104,12 @@ pub(crate) fn freeze(offers: &[FileOffer], generation: u64) -> Result<Frozen, Ha
             what: "offer between 1 and 250 files",
         });
     }
+    // The runs are read before the freeze (the longest step of the snapshot on big files);
+    // a file whose attributes changed in between is read again, frozen.
+    let early: Vec<(u64, Vec<Run>)> = offers
+        .iter()
+        .map(|o| o.mem.inner.all_runs_counted())
+        .collect();
     let started = Instant::now();
     let mut frozen = Frozen {
         files: Vec::with_capacity(offers.len()),
@@ -141,8 +148,8 @@ pub(crate) fn freeze(offers: &[FileOffer], generation: u64) -> Result<Frozen, Ha
         }
     }
     let mut files = Vec::with_capacity(offers.len());
-    for o in offers {
-        files.push(snapshot(o)?);
+    for (o, early) in offers.iter().zip(early) {
+        files.push(snapshot(o, early)?);
     }
     frozen.poison = files
         .iter()
@@ -156,15 +163,22 @@ pub(crate) fn freeze(offers: &[FileOffer], generation: u64) -> Result<Frozen, Ha
     Ok(frozen)
 }
 
-fn snapshot(o: &FileOffer) -> Result<FileState, HandoverError> {
+/// The state of frozen file `o`; `early` is its runs read before the freeze, with the
+/// change count they were read at, used when nothing changed since.
+fn snapshot(o: &FileOffer, early: (u64, Vec<Run>)) -> Result<FileState, HandoverError> {
     let mem = &o.mem;
     let inner = &mem.inner;
     let id = mem.id().map_err(|e| HandoverError::Os {
         op: "fstat",
         source: std::io::Error::from_raw_os_error(e.errno()),
     })?;
-    let runs = inner
-        .all_runs()
+    let (counted, early) = early;
+    let runs = if inner.attr_changes() == counted {
+        early
+    } else {
+        inner.all_runs()
+    };
+    let runs = runs
         .into_iter()
         .map(|r| RunRecord {
             start_page: r.start,
@@ -337,4 +351,39 @@ pub(crate) fn finish_old(
         state_len,
         confirmed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{snapshot, FileOffer};
+    use crate::{Attr, Flags, GuestMemfd};
+
+    const P: u64 = 4096;
+
+    fn starts(mem: &GuestMemfd, early: (u64, Vec<crate::model::attr::Run>)) -> Vec<u64> {
+        let st = snapshot(&FileOffer::new(mem), early).expect("snapshot");
+        st.runs.iter().map(|r| r.start_page).collect()
+    }
+
+    /// The runs read before the freeze serve the snapshot only while the attributes are
+    /// unchanged; a conversion in between makes it read them again.
+    #[test]
+    fn early_runs_serve_only_an_unchanged_file() {
+        let mem = GuestMemfd::create(64 * P, Flags::MMAP | Flags::INIT_SHARED).expect("create");
+        mem.convert(4 * P, 2 * P, Attr::Private).expect("convert");
+        let early = mem.inner.all_runs_counted();
+        assert_eq!(starts(&mem, early), vec![0, 4, 6]);
+        // Unchanged: the early runs are what the snapshot holds (an empty list shows it).
+        let (count, _) = mem.inner.all_runs_counted();
+        assert_eq!(starts(&mem, (count, Vec::new())), Vec::<u64>::new());
+        let early = mem.inner.all_runs_counted();
+        mem.convert(10 * P, P, Attr::Private).expect("convert");
+        assert_eq!(starts(&mem, early), vec![0, 4, 6, 10, 11]);
+        // A count that moved on and back to equal runs is still read again (counts only
+        // grow), and gives the same answer.
+        let early = mem.inner.all_runs_counted();
+        mem.convert(10 * P, P, Attr::Shared).expect("convert");
+        mem.convert(10 * P, P, Attr::Private).expect("convert");
+        assert_eq!(starts(&mem, early), vec![0, 4, 6, 10, 11]);
+    }
 }
