@@ -86,9 +86,16 @@ fn one(mem: GuestMemfd, generation: u64) -> (Times, GuestMemfd) {
     };
     let done = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).expect("hand over");
     // `pause` runs from the freeze (the runs are read before it, while the guest runs) to
-    // the old owner's letting go, just before `hand_over` returned.
+    // the old owner's letting go, which its `DoneReceived` step follows at once.
     let released = done.pause;
-    let frozen_at = Instant::now() - released;
+    let let_go = marks
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(s, _)| *s == gmem::preserve::Step::DoneReceived)
+        .map(|&(_, t)| t)
+        .expect("DONE received");
+    let frozen_at = t0 + let_go - released;
     drop(mem);
     if std::env::var("GMEM_BENCH_STEPS").is_ok() {
         let mut m = marks.lock().unwrap().clone();
