@@ -23,6 +23,7 @@
 pub mod backend;
 pub mod cases;
 pub mod child;
+pub mod kref;
 pub mod probe;
 pub mod rollback;
 pub mod touch;

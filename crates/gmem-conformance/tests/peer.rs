@@ -5,6 +5,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use gmem::Errno;
 use gmem::{Attr, Flags, GuestMemfd};
 use gmem_conformance::child::{child_side, ChildProcess};
+use gmem_conformance::kref;
 use gmem_conformance::probe::{read, Touch};
 
 const P: u64 = 4096;
@@ -131,31 +132,6 @@ fn peer_owner_killed_follower_keeps_memory() {
 /// One page, as a buffer length.
 const PAGE_BYTES: usize = 4096;
 
-/// vmsplices one page at `addr` into a new pipe and returns its read end.
-fn splice_page(addr: *const u8) -> OwnedFd {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: the read end is fresh and owned by nothing else.
-    let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    // SAFETY: as above, the write end.
-    let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-    let iov = libc::iovec {
-        iov_base: addr.cast_mut().cast(),
-        iov_len: PAGE_BYTES,
-    };
-    use std::os::fd::AsRawFd;
-    // SAFETY: one iovec inside a live view; the pipe takes references to its pages.
-    let n = unsafe { libc::vmsplice(wr.as_raw_fd(), &iov, 1, 0) };
-    assert_eq!(
-        n,
-        PAGE_BYTES as isize,
-        "vmsplice: {}",
-        std::io::Error::last_os_error()
-    );
-    rd
-}
-
 /// A follower's kernel reference (a page of its view vmspliced into a pipe) is invisible to
 /// the owner, which has no view at all: the owner's conversion to private moves the page
 /// anyway, so the follower's pipe yields the shared-time bytes, never the guest's private
@@ -165,19 +141,10 @@ fn peer_follower_kernel_reference_never_sees_private_bytes() {
     if let Some(mut side) = child_side() {
         let mem = GuestMemfd::attach(side.peer).expect("attach");
         let view = mem.map(0, mem.size()).expect("map");
-        let rd = splice_page(view.as_ptr().wrapping_add(PAGE_BYTES));
+        let rd = kref::splice(view.as_ptr().wrapping_add(PAGE_BYTES), PAGE_BYTES);
         side.ctl.send("spliced");
         assert_eq!(side.ctl.recv(), "written");
-        let mut got = vec![0u8; PAGE_BYTES];
-        let mut n = 0;
-        while n < got.len() {
-            use std::os::fd::AsRawFd;
-            // SAFETY: reads into the live remainder of `got`.
-            let k =
-                unsafe { libc::read(rd.as_raw_fd(), got[n..].as_mut_ptr().cast(), got.len() - n) };
-            assert!(k > 0, "read the pipe: {k}");
-            n += usize::try_from(k).expect("positive");
-        }
+        let got = kref::drain(&rd, PAGE_BYTES);
         let what = if got.iter().all(|&b| b == 0x11) {
             "shared-time bytes"
         } else if got.iter().all(|&b| b == 0x5a) {

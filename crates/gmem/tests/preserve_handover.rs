@@ -16,6 +16,7 @@ use gmem::preserve::{
 };
 use gmem::Errno;
 use gmem::{Attr, FallocMode, Flags, GuestMemfd};
+use gmem_conformance::kref;
 use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
 
 const P: u64 = 4096;
@@ -1023,32 +1024,6 @@ fn new_owner_vanishing_after_accept_gives_the_old_owner_its_views_back() {
     mem.fallocate(FallocMode::KEEP_SIZE, 0, P).unwrap();
 }
 
-/// vmsplices `len` bytes at `addr` into a new pipe (a kernel reference to the pages, no
-/// copy) and returns its read end.
-fn splice(addr: *const u8, len: usize) -> OwnedFd {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    use std::os::fd::FromRawFd;
-    // SAFETY: the read end is fresh and owned by nothing else.
-    let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    // SAFETY: as above, the write end.
-    let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-    let iov = libc::iovec {
-        iov_base: addr.cast_mut().cast(),
-        iov_len: len,
-    };
-    // SAFETY: one iovec inside a live view; the pipe takes references to its pages.
-    let n = unsafe { libc::vmsplice(std::os::fd::AsRawFd::as_raw_fd(&wr), &iov, 1, 0) };
-    assert_eq!(
-        n,
-        len as isize,
-        "vmsplice: {}",
-        std::io::Error::last_os_error()
-    );
-    rd
-}
-
 /// A page the old owner vmspliced into a pipe before the hand-over: the kernel reference
 /// outlives the old owner's views, and the new owner's conversion to private moves the page
 /// though no view of the new owner ever showed it, so the pipe yields the shared-time bytes,
@@ -1060,7 +1035,7 @@ fn old_owners_kernel_reference_never_sees_the_new_owners_private_bytes() {
     let mut before = vec![0u8; P as usize];
     mem.read_at(shared, &mut before).unwrap();
     let view = mem.map(0, mem.size()).unwrap();
-    let rd = splice(view.as_ptr().wrapping_add(shared as usize), P as usize);
+    let rd = kref::splice(view.as_ptr().wrapping_add(shared as usize), P as usize);
     let (a, b) = pair();
     let receiver = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
     hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).expect("hand over");
@@ -1071,13 +1046,7 @@ fn old_owners_kernel_reference_never_sees_the_new_owners_private_bytes() {
         .unwrap()
         .write(shared, &vec![0xa5; P as usize])
         .unwrap();
-    let mut piped = vec![0u8; P as usize];
-    let mut n = 0;
-    while n < piped.len() {
-        let k = rustix::io::read(&rd, &mut piped[n..]).unwrap();
-        assert!(k > 0, "the pipe ended early");
-        n += k;
-    }
+    let piped = kref::drain(&rd, P as usize);
     assert!(
         piped == before,
         "the pipe's page holds {:#04x}.., not the shared-time bytes {:#04x}..",

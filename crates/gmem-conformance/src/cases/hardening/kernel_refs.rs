@@ -8,7 +8,9 @@
 //! of a HugeTLB file stays in place (moving it needs a spare huge page), so a reference to it
 //! sees the guest's bytes: [`vmsplice_whole_huge_page_is_the_documented_exception`].
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::kref::drain;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use gmem::{Attr, BackingKind};
@@ -19,51 +21,14 @@ use crate::Ctx;
 const PAGE: u64 = 4096;
 const PAGE_BYTES: usize = 4096;
 
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for two descriptors.
-    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(rc, 0, "pipe2: errno {}", errno());
-    // SAFETY: the read end is fresh and owned by nobody else.
-    let rd = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    // SAFETY: as above, the write end.
-    let wr = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-    (rd, wr)
-}
-
 /// vmsplices `len` bytes of the view at `at` into a new pipe (a reference to the pages, no
 /// copy) and returns the pipe's read end.
 fn splice_from_view(l: &Layout, at: u64, len: usize) -> OwnedFd {
-    let (rd, wr) = pipe();
-    let iov = libc::iovec {
-        iov_base: l
-            .view
-            .as_ptr()
-            .wrapping_add(usize::try_from(at).expect("fits"))
-            .cast(),
-        iov_len: len,
-    };
-    // SAFETY: one iovec inside the live view; the pipe takes references to its pages.
-    let n = unsafe { libc::vmsplice(wr.as_raw_fd(), &iov, 1, 0) };
-    assert_eq!(
-        n,
-        isize::try_from(len).expect("fits"),
-        "vmsplice: errno {}",
-        errno()
-    );
-    rd
-}
-
-fn drain(rd: &OwnedFd, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        // SAFETY: reads into the live remainder of `out`.
-        let n = unsafe { libc::read(rd.as_raw_fd(), out[got..].as_mut_ptr().cast(), len - got) };
-        assert!(n > 0, "read from the pipe: {n}, errno {}", errno());
-        got += usize::try_from(n).expect("positive");
-    }
-    out
+    let addr = l
+        .view
+        .as_ptr()
+        .wrapping_add(usize::try_from(at).expect("fits"));
+    crate::kref::splice(addr, len)
 }
 
 /// A shared page vmspliced into a pipe, converted to private and written by the guest: the
