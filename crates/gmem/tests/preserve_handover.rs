@@ -889,6 +889,11 @@ fn old_owner_after_handover_reaches_nothing() {
     for p in 0..PAGES {
         let at = view.as_ptr().wrapping_add((p * P) as usize);
         assert_eq!(kernel_reads(at), Err(libc::EFAULT), "old view, page {p}");
+        assert_eq!(
+            proc_mem_reads(at),
+            Err(libc::EIO),
+            "old view by /proc, page {p}"
+        );
     }
     // The new owner's view reads its bytes.
     let nv = new.map(0, new.size()).unwrap();
@@ -896,6 +901,19 @@ fn old_owner_after_handover_reaches_nothing() {
         kernel_reads(nv.as_ptr().wrapping_add(shared as usize)),
         Ok(())
     );
+}
+
+/// Whether `/proc/self/mem` reads one byte at `addr` (the path of `ptrace` and debuggers,
+/// which reads through `PROT_NONE`): `EIO` when the page is unreachable.
+fn proc_mem_reads(addr: *const u8) -> Result<(), i32> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open("/proc/self/mem").unwrap();
+    let mut b = [0u8; 1];
+    match mem.read_at(&mut b, addr as u64) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(0),
+        Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+    }
 }
 
 /// Whether the kernel can read one byte at `addr` (`write(2)` of it into a pipe): `EFAULT`
@@ -919,8 +937,8 @@ fn kernel_reads(addr: *const u8) -> Result<(), i32> {
 }
 
 /// The new owner owns from the moment it reads `COMMIT` and may make a page private at once:
-/// by then the old owner reaches nothing. Its view refuses a kernel read (`EFAULT`) and its
-/// accessor is `EPERM`, both checked from inside the new owner's `CommitReceived` step,
+/// by then the old owner reaches nothing. Its view refuses a kernel read (`EFAULT`) and a
+/// read through `/proc/self/mem` (`EIO`), and its accessor is `EPERM`, all checked from inside the new owner's `CommitReceived` step,
 /// before the old owner has read `DONE`.
 #[test]
 fn old_owner_reaches_nothing_once_the_new_owner_owns() {
@@ -940,7 +958,8 @@ fn old_owner_reaches_nothing_once_the_new_owner_owns() {
             if s == Step::CommitReceived {
                 let mut b = [0u8; 8];
                 let read = old.read_at(shared, &mut b).map_err(|e| e.errno());
-                *seen2.lock().unwrap() = Some((kernel_reads(at as *const u8), read));
+                let addr = at as *const u8;
+                *seen2.lock().unwrap() = Some((kernel_reads(addr), proc_mem_reads(addr), read));
             }
         })),
         ..Options::default()
@@ -951,7 +970,7 @@ fn old_owner_reaches_nothing_once_the_new_owner_owns() {
     receiver.join().unwrap().expect("receive");
     assert_eq!(
         *seen.lock().unwrap(),
-        Some((Err(libc::EFAULT), Err(libc::EPERM))),
+        Some((Err(libc::EFAULT), Err(libc::EIO), Err(libc::EPERM))),
         "the old owner's view and accessor once the new owner owns"
     );
 }
@@ -1007,6 +1026,8 @@ fn new_owner_vanishing_after_accept_gives_the_old_owner_its_views_back() {
             r.offset,
             r.attr
         );
+        let by_proc = want.map_err(|_| libc::EIO);
+        assert_eq!(proc_mem_reads(at), by_proc, "/proc at {:#x}", r.offset);
     }
     let mut b = [0u8; 8];
     mem.read_at(shared, &mut b).unwrap();

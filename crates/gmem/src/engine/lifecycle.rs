@@ -37,9 +37,9 @@ impl Engine {
     /// Ends a freeze that did not hand the file over (after a commit, the views are given back
     /// first).
     pub(crate) fn thaw(&self) {
-        let ctl = self.control_unchecked();
+        let mut ctl = self.control_unchecked();
         if self.gate().phase() == Phase::Committing {
-            self.unrevoke(&ctl);
+            self.unrevoke(&mut ctl);
         }
         if self.gate().phase() == Phase::Frozen {
             self.gate().set(Phase::Live);
@@ -48,28 +48,32 @@ impl Engine {
 
     /// The new owner may own the file from the next message on: host access is refused from
     /// here (the phase changes under the page-state write lock, so no accessor copy is in
-    /// flight after it and none starts) and every view faults, reversibly
+    /// flight after it and none starts) and every view faults (guard markers and holes, which
+    /// `/proc/<pid>/mem` cannot read through either), reversibly
     /// ([`Engine::thaw`] gives them back). On error the file is as before the call, still frozen.
     pub(crate) fn commit(&self) -> io::Result<()> {
-        let ctl = self.control_unchecked();
+        let mut ctl = self.control_unchecked();
         {
             let _pages = self.write_pages();
             self.gate().set(Phase::Committing);
         }
-        let res = ctl.views.revoke_all();
+        let numa = self.numa_policy_set();
+        let res = ctl.views.revoke_all(&self.view_ctx(numa.as_ref()));
         if res.is_err() {
-            self.unrevoke(&ctl);
+            self.unrevoke(&mut ctl);
         }
         res
     }
 
     /// Ends a commit whose hand-over failed: every view shows what it showed before, host
     /// access works again, the file is frozen.
-    fn unrevoke(&self, ctl: &Control) {
+    fn unrevoke(&self, ctl: &mut Control) {
         {
+            let numa = self.numa_policy_set();
             let st = self.read_pages();
             let hs = self.huge().map(|h| h.state());
-            if let Err(e) = ctl.views.unrevoke_all(self.shown(&st, hs.as_deref())) {
+            let ctx = self.view_ctx(numa.as_ref());
+            if let Err(e) = ctl.views.unrevoke_all(&ctx, self.shown(&st, hs.as_deref())) {
                 // The views that could not be given back keep faulting: safe, and logged.
                 tracing::error!("giving the views back after a failed hand-over: {e}");
             }

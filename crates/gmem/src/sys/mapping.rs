@@ -151,15 +151,6 @@ impl Mapping {
         self.advise(offset, len, MADV_GUARD_REMOVE)
     }
 
-    /// `mprotect(2)` of `[offset, offset + len)` to `prot`. Guard markers survive it.
-    pub fn protect(&self, offset: usize, len: usize, prot: libc::c_int) -> io::Result<()> {
-        range_ok(offset, len, self.len)?;
-        let at = self.as_ptr().wrapping_add(offset);
-        // SAFETY: the range lies inside this mapping, which owns it; no Rust reference into
-        // it is live across the call (callers copy through raw pointers only).
-        cvt(unsafe { libc::mprotect(at.cast(), len, prot) }).map(drop)
-    }
-
     /// Replaces `[offset, offset + len)` with `mmap(MAP_FIXED | flags, prot)` of `fd` at
     /// `fd_offset` (anonymous when `fd` is `None`). The range stays owned by this mapping.
     pub fn map_fixed(

@@ -1,4 +1,5 @@
-//! Pointers and capabilities handed to host code: a pin's pointer, a follower, a forked child.
+//! Pointers and capabilities handed to host code: a pin's pointer, a follower, a forked child;
+//! and the debugger paths into the process's memory.
 
 use std::os::fd::AsRawFd;
 
@@ -217,4 +218,75 @@ pub fn forked_child_gets_clean_errors(ctx: &Ctx<'_>) {
         l.check(&l.view, Some(SHARED), "the parent after its child");
     }
     l.restore_and_check(Some(SHARED), "the parent converts after its children");
+}
+
+/// What `/proc/self/mem` reads at `addr` (8 bytes): the bytes, or the errno.
+fn proc_mem_read(addr: *const u8) -> Result<Vec<u8>, i32> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open("/proc/self/mem").expect("open /proc/self/mem");
+    let mut b = vec![0u8; 8];
+    match mem.read_at(&mut b, addr as u64) {
+        Ok(8) => Ok(b),
+        Ok(n) => Err(-i32::try_from(n).unwrap_or(i32::MAX)),
+        Err(e) => Err(e.raw_os_error().unwrap_or(0)),
+    }
+}
+
+/// What `process_vm_readv` of this process reads at `addr` (8 bytes): the bytes, or the errno.
+fn vm_readv(addr: *const u8) -> Result<Vec<u8>, i32> {
+    let mut b = vec![0u8; 8];
+    let local = libc::iovec {
+        iov_base: b.as_mut_ptr().cast(),
+        iov_len: b.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr.cast_mut().cast(),
+        iov_len: 8,
+    };
+    let pid = libc::pid_t::try_from(std::process::id()).expect("pid");
+    // SAFETY: the local iovec covers `b`; the kernel checks the remote one.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    match n {
+        8 => Ok(b),
+        -1 => Err(errno()),
+        n => Err(-i32::try_from(n).unwrap_or(i32::MAX)),
+    }
+}
+
+/// The debugger paths (`/proc/<pid>/mem`, which `ptrace` peeks and core dumps share and
+/// which reads through `PROT_NONE`, and `process_vm_readv`) read shared pages of a view and
+/// never a private one: `EIO` and `EFAULT`.
+pub fn debugger_paths_never_read_private_pages(ctx: &Ctx<'_>) {
+    let Some(l) = Layout::new(ctx) else { return };
+    for p in l.sample() {
+        let addr = l
+            .view
+            .as_ptr()
+            .wrapping_add(usize::try_from(p).expect("fits"))
+            .cast_const();
+        let (by_proc, by_readv) = (proc_mem_read(addr), vm_readv(addr));
+        if l.is_private(p) {
+            assert_eq!(
+                by_proc,
+                Err(libc::EIO),
+                "/proc/self/mem, private page {p:#x}"
+            );
+            assert_eq!(
+                by_readv,
+                Err(libc::EFAULT),
+                "process_vm_readv, private page {p:#x}"
+            );
+        } else {
+            assert_eq!(
+                by_proc,
+                Ok(vec![SHARED; 8]),
+                "/proc/self/mem, shared page {p:#x}"
+            );
+            assert_eq!(
+                by_readv,
+                Ok(vec![SHARED; 8]),
+                "process_vm_readv, shared page {p:#x}"
+            );
+        }
+    }
 }

@@ -466,32 +466,46 @@ impl ViewSet {
         Ok(())
     }
 
-    /// Makes every view fault, reversibly (a hand-over is committing): `PROT_NONE` over each
-    /// view, its guard markers and windows left as they are; a sealed view (which refuses
-    /// `mprotect`) takes one guard over the whole view. Undone by [`ViewSet::unrevoke_all`],
-    /// which also repairs a call that failed half-way.
-    pub fn revoke_all(&self) -> io::Result<()> {
-        self.slots.iter().try_for_each(|slot| match slot.mech {
-            Mech::Sealed => slot.map.guard(0, slot.len),
-            Mech::Guards | Mech::Huge => slot.map.protect(0, slot.len, libc::PROT_NONE),
-        })
+    /// Makes every view fault, reversibly (a hand-over is committing), with the markers a
+    /// release leaves: a guard over each guard-based view; on HugeTLB views a hole over each
+    /// huge page window and a guard over each pieces window. `PROT_NONE` would not do:
+    /// `/proc/<pid>/mem` and `ptrace` read through it. Window records stay as they are, so
+    /// [`ViewSet::unrevoke_all`] knows what to give back; it also repairs a call that failed
+    /// half-way.
+    pub fn revoke_all(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+        let uffd = self.uffd.clone();
+        for slot in &mut self.slots {
+            if slot.mech != Mech::Huge {
+                slot.map.guard(0, slot.len)?;
+                continue;
+            }
+            let (geo, _) = huge_geo(ctx)?;
+            for h in geo.covering(slot.file_pages()) {
+                if slot.huge_span(geo, h).is_none() {
+                    continue;
+                }
+                match slot.window(h) {
+                    Window::Whole => {
+                        // No writer is blocked on this window: it may go unregistered.
+                        unregister_window(slot, geo, h, uffd.as_deref())?;
+                        hole(slot, geo, h)?;
+                        register_window(slot, geo, h, uffd.as_deref())?;
+                    }
+                    Window::Pieces => slot.guard(geo.pages(h))?,
+                    Window::Hole => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Undoes [`ViewSet::revoke_all`]: every view shows what `shown` says again (its private
     /// and poisoned pages keep faulting). Every view is tried; the first failure is returned.
-    pub fn unrevoke_all(&self, shown: Shown<'_>) -> io::Result<()> {
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
+    pub fn unrevoke_all(&mut self, ctx: &Ctx<'_>, shown: Shown<'_>) -> io::Result<()> {
+        let uffd = self.uffd.clone();
         let mut first = Ok(());
-        for slot in &self.slots {
-            let res = match slot.mech {
-                Mech::Guards | Mech::Huge => slot.map.protect(0, slot.len, rw),
-                Mech::Sealed => {
-                    let pages = slot.file_pages();
-                    gaps(pages, &shown.faulting(pages))
-                        .into_iter()
-                        .try_for_each(|r| slot.unguard(r))
-                }
-            };
+        for slot in &mut self.slots {
+            let res = unrevoke_slot(slot, ctx, &shown, uffd.as_deref());
             if first.is_ok() {
                 first = res;
             }
@@ -632,6 +646,47 @@ impl Drop for ViewSet {
 }
 
 /// `r` minus the single pages `keep`, as ranges in order.
+/// Gives one view back after [`ViewSet::revoke_all`] (see there).
+fn unrevoke_slot(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    shown: &Shown<'_>,
+    uffd: Option<&Uffd>,
+) -> io::Result<()> {
+    let pages = slot.file_pages();
+    if slot.mech != Mech::Huge {
+        for r in gaps(pages, &shown.faulting(pages)) {
+            slot.unguard(r)?;
+        }
+        // Past the end of the file: the hole faults by itself.
+        if slot.in_file < slot.len {
+            slot.map.unguard(slot.in_file, slot.len - slot.in_file)?;
+        }
+        return Ok(());
+    }
+    let (geo, _) = huge_geo(ctx)?;
+    for h in geo.covering(pages) {
+        if slot.huge_span(geo, h).is_none() {
+            continue;
+        }
+        let hp = geo.pages(h);
+        match slot.window(h) {
+            Window::Whole => {
+                unregister_window(slot, geo, h, uffd)?;
+                whole(slot, ctx, geo, h)?;
+                register_window(slot, geo, h, uffd)?;
+            }
+            Window::Pieces => {
+                for r in gaps(hp, &shown.faulting(hp)) {
+                    slot.unguard(r)?;
+                }
+            }
+            Window::Hole => {}
+        }
+    }
+    Ok(())
+}
+
 /// The parts of `r` outside `taken` (ranges in order, not overlapping).
 fn gaps(r: PageRange, taken: &[PageRange]) -> Vec<PageRange> {
     let mut out = Vec::new();
