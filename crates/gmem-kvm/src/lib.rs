@@ -41,6 +41,7 @@ pub mod memslot;
 pub mod payload;
 pub mod request;
 pub mod runner;
+mod slots;
 pub mod uapi;
 pub mod vm;
 

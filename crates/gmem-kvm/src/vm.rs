@@ -7,7 +7,7 @@ use kvm_bindings::{kvm_enable_cap, KVM_CAP_EXIT_HYPERCALL};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::caps::{Capabilities, Mode};
-use crate::memslot::{release_owner, SlotTable};
+use crate::slots::{release_owner, SlotTable};
 use crate::uapi::KVM_HC_MAP_GPA_RANGE;
 
 /// Why the VM, or a vCPU of it, could not be set up.

@@ -107,9 +107,8 @@ pub trait Participant: Send {
     }
     /// True when the participant is another process that maps the file's pages (a peer
     /// follower): kernel references it takes there are invisible here, so every page counts
-    /// as shown by a view while it participates (see [`GuestMemfd::convert`]'s moves).
-    ///
-    /// [`GuestMemfd::convert`]: crate::GuestMemfd::convert
+    /// as shown by a view while it participates, and a conversion to private moves resident
+    /// pages to fresh memory as for a page a view showed.
     fn maps_file(&self) -> bool {
         false
     }

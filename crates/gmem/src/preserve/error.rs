@@ -7,7 +7,7 @@ use crate::engine::convert::ConvertError;
 use crate::engine::CreateError;
 use crate::model::error::Errno;
 
-use super::handover::Step;
+use super::handover::step::Step;
 
 /// Why a preserved state was refused. Every variant names where in the input it was found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
