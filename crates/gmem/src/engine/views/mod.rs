@@ -645,7 +645,6 @@ impl Drop for ViewSet {
     }
 }
 
-/// `r` minus the single pages `keep`, as ranges in order.
 /// Gives one view back after [`ViewSet::revoke_all`] (see there).
 fn unrevoke_slot(
     slot: &mut Slot,
@@ -703,6 +702,7 @@ fn gaps(r: PageRange, taken: &[PageRange]) -> Vec<PageRange> {
     out
 }
 
+/// `r` minus the single pages `keep`, as ranges in order.
 fn minus(r: PageRange, keep: &[u64]) -> Vec<PageRange> {
     let mut out = Vec::new();
     let mut at = r.start;
