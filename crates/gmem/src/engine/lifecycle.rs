@@ -4,8 +4,19 @@
 use std::io;
 
 use super::gate::Phase;
+use super::listener::{Conversion, Veto};
 use super::{Control, Engine};
+use crate::model::attr::Attr;
 use crate::model::units::{page_offset, ByteRange, PageRange};
+
+/// Why a commit ([`Engine::commit`]) did not happen; the file is as before it, frozen.
+#[derive(Debug)]
+pub(crate) enum CommitRefused {
+    /// A conversion listener (a device holding a page, a DMA user) refused to let go.
+    Vetoed(Veto),
+    /// Revoking the views failed.
+    Os(io::Error),
+}
 
 /// The restructuring of a HugeTLB file: split huge pages, and those waiting to merge.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,8 +62,13 @@ impl Engine {
     /// flight after it and none starts) and every view faults (guard markers and holes, which
     /// `/proc/<pid>/mem` cannot read through either), reversibly
     /// ([`Engine::thaw`] gives them back). On error the file is as before the call, still frozen.
-    pub(crate) fn commit(&self) -> io::Result<()> {
+    pub(crate) fn commit(&self) -> Result<(), CommitRefused> {
         let mut ctl = self.control_unchecked();
+        // Listeners let go first, as before a conversion of the whole file to private: a
+        // device holding a slice refuses, and takes no new one while committing.
+        ctl.listeners
+            .prepare(&self.handed_over())
+            .map_err(CommitRefused::Vetoed)?;
         {
             let _pages = self.write_pages();
             self.gate().set(Phase::Committing);
@@ -62,7 +78,17 @@ impl Engine {
         if res.is_err() {
             self.unrevoke(&mut ctl);
         }
-        res
+        res.map_err(CommitRefused::Os)
+    }
+
+    /// What a hand-over is to this process's listeners: the whole file becomes unreachable,
+    /// as by a conversion to private.
+    fn handed_over(&self) -> Conversion {
+        Conversion {
+            offset: 0,
+            len: self.size,
+            to: Attr::Private,
+        }
     }
 
     /// Ends a commit whose hand-over failed: every view shows what it showed before, host
@@ -79,6 +105,7 @@ impl Engine {
             }
         }
         self.gate().set(Phase::Frozen);
+        ctl.listeners.abort(&self.handed_over());
     }
 
     /// The file now belongs to another process: every access path of this one fails with
@@ -86,6 +113,7 @@ impl Engine {
     /// pointers) stops reaching the file.
     pub(crate) fn release(&self) {
         let mut ctl = self.control_unchecked();
+        let committed = self.gate().phase() == Phase::Committing;
         {
             // No accessor copy is in flight once this is held, and none starts after it.
             let _pages = self.write_pages();
@@ -93,6 +121,9 @@ impl Engine {
         }
         self.mark_shared_out();
         self.release_mappings(&mut ctl);
+        if committed {
+            ctl.listeners.commit(&self.handed_over());
+        }
     }
 
     /// The split and waiting huge pages.

@@ -166,6 +166,18 @@ pub enum HandoverError {
         /// First page held by a pin the offer does not list.
         offset: u64,
     },
+    /// A conversion listener of a file (a device holding a page, a DMA user) refused to let
+    /// it go before `COMMIT` (`EBUSY`): its access would outlive the old owner's on a page
+    /// the new owner may make private. Nothing was handed over; retry once it let go.
+    #[error("file {file}: a listener holds offset {offset:#x}: {reason}")]
+    Vetoed {
+        /// Index of the file in the offer.
+        file: usize,
+        /// The first page the listener holds.
+        offset: u64,
+        /// The listener's reason.
+        reason: String,
+    },
     /// Restoring part of a file's state in the new owner failed with `errno`.
     #[error("file {file}: restoring the {what} failed (errno {errno})")]
     Restore {
@@ -199,11 +211,25 @@ impl Errno for HandoverError {
             HandoverError::Rejected { errno } => *errno,
             HandoverError::Aborted => libc::ECANCELED,
             HandoverError::Timeout { .. } => libc::ETIMEDOUT,
-            HandoverError::Busy { .. } | HandoverError::UnlistedPin { .. } => libc::EBUSY,
+            HandoverError::Busy { .. }
+            | HandoverError::UnlistedPin { .. }
+            | HandoverError::Vetoed { .. } => libc::EBUSY,
             HandoverError::Restore { errno, .. } => *errno,
             HandoverError::Create(e) => e.errno(),
             HandoverError::Access(e) => e.errno(),
             HandoverError::Convert(e) => e.errno(),
+        }
+    }
+
+    /// The page a pin or a listener holds, or the inner error's offset.
+    fn error_offset(&self) -> Option<u64> {
+        match self {
+            HandoverError::UnlistedPin { offset, .. } | HandoverError::Vetoed { offset, .. } => {
+                Some(*offset)
+            }
+            HandoverError::Access(e) => e.error_offset(),
+            HandoverError::Convert(e) => e.error_offset(),
+            _ => None,
         }
     }
 }

@@ -12,7 +12,7 @@
 //! | 2 | | `OFFER` + `SCM_RIGHTS` [state, file 0, file 1, ...] → | |
 //! | 3 | | | reads the state, checks checksum, sizes (`fstat`), identities, runs; builds its files; takes the recorded pins again |
 //! | 4 | | ← `ACCEPT` (or `REJECT errno`) | |
-//! | 5 | ends its host access: accessors, pins and the guest view `EPERM`, every view faults (given back if the hand-over fails from here) | `COMMIT` → | **owns** from here |
+//! | 5 | ends its host access: its conversion listeners let go as before a conversion of the whole file to private (a device holding a page vetoes: [`HandoverError::Vetoed`], `EBUSY`, `ABORT` sent), then accessors, pins and the guest view `EPERM`, every view faults (given back if the hand-over fails from here) | `COMMIT` → | **owns** from here |
 //! | 6 | | ← `DONE` | |
 //! | 7 | marks its files handed over (conversions and allocation `EPERM`), revokes its guest mapping | | |
 //!

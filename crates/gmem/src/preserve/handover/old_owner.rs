@@ -15,6 +15,7 @@ use super::{
     recv, send, FileOffer, Got, HandedOver, Msg, Options, Step, MAX_FDS, OP_ABORT, OP_ACCEPT,
     OP_COMMIT, OP_DONE, OP_OFFER, OP_REJECT,
 };
+use crate::engine::lifecycle::CommitRefused;
 use crate::model::attr::Run;
 use crate::model::error::Errno;
 use crate::model::units::ByteRange;
@@ -74,8 +75,18 @@ impl Frozen {
     /// files committed so far are given back when this is dropped.
     ///
     /// [`Engine::commit`]: crate::engine::Engine::commit
-    fn commit(&self) -> std::io::Result<()> {
-        self.files.iter().try_for_each(|f| f.inner.commit())
+    fn commit(&self) -> Result<(), HandoverError> {
+        for (file, f) in self.files.iter().enumerate() {
+            f.inner.commit().map_err(|e| match e {
+                CommitRefused::Vetoed(v) => HandoverError::Vetoed {
+                    file,
+                    offset: v.offset,
+                    reason: v.reason,
+                },
+                CommitRefused::Os(e) => io("revoke views")(e),
+            })?;
+        }
+        Ok(())
     }
 
     fn release(mut self) -> Duration {
@@ -323,7 +334,7 @@ pub(crate) fn finish_old(
     // process's host access ends first (given back if the hand-over fails from here).
     if let Err(e) = frozen.commit() {
         let _ = send(sock, &Msg::new(OP_ABORT, frozen.crc));
-        return Err(io("mprotect views")(e));
+        return Err(e);
     }
     if send(sock, &Msg::new(OP_COMMIT, frozen.crc)).is_err() {
         return Err(HandoverError::PeerGone {
