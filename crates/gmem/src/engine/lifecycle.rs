@@ -73,8 +73,7 @@ impl Engine {
             let _pages = self.write_pages();
             self.gate().set(Phase::Committing);
         }
-        let numa = self.numa_policy_set();
-        let res = ctl.views.revoke_all(&self.view_ctx(numa.as_ref()));
+        let res = ctl.views.revoke_all();
         if res.is_err() {
             self.unrevoke(&mut ctl);
         }

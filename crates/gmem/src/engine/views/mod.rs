@@ -197,10 +197,7 @@ impl ViewSet {
                     let hp = geo.pages(h);
                     let split = shown.huge.is_some_and(|s| s.is_split(h));
                     if split {
-                        let aside = Aside::pieces(companion, geo, h, &shown.faulting(hp))?;
-                        if let Some(p) = ctx.numa {
-                            numa::mbind(&aside.map, 0, aside.map.len(), p)?;
-                        }
+                        let aside = pieces_aside(ctx, companion, geo, h, &shown.faulting(hp))?;
                         place(slot, geo, h, aside)?;
                         slot.windows.insert(h, Window::Pieces);
                     } else if shown.attrs.all(hp.start, hp.end, Attr::Private) {
@@ -428,10 +425,7 @@ impl ViewSet {
             if slot.huge_span(geo, h).is_none() {
                 continue;
             }
-            let aside = Aside::pieces(companion, geo, h, &faulting)?;
-            if let Some(p) = ctx.numa {
-                numa::mbind(&aside.map, 0, aside.map.len(), p)?;
-            }
+            let aside = pieces_aside(ctx, companion, geo, h, &faulting)?;
             // Replaced while still registered: writers of the window are blocked on its
             // write protection, and unregistering would wake them into the old window, whose
             // bytes were already copied (their writes would be lost). The remap raises an
@@ -467,34 +461,32 @@ impl ViewSet {
     }
 
     /// Makes every view fault, reversibly (a hand-over is committing), with the markers a
-    /// release leaves: a guard over each guard-based view; on HugeTLB views a hole over each
-    /// huge page window and a guard over each pieces window. `PROT_NONE` would not do:
-    /// `/proc/<pid>/mem` and `ptrace` read through it. Window records stay as they are, so
-    /// [`ViewSet::unrevoke_all`] knows what to give back; it also repairs a call that failed
-    /// half-way.
-    pub fn revoke_all(&mut self, ctx: &Ctx<'_>) -> io::Result<()> {
+    /// release leaves, in a few calls per view: a guard over a guard-based view, one hole over
+    /// a whole HugeTLB view. `PROT_NONE` would not do: `/proc/<pid>/mem` and `ptrace` read
+    /// through it. Window records stay as they are, so [`ViewSet::unrevoke_all`] knows what to
+    /// build again; it also repairs a call that failed half-way.
+    pub fn revoke_all(&mut self) -> io::Result<()> {
         let uffd = self.uffd.clone();
         for slot in &mut self.slots {
             if slot.mech != Mech::Huge {
                 slot.map.guard(0, slot.len)?;
                 continue;
             }
-            let (geo, _) = huge_geo(ctx)?;
-            for h in geo.covering(slot.file_pages()) {
-                if slot.huge_span(geo, h).is_none() {
-                    continue;
-                }
-                match slot.window(h) {
-                    Window::Whole => {
-                        // No writer is blocked on this window: it may go unregistered.
-                        unregister_window(slot, geo, h, uffd.as_deref())?;
-                        hole(slot, geo, h)?;
-                        register_window(slot, geo, h, uffd.as_deref())?;
-                    }
-                    Window::Pieces => slot.guard(geo.pages(h))?,
-                    Window::Hole => {}
-                }
+            // No writer is blocked on a window now: the view may go unregistered meanwhile.
+            let registered = slot.registered.then_some(uffd.as_deref()).flatten();
+            if let Some(u) = registered {
+                u.unregister(slot.base(), slot.len)?;
             }
+            let rw = libc::PROT_READ | libc::PROT_WRITE;
+            let res = hole_fd().and_then(|fd| {
+                slot.map
+                    .map_fixed(0, slot.len, Some(fd), 0, libc::MAP_SHARED, rw)?;
+                slot.map.advise(0, slot.len, libc::MADV_DONTFORK)
+            });
+            if let Some(u) = registered {
+                u.register(slot.base(), slot.len)?;
+            }
+            res?;
         }
         Ok(())
     }
@@ -663,27 +655,58 @@ fn unrevoke_slot(
         }
         return Ok(());
     }
-    let (geo, _) = huge_geo(ctx)?;
-    for h in geo.covering(pages) {
+    // Every window is built again over the hole, its private and poisoned pieces guarded
+    // before they are placed (as at a view's creation).
+    let (geo, companion) = huge_geo(ctx)?;
+    let registered = slot.registered.then_some(uffd).flatten();
+    if let Some(u) = registered {
+        u.unregister(slot.base(), slot.len)?;
+    }
+    let res = rebuild_windows(slot, ctx, shown, geo, companion);
+    if let Some(u) = registered {
+        u.register(slot.base(), slot.len)?;
+    }
+    res
+}
+
+/// Maps every window of a HugeTLB view as its record says (the view is a hole before).
+fn rebuild_windows(
+    slot: &Slot,
+    ctx: &Ctx<'_>,
+    shown: &Shown<'_>,
+    geo: HugeGeometry,
+    companion: BorrowedFd<'_>,
+) -> io::Result<()> {
+    for h in geo.covering(slot.file_pages()) {
         if slot.huge_span(geo, h).is_none() {
             continue;
         }
-        let hp = geo.pages(h);
         match slot.window(h) {
-            Window::Whole => {
-                unregister_window(slot, geo, h, uffd)?;
-                whole(slot, ctx, geo, h)?;
-                register_window(slot, geo, h, uffd)?;
-            }
+            Window::Whole => whole(slot, ctx, geo, h)?,
             Window::Pieces => {
-                for r in gaps(hp, &shown.faulting(hp)) {
-                    slot.unguard(r)?;
-                }
+                let aside = pieces_aside(ctx, companion, geo, h, &shown.faulting(geo.pages(h)))?;
+                place(slot, geo, h, aside)?;
             }
-            Window::Hole => {}
+            Window::Hole => hole(slot, geo, h)?,
         }
     }
     Ok(())
+}
+
+/// The pieces of huge page `h` mapped aside, the pages `faulting` guarded, under the NUMA
+/// policy: ready to be placed over a window.
+fn pieces_aside(
+    ctx: &Ctx<'_>,
+    companion: BorrowedFd<'_>,
+    geo: HugeGeometry,
+    h: u64,
+    faulting: &[PageRange],
+) -> io::Result<Aside> {
+    let aside = Aside::pieces(companion, geo, h, faulting)?;
+    if let Some(p) = ctx.numa {
+        numa::mbind(&aside.map, 0, aside.map.len(), p)?;
+    }
+    Ok(aside)
 }
 
 /// The parts of `r` outside `taken` (ranges in order, not overlapping).
