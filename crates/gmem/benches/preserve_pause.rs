@@ -44,6 +44,41 @@ fn with_runs(size: u64) -> GuestMemfd {
     mem
 }
 
+/// A 2 MiB HugeTLB file of `size` bytes, every other huge page private (a view of it holds a
+/// hole window for each private one and maps the others whole).
+fn huge_with_runs(size: u64) -> GuestMemfd {
+    let mem = GuestMemfd::builder(size)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(gmem::BackingChoice::HugeTlb(gmem::HUGE_2M))
+        .create()
+        .expect("create HugeTLB");
+    let mut at = 0;
+    while at < size {
+        mem.convert(at, gmem::HUGE_2M, Attr::Private)
+            .expect("convert");
+        at += 2 * gmem::HUGE_2M;
+    }
+    mem
+}
+
+/// Pauses of `rounds` hand-overs of a HugeTLB file of `size` bytes whose old owner holds a
+/// host view of all of it (its commit revokes the view); medians and minima as [`measure`].
+fn measure_huge_view(size: u64, rounds: usize) -> ([(Duration, Duration); 2], usize) {
+    let mut mem = huge_with_runs(size);
+    let runs = mem.run_count();
+    let (mut resumed, mut released) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let view = mem.map(0, size).expect("map a view");
+        let (t, next) = one(mem, round as u64 + 1);
+        drop(view);
+        resumed.push(t.resumed);
+        released.push(t.released);
+        mem = next;
+    }
+    let stats = |v: Vec<Duration>| (*v.iter().min().expect("rounds"), median(v));
+    ([stats(resumed), stats(released)], runs)
+}
+
 /// One hand-over's times from the freeze: the new owner owns and has said so, the old owner
 /// has let go.
 struct Times {
@@ -172,6 +207,21 @@ fn main() {
             ms(lmin)
         );
     };
+    // GMEM_BENCH_HUGE_VIEW=1,4 measures only the pause of 2 MiB HugeTLB files with a host
+    // view, in that order of sizes (GiB; the pool grows for the run).
+    if let Ok(list) = std::env::var("GMEM_BENCH_HUGE_VIEW") {
+        for gib in list.split(',').filter_map(|s| s.parse::<u64>().ok()) {
+            let pages = gib * GIB / gmem::HUGE_2M;
+            let Ok(_pool) = gmem::PoolGuard::grow(gmem::HUGE_2M, pages) else {
+                println!("skipped: cannot reserve {pages} 2 MiB pages");
+                continue;
+            };
+            let (t, runs) = measure_huge_view(gib * GIB, ROUNDS);
+            print!("HugeTLB 2 MiB with a view: ");
+            line(gib, runs, t);
+        }
+        return;
+    }
     // GMEM_BENCH_PAUSE_ONLY=16,1,4 measures only the pause, in that order of sizes (GiB).
     if let Ok(list) = std::env::var("GMEM_BENCH_PAUSE_ONLY") {
         for gib in list.split(',').filter_map(|s| s.parse::<u64>().ok()) {
