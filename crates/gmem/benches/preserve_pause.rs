@@ -121,16 +121,9 @@ fn one(mem: GuestMemfd, generation: u64) -> (Times, GuestMemfd) {
     };
     let done = hand_over(a.as_fd(), &[FileOffer::new(&mem)], &opts).expect("hand over");
     // `pause` runs from the freeze (the runs are read before it, while the guest runs) to
-    // the old owner's letting go, which its `DoneReceived` step follows at once.
+    // the old owner's letting go.
     let released = done.pause;
-    let let_go = marks
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(s, _)| *s == gmem::preserve::Step::DoneReceived)
-        .map(|&(_, t)| t)
-        .expect("DONE received");
-    let frozen_at = t0 + let_go - released;
+    let frozen_at = done.frozen_at;
     drop(mem);
     if std::env::var("GMEM_BENCH_STEPS").is_ok() {
         let mut m = marks.lock().unwrap().clone();

@@ -200,6 +200,8 @@ fn new_role(die: Option<Step>, writer: bool) {
             return;
         }
     };
+    // Conversions to private wait for the old owner's RELEASED (or its end).
+    assert!(got.wait_old_owner_released(std::time::Duration::from_secs(30)));
     let mut files = got.files;
     let f = files.remove(0);
     assert_eq!(f.pins.len(), 1);
@@ -352,6 +354,7 @@ fn kill_old_owner_at_every_step_survivor_owns_everything() {
         Step::AcceptReceived,
         Step::CommitSent,
         Step::DoneReceived,
+        Step::Released,
     ] {
         let (old, new) = run_case(Some(step), None, false);
         assert!(old.killed, "{step:?}: old not killed\n{}", old.out);
@@ -430,6 +433,7 @@ fn hugetlb_kill_either_side_at_every_step_survivor_owns_everything() {
         Step::AcceptReceived,
         Step::CommitSent,
         Step::DoneReceived,
+        Step::Released,
     ] {
         let (old, new) = run_case_on(Some(step), None, false, true);
         assert!(old.killed, "{step:?}: old not killed\n{}", old.out);

@@ -100,6 +100,10 @@ fn handover_keeps_contents_attributes_pins_and_bindings() {
     let got = taker.join().unwrap().unwrap();
     assert_eq!(got.generation, 1);
     assert!(!got.old_owner_gone);
+    assert!(
+        got.wait_old_owner_released(Duration::from_secs(10)),
+        "RELEASED"
+    );
     let f = &got.files[0];
     // Same file (zero copy), same bytes, same attributes.
     assert_eq!(f.mem.id().unwrap(), mem.id().unwrap());
@@ -207,6 +211,10 @@ fn hugetlb_handover_keeps_split_pages_and_pending_merges() {
     let offer = FileOffer::new(&mem).pin(&pin, 1);
     hand_over(a.as_fd(), &[offer], &Options::default()).unwrap();
     let mut got = t.join().unwrap().unwrap();
+    assert!(
+        got.wait_old_owner_released(Duration::from_secs(10)),
+        "RELEASED"
+    );
     let f = got.files.remove(0);
     use gmem::preserve::{RestructureKind, Restructured};
     assert_eq!(
@@ -801,6 +809,10 @@ fn many_pins_over_a_sparse_file_are_bounded_work() {
     let got = receiver.join().unwrap().expect("receive");
     let f = &got.files[0];
     assert_eq!(f.pins.len(), PINS as usize);
+    assert!(
+        got.wait_old_owner_released(Duration::from_secs(10)),
+        "RELEASED"
+    );
     assert!(f
         .pins
         .iter()
@@ -842,6 +854,10 @@ fn old_owner_after_handover_reaches_nothing() {
     let offer = FileOffer::new(&mem).pin(&listed, 5);
     hand_over(a.as_fd(), &[offer], &Options::default()).expect("hand over");
     let got = receiver.join().unwrap().expect("receive");
+    assert!(
+        got.wait_old_owner_released(Duration::from_secs(10)),
+        "RELEASED"
+    );
     let new = &got.files[0].mem;
     new.guest()
         .unwrap()
@@ -936,49 +952,64 @@ fn kernel_reads(addr: *const u8) -> Result<(), i32> {
     }
 }
 
-/// The new owner owns from the moment it reads `COMMIT` and may make a page private at once:
-/// by then the old owner reaches nothing. Its view refuses a kernel read (`EFAULT`) and a
-/// read through `/proc/self/mem` (`EIO`), and its accessor is `EPERM`, all checked from inside the new owner's `CommitReceived` step,
-/// before the old owner has read `DONE`.
+/// The new owner owns from `COMMIT` on, but the old owner's views reach the pages that are
+/// shared until it has read `DONE` and revoked them, so the new owner makes nothing private
+/// before it reads `RELEASED`. With the old owner held at its `DoneReceived` step: its
+/// accessors are `EPERM` already, its view still shows the shared page, and the new owner's
+/// conversion of that page to private is `EAGAIN` naming it. Once the old owner released,
+/// the conversion goes through and the old view refuses a kernel read (`EFAULT`) and a read
+/// through `/proc/self/mem` (`EIO`).
 #[test]
-fn old_owner_reaches_nothing_once_the_new_owner_owns() {
+fn new_owner_makes_nothing_private_until_the_old_owner_released() {
     let mem = build();
     let shared = first_shared(&mem);
     let view = mem.map(0, mem.size()).unwrap();
-    let at = view.as_ptr().wrapping_add(shared as usize) as usize;
-    assert_eq!(
-        kernel_reads(at as *const u8),
-        Ok(()),
-        "before the hand-over"
-    );
-    let seen = Arc::new(std::sync::Mutex::new(None));
-    let (seen2, old) = (seen.clone(), mem.clone());
+    let at = view.as_ptr().wrapping_add(shared as usize);
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
     let opts = Options {
         on_step: Some(Arc::new(move |s| {
-            if s == Step::CommitReceived {
-                let mut b = [0u8; 8];
-                let read = old.read_at(shared, &mut b).map_err(|e| e.errno());
-                let addr = at as *const u8;
-                *seen2.lock().unwrap() = Some((kernel_reads(addr), proc_mem_reads(addr), read));
+            if s == Step::DoneReceived {
+                let _ = go_rx.lock().unwrap().recv();
             }
         })),
         ..Options::default()
     };
     let (a, b) = pair();
-    let receiver = std::thread::spawn(move || receive(b.as_fd(), &opts));
-    hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).expect("hand over");
-    receiver.join().unwrap().expect("receive");
+    let old = mem.clone();
+    let old_owner =
+        std::thread::spawn(move || hand_over(a.as_fd(), &[FileOffer::new(&old)], &opts).map(drop));
+    let got = receive(b.as_fd(), &Options::default()).expect("receive");
+    let new = &got.files[0].mem;
+    let e = new.convert(shared, P, Attr::Private).unwrap_err();
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(shared)));
+    assert!(!got.old_owner_released());
+    let mut buf = [0u8; 8];
     assert_eq!(
-        *seen.lock().unwrap(),
-        Some((Err(libc::EFAULT), Err(libc::EIO), Err(libc::EPERM))),
-        "the old owner's view and accessor once the new owner owns"
+        mem.read_at(shared, &mut buf).unwrap_err().errno(),
+        libc::EPERM,
+        "the old owner's accessor"
     );
+    assert_eq!(kernel_reads(at), Ok(()), "the old view of a shared page");
+    go_tx.send(()).unwrap();
+    old_owner.join().unwrap().expect("hand over");
+    assert!(
+        got.wait_old_owner_released(Duration::from_secs(10)),
+        "RELEASED"
+    );
+    new.convert(shared, P, Attr::Private).unwrap();
+    assert_eq!(
+        kernel_reads(at),
+        Err(libc::EFAULT),
+        "the old view, released"
+    );
+    assert_eq!(proc_mem_reads(at), Err(libc::EIO), "the old view by /proc");
 }
 
 /// A new owner that sends `ACCEPT` and vanishes before `COMMIT`: the old owner had already
-/// ended its host access (the new owner might have owned) and gives it all back: the view
-/// shows the shared pages again, the private ones still fault, accessors and conversions
-/// work, contents and attributes are as they were.
+/// refused its accessors (the new owner might have owned) and gives them back; its view shows
+/// the shared pages, the private ones fault, accessors and conversions work, contents and
+/// attributes are as they were.
 #[test]
 fn new_owner_vanishing_after_accept_gives_the_old_owner_its_views_back() {
     let mem = build();
@@ -993,7 +1024,7 @@ fn new_owner_vanishing_after_accept_gives_the_old_owner_its_views_back() {
         assert_eq!(got.0, 32, "OFFER message");
         let mut accept = [0u8; 32];
         accept[..4].copy_from_slice(b"GMHO");
-        accept[4..6].copy_from_slice(&1u16.to_le_bytes());
+        accept[4..6].copy_from_slice(&2u16.to_le_bytes()); // protocol version
         accept[6..8].copy_from_slice(&2u16.to_le_bytes()); // ACCEPT
         accept[12..16].copy_from_slice(&msg[12..16]); // the offer's CRC
         rustix::net::send(&b, &accept, rustix::net::SendFlags::empty()).unwrap();
@@ -1061,6 +1092,10 @@ fn old_owners_kernel_reference_never_sees_the_new_owners_private_bytes() {
     let receiver = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
     hand_over(a.as_fd(), &[FileOffer::new(&mem)], &Options::default()).expect("hand over");
     let got = receiver.join().unwrap().expect("receive");
+    assert!(
+        got.wait_old_owner_released(Duration::from_secs(10)),
+        "RELEASED"
+    );
     let new = &got.files[0].mem;
     new.convert(shared, P, Attr::Private).unwrap();
     new.guest()

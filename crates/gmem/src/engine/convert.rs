@@ -193,6 +193,17 @@ impl Engine {
         if self.read_pages().attrs.all(pr.start, pr.end, to) {
             return Ok(());
         }
+        if to == Attr::Private && self.gate().old_owner_maps() {
+            // Received by a hand-over whose old owner has not revoked its views yet: they
+            // may still reach the pages that are shared.
+            let first = self
+                .read_pages()
+                .attrs
+                .first(pr.start, pr.end, Attr::Shared);
+            return Err(ConvertError::Busy {
+                offset: PageRange::one(first.unwrap_or(pr.start)).bytes().start,
+            });
+        }
         let conv = Conversion {
             offset: r.start,
             len: r.len(),

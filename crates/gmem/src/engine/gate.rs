@@ -6,9 +6,11 @@
 //! another process's owner. While a hand-over runs the file is *frozen*: conversions wait for
 //! the freeze to end, allocation is refused. From the moment the new owner may own the file
 //! (right before `COMMIT` is sent) it is *committing*: host access is refused too, and stays
-//! refused once handed over; a hand-over that fails then goes back to frozen, then live.
+//! refused once handed over; a hand-over that fails then goes back to frozen, then live. A
+//! file received by a hand-over refuses conversions to private (`EAGAIN`) until its old owner
+//! has revoked its mappings.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::model::error::Errno;
@@ -23,9 +25,8 @@ pub enum Phase {
     /// A hand-over is running: conversions wait, allocation is `EPERM`.
     Frozen,
     /// The new owner may own the file from the next message on: host access (reads, writes,
-    /// pins, views, the guest view) is `EPERM` and every view faults, conversions wait.
-    /// A hand-over that fails from here goes back to [`Phase::Frozen`] with every view as it
-    /// was.
+    /// pins, new views, the guest view) is `EPERM`, conversions wait. A hand-over that fails
+    /// from here goes back to [`Phase::Frozen`].
     Committing,
     /// Handed over to a new owner: every operation is `EPERM`.
     Released,
@@ -85,6 +86,8 @@ pub(crate) struct Gate {
     thawed: Condvar,
     generation: u64,
     follower: bool,
+    /// The old owner of a hand-over may still map the file (it has not sent `RELEASED`).
+    old_owner_maps: AtomicBool,
 }
 
 impl Gate {
@@ -95,7 +98,24 @@ impl Gate {
             thawed: Condvar::new(),
             generation: fork::generation(),
             follower,
+            old_owner_maps: AtomicBool::new(false),
         }
+    }
+
+    /// The file was received from an old owner that still maps it: conversions to private
+    /// are refused (`EAGAIN`) until [`Gate::old_owner_released`].
+    pub fn await_old_owner(&self) {
+        self.old_owner_maps.store(true, Ordering::Release);
+    }
+
+    /// The old owner revoked every mapping of the file, or is gone.
+    pub fn old_owner_released(&self) {
+        self.old_owner_maps.store(false, Ordering::Release);
+    }
+
+    /// True while the old owner of a hand-over may still map the file.
+    pub fn old_owner_maps(&self) -> bool {
+        self.old_owner_maps.load(Ordering::Acquire)
     }
 
     /// The current phase.

@@ -1,22 +1,11 @@
 //! The file's life across a live update, as the preservation subsystem drives it: freeze,
 //! thaw, release, and the state it snapshots and restores.
 
-use std::io;
-
 use super::gate::Phase;
 use super::listener::{Conversion, Veto};
 use super::{Control, Engine};
 use crate::model::attr::Attr;
 use crate::model::units::{page_offset, ByteRange, PageRange};
-
-/// Why a commit ([`Engine::commit`]) did not happen; the file is as before it, frozen.
-#[derive(Debug)]
-pub(crate) enum CommitRefused {
-    /// A conversion listener (a device holding a page, a DMA user) refused to let go.
-    Vetoed(Veto),
-    /// Revoking the views failed.
-    Os(io::Error),
-}
 
 /// The restructuring of a HugeTLB file: split huge pages, and those waiting to merge.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -45,39 +34,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Ends a freeze that did not hand the file over (after a commit, the views are given back
-    /// first).
+    /// Ends a freeze that did not hand the file over (after a commit, host access is given
+    /// back first).
     pub(crate) fn thaw(&self) {
-        let mut ctl = self.control_unchecked();
+        let ctl = self.control_unchecked();
         if self.gate().phase() == Phase::Committing {
-            self.unrevoke(&mut ctl);
+            self.uncommit(&ctl);
         }
         if self.gate().phase() == Phase::Frozen {
             self.gate().set(Phase::Live);
         }
     }
 
-    /// The new owner may own the file from the next message on: host access is refused from
-    /// here (the phase changes under the page-state write lock, so no accessor copy is in
-    /// flight after it and none starts) and every view faults (guard markers and holes, which
-    /// `/proc/<pid>/mem` cannot read through either), reversibly
-    /// ([`Engine::thaw`] gives them back). On error the file is as before the call, still frozen.
-    pub(crate) fn commit(&self) -> Result<(), CommitRefused> {
-        let mut ctl = self.control_unchecked();
+    /// The new owner may own the file from the next message on: the listeners let go (a
+    /// device holding a page vetoes) and host accessors are refused from here (the phase
+    /// changes under the page-state write lock, so no accessor copy is in flight after it and
+    /// none starts), reversibly ([`Engine::thaw`] gives them back). The views stay until
+    /// [`Engine::release`]: the new owner makes no page private before it. On a veto the file
+    /// is as before the call, still frozen.
+    pub(crate) fn commit(&self) -> Result<(), Veto> {
+        let ctl = self.control_unchecked();
         // Listeners let go first, as before a conversion of the whole file to private: a
         // device holding a slice refuses, and takes no new one while committing.
-        ctl.listeners
-            .prepare(&self.handed_over())
-            .map_err(CommitRefused::Vetoed)?;
-        {
-            let _pages = self.write_pages();
-            self.gate().set(Phase::Committing);
-        }
-        let res = ctl.views.revoke_all();
-        if res.is_err() {
-            self.unrevoke(&mut ctl);
-        }
-        res.map_err(CommitRefused::Os)
+        ctl.listeners.prepare(&self.handed_over())?;
+        let _pages = self.write_pages();
+        self.gate().set(Phase::Committing);
+        Ok(())
     }
 
     /// What a hand-over is to this process's listeners: the whole file becomes unreachable,
@@ -90,19 +72,9 @@ impl Engine {
         }
     }
 
-    /// Ends a commit whose hand-over failed: every view shows what it showed before, host
-    /// access works again, the file is frozen.
-    fn unrevoke(&self, ctl: &mut Control) {
-        {
-            let numa = self.numa_policy_set();
-            let st = self.read_pages();
-            let hs = self.huge().map(|h| h.state());
-            let ctx = self.view_ctx(numa.as_ref());
-            if let Err(e) = ctl.views.unrevoke_all(&ctx, self.shown(&st, hs.as_deref())) {
-                // The views that could not be given back keep faulting: safe, and logged.
-                tracing::error!("giving the views back after a failed hand-over: {e}");
-            }
-        }
+    /// Ends a commit whose hand-over failed: host access works again, the listeners hear
+    /// that the hand-over did not happen, the file is frozen.
+    fn uncommit(&self, ctl: &Control) {
         self.gate().set(Phase::Frozen);
         ctl.listeners.abort(&self.handed_over());
     }

@@ -460,51 +460,6 @@ impl ViewSet {
         Ok(())
     }
 
-    /// Makes every view fault, reversibly (a hand-over is committing), with the markers a
-    /// release leaves, in a few calls per view: a guard over a guard-based view, one hole over
-    /// a whole HugeTLB view. `PROT_NONE` would not do: `/proc/<pid>/mem` and `ptrace` read
-    /// through it. Window records stay as they are, so [`ViewSet::unrevoke_all`] knows what to
-    /// build again; it also repairs a call that failed half-way.
-    pub fn revoke_all(&mut self) -> io::Result<()> {
-        let uffd = self.uffd.clone();
-        for slot in &mut self.slots {
-            if slot.mech != Mech::Huge {
-                slot.map.guard(0, slot.len)?;
-                continue;
-            }
-            // No writer is blocked on a window now: the view may go unregistered meanwhile.
-            let registered = slot.registered.then_some(uffd.as_deref()).flatten();
-            if let Some(u) = registered {
-                u.unregister(slot.base(), slot.len)?;
-            }
-            let rw = libc::PROT_READ | libc::PROT_WRITE;
-            let res = hole_fd().and_then(|fd| {
-                slot.map
-                    .map_fixed(0, slot.len, Some(fd), 0, libc::MAP_SHARED, rw)?;
-                slot.map.advise(0, slot.len, libc::MADV_DONTFORK)
-            });
-            if let Some(u) = registered {
-                u.register(slot.base(), slot.len)?;
-            }
-            res?;
-        }
-        Ok(())
-    }
-
-    /// Undoes [`ViewSet::revoke_all`]: every view shows what `shown` says again (its private
-    /// and poisoned pages keep faulting). Every view is tried; the first failure is returned.
-    pub fn unrevoke_all(&mut self, ctx: &Ctx<'_>, shown: Shown<'_>) -> io::Result<()> {
-        let uffd = self.uffd.clone();
-        let mut first = Ok(());
-        for slot in &mut self.slots {
-            let res = unrevoke_slot(slot, ctx, &shown, uffd.as_deref());
-            if first.is_ok() {
-                first = res;
-            }
-        }
-        first
-    }
-
     /// Makes every page of every view fault (the file was handed over to another process).
     pub fn release_all(&mut self) {
         let uffd = self.uffd.clone();
@@ -637,62 +592,6 @@ impl Drop for ViewSet {
     }
 }
 
-/// Gives one view back after [`ViewSet::revoke_all`] (see there).
-fn unrevoke_slot(
-    slot: &mut Slot,
-    ctx: &Ctx<'_>,
-    shown: &Shown<'_>,
-    uffd: Option<&Uffd>,
-) -> io::Result<()> {
-    let pages = slot.file_pages();
-    if slot.mech != Mech::Huge {
-        for r in gaps(pages, &shown.faulting(pages)) {
-            slot.unguard(r)?;
-        }
-        // Past the end of the file: the hole faults by itself.
-        if slot.in_file < slot.len {
-            slot.map.unguard(slot.in_file, slot.len - slot.in_file)?;
-        }
-        return Ok(());
-    }
-    // Every window is built again over the hole, its private and poisoned pieces guarded
-    // before they are placed (as at a view's creation).
-    let (geo, companion) = huge_geo(ctx)?;
-    let registered = slot.registered.then_some(uffd).flatten();
-    if let Some(u) = registered {
-        u.unregister(slot.base(), slot.len)?;
-    }
-    let res = rebuild_windows(slot, ctx, shown, geo, companion);
-    if let Some(u) = registered {
-        u.register(slot.base(), slot.len)?;
-    }
-    res
-}
-
-/// Maps every window of a HugeTLB view as its record says (the view is a hole before).
-fn rebuild_windows(
-    slot: &Slot,
-    ctx: &Ctx<'_>,
-    shown: &Shown<'_>,
-    geo: HugeGeometry,
-    companion: BorrowedFd<'_>,
-) -> io::Result<()> {
-    for h in geo.covering(slot.file_pages()) {
-        if slot.huge_span(geo, h).is_none() {
-            continue;
-        }
-        match slot.window(h) {
-            Window::Whole => whole(slot, ctx, geo, h)?,
-            Window::Pieces => {
-                let aside = pieces_aside(ctx, companion, geo, h, &shown.faulting(geo.pages(h)))?;
-                place(slot, geo, h, aside)?;
-            }
-            Window::Hole => hole(slot, geo, h)?,
-        }
-    }
-    Ok(())
-}
-
 /// The pieces of huge page `h` mapped aside, the pages `faulting` guarded, under the NUMA
 /// policy: ready to be placed over a window.
 fn pieces_aside(
@@ -707,22 +606,6 @@ fn pieces_aside(
         numa::mbind(&aside.map, 0, aside.map.len(), p)?;
     }
     Ok(aside)
-}
-
-/// The parts of `r` outside `taken` (ranges in order, not overlapping).
-fn gaps(r: PageRange, taken: &[PageRange]) -> Vec<PageRange> {
-    let mut out = Vec::new();
-    let mut at = r.start;
-    for t in taken {
-        if t.start > at {
-            out.push(PageRange::new(at, t.start.min(r.end)));
-        }
-        at = at.max(t.end);
-    }
-    if at < r.end {
-        out.push(PageRange::new(at, r.end));
-    }
-    out
 }
 
 /// `r` minus the single pages `keep`, as ranges in order.

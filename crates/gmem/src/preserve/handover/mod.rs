@@ -12,16 +12,19 @@
 //! | 2 | | `OFFER` + `SCM_RIGHTS` [state, file 0, file 1, ...] → | |
 //! | 3 | | | reads the state, checks checksum, sizes (`fstat`), identities, runs; builds its files; takes the recorded pins again |
 //! | 4 | | ← `ACCEPT` (or `REJECT errno`) | |
-//! | 5 | ends its host access: its conversion listeners let go as before a conversion of the whole file to private (a device holding a page vetoes: [`HandoverError::Vetoed`], `EBUSY`, `ABORT` sent), then accessors, pins and the guest view `EPERM`, every view faults (given back if the hand-over fails from here) | `COMMIT` → | **owns** from here |
-//! | 6 | | ← `DONE` | |
-//! | 7 | marks its files handed over (conversions and allocation `EPERM`), revokes its guest mapping | | |
+//! | 5 | its conversion listeners let go as before a conversion of the whole file to private (a device holding a page vetoes: [`HandoverError::Vetoed`], `EBUSY`, `ABORT` sent); its accessors, pins and guest view `EPERM` (given back if the hand-over fails from here) | `COMMIT` → | **owns** from here; its conversions to private fail with `EAGAIN` until step 7 |
+//! | 6 | | ← `DONE` | runs the guest |
+//! | 7 | marks its files handed over (conversions and allocation `EPERM`), revokes every view, pin pointer and its guest mapping | `RELEASED` → | converts to private from here (or once the old owner is gone) |
 //!
-//! Step 5 comes before `COMMIT` because the new owner may make a page private as soon as it
-//! owns: no host path of the old owner may reach the file from then on, not even for the
-//! moment until it reads `DONE`. A file received this way counts every page as shown by a
-//! view (`engine::moves`): a kernel reference the old owner took (a page vmspliced into a
-//! pipe, an io_uring buffer) outlives its views, and the new owner's first conversion of a
-//! resident page to private moves it.
+//! Until the old owner has revoked its mappings (step 7), its views still reach the pages that
+//! were shared at the freeze; the new owner therefore makes no page private before it reads
+//! `RELEASED` or end of file: a conversion to private in that interval fails with `EAGAIN`, as
+//! the kernel answers while the host still holds a page, and the guest retries. The guest
+//! runs from step 6 on, so the revocation (which costs what unmapping the views costs) is no
+//! part of its pause. A file received this way counts every page as shown by a view
+//! (`engine::moves`): a kernel reference the old owner took (a page vmspliced into a pipe, an
+//! io_uring buffer) outlives its views, and the new owner's first conversion of a resident
+//! page to private moves it.
 //!
 //! # When a side dies
 //!
@@ -37,6 +40,7 @@
 //! | new | before sending `ACCEPT` | old owner: sees end of file, thaws, goes on |
 //! | new | after `ACCEPT`, before `DONE` | old owner: `COMMIT` fails or `DONE` never comes (end of file): thaws, goes on |
 //! | new | after `DONE` | nobody: the hand-over was complete; this is a crash of the new owner |
+//! | old | after `DONE`, before `RELEASED` | new owner: end of file tells it the old owner's mappings are gone; it converts to private from then on |
 //!
 //! Poison is the one change a freeze cannot hold back (a memory failure does not wait): the
 //! old owner compares each file's poison list again before `COMMIT` and, if it changed,
@@ -76,7 +80,7 @@ use super::error::{os, HandoverError};
 use super::format::{Binding, FileState, PinRecord, VmLink};
 
 const MAGIC: u32 = u32::from_le_bytes(*b"GMHO");
-const PROTO_VERSION: u16 = 1;
+const PROTO_VERSION: u16 = 2;
 const MSG_LEN: usize = 32;
 pub(crate) const OP_OFFER: u16 = 1;
 pub(crate) const OP_ACCEPT: u16 = 2;
@@ -84,6 +88,7 @@ pub(crate) const OP_REJECT: u16 = 3;
 pub(crate) const OP_COMMIT: u16 = 4;
 pub(crate) const OP_ABORT: u16 = 5;
 pub(crate) const OP_DONE: u16 = 6;
+pub(crate) const OP_RELEASED: u16 = 7;
 /// Descriptors one offer carries at most (the kernel's `SCM_MAX_FD`).
 pub(crate) const MAX_FDS: usize = 253;
 
@@ -178,8 +183,11 @@ impl FileOffer {
 /// The old owner's result of a completed hand-over.
 #[derive(Debug)]
 pub struct HandedOver {
-    /// How long the files were frozen (the pause a guest sees), from freeze to `DONE`.
+    /// How long this process held the files frozen: from the freeze to its letting go (its
+    /// mappings revoked after `DONE`). The new owner's guest may run from `DONE` on.
     pub pause: Duration,
+    /// When the freeze began (what `pause` counts from).
+    pub frozen_at: Instant,
     /// Size of the state sent, in bytes.
     pub state_len: usize,
     /// True when `DONE` came back; false when it timed out after `COMMIT` (the new owner owns
@@ -208,6 +216,28 @@ pub struct Restored {
     /// True when the old owner died after the offer and before `COMMIT` (this side owns
     /// anyway: see the module docs).
     pub old_owner_gone: bool,
+}
+
+impl Restored {
+    /// True once every file may convert to private: the old owner has revoked its mappings
+    /// (`RELEASED`) or is gone. Until then a conversion to private fails with `EAGAIN`.
+    pub fn old_owner_released(&self) -> bool {
+        self.files
+            .iter()
+            .all(|f| !f.mem.inner.gate().old_owner_maps())
+    }
+
+    /// Waits up to `timeout` for [`Restored::old_owner_released`]; its value at the end.
+    pub fn wait_old_owner_released(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        while !self.old_owner_released() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        true
+    }
 }
 
 // ---------------------------------------------------------------------------------------

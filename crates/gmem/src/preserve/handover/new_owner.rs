@@ -7,7 +7,7 @@ use super::super::error::{io, os, HandoverError};
 use super::super::format::{FileState, RestructureKind, RunRecord, State, MAX_STATE_LEN};
 use super::{
     recv, send, Got, Msg, Options, Restored, RestoredFile, Step, OP_ABORT, OP_ACCEPT, OP_COMMIT,
-    OP_DONE, OP_OFFER, OP_REJECT,
+    OP_DONE, OP_OFFER, OP_REJECT, OP_RELEASED,
 };
 use crate::backing::{Backing, BackingKind, Received};
 use crate::engine::{Assembly, Engine};
@@ -101,9 +101,66 @@ pub(crate) fn finish_new(
         }
     }
     opts.step(Step::CommitReceived);
-    let _ = send(sock, &Msg::new(OP_DONE, offer.crc));
+    for f in &restored.files {
+        f.mem.inner.gate().await_old_owner();
+    }
+    if send(sock, &Msg::new(OP_DONE, offer.crc)).is_err() {
+        // The old owner is gone, and its mappings with it.
+        restored.old_owner_gone = true;
+        release_all(&restored);
+    } else {
+        watch_release(sock, &restored);
+    }
     opts.step(Step::DoneSent);
     Ok(restored)
+}
+
+fn release_all(restored: &Restored) {
+    for f in &restored.files {
+        f.mem.inner.gate().old_owner_released();
+    }
+}
+
+/// Lets the files convert to private once the old owner has revoked its mappings: when it
+/// sends `RELEASED`, or when its end of the socket closes (it is gone). A thread waits for
+/// that on a copy of the socket (the caller may close its own); if none can be started, this
+/// call waits itself.
+fn watch_release(sock: BorrowedFd<'_>, restored: &Restored) {
+    let engines: Vec<std::sync::Weak<Engine>> = restored
+        .files
+        .iter()
+        .map(|f| std::sync::Arc::downgrade(&f.mem.inner))
+        .collect();
+    let wait = move |sock: BorrowedFd<'_>| loop {
+        match recv(sock, None) {
+            Ok(Got::Msg(m, _)) if m.op == OP_RELEASED => break true,
+            Ok(Got::Closed) => break true,
+            Ok(Got::Msg(..) | Got::TimedOut) => {}
+            Err(e) => {
+                // Not knowing whether it let go, the files keep refusing to go private.
+                tracing::error!("waiting for the old owner's RELEASED: {e}");
+                break false;
+            }
+        }
+    };
+    let done = move |released: bool, engines: &[std::sync::Weak<Engine>]| {
+        if released {
+            for e in engines.iter().filter_map(std::sync::Weak::upgrade) {
+                e.gate().old_owner_released();
+            }
+        }
+    };
+    let own = rustix::io::fcntl_dupfd_cloexec(sock, 0);
+    let spawned = own.map_err(std::io::Error::from).and_then(|fd: OwnedFd| {
+        let engines = engines.clone();
+        std::thread::Builder::new()
+            .name("gmem-handover".into())
+            .spawn(move || done(wait(fd.as_fd()), &engines))
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("no thread to wait for RELEASED ({e}): waiting here");
+        done(wait(sock), &engines);
+    }
 }
 
 fn read_state(offer: &OfferInfo, f: &OwnedFd) -> Result<Vec<u8>, HandoverError> {

@@ -13,9 +13,8 @@ use super::super::format::{
 };
 use super::{
     recv, send, FileOffer, Got, HandedOver, Msg, Options, Step, MAX_FDS, OP_ABORT, OP_ACCEPT,
-    OP_COMMIT, OP_DONE, OP_OFFER, OP_REJECT,
+    OP_COMMIT, OP_DONE, OP_OFFER, OP_REJECT, OP_RELEASED,
 };
-use crate::engine::lifecycle::CommitRefused;
 use crate::model::attr::Run;
 use crate::model::error::Errno;
 use crate::model::units::ByteRange;
@@ -71,19 +70,17 @@ impl Frozen {
             .position(|(f, (p, r))| f.poisoned_pages() != *p || restructure_of(f) != *r)
     }
 
-    /// Ends host access to every file, reversibly (see [`Engine::commit`]); on error the
-    /// files committed so far are given back when this is dropped.
+    /// Ends the listeners' and accessors' hold on every file, reversibly (see
+    /// [`Engine::commit`]); on error the files committed so far are given back when this is
+    /// dropped.
     ///
     /// [`Engine::commit`]: crate::engine::Engine::commit
     fn commit(&self) -> Result<(), HandoverError> {
         for (file, f) in self.files.iter().enumerate() {
-            f.inner.commit().map_err(|e| match e {
-                CommitRefused::Vetoed(v) => HandoverError::Vetoed {
-                    file,
-                    offset: v.offset,
-                    reason: v.reason,
-                },
-                CommitRefused::Os(e) => io("revoke views")(e),
+            f.inner.commit().map_err(|v| HandoverError::Vetoed {
+                file,
+                offset: v.offset,
+                reason: v.reason,
             })?;
         }
         Ok(())
@@ -330,8 +327,9 @@ pub(crate) fn finish_old(
             what: "a page was poisoned during the hand-over",
         });
     }
-    // The new owner owns once it reads COMMIT and may make pages private at once: this
-    // process's host access ends first (given back if the hand-over fails from here).
+    // The new owner owns once it reads COMMIT: this process's listeners let go and its
+    // accessors stop first (given back if the hand-over fails from here); its views stay
+    // until it has read DONE, and the new owner makes nothing private before RELEASED.
     if let Err(e) = frozen.commit() {
         let _ = send(sock, &Msg::new(OP_ABORT, frozen.crc));
         return Err(e);
@@ -343,6 +341,7 @@ pub(crate) fn finish_old(
     }
     opts.step(Step::CommitSent);
     let state_len = frozen.state_len;
+    let frozen_crc = frozen.crc;
     let confirmed = match recv(sock, Some(opts.timeout))? {
         Got::Msg(m, _) if m.op == OP_DONE => true,
         // The new owner died before it could say it owns: it owned nothing that outlives it,
@@ -355,10 +354,15 @@ pub(crate) fn finish_old(
         // It may own the files and be alive: do not take them back.
         Got::Msg(..) | Got::TimedOut => false,
     };
-    let pause = frozen.release();
     opts.step(Step::DoneReceived);
+    let frozen_at = frozen.started;
+    let pause = frozen.release();
+    // The new owner makes no page private before it reads this (or end of file).
+    let _ = send(sock, &Msg::new(OP_RELEASED, frozen_crc));
+    opts.step(Step::Released);
     Ok(HandedOver {
         pause,
+        frozen_at,
         state_len,
         confirmed,
     })

@@ -9,10 +9,13 @@ pub enum Step {
     OfferSent,
     /// Old owner: `ACCEPT` read.
     AcceptReceived,
-    /// Old owner: host access ended and `COMMIT` sent; the new owner owns once it reads it.
+    /// Old owner: its accessors refused and `COMMIT` sent; the new owner owns once it reads it.
     CommitSent,
     /// Old owner: `DONE` read; the files are handed over.
     DoneReceived,
+    /// Old owner: every mapping of the files revoked and `RELEASED` sent (the new owner's
+    /// conversions to private wait for it).
+    Released,
     /// New owner: `OFFER` and descriptors read.
     OfferReceived,
     /// New owner: the state verified and the files built, pins taken.
@@ -27,12 +30,13 @@ pub enum Step {
 
 impl Step {
     /// Every step, old owner's first.
-    pub const ALL: [Step; 10] = [
+    pub const ALL: [Step; 11] = [
         Step::Frozen,
         Step::OfferSent,
         Step::AcceptReceived,
         Step::CommitSent,
         Step::DoneReceived,
+        Step::Released,
         Step::OfferReceived,
         Step::Verified,
         Step::AcceptSent,
@@ -48,6 +52,7 @@ impl Step {
             Step::AcceptReceived => "accept-received",
             Step::CommitSent => "commit-sent",
             Step::DoneReceived => "done-received",
+            Step::Released => "released",
             Step::OfferReceived => "offer-received",
             Step::Verified => "verified",
             Step::AcceptSent => "accept-sent",
