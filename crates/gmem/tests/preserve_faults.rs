@@ -348,14 +348,7 @@ fn run_case_on(
 #[test]
 fn kill_old_owner_at_every_step_survivor_owns_everything() {
     let want = digest(&build());
-    for step in [
-        Step::Frozen,
-        Step::OfferSent,
-        Step::AcceptReceived,
-        Step::CommitSent,
-        Step::DoneReceived,
-        Step::Released,
-    ] {
+    for step in Step::ALL.into_iter().filter(|s| s.is_old_owners()) {
         let (old, new) = run_case(Some(step), None, false);
         assert!(old.killed, "{step:?}: old not killed\n{}", old.out);
         if step == Step::Frozen {

@@ -105,8 +105,7 @@ pub(crate) fn finish_new(
         f.mem.inner.gate().await_old_owner();
     }
     if send(sock, &Msg::new(OP_DONE, offer.crc)).is_err() {
-        // The old owner is gone, and its mappings with it.
-        restored.old_owner_gone = true;
+        // The old owner is gone (after COMMIT), and its mappings with it.
         release_all(&restored);
     } else {
         watch_release(sock, &restored);

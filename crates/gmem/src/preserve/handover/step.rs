@@ -61,6 +61,19 @@ impl Step {
         }
     }
 
+    /// True for the old owner's steps (`Frozen` to `Released`), false for the new owner's.
+    pub fn is_old_owners(self) -> bool {
+        matches!(
+            self,
+            Step::Frozen
+                | Step::OfferSent
+                | Step::AcceptReceived
+                | Step::CommitSent
+                | Step::DoneReceived
+                | Step::Released
+        )
+    }
+
     /// The step named `name`.
     pub fn from_name(name: &str) -> Option<Step> {
         Step::ALL.into_iter().find(|s| s.name() == name)
