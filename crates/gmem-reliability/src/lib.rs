@@ -1,5 +1,7 @@
 //! Reliability suites for gmem.
 //!
+//! - [`board`]: what a stress run's threads share, and the punching thread of both stress
+//!   suites.
 //! - [`model`]: a reference model of a guest memory file's whole state in plain Rust (no
 //!   syscalls): per-page attribute, contents, allocation, host references (pins) and the
 //!   listener's view of conversions. Every operation returns what the real file must return.
@@ -14,6 +16,7 @@
 //! and resource limits (R6).
 #![deny(missing_docs)]
 
+pub mod board;
 pub mod model;
 pub mod ops;
 pub mod outcome;

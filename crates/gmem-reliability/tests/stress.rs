@@ -13,13 +13,14 @@
 //! `GMEM_STRESS_SECS` sets the run time (default 6 s).
 #![allow(clippy::cast_possible_truncation)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gmem::{Attr, FallocMode, Flags, GuestMemfd, HostView};
+use gmem::{Attr, Flags, GuestMemfd, HostView};
 use gmem_conformance::probe;
+use gmem_reliability::board::{puncher, Board};
 use gmem_reliability::rng::Rng;
 
 const PAGE: u64 = 4096;
@@ -39,28 +40,6 @@ fn shared_byte(r: &mut Rng) -> u8 {
     }
 }
 
-struct Shared {
-    stop: AtomicBool,
-    violation: Mutex<Option<String>>,
-    progress: Vec<(String, AtomicU64)>,
-}
-
-impl Shared {
-    fn violate(&self, what: String) {
-        let mut v = self.violation.lock().unwrap_or_else(|e| e.into_inner());
-        if v.is_none() {
-            *v = Some(what);
-        }
-        self.stop.store(true, Ordering::SeqCst);
-    }
-    fn tick(&self, i: usize) {
-        self.progress[i].1.fetch_add(1, Ordering::Relaxed);
-    }
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-}
-
 fn random_range(r: &mut Rng) -> (u64, usize) {
     let off = r.below(SIZE);
     let len = r.range(1, (3 * PAGE).min(SIZE - off));
@@ -72,7 +51,7 @@ fn random_range(r: &mut Rng) -> (u64, usize) {
 /// To private it takes any range of its pages, partly private or not (a refused conversion
 /// over already-private pages must leave them faulting). To shared it takes a run of its
 /// private pages and writes the shared pattern over it first.
-fn converter(mem: &GuestMemfd, sh: &Shared, me: usize, lo: u64, hi: u64, seed: u64) -> Vec<Attr> {
+fn converter(mem: &GuestMemfd, sh: &Board, me: usize, lo: u64, hi: u64, seed: u64) -> Vec<Attr> {
     let mut r = Rng::new(seed);
     let guest = mem.guest().expect("guest view");
     let mut attrs = vec![Attr::Shared; (hi - lo) as usize];
@@ -137,7 +116,7 @@ fn converter(mem: &GuestMemfd, sh: &Shared, me: usize, lo: u64, hi: u64, seed: u
     attrs
 }
 
-fn reader(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64, name: &str) {
+fn reader(mem: &GuestMemfd, sh: &Board, me: usize, seed: u64, name: &str) {
     let mut r = Rng::new(seed);
     let mut buf = vec![0u8; 3 * PAGE as usize];
     while !sh.stopped() {
@@ -154,7 +133,7 @@ fn reader(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64, name: &str) {
     }
 }
 
-fn writer(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64) {
+fn writer(mem: &GuestMemfd, sh: &Board, me: usize, seed: u64) {
     let mut r = Rng::new(seed);
     while !sh.stopped() {
         sh.tick(me);
@@ -164,7 +143,7 @@ fn writer(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64) {
     }
 }
 
-fn pinner(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64, name: &str) {
+fn pinner(mem: &GuestMemfd, sh: &Board, me: usize, seed: u64, name: &str) {
     let mut r = Rng::new(seed);
     let mut buf = vec![0u8; 3 * PAGE as usize];
     while !sh.stopped() {
@@ -192,7 +171,7 @@ fn pinner(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64, name: &str) {
     }
 }
 
-fn prober(view: &HostView, sh: &Shared, me: usize, seed: u64, name: &str) {
+fn prober(view: &HostView, sh: &Board, me: usize, seed: u64, name: &str) {
     let mut r = Rng::new(seed);
     while !sh.stopped() {
         sh.tick(me);
@@ -202,25 +181,6 @@ fn prober(view: &HostView, sh: &Shared, me: usize, seed: u64, name: &str) {
         if got == probe::Touch::Ok(PRIVATE) {
             sh.violate(format!("{name}: host view read a private byte at {at:#x}"));
         }
-    }
-}
-
-fn puncher(mem: &GuestMemfd, sh: &Shared, me: usize, seed: u64) {
-    let mut r = Rng::new(seed);
-    let per = mem.block_size() / PAGE;
-    while !sh.stopped() {
-        sh.tick(me);
-        let start = r.below(PAGES / per) * per;
-        let n = r.range(1, ((PAGES - start) / per).min(16)) * per;
-        let mode = if r.chance(3, 4) {
-            FallocMode::PUNCH_HOLE
-        } else {
-            FallocMode::KEEP_SIZE
-        };
-        if let Err(e) = mem.fallocate(mode, start * PAGE, n * PAGE) {
-            sh.violate(format!("fallocate failed: {e}"));
-        }
-        thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -269,44 +229,29 @@ fn stress(mem: GuestMemfd) {
         "follower prober",
         "puncher",
     ];
-    let sh = Arc::new(Shared {
-        stop: AtomicBool::new(false),
-        violation: Mutex::new(None),
-        progress: names
-            .iter()
-            .map(|n| (n.to_string(), AtomicU64::new(0)))
-            .collect(),
-    });
+    let sh = Board::new(&names);
     let done = Arc::new(AtomicBool::new(false));
     let limit = Duration::from_secs(secs + 60);
     let watchdog = {
         let (sh, done) = (sh.clone(), done.clone());
         thread::spawn(move || {
             let t0 = Instant::now();
-            let mut last: Vec<u64> = sh
-                .progress
-                .iter()
-                .map(|p| p.1.load(Ordering::Relaxed))
-                .collect();
+            let mut last = sh.counts();
             let mut since = Instant::now();
             while !done.load(Ordering::SeqCst) {
                 thread::sleep(Duration::from_millis(100));
-                let now: Vec<u64> = sh
-                    .progress
-                    .iter()
-                    .map(|p| p.1.load(Ordering::Relaxed))
-                    .collect();
+                let now = sh.counts();
                 let running = !sh.stopped();
                 if now.iter().zip(&last).all(|(a, b)| a != b) || !running {
                     since = Instant::now();
                     last = now;
                 } else if since.elapsed() > Duration::from_secs(20) {
                     let stuck: Vec<&str> = sh
-                        .progress
+                        .names()
                         .iter()
                         .zip(now.iter().zip(&last))
                         .filter(|(_, (a, b))| a == b)
-                        .map(|(p, _)| p.0.as_str())
+                        .map(|(n, _)| *n)
                         .collect();
                     eprintln!("watchdog: no progress for 20 s in {stuck:?}: deadlock");
                     std::process::abort();
@@ -329,30 +274,26 @@ fn stress(mem: GuestMemfd) {
         s.spawn(|| pinner(&follower, &sh, 6, 7, "follower pinner"));
         s.spawn(|| prober(&view, &sh, 7, 8, "prober"));
         s.spawn(|| prober(&fview, &sh, 8, 9, "follower prober"));
-        s.spawn(|| puncher(&mem, &sh, 9, 10));
+        s.spawn(|| puncher(&mem, &sh, 9, 10, PAGES, Duration::from_micros(200)));
         while t0.elapsed() < Duration::from_secs(secs) && !sh.stopped() {
             thread::sleep(Duration::from_millis(50));
         }
-        sh.stop.store(true, Ordering::SeqCst);
+        sh.stop();
         let a0 = c0.join().expect("converter 0 panicked");
         let a1 = c1.join().expect("converter 1 panicked");
         (a0, a1)
     });
     done.store(true, Ordering::SeqCst);
     watchdog.join().expect("watchdog");
-    for (name, n) in &sh.progress {
-        eprintln!("{name}: {} iterations", n.load(Ordering::Relaxed));
+    let counts = sh.counts();
+    for (name, n) in sh.names().iter().zip(&counts) {
+        eprintln!("{name}: {n} iterations");
     }
-    if let Some(v) = sh
-        .violation
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
+    if let Some(v) = sh.take_violation() {
         panic!("violation: {v}");
     }
-    for (name, n) in &sh.progress {
-        assert!(n.load(Ordering::Relaxed) > 0, "{name} never ran");
+    for (name, n) in sh.names().iter().zip(&counts) {
+        assert!(*n > 0, "{name} never ran");
     }
 
     // Final state: attributes equal the converters' model, in the owner and the follower.

@@ -30,14 +30,15 @@
 //! `GMEM_STRESS_SECS` sets the run time per backing (default 6 s).
 #![allow(clippy::cast_possible_truncation)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use gmem::{AccessError, Attr, Errno, FallocMode, Flags, GuestMemfd, HostView};
+use gmem::{AccessError, Attr, Errno, Flags, GuestMemfd, HostView};
 use gmem_conformance::child::{child_side, ChildProcess, ChildSide};
 use gmem_conformance::probe::{self, Touch};
+use gmem_reliability::board::{puncher, Board};
 use gmem_reliability::rng::Rng;
 
 const PAGE: u64 = 4096;
@@ -59,50 +60,6 @@ fn shared_byte(r: &mut Rng) -> u8 {
     match r.byte() {
         PRIVATE => 0x11,
         b => b,
-    }
-}
-
-/// Stop flag, first violation, and per-thread progress of one process.
-struct Board {
-    stop: AtomicBool,
-    violation: Mutex<Option<String>>,
-    names: Vec<&'static str>,
-    progress: Vec<AtomicU64>,
-}
-
-impl Board {
-    fn new(names: &[&'static str]) -> Arc<Board> {
-        Arc::new(Board {
-            stop: AtomicBool::new(false),
-            violation: Mutex::new(None),
-            names: names.to_vec(),
-            progress: names.iter().map(|_| AtomicU64::new(0)).collect(),
-        })
-    }
-    fn violate(&self, what: String) {
-        let mut v = self.violation.lock().unwrap_or_else(|e| e.into_inner());
-        if v.is_none() {
-            *v = Some(what);
-        }
-        self.stop.store(true, Ordering::SeqCst);
-    }
-    fn tick(&self, i: usize) {
-        self.progress[i].fetch_add(1, Ordering::Relaxed);
-    }
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-    fn counts(&self) -> Vec<u64> {
-        self.progress
-            .iter()
-            .map(|p| p.load(Ordering::Relaxed))
-            .collect()
-    }
-    fn take_violation(&self) -> Option<String> {
-        self.violation
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
     }
 }
 
@@ -130,7 +87,7 @@ fn prober(view: &HostView, b: &Board, me: usize, seed: u64) {
         } else {
             r.below(len)
         };
-        probe_at(view, at, b, b.names[me]);
+        probe_at(view, at, b, b.name(me));
     }
 }
 
@@ -152,13 +109,13 @@ fn churner(mem: &GuestMemfd, b: &Board, me: usize, seed: u64, limit: u64) {
         let view = match mem.map(first * block, n * block) {
             Ok(v) => v,
             Err(e) => {
-                b.violate(format!("{}: map failed: {e}", b.names[me]));
+                b.violate(format!("{}: map failed: {e}", b.name(me)));
                 return;
             }
         };
         made += 1;
         for p in 0..n * block / PAGE {
-            probe_at(&view, p * PAGE + r.below(PAGE), b, b.names[me]);
+            probe_at(&view, p * PAGE + r.below(PAGE), b, b.name(me));
         }
     }
 }
@@ -173,7 +130,7 @@ fn device_prober(mem: &GuestMemfd, b: &Board, me: usize, seed: u64) {
             continue;
         };
         let Ok(base) = pin.as_ptr() else {
-            b.violate(format!("{}: no device pointer", b.names[me]));
+            b.violate(format!("{}: no device pointer", b.name(me)));
             return;
         };
         for _ in 0..16 {
@@ -184,7 +141,7 @@ fn device_prober(mem: &GuestMemfd, b: &Board, me: usize, seed: u64) {
             if t == Touch::Ok(PRIVATE) {
                 b.violate(format!(
                     "{}: the device view read a private byte at file offset {:#x}",
-                    b.names[me],
+                    b.name(me),
                     (page * PAGE) as i64 + at
                 ));
             }
@@ -205,13 +162,13 @@ fn reader(mem: &GuestMemfd, b: &Board, me: usize, seed: u64) {
                 if let Some(i) = buf[..len].iter().position(|&x| x == PRIVATE) {
                     b.violate(format!(
                         "{}: read_at returned a private byte at {:#x}",
-                        b.names[me],
+                        b.name(me),
                         off + i as u64
                     ));
                 }
             }
             Err(AccessError::Private { .. } | AccessError::Poisoned { .. }) => {}
-            Err(e) => b.violate(format!("{}: read_at: {e}", b.names[me])),
+            Err(e) => b.violate(format!("{}: read_at: {e}", b.name(me))),
         }
     }
 }
@@ -231,13 +188,13 @@ fn pinner(mem: &GuestMemfd, b: &Board, me: usize, seed: u64) {
                 if let Some(i) = buf[..len].iter().position(|&x| x == PRIVATE) {
                     b.violate(format!(
                         "{}: a pinned read saw a private byte at {:#x}",
-                        b.names[me],
+                        b.name(me),
                         off + i as u64
                     ));
                 }
             }
             Err(AccessError::Poisoned { .. }) => {}
-            Err(e) => b.violate(format!("{}: Pin::read: {e}", b.names[me])),
+            Err(e) => b.violate(format!("{}: Pin::read: {e}", b.name(me))),
         }
         thread::yield_now();
     }
@@ -314,25 +271,6 @@ fn converter(mem: &GuestMemfd, b: &Board, me: usize, lo: u64, hi: u64, seed: u64
         }
     }
     attrs
-}
-
-fn puncher(mem: &GuestMemfd, b: &Board, me: usize, seed: u64) {
-    let mut r = Rng::new(seed);
-    let per = mem.block_size() / PAGE;
-    while !b.stopped() {
-        b.tick(me);
-        let start = r.below(PAGES / per) * per;
-        let n = r.range(1, ((PAGES - start) / per).min(16)) * per;
-        let mode = if r.chance(3, 4) {
-            FallocMode::PUNCH_HOLE
-        } else {
-            FallocMode::KEEP_SIZE
-        };
-        if let Err(e) = mem.fallocate(mode, start * PAGE, n * PAGE) {
-            b.violate(format!("fallocate failed: {e}"));
-        }
-        thread::sleep(Duration::from_micros(500));
-    }
 }
 
 fn poisoner(mem: &GuestMemfd, b: &Board, me: usize, seed: u64) {
@@ -420,7 +358,7 @@ fn follower(mut side: ChildSide) {
                 }
             }
         }
-        b.stop.store(true, Ordering::SeqCst);
+        b.stop();
     });
     let counts: Vec<String> = b.counts().iter().map(|c| c.to_string()).collect();
     let verdict = b.take_violation().unwrap_or_else(|| "clean".to_string());
@@ -456,7 +394,7 @@ fn stress(mem: GuestMemfd, test: &str) {
     let (a0, a1) = thread::scope(|s| {
         let c0 = s.spawn(|| converter(&mem, &b, 0, 0, PAGES / 2, 1));
         let c1 = s.spawn(|| converter(&mem, &b, 1, PAGES / 2, PAGES, 2));
-        s.spawn(|| puncher(&mem, &b, 2, 3));
+        s.spawn(|| puncher(&mem, &b, 2, 3, PAGES, Duration::from_micros(500)));
         s.spawn(|| poisoner(&mem, &b, 3, 4));
         s.spawn(|| writer(&mem, &b, 4, 5));
         s.spawn(|| prober(&whole, &b, 5, 6));
@@ -469,7 +407,7 @@ fn stress(mem: GuestMemfd, test: &str) {
             thread::sleep(Duration::from_millis(100));
             child.send("tick");
         }
-        b.stop.store(true, Ordering::SeqCst);
+        b.stop();
         (
             c0.join().expect("converter 0"),
             c1.join().expect("converter 1"),
