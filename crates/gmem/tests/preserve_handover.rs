@@ -1006,6 +1006,43 @@ fn new_owner_makes_nothing_private_until_the_old_owner_released() {
     assert_eq!(proc_mem_reads(at), Err(libc::EIO), "the old view by /proc");
 }
 
+/// Whatever else arrives before `RELEASED` (a datagram that is no message, a message of no
+/// known operation) is passed over: the new owner's conversions to private go through once
+/// the old owner released, not never.
+#[test]
+fn noise_before_released_does_not_keep_the_new_owner_from_going_private() {
+    let mem = build();
+    let shared = first_shared(&mem);
+    let (a, b) = pair();
+    let noise = a.try_clone().unwrap();
+    let opts = Options {
+        on_step: Some(Arc::new(move |s| {
+            if s == Step::DoneReceived {
+                rustix::net::send(&noise, b"junk", rustix::net::SendFlags::empty()).unwrap();
+                let mut unknown = [0u8; 32];
+                unknown[..4].copy_from_slice(b"GMHO");
+                unknown[4..6].copy_from_slice(&2u16.to_le_bytes()); // protocol version
+                unknown[6..8].copy_from_slice(&99u16.to_le_bytes()); // no such operation
+                rustix::net::send(&noise, &unknown, rustix::net::SendFlags::empty()).unwrap();
+            }
+        })),
+        ..Options::default()
+    };
+    let old = mem.clone();
+    let old_owner =
+        std::thread::spawn(move || hand_over(a.as_fd(), &[FileOffer::new(&old)], &opts).map(drop));
+    let got = receive(b.as_fd(), &Options::default()).expect("receive");
+    old_owner.join().unwrap().expect("hand over");
+    assert!(
+        got.wait_old_owner_released(Duration::from_secs(10)),
+        "RELEASED after the noise"
+    );
+    got.files[0]
+        .mem
+        .convert(shared, P, Attr::Private)
+        .expect("to private once released");
+}
+
 /// A new owner that sends `ACCEPT` and vanishes before `COMMIT`: the old owner had already
 /// refused its accessors (the new owner might have owned) and gives them back; its view shows
 /// the shared pages, the private ones fault, accessors and conversions work, contents and

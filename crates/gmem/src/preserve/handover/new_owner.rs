@@ -135,6 +135,12 @@ fn watch_release(sock: BorrowedFd<'_>, restored: &Restored) {
             Ok(Got::Msg(m, _)) if m.op == OP_RELEASED => break true,
             Ok(Got::Closed) => break true,
             Ok(Got::Msg(..) | Got::TimedOut) => {}
+            // Anything else the socket carries is passed over: only `RELEASED` or the end
+            // of the old owner lets go, and a datagram that is no message must not make the
+            // files refuse to go private for good.
+            Err(e @ HandoverError::Protocol { .. }) => {
+                tracing::warn!("passing over a datagram before RELEASED: {e}");
+            }
             Err(e) => {
                 // Not knowing whether it let go, the files keep refusing to go private.
                 tracing::error!("waiting for the old owner's RELEASED: {e}");
