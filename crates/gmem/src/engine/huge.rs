@@ -22,7 +22,8 @@
 //! 3. *participants*: peer processes map the pieces over their windows;
 //! 4. *remap*: the companion is mapped over `H`'s window in the guest mapping, and in every
 //!    view a mapping of the pieces is built aside with guard markers on its private (and
-//!    poisoned) pieces and moved over the window with one `mremap`;
+//!    poisoned) pieces, registered with the view userfaultfd, and moved over the window with
+//!    one `mremap` (so the window is never a mapping the tracker cannot see);
 //! 5. *thaw*: the waiting writers are woken; their faults retry on the pieces.
 //!
 //! Nothing written is lost and nothing private is ever shown. The huge page stays allocated
@@ -295,6 +296,14 @@ impl Engine {
             };
             if let Some(u) = u {
                 if let Err(e) = u.write_protect(w.1, w.2, true) {
+                    if !w.0 && crate::sys::mapping::vacant(w.1, w.2) {
+                        // The VMM moved or unmapped this view meanwhile: nothing to freeze
+                        // there; the view is given up when the change is neutralised.
+                        if let Some(t) = &ctl.views.tracker {
+                            t.own.note_foreign();
+                        }
+                        continue;
+                    }
                     frozen.thaw();
                     return Err(e);
                 }
@@ -316,6 +325,23 @@ impl Engine {
             numa::mbind(guest, off, len, &p)?;
         }
         Ok(())
+    }
+
+    /// Before a conversion touches the views: a view the VMM moved or unmapped while the
+    /// control lock was held elsewhere (its event waits for the lock) is neutralised, and
+    /// given up, now. So gmem does not go on working on the address range the move left
+    /// empty, which any other mapping of the process may take meanwhile. One `poll`.
+    pub(crate) fn settle(&self, ctl: &mut Control) {
+        let Some(u) = ctl.views.uffd().cloned() else {
+            return;
+        };
+        if ctl.views.tracker.is_none() || !u.pending() {
+            return;
+        }
+        self.neutralize(ctl);
+        if let Some(t) = &ctl.views.tracker {
+            t.take_events(&u);
+        }
     }
 
     /// Ends a remap of own registered windows: a foreign event that arrived meanwhile is
@@ -353,6 +379,10 @@ impl Engine {
         }
         self.headroom(ctl, 2)
             .map_err(|_| RestructureError::NoMem { offset: hr.start })?;
+        // Announced from the freeze to the thaw: the reader then takes every event at once,
+        // so a remap by the VMM meanwhile never holds up the write-protection (the kernel
+        // refuses it with `EAGAIN` while an event is unread).
+        let _own = ctl.views.announce(huge.geo, h);
         let frozen = self.freeze_writers(ctl, h).map_err(os)?;
         let res = self.split_frozen(ctl, huge, map, h);
         frozen.thaw();
@@ -458,6 +488,7 @@ impl Engine {
             }
             st.attrs.all(hp.start, hp.end, Attr::Private)
         };
+        let _own = ctl.views.announce(huge.geo, h);
         let frozen = self.freeze_writers(ctl, h).map_err(os)?;
         let res = (|| {
             if keep {

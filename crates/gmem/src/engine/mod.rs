@@ -601,6 +601,7 @@ impl Engine {
     /// Hand-over done: every view and the guest mapping stop reaching the file.
     pub(crate) fn release_mappings(&self, ctl: &mut Control) {
         ctl.views.release_all();
+        self.after_own_remap(ctl);
         if let Some(g) = self.guest_map() {
             let res = views::slot::hole_fd().and_then(|fd| {
                 g.map_fixed(

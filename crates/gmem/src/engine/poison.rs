@@ -117,6 +117,7 @@ impl Engine {
         };
         ctl.participants
             .notify(&Step::Poison(PageRange::one(page).bytes()));
+        self.after_own_remap(&mut ctl);
         guarded
     }
 }

@@ -32,6 +32,7 @@ impl Engine {
     /// Punches `r` (block aligned, inside the file): see the module docs.
     pub(crate) fn punch(&self, r: ByteRange) -> io::Result<()> {
         let mut ctl = self.control_unchecked();
+        self.settle(&mut ctl);
         let pages = r.pages();
         {
             // Accessors and the guest view's copies wait for the whole punch: none of them
@@ -53,6 +54,8 @@ impl Engine {
                 ctl.participants.notify(&Step::Unpoison(r));
             }
         }
+        // A view the VMM moved or unmapped under the punch is neutralised now.
+        self.after_own_remap(&mut ctl);
         if let Some(huge) = self.huge() {
             let c = huge.geo.covering(pages);
             let hs = huge.state().split_in(c.start, c.end);

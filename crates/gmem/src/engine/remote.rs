@@ -29,7 +29,7 @@ impl Engine {
         let mut ctl = self.control_unchecked();
         let numa = self.numa_policy_set();
         let ctx = self.view_ctx(numa.as_ref());
-        match *step {
+        let res = match *step {
             Step::Revoke(_) => self.as_conversion(&mut ctl, r, Attr::Private, |this, ctl| {
                 this.follow_revoke(ctl, &ctx, r)
             }),
@@ -37,13 +37,11 @@ impl Engine {
                 this.follow_restore(ctl, &ctx, r)
             }),
             Step::Split(_) | Step::Merge(_) => self.follow_restructure(&mut ctl, step, r),
-            Step::Poison(_) => {
-                self.follow_poison(&mut ctl, &ctx, r)?;
-                // This process's own participants (device listeners' poison relays) hear it
-                // as they would in the owner.
-                ctl.participants.notify(step);
-                Ok(())
-            }
+            // This process's own participants (device listeners' poison relays) hear it as
+            // they would in the owner.
+            Step::Poison(_) => self
+                .follow_poison(&mut ctl, &ctx, r)
+                .map(|()| ctl.participants.notify(step)),
             Step::Refresh(_) => {
                 let st = self.read_pages();
                 let hs = self.huge().map(|h| h.state());
@@ -51,12 +49,14 @@ impl Engine {
                     .reenforce_range(&ctx, self.shown(&st, hs.as_deref()), pages)
                     .map_err(|e| step_err(r.start, &e))
             }
-            Step::Unpoison(_) => {
-                self.follow_unpoison(&mut ctl, &ctx, r)?;
-                ctl.participants.notify(step);
-                Ok(())
-            }
-        }
+            Step::Unpoison(_) => self
+                .follow_unpoison(&mut ctl, &ctx, r)
+                .map(|()| ctl.participants.notify(step)),
+        };
+        // A view the VMM moved or unmapped under the step is neutralised before the owner
+        // hears the answer.
+        self.after_own_remap(&mut ctl);
+        res
     }
 
     /// Runs `apply` (a revoke or a restore of `r`) as a conversion of `r` to `to` for this

@@ -268,6 +268,17 @@ impl Mapping {
     }
 }
 
+/// True when part of `[addr, addr + len)` is mapped by nothing (`mincore` answers `ENOMEM`):
+/// the VMM moved or unmapped a view of gmem's under it.
+pub fn vacant(addr: usize, len: usize) -> bool {
+    let page = usize::try_from(crate::model::units::PAGE_SIZE).unwrap_or(4096);
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: mincore reads no memory of the range, it only writes one byte per page of it
+    // into `vec`, which has that many.
+    let r = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOMEM)
+}
+
 /// Replaces `[addr, addr + len)` with a read-write `MAP_SHARED | MAP_FIXED` mapping of `fd`
 /// from offset 0: whatever was mapped there is gone at once, with nothing in between.
 ///

@@ -4,9 +4,10 @@
 //! gmem registers host views (shmem and HugeTLB) in write-protect mode, which on its own
 //! intercepts nothing, with `UFFD_FEATURE_EVENT_REMAP` and `UFFD_FEATURE_EVENT_UNMAP`: an
 //! `mremap` or `munmap` of a registered range by anyone then stops the calling thread until
-//! gmem has read the event (see `engine::views::tracker`). gmem unregisters a range before
-//! it unmaps or remaps it itself, so its own operations raise no event. The layouts are
-//! defined here because the libc crate does not carry them.
+//! gmem has read the event (see `engine::views::tracker`). gmem unregisters a view before it
+//! unmaps it itself; the windows it replaces inside a live view raise events it announces to
+//! the reader as its own. The layouts are defined here because the libc crate does not carry
+//! them.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -89,6 +90,9 @@ pub(crate) struct Uffd {
     fd: OwnedFd,
 }
 
+/// How long [`Uffd::write_protect`] waits for an unread event to be taken.
+pub const EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn range(addr: usize, len: usize) -> UffdioRange {
     UffdioRange {
         start: addr as u64,
@@ -146,17 +150,33 @@ impl Uffd {
     /// Write-protects `[addr, addr + len)` (`protect`), or lifts the protection. A write to a
     /// protected page blocks the writing thread until the protection is lifted and
     /// [`Uffd::wake`] is called on it.
+    ///
+    /// The kernel answers `EAGAIN` while a remap or unmap event of this userfaultfd is unread
+    /// (the address space is changing): the call is retried until the reader has taken it,
+    /// for at most [`EVENT_WAIT`].
     pub fn write_protect(&self, addr: usize, len: usize, protect: bool) -> io::Result<()> {
-        let mut wp = UffdioWriteprotect {
-            range: range(addr, len),
-            mode: if protect {
-                UFFDIO_WRITEPROTECT_MODE_WP
-            } else {
-                0
-            },
-        };
-        // SAFETY: `wp` is a valid `struct uffdio_writeprotect` for the duration of the call.
-        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) }).map(drop)
+        let started = std::time::Instant::now();
+        loop {
+            let mut wp = UffdioWriteprotect {
+                range: range(addr, len),
+                mode: if protect {
+                    UFFDIO_WRITEPROTECT_MODE_WP
+                } else {
+                    0
+                },
+            };
+            // SAFETY: `wp` is a valid `struct uffdio_writeprotect` for the duration of the
+            // call.
+            let r = cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp) });
+            match r {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EAGAIN) && started.elapsed() < EVENT_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+                r => return r.map(drop),
+            }
+        }
     }
 
     /// Wakes the threads waiting on a fault in `[addr, addr + len)`; they retry the access
@@ -165,6 +185,18 @@ impl Uffd {
         let mut r = range(addr, len);
         // SAFETY: `r` is a valid `struct uffdio_range` for the duration of the call.
         cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) }).map(drop)
+    }
+
+    /// True when an event is waiting to be read (one `poll` that does not wait).
+    pub fn pending(&self) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+        n > 0 && fds[0].revents & libc::POLLIN != 0
     }
 
     /// Reads one pending event; `None` when there is none (the descriptor is non-blocking).

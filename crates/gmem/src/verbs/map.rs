@@ -24,8 +24,12 @@
 //!   exits (a sealed mapping cannot be unmapped); dropping the view makes every page fault,
 //!   and the file's memory is punched when its last gmem handle goes (unless shared with
 //!   another process through gmem);
-//! - an `mremap` of a shmem or HugeTLB view by the VMM that happens while the same file splits
-//!   or merges a huge page is neutralised when that split or merge ends.
+//! - an `mremap` of a shmem or HugeTLB view by the VMM that happens while the same file
+//!   converts, splits or merges is neutralised when that operation ends (before it returns);
+//!   until then the moved range shows what the view showed when it moved, and the VMM's
+//!   thread may already be back from `mremap`. The address range the move left empty may be
+//!   taken by another mapping of the process's in the meantime, which gmem's replacement of
+//!   the window would then map over.
 //!
 //! Views are `MADV_DONTFORK`: a forked child inherits no view. Another process reaches the
 //! memory through [`crate::peer`].

@@ -196,12 +196,14 @@ impl ViewSet {
                 for h in geo.covering(pages) {
                     let hp = geo.pages(h);
                     let split = shown.huge.is_some_and(|s| s.is_split(h));
+                    // Not registered yet: the windows are replaced as they are.
+                    let t = Track::default();
                     if split {
                         let aside = pieces_aside(ctx, companion, geo, h, &shown.faulting(hp))?;
-                        place(slot, geo, h, aside)?;
+                        place(slot, geo, h, aside.map, t)?;
                         slot.windows.insert(h, Window::Pieces);
                     } else if shown.attrs.all(hp.start, hp.end, Attr::Private) {
-                        hole(slot, geo, h)?;
+                        place(slot, geo, h, hole_aside(geo, h)?, t)?;
                         slot.windows.insert(h, Window::Hole);
                     } else {
                         slot.windows.remove(&h);
@@ -304,11 +306,16 @@ impl ViewSet {
     /// Makes the pages of `r` fault in every view. On HugeTLB views `r` lies inside one huge
     /// page that is split, or covers whole huge pages (which become holes).
     pub fn revoke(&mut self, ctx: &Ctx<'_>, r: PageRange) -> io::Result<()> {
+        let (uffd, own) = self.tracking();
+        let t = Track::new(uffd.as_deref(), own.as_deref());
         match self.mech {
-            Mech::Guards | Mech::Sealed => self.slots.iter().try_for_each(|s| s.guard(r)),
+            Mech::Guards | Mech::Sealed => self
+                .slots
+                .iter()
+                .try_for_each(|s| vacated_ok(s, r, s.guard(r), t)),
             Mech::Huge => {
                 let (geo, _) = huge_geo(ctx)?;
-                let uffd = self.uffd.clone();
+                let _own = self.announce_replaced(geo, r, Window::Whole);
                 for slot in &mut self.slots {
                     for h in geo.covering(r) {
                         if slot.huge_span(geo, h).is_none() {
@@ -316,10 +323,16 @@ impl ViewSet {
                         }
                         let hp = geo.pages(h);
                         match slot.window(h) {
-                            Window::Pieces => slot.guard(r.intersect(&hp).unwrap_or(r))?,
+                            Window::Pieces => {
+                                let p = r.intersect(&hp).unwrap_or(r);
+                                vacated_ok(slot, p, slot.guard(p), t)?;
+                            }
                             Window::Hole => {}
                             Window::Whole if r.intersect(&hp) == Some(hp) => {
-                                rehole(slot, geo, h, uffd.as_deref())?;
+                                // A whole huge page became private outside a split (a bulk
+                                // conversion of whole pages): its window becomes a hole.
+                                place(slot, geo, h, hole_aside(geo, h)?, t)?;
+                                slot.windows.insert(h, Window::Hole);
                             }
                             Window::Whole => {
                                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -336,18 +349,20 @@ impl ViewSet {
     /// which keep faulting). On HugeTLB views as for [`ViewSet::revoke`].
     pub fn restore(&mut self, ctx: &Ctx<'_>, r: PageRange, keep: &[u64]) -> io::Result<()> {
         let parts = minus(r, keep);
+        let (uffd, own) = self.tracking();
+        let t = Track::new(uffd.as_deref(), own.as_deref());
         match self.mech {
             Mech::Guards | Mech::Sealed => {
                 for s in &self.slots {
                     for p in &parts {
-                        s.unguard(*p)?;
+                        vacated_ok(s, *p, s.unguard(*p), t)?;
                     }
                 }
                 Ok(())
             }
             Mech::Huge => {
                 let (geo, _) = huge_geo(ctx)?;
-                let uffd = self.uffd.clone();
+                let _own = self.announce_replaced(geo, r, Window::Hole);
                 for slot in &mut self.slots {
                     for h in geo.covering(r) {
                         if slot.huge_span(geo, h).is_none() {
@@ -358,13 +373,15 @@ impl ViewSet {
                             Window::Pieces => {
                                 for p in &parts {
                                     if let Some(p) = p.intersect(&hp) {
-                                        slot.unguard(p)?;
+                                        vacated_ok(slot, p, slot.unguard(p), t)?;
                                     }
                                 }
                             }
                             Window::Whole => {}
                             Window::Hole if r.intersect(&hp) == Some(hp) && keep.is_empty() => {
-                                rewhole(slot, ctx, geo, h, uffd.as_deref())?;
+                                // Wholly private, now wholly shared: the huge page again.
+                                place(slot, geo, h, whole_aside(ctx, geo, h)?, t)?;
+                                slot.windows.remove(&h);
                             }
                             Window::Hole => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
                         }
@@ -379,6 +396,8 @@ impl ViewSet {
     /// windows are guarded (a hole faults already; a poisoned page of a whole window is
     /// split first by the engine).
     pub fn guard_pages(&self, ctx: &Ctx<'_>, pages: &[u64]) -> io::Result<()> {
+        let (uffd, own) = self.tracking();
+        let t = Track::new(uffd.as_deref(), own.as_deref());
         for s in &self.slots {
             for &p in pages {
                 let guarded = match (s.mech, ctx.huge) {
@@ -386,7 +405,8 @@ impl ViewSet {
                     _ => true,
                 };
                 if guarded {
-                    s.guard(PageRange::one(p))?;
+                    let r = PageRange::one(p);
+                    vacated_ok(s, r, s.guard(r), t)?;
                 }
             }
         }
@@ -395,12 +415,47 @@ impl ViewSet {
 
     /// Announces the remaps of huge page `h`'s windows to the tracker (they replace registered
     /// ranges, which raises unmap events gmem itself must not wait for).
-    fn announce(&self, geo: HugeGeometry, h: u64) -> Option<tracker::OwnGuard> {
+    pub fn announce(&self, geo: HugeGeometry, h: u64) -> Option<tracker::OwnGuard> {
         let windows: Vec<(usize, usize)> = self
             .slots
             .iter()
             .filter_map(|s| s.huge_span(geo, h).map(|(off, len)| (s.base() + off, len)))
             .collect();
+        self.tracker.as_ref().map(|t| t.own.expect(&windows))
+    }
+
+    /// The view userfaultfd and the reader's record of own remaps, for window replacements.
+    fn tracking(&self) -> (Option<Arc<Uffd>>, Option<Arc<tracker::OwnOps>>) {
+        (
+            self.uffd.clone(),
+            self.tracker.as_ref().map(|t| t.own.clone()),
+        )
+    }
+
+    /// Announces the windows a revoke or restore of `r` replaces: those of the huge pages `r`
+    /// covers whole that show as `from` (a whole huge page becoming a hole, or a hole
+    /// becoming the huge page). `None` when there is none (or no tracker).
+    fn announce_replaced(
+        &self,
+        geo: HugeGeometry,
+        r: PageRange,
+        from: Window,
+    ) -> Option<tracker::OwnGuard> {
+        let mut windows = Vec::new();
+        for h in geo.covering(r) {
+            if r.intersect(&geo.pages(h)) != Some(geo.pages(h)) {
+                continue;
+            }
+            windows.extend(
+                self.slots
+                    .iter()
+                    .filter(|s| s.window(h) == from)
+                    .filter_map(|s| s.huge_span(geo, h).map(|(off, len)| (s.base() + off, len))),
+            );
+        }
+        if windows.is_empty() {
+            return None;
+        }
         self.tracker.as_ref().map(|t| t.own.expect(&windows))
     }
 
@@ -419,8 +474,9 @@ impl ViewSet {
     pub fn split(&mut self, ctx: &Ctx<'_>, h: u64, shown: Shown<'_>) -> io::Result<()> {
         let (geo, companion) = huge_geo(ctx)?;
         let faulting = shown.faulting(geo.pages(h));
-        let uffd = self.uffd.clone();
         let _own = self.announce(geo, h);
+        let (uffd, own) = self.tracking();
+        let t = Track::new(uffd.as_deref(), own.as_deref());
         for slot in &mut self.slots {
             if slot.huge_span(geo, h).is_none() {
                 continue;
@@ -428,10 +484,9 @@ impl ViewSet {
             let aside = pieces_aside(ctx, companion, geo, h, &faulting)?;
             // Replaced while still registered: writers of the window are blocked on its
             // write protection, and unregistering would wake them into the old window, whose
-            // bytes were already copied (their writes would be lost). The remap raises an
-            // unmap event (announced above), which the tracker thread reads.
-            place(slot, geo, h, aside)?;
-            register_window(slot, geo, h, uffd.as_deref())?;
+            // bytes were already copied (their writes would be lost). The remap raises
+            // events (announced), which the tracker thread reads.
+            place(slot, geo, h, aside.map, t)?;
             slot.windows.insert(h, Window::Pieces);
         }
         Ok(())
@@ -441,47 +496,46 @@ impl ViewSet {
     /// page. The caller has copied the pieces back.
     pub fn merge(&mut self, ctx: &Ctx<'_>, h: u64, private: bool) -> io::Result<()> {
         let (geo, _) = huge_geo(ctx)?;
-        let uffd = self.uffd.clone();
         let _own = self.announce(geo, h);
+        let (uffd, own) = self.tracking();
+        let t = Track::new(uffd.as_deref(), own.as_deref());
         for slot in &mut self.slots {
             if slot.huge_span(geo, h).is_none() || slot.window(h) != Window::Pieces {
                 continue;
             }
             // Replaced while still registered, as in a split (its writers are blocked).
             if private {
-                hole(slot, geo, h)?;
+                place(slot, geo, h, hole_aside(geo, h)?, t)?;
                 slot.windows.insert(h, Window::Hole);
             } else {
-                whole(slot, ctx, geo, h)?;
+                place(slot, geo, h, whole_aside(ctx, geo, h)?, t)?;
                 slot.windows.remove(&h);
             }
-            register_window(slot, geo, h, uffd.as_deref())?;
         }
         Ok(())
     }
 
     /// Makes every page of every view fault (the file was handed over to another process).
     pub fn release_all(&mut self) {
-        let uffd = self.uffd.clone();
+        let windows: Vec<(usize, usize)> = self
+            .slots
+            .iter()
+            .filter(|s| s.mech == Mech::Huge)
+            .map(|s| (s.base(), s.len))
+            .collect();
+        let _own = self.tracker.as_ref().map(|t| t.own.expect(&windows));
+        let (uffd, own) = self.tracking();
+        let t = Track::new(uffd.as_deref(), own.as_deref());
         for slot in &mut self.slots {
             let res = match slot.mech {
                 Mech::Guards | Mech::Sealed => slot.map.guard(0, slot.len),
-                Mech::Huge => {
-                    if let Some(u) = &uffd {
-                        let _ = u.unregister(slot.base(), slot.len);
-                    }
-                    slot.registered = false;
-                    hole_fd().and_then(|fd| {
-                        slot.map.map_fixed(
-                            0,
-                            slot.len,
-                            Some(fd),
-                            0,
-                            libc::MAP_SHARED,
-                            libc::PROT_READ | libc::PROT_WRITE,
-                        )
-                    })
-                }
+                // One hole over the whole view, moved in registered (as in `place`).
+                Mech::Huge => hole_fd()
+                    .and_then(|fd| Mapping::shared(fd, 0, slot.len, 0))
+                    .and_then(|m| {
+                        m.advise(0, m.len(), libc::MADV_DONTFORK)?;
+                        install(slot, 0, m, t)
+                    }),
             };
             if let Err(e) = res {
                 tracing::error!(view = slot.id, "revoking a view at hand-over: {e}");
@@ -545,14 +599,18 @@ impl ViewSet {
         if faulting.is_empty() {
             return Ok(());
         }
+        let (uffd, own) = self.tracking();
+        let t = Track::new(uffd.as_deref(), own.as_deref());
         for s in &self.slots {
             match s.mech {
-                Mech::Guards | Mech::Sealed => faulting.iter().try_for_each(|f| s.guard(*f))?,
+                Mech::Guards | Mech::Sealed => faulting
+                    .iter()
+                    .try_for_each(|f| vacated_ok(s, *f, s.guard(*f), t))?,
                 Mech::Huge => {
                     let (geo, _) = huge_geo(ctx)?;
                     for f in &faulting {
                         if s.window(geo.of_page(f.start)) == Window::Pieces {
-                            s.guard(*f)?;
+                            vacated_ok(s, *f, s.guard(*f), t)?;
                         }
                     }
                 }
@@ -630,95 +688,98 @@ fn minus(r: PageRange, keep: &[u64]) -> Vec<PageRange> {
     out
 }
 
-/// Moves a prepared window over huge page `h` of `slot`.
-fn place(slot: &Slot, geo: HugeGeometry, h: u64, aside: Aside) -> io::Result<()> {
-    let (off, _) = slot
-        .huge_span(geo, h)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    slot.map.replace_with(off, aside.map)
+/// How a window replacement keeps a view tracked: the view userfaultfd, and the reader's
+/// record of gmem's own remaps (both absent for a view not registered yet).
+#[derive(Clone, Copy, Default)]
+struct Track<'a> {
+    uffd: Option<&'a Uffd>,
+    own: Option<&'a tracker::OwnOps>,
 }
 
-/// Maps the empty memfd over huge page `h` of `slot` (every page there is private).
-fn hole(slot: &Slot, geo: HugeGeometry, h: u64) -> io::Result<()> {
+impl<'a> Track<'a> {
+    fn new(uffd: Option<&'a Uffd>, own: Option<&'a tracker::OwnOps>) -> Self {
+        Track { uffd, own }
+    }
+}
+
+/// Moves `aside` (a whole mapping built elsewhere) over `[off, off + aside.len())` of
+/// `slot`. A registered view's replacement is registered with the view userfaultfd *before*
+/// it moves in: a mapping created in place, or a window unregistered for a moment, could be
+/// moved by the VMM in between, and the moved range would map the file with nothing tracking
+/// it. The move raises an unmap event (the old window) and a remap event (the aside), both
+/// announced as gmem's own.
+fn install(slot: &Slot, off: usize, aside: Mapping, t: Track<'_>) -> io::Result<()> {
+    let at = slot.base() + off;
+    if aside.addr() < at + aside.len() && at < aside.addr() + aside.len() {
+        // The kernel placed the aside where the window was: the VMM moved or unmapped the
+        // view meanwhile. Nothing is replaced (the aside goes); the view is given up when
+        // the change is neutralised.
+        return match t.own {
+            Some(own) => {
+                own.note_foreign();
+                Ok(())
+            }
+            None => Err(io::Error::from_raw_os_error(libc::EBUSY)),
+        };
+    }
+    if let (Some(u), Some(own), true) = (t.uffd, t.own, slot.registered) {
+        // Announced first: if the move fails, dropping the aside raises an unmap event too.
+        own.expect_aside(aside.addr(), aside.len());
+        u.register(aside.addr(), aside.len())?;
+        return slot.map.replace_with(off, aside);
+    }
+    let len = aside.len();
+    slot.map.replace_with(off, aside)?;
+    if let (Some(u), true) = (t.uffd, slot.registered) {
+        u.register(slot.base() + off, len)?;
+    }
+    Ok(())
+}
+
+/// `res`, the outcome of a view operation on `r` in `slot`, unless it failed because the VMM
+/// moved or unmapped the view under gmem (`ENOMEM`, and nothing mapped there any more): that
+/// is no failure of the conversion. The reader is told, and the view is given up (and its
+/// moved pages neutralised) before the conversion returns. Any other error stands.
+fn vacated_ok(slot: &Slot, r: PageRange, res: io::Result<()>, t: Track<'_>) -> io::Result<()> {
+    match (res, t.own) {
+        (Err(e), Some(own)) if e.raw_os_error() == Some(libc::ENOMEM) && slot.vacated(r) => {
+            own.note_foreign();
+            Ok(())
+        }
+        (res, _) => res,
+    }
+}
+
+/// Moves `aside` over huge page `h`'s window in `slot` (see [`install`]).
+fn place(slot: &Slot, geo: HugeGeometry, h: u64, aside: Mapping, t: Track<'_>) -> io::Result<()> {
     let (off, len) = slot
         .huge_span(geo, h)
         .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    // Holes map the empty memfd at their own file offset, so adjacent holes are one mapping.
-    slot.map.map_fixed(
-        off,
-        len,
-        Some(hole_fd()?),
-        geo.bytes(h).start,
-        libc::MAP_SHARED,
-        rw,
-    )?;
-    slot.map.advise(off, len, libc::MADV_DONTFORK)
+    if aside.len() != len {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    install(slot, off, aside, t)
 }
 
-/// Maps huge page `h` of the file over its window in `slot` (every page there is shared).
-fn whole(slot: &Slot, ctx: &Ctx<'_>, geo: HugeGeometry, h: u64) -> io::Result<()> {
-    let (off, len) = slot
-        .huge_span(geo, h)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    slot.map.map_file_at(off, len, ctx.fd, geo.bytes(h).start)?;
-    slot.map.advise(off, len, libc::MADV_DONTFORK)?;
+/// The empty memfd mapped aside for huge page `h`'s window (every page there is private).
+/// Holes map the empty memfd at their own file offset, so adjacent holes are one mapping.
+fn hole_aside(geo: HugeGeometry, h: u64) -> io::Result<Mapping> {
+    let hr = geo.bytes(h);
+    let len = to_usize(hr.len())?;
+    let m = Mapping::shared(hole_fd()?, hr.start, len, 0)?;
+    m.advise(0, len, libc::MADV_DONTFORK)?;
+    Ok(m)
+}
+
+/// Huge page `h` of the file mapped aside, under the NUMA policy (every page there is
+/// shared).
+fn whole_aside(ctx: &Ctx<'_>, geo: HugeGeometry, h: u64) -> io::Result<Mapping> {
+    let hr = geo.bytes(h);
+    let len = to_usize(hr.len())?;
+    let m = Mapping::shared(ctx.fd, hr.start, len, 0)?;
+    m.advise(0, len, libc::MADV_DONTFORK)?;
     if let Some(p) = ctx.numa {
-        numa::mbind(&slot.map, off, len, p)?;
+        numa::mbind(&m, 0, len, p)?;
     }
-    Ok(())
-}
-
-/// Registers the window of huge page `h` (just remapped) with the view userfaultfd.
-fn register_window(
-    slot: &mut Slot,
-    geo: HugeGeometry,
-    h: u64,
-    uffd: Option<&Uffd>,
-) -> io::Result<()> {
-    if let (Some(u), true) = (uffd, slot.registered) {
-        if let Some((off, len)) = slot.huge_span(geo, h) {
-            u.register(slot.base() + off, len)?;
-        }
-    }
-    Ok(())
-}
-
-/// A whole huge page became private outside a split (a bulk conversion of whole pages):
-/// its window becomes a hole. Unregistered first so the remap raises no event.
-fn rehole(slot: &mut Slot, geo: HugeGeometry, h: u64, uffd: Option<&Uffd>) -> io::Result<()> {
-    unregister_window(slot, geo, h, uffd)?;
-    hole(slot, geo, h)?;
-    register_window(slot, geo, h, uffd)?;
-    slot.windows.insert(h, Window::Hole);
-    Ok(())
-}
-
-/// A wholly private huge page became wholly shared: its window maps the huge page again.
-fn rewhole(
-    slot: &mut Slot,
-    ctx: &Ctx<'_>,
-    geo: HugeGeometry,
-    h: u64,
-    uffd: Option<&Uffd>,
-) -> io::Result<()> {
-    unregister_window(slot, geo, h, uffd)?;
-    whole(slot, ctx, geo, h)?;
-    register_window(slot, geo, h, uffd)?;
-    slot.windows.remove(&h);
-    Ok(())
-}
-
-fn unregister_window(
-    slot: &Slot,
-    geo: HugeGeometry,
-    h: u64,
-    uffd: Option<&Uffd>,
-) -> io::Result<()> {
-    if let (Some(u), true) = (uffd, slot.registered) {
-        if let Some((off, len)) = slot.huge_span(geo, h) {
-            u.unregister(slot.base() + off, len)?;
-        }
-    }
-    Ok(())
+    Ok(m)
 }

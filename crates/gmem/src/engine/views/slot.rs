@@ -118,6 +118,15 @@ impl Slot {
         }
     }
 
+    /// True when part of the pages of `r` this view shows is no longer mapped at all (the
+    /// VMM moved or unmapped the view under gmem): `mincore` answers `ENOMEM` there.
+    pub fn vacated(&self, r: PageRange) -> bool {
+        match self.span(r) {
+            Some((off, len)) => crate::sys::mapping::vacant(self.base() + off, len),
+            None => false,
+        }
+    }
+
     /// Removes guard markers from the pages of `r` this view shows.
     pub fn unguard(&self, r: PageRange) -> io::Result<()> {
         match self.span(r) {

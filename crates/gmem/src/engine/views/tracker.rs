@@ -18,9 +18,16 @@
 //!
 //! Only then is the event read and the thread released: what it gets back from `mremap` is
 //! a range that faults. The view cannot grow in place (a fence page follows every view), so
-//! every growth is a move. gmem's own remaps of registered ranges (HugeTLB split and merge)
-//! announce the ranges they expect events for; a foreign event that arrives during one is
-//! neutralised when it ends, a window of one split.
+//! every growth is a move.
+//!
+//! gmem's own remaps of registered ranges (a HugeTLB window replaced at a split, a merge, or a
+//! whole huge page's conversion) announce the ranges they expect events for. A replacement
+//! is built aside and registered *before* it moves over the window, so no moment leaves a
+//! mapping of the file at a view's address that nothing tracks. A foreign event that arrives
+//! meanwhile (a remap of a view is always foreign: gmem moves only its asides) is read at
+//! once, which lets the VMM's thread go on, and neutralised before the operation returns; so
+//! is a view that gmem finds gone under it (`ENOMEM`/`ENOENT` where it was, and nothing
+//! mapped there).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
@@ -35,19 +42,40 @@ use crate::sys::uffd::{Event, Uffd};
 #[derive(Debug, Default)]
 pub(crate) struct OwnOps {
     active: AtomicUsize,
-    expected: Mutex<Vec<(u64, u64)>>,
+    expected: Mutex<Expected>,
     foreign: AtomicBool,
+}
+
+/// Address ranges gmem's own remaps raise events for.
+#[derive(Debug, Default)]
+struct Expected {
+    /// Ranges that may be unmapped (replaced windows, asides that failed to move).
+    unmaps: Vec<(u64, u64)>,
+    /// Registered mappings built aside that move over a window.
+    moves: Vec<(u64, u64)>,
 }
 
 impl OwnOps {
     /// Announces remaps of `ranges` (addresses) until the guard is dropped.
     pub fn expect(self: &Arc<Self>, ranges: &[(usize, usize)]) -> OwnGuard {
-        self.expected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.lock()
+            .unmaps
             .extend(ranges.iter().map(|&(a, l)| (a as u64, (a + l) as u64)));
         self.active.fetch_add(1, Ordering::AcqRel);
         OwnGuard { own: self.clone() }
+    }
+
+    /// Announces a registered mapping built aside at `[addr, addr + len)`, about to move
+    /// over a window (or to be unmapped if the move fails), under an active announcement.
+    pub fn expect_aside(&self, addr: usize, len: usize) {
+        let r = (addr as u64, (addr + len) as u64);
+        let mut exp = self.lock();
+        exp.unmaps.push(r);
+        exp.moves.push(r);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Expected> {
+        self.expected.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn is_active(&self) -> bool {
@@ -55,13 +83,21 @@ impl OwnOps {
     }
 
     fn is_expected(&self, ev: &Event) -> bool {
-        let exp = self.expected.lock().unwrap_or_else(|e| e.into_inner());
-        let inside = |a: u64, b: u64| exp.iter().any(|&(s, e)| a >= s && b <= e);
+        let exp = self.lock();
+        let inside = |v: &[(u64, u64)], a: u64, b: u64| v.iter().any(|&(s, e)| a >= s && b <= e);
         match *ev {
-            Event::Unmap { start, end } => inside(start, end),
-            Event::Remap { from, len, .. } => inside(from, from.saturating_add(len)),
+            Event::Unmap { start, end } => inside(&exp.unmaps, start, end),
+            // gmem moves only its own asides: a view's window that moved was moved by the
+            // VMM, whatever gmem was doing meanwhile.
+            Event::Remap { from, len, .. } => inside(&exp.moves, from, from.saturating_add(len)),
             Event::Other => true,
         }
+    }
+
+    /// Records a change gmem found the VMM made to a view (a view moved or unmapped under a
+    /// conversion): it is neutralised when the conversion ends.
+    pub fn note_foreign(&self) {
+        self.foreign.store(true, Ordering::Release);
     }
 
     /// True (once) when a foreign event arrived during an own remap.
@@ -79,11 +115,7 @@ pub(crate) struct OwnGuard {
 impl Drop for OwnGuard {
     fn drop(&mut self) {
         if self.own.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.own
-                .expected
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
+            *self.own.lock() = Expected::default();
         }
     }
 }
@@ -132,6 +164,15 @@ impl Tracker {
     }
 }
 
+impl Tracker {
+    /// Reads every pending event now, for a caller that holds the control lock and has just
+    /// neutralised (the reader does the same when it gets the lock).
+    pub fn take_events(&self, uffd: &Uffd) {
+        drain(uffd, &self.own);
+        self.own.foreign.store(false, Ordering::Release);
+    }
+}
+
 impl Drop for Tracker {
     fn drop(&mut self) {
         if self.generation != crate::sys::fork::generation() {
@@ -159,6 +200,9 @@ impl Drop for Tracker {
         }
     }
 }
+
+/// How long the reader keeps looking for the next event of an own remap before it sleeps.
+const OWN_FOLLOW_UP: Duration = Duration::from_micros(50);
 
 /// Reads every pending event; the unexpected ones mark a foreign event.
 fn drain(uffd: &Uffd, own: &OwnOps) {
@@ -209,6 +253,14 @@ fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
         loop {
             if own.is_active() {
                 drain(uffd, own);
+                // An own window replacement raises its events one after the other (the
+                // replaced window's unmap, then the aside's move): the next follows within
+                // microseconds, and is taken without a sleep and wake-up in between.
+                let t = std::time::Instant::now();
+                while own.is_active() && t.elapsed() < OWN_FOLLOW_UP {
+                    drain(uffd, own);
+                    std::hint::spin_loop();
+                }
                 break;
             }
             let Some(f) = file.upgrade() else {
