@@ -32,18 +32,18 @@ fn a_view_moved_while_it_converts_leaves_no_alias() {
             .create()
             .expect("create");
         mem.write_at(0, &pattern(0, M2 as usize)).expect("fill");
-        moved_view_race(mem);
+        moved_view_race(mem, "hugetlb");
     }
     let mem = GuestMemfd::create(M2, Flags::MMAP | Flags::INIT_SHARED).expect("create");
     mem.write_at(0, &pattern(0, M2 as usize)).expect("fill");
-    moved_view_race(mem);
+    moved_view_race(mem, "shmem");
 }
 
 /// Moves of a view of the 2 MiB file `mem` at random moments while it converts whole, then
 /// while one page converts (300 each in release builds, 100 in debug ones); each moved range
 /// must fault everywhere once the conversion in flight has ended, and the file shows as it
 /// should in a fresh view at the end.
-fn moved_view_race(mem: GuestMemfd) {
+fn moved_view_race(mem: GuestMemfd, backing: &str) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let mem = Arc::new(mem);
@@ -124,7 +124,7 @@ fn moved_view_race(mem: GuestMemfd) {
                     assert_eq!(
                         t.signal(),
                         Some(libc::SIGBUS),
-                        "round {round} (whole: {whole}): page {page} of the moved view: {t:?}"
+                        "{backing}: round {round} (whole: {whole}): page {page} of the moved view: {t:?}"
                     );
                 }
             }
@@ -136,7 +136,7 @@ fn moved_view_race(mem: GuestMemfd) {
         stop.store(true, Ordering::Release);
         converter.join().expect("converter");
         eprintln!(
-            "whole: {whole}: {moved_n} views moved, {refused} refused, {} conversions",
+            "{backing}, whole: {whole}: {moved_n} views moved, {refused} refused, {} conversions",
             busy.load(Ordering::Acquire) / 2
         );
     }

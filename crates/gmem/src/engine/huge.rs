@@ -335,12 +335,16 @@ impl Engine {
         let Some(u) = ctl.views.uffd().cloned() else {
             return;
         };
-        if ctl.views.tracker.is_none() || !u.pending() {
+        if ctl.views.tracker.is_none() {
             return;
         }
-        self.neutralize(ctl);
-        if let Some(t) = &ctl.views.tracker {
-            t.take_events(&u);
+        // One neutralisation per event, as the reader does (see `tracker::read_one`).
+        while u.pending() {
+            self.neutralize(ctl);
+            match &ctl.views.tracker {
+                Some(t) if t.take_event(&u) => {}
+                _ => return,
+            }
         }
     }
 

@@ -17,7 +17,9 @@
 //!    range mapped but moves its markers away).
 //!
 //! Only then is the event read and the thread released: what it gets back from `mremap` is
-//! a range that faults. The view cannot grow in place (a fence page follows every view), so
+//! a range that faults. Events are read one per neutralisation: a move made while the
+//! mappings were being looked at has its event queued after the look, and is neutralised by
+//! the next one before its thread goes on. The view cannot grow in place (a fence page follows every view), so
 //! every growth is a move.
 //!
 //! gmem's own remaps of registered ranges (a HugeTLB window replaced at a split, a merge, or a
@@ -123,8 +125,8 @@ impl Drop for OwnGuard {
 /// What the reader needs from the file.
 pub(crate) trait Tracked: Send + Sync + 'static {
     /// Takes the control lock if it is free, neutralises, calls `drain` (which reads the
-    /// events, releasing the threads that raised them) and releases the lock; false when the
-    /// lock was held elsewhere.
+    /// oldest event, releasing the thread that raised it) and releases the lock; false when
+    /// the lock was held elsewhere.
     fn try_neutralize(&self, drain: &dyn Fn()) -> bool;
 }
 
@@ -165,11 +167,12 @@ impl Tracker {
 }
 
 impl Tracker {
-    /// Reads every pending event now, for a caller that holds the control lock and has just
-    /// neutralised (the reader does the same when it gets the lock).
-    pub fn take_events(&self, uffd: &Uffd) {
-        drain(uffd, &self.own);
+    /// Reads the oldest pending event now (true when there was one), for a caller that holds
+    /// the control lock and has just neutralised, as the reader does when it gets the lock.
+    pub fn take_event(&self, uffd: &Uffd) -> bool {
+        let got = read_one(uffd, &self.own);
         self.own.foreign.store(false, Ordering::Release);
+        got
     }
 }
 
@@ -206,18 +209,29 @@ const OWN_FOLLOW_UP: Duration = Duration::from_micros(50);
 
 /// Reads every pending event; the unexpected ones mark a foreign event.
 fn drain(uffd: &Uffd, own: &OwnOps) {
-    loop {
-        match uffd.read_event() {
-            Ok(Some(ev)) => {
-                if !own.is_expected(&ev) {
-                    own.foreign.store(true, Ordering::Release);
-                }
+    while read_one(uffd, own) {}
+}
+
+/// Reads the oldest pending event, if any (true when there was one); an unexpected one marks
+/// a foreign event.
+///
+/// Outside gmem's own remaps, events are read one at a time, each right after a
+/// neutralisation: reading an event lets the thread that raised it go on, and only an event
+/// that was pending before the neutralisation looked at the mappings is sure to have its
+/// move in what it saw (the move happens before its event is queued). Draining everything
+/// after one neutralisation would let a move made in between go unneutralised.
+fn read_one(uffd: &Uffd, own: &OwnOps) -> bool {
+    match uffd.read_event() {
+        Ok(Some(ev)) => {
+            if !own.is_expected(&ev) {
+                own.foreign.store(true, Ordering::Release);
             }
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!("reading the view userfaultfd: {e}");
-                return;
-            }
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::error!("reading the view userfaultfd: {e}");
+            false
         }
     }
 }
@@ -268,7 +282,7 @@ fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
                 return;
             };
             let drained = || {
-                drain(uffd, own);
+                read_one(uffd, own);
                 own.foreign.store(false, Ordering::Release);
             };
             if f.try_neutralize(&drained) {
