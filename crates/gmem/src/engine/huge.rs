@@ -330,14 +330,20 @@ impl Engine {
     /// Before a conversion touches the views: a view the VMM moved or unmapped while the
     /// control lock was held elsewhere (its event waits for the lock) is neutralised, and
     /// given up, now. So gmem does not go on working on the address range the move left
-    /// empty, which any other mapping of the process may take meanwhile. One `poll`.
+    /// empty, which any other mapping of the process may take meanwhile. An atomic load
+    /// unless the reader waits for the lock.
     pub(crate) fn settle(&self, ctl: &mut Control) {
+        if !ctl
+            .views
+            .tracker
+            .as_ref()
+            .is_some_and(|t| t.own.reader_waits())
+        {
+            return;
+        }
         let Some(u) = ctl.views.uffd().cloned() else {
             return;
         };
-        if ctl.views.tracker.is_none() {
-            return;
-        }
         // One neutralisation per event, as the reader does (see `tracker::read_one`).
         while u.pending() {
             self.neutralize(ctl);

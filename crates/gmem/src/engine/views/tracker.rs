@@ -19,8 +19,8 @@
 //! Only then is the event read and the thread released: what it gets back from `mremap` is
 //! a range that faults. Events are read one per neutralisation: a move made while the
 //! mappings were being looked at has its event queued after the look, and is neutralised by
-//! the next one before its thread goes on. The view cannot grow in place (a fence page follows every view), so
-//! every growth is a move.
+//! the next one before its thread goes on. The view cannot grow in place (a fence page
+//! follows every view), so every growth is a move.
 //!
 //! gmem's own remaps of registered ranges (a HugeTLB window replaced at a split, a merge, or a
 //! whole huge page's conversion) announce the ranges they expect events for. A replacement
@@ -46,6 +46,8 @@ pub(crate) struct OwnOps {
     active: AtomicUsize,
     expected: Mutex<Expected>,
     foreign: AtomicBool,
+    /// The reader holds an event it could not neutralise: the control lock was taken.
+    waiting: AtomicBool,
 }
 
 /// Address ranges gmem's own remaps raise events for.
@@ -100,6 +102,11 @@ impl OwnOps {
     /// conversion): it is neutralised when the conversion ends.
     pub fn note_foreign(&self) {
         self.foreign.store(true, Ordering::Release);
+    }
+
+    /// True while the reader holds an event and waits for the control lock.
+    pub fn reader_waits(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// True (once) when a foreign event arrived during an own remap.
@@ -164,9 +171,7 @@ impl Tracker {
             own,
         })
     }
-}
 
-impl Tracker {
     /// Reads the oldest pending event now (true when there was one), for a caller that holds
     /// the control lock and has just neutralised, as the reader does when it gets the lock.
     pub fn take_event(&self, uffd: &Uffd) -> bool {
@@ -286,8 +291,10 @@ fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
                 own.foreign.store(false, Ordering::Release);
             };
             if f.try_neutralize(&drained) {
+                own.waiting.store(false, Ordering::Release);
                 break;
             }
+            own.waiting.store(true, Ordering::Release);
             drop(f);
             std::thread::sleep(Duration::from_micros(200));
         }
