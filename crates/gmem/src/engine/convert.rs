@@ -285,9 +285,6 @@ impl Engine {
             Attr::Private => self.to_private(ctl, seg),
             Attr::Shared => self.to_shared(ctl, seg),
         };
-        // Whole huge pages' windows were replaced: a view the VMM moved meanwhile is
-        // neutralised before the conversion returns.
-        self.after_own_remap(ctl);
         if let Some(h) = h {
             // Merge when whole again; this also undoes a split made for a conversion that
             // failed. A merge that cannot happen now leaves the page split: it is retried.
@@ -297,6 +294,9 @@ impl Engine {
                 }
             }
         }
+        // A view the VMM moved or unmapped meanwhile is neutralised before the conversion
+        // returns.
+        self.after_own_remap(ctl);
         res
     }
 

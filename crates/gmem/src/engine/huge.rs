@@ -392,10 +392,12 @@ impl Engine {
         // Announced from the freeze to the thaw: the reader then takes every event at once,
         // so a remap by the VMM meanwhile never holds up the write-protection (the kernel
         // refuses it with `EAGAIN` while an event is unread).
-        let _own = ctl.views.announce(huge.geo, h);
+        let own = ctl.views.announce(huge.geo, h);
         let frozen = self.freeze_writers(ctl, h).map_err(os)?;
         let res = self.split_frozen(ctl, huge, map, h);
         frozen.thaw();
+        // The announcement ends first: a foreign event read until then is seen below.
+        drop(own);
         self.after_own_remap(ctl);
         res
     }
@@ -498,7 +500,7 @@ impl Engine {
             }
             st.attrs.all(hp.start, hp.end, Attr::Private)
         };
-        let _own = ctl.views.announce(huge.geo, h);
+        let own = ctl.views.announce(huge.geo, h);
         let frozen = self.freeze_writers(ctl, h).map_err(os)?;
         let res = (|| {
             if keep {
@@ -516,6 +518,7 @@ impl Engine {
             Ok(())
         })();
         frozen.thaw();
+        drop(own);
         self.after_own_remap(ctl);
         if let Err(e) = res {
             if let RestructureError::Busy { .. } = e {

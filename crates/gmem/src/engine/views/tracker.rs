@@ -87,7 +87,10 @@ impl OwnOps {
     }
 
     fn is_expected(&self, ev: &Event) -> bool {
-        let exp = self.lock();
+        Self::expected_in(&self.lock(), ev)
+    }
+
+    fn expected_in(exp: &Expected, ev: &Event) -> bool {
         let inside = |v: &[(u64, u64)], a: u64, b: u64| v.iter().any(|&(s, e)| a >= s && b <= e);
         match *ev {
             Event::Unmap { start, end } => inside(&exp.unmaps, start, end),
@@ -123,8 +126,13 @@ pub(crate) struct OwnGuard {
 
 impl Drop for OwnGuard {
     fn drop(&mut self) {
-        if self.own.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.own.lock() = Expected::default();
+        let last = self.own.active.fetch_sub(1, Ordering::AcqRel) == 1;
+        // Taking the lock waits for a read of events as own that is under way: once the last
+        // guard is gone, every event read as own is recorded, so the caller's
+        // `take_foreign` that follows sees a foreign one among them.
+        let mut exp = self.own.lock();
+        if last {
+            *exp = Expected::default();
         }
     }
 }
@@ -217,6 +225,30 @@ fn drain(uffd: &Uffd, own: &OwnOps) {
     while read_one(uffd, own) {}
 }
 
+/// While gmem's own remaps are announced: reads every pending event (false, reading
+/// nothing, once none is). The record of expected ranges stays locked meanwhile, so the
+/// announcement cannot end in the middle (see `OwnGuard::drop`).
+fn drain_own(uffd: &Uffd, own: &OwnOps) -> bool {
+    let exp = own.lock();
+    if !own.is_active() {
+        return false;
+    }
+    loop {
+        match uffd.read_event() {
+            Ok(Some(ev)) => {
+                if !OwnOps::expected_in(&exp, &ev) {
+                    own.foreign.store(true, Ordering::Release);
+                }
+            }
+            Ok(None) => return true,
+            Err(e) => {
+                tracing::error!("reading the view userfaultfd: {e}");
+                return true;
+            }
+        }
+    }
+}
+
 /// Reads the oldest pending event, if any (true when there was one); an unexpected one marks
 /// a foreign event.
 ///
@@ -270,14 +302,12 @@ fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
             continue;
         }
         loop {
-            if own.is_active() {
-                drain(uffd, own);
+            if drain_own(uffd, own) {
                 // An own window replacement raises its events one after the other (the
                 // replaced window's unmap, then the aside's move): the next follows within
                 // microseconds, and is taken without a sleep and wake-up in between.
                 let t = std::time::Instant::now();
-                while own.is_active() && t.elapsed() < OWN_FOLLOW_UP {
-                    drain(uffd, own);
+                while t.elapsed() < OWN_FOLLOW_UP && drain_own(uffd, own) {
                     std::hint::spin_loop();
                 }
                 break;
