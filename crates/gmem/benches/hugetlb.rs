@@ -203,6 +203,49 @@ fn p8(rows: &mut Vec<Row>) {
     });
 }
 
+/// Whole huge pages converting outside a split (64 MiB to private and back in one call each):
+/// with one host view, whose 32 windows are each replaced by a hole and back, against the
+/// same conversions of a file with no view. Recorded, no bar.
+fn whole(rows: &mut Vec<Row>) {
+    const N: u32 = 21;
+    const SIZE: u64 = 64 << 20;
+    let create = || {
+        GuestMemfd::builder(SIZE)
+            .flags(Flags::MMAP | Flags::INIT_SHARED)
+            .backing(BackingChoice::HugeTlb(HUGE_2M))
+            .prealloc(Some(Prealloc::new()))
+            .create()
+            .expect("create")
+    };
+    let (viewed, bare) = (create(), create());
+    let _view = viewed.map(0, SIZE).expect("map");
+    let pair = |mem: &GuestMemfd| {
+        let t = Instant::now();
+        mem.convert(0, SIZE, Attr::Private).expect("to private");
+        mem.convert(0, SIZE, Attr::Shared).expect("to shared");
+        t.elapsed()
+    };
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..N {
+        with.push(pair(&viewed));
+        without.push(pair(&bare));
+    }
+    let (w, b) = (median(with), median(without));
+    rows.push(Row {
+        bar: "WHOLE",
+        what: format!(
+            "64 MiB of whole 2 MiB pages to private and back, 1 view ({:.1} µs per window \
+             replacement)",
+            (w.as_secs_f64() - b.as_secs_f64()) * 1e6 / 64.0
+        ),
+        gmem: w,
+        base: b,
+        base_what: "the same conversions, no view",
+        ratio: w.as_secs_f64() / b.as_secs_f64(),
+        target: "recorded",
+    });
+}
+
 /// Random 8-byte reads over the guest view of a preallocated file.
 fn random_reads(mem: &GuestMemfd, reads: u64) -> Duration {
     let base = mem.guest().expect("guest view").as_ptr() as usize;
@@ -268,7 +311,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1024);
     let size = mib << 20;
-    // `GMEM_BENCH_ONLY=P8` (or `P6`, `TLB`, comma-separated) runs only those rows.
+    // `GMEM_BENCH_ONLY=P8` (or `P6`, `WHOLE`, `TLB`, comma-separated) runs only those rows.
     let only = std::env::var("GMEM_BENCH_ONLY").ok();
     let on = |bar: &str| {
         only.as_deref()
@@ -293,6 +336,9 @@ fn main() {
                 }
                 if on("P8") {
                     p8(&mut rows);
+                }
+                if on("WHOLE") {
+                    whole(&mut rows);
                 }
                 if on("TLB") {
                     tlb(&mut rows, size);

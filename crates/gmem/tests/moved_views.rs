@@ -9,6 +9,8 @@ use gmem::{Attr, BackingChoice, Flags, GuestMemfd, HUGE_2M};
 use hugepool::{pattern, pool, touch, Touch};
 
 const M2: u64 = HUGE_2M;
+/// Two huge pages: a whole-page conversion replaces both windows as one run.
+const SIZE: u64 = 2 * M2;
 const P: u64 = 4096;
 const ROUNDS: u32 = if cfg!(debug_assertions) { 100 } else { 300 };
 
@@ -18,28 +20,29 @@ const ROUNDS: u32 = if cfg!(debug_assertions) { 100 } else { 300 };
 /// A move that raced gmem's own remap of the window must not leave a mapping of the file
 /// there that nothing tracks.
 ///
-/// On HugeTLB (2 MiB pages: whole-page conversions replace the window with a hole and back,
-/// one-page ones split and merge), then on shmem (guard markers). One test, the only one of
+/// On HugeTLB (two 2 MiB pages: whole-page conversions replace both windows with one hole
+/// and back, one-page ones split and merge the first; a view of a split and a whole window is
+/// two mappings, which `mremap` refuses with `EFAULT`), then on shmem (guard markers). One test, the only one of
 /// this binary: a view the VMM moves leaves its address range empty until gmem neutralises
 /// the move, and another test's mapping taking that range meanwhile would see gmem's work on
 /// it (the documented exception of `gmem::HostView`).
 #[test]
 fn a_view_moved_while_it_converts_leaves_no_alias() {
-    if let Some(_pool) = pool(M2, 1) {
-        let mem = GuestMemfd::builder(M2)
+    if let Some(_pool) = pool(M2, 2) {
+        let mem = GuestMemfd::builder(SIZE)
             .flags(Flags::MMAP | Flags::INIT_SHARED)
             .backing(BackingChoice::HugeTlb(M2))
             .create()
             .expect("create");
-        mem.write_at(0, &pattern(0, M2 as usize)).expect("fill");
+        mem.write_at(0, &pattern(0, SIZE as usize)).expect("fill");
         moved_view_race(mem, "hugetlb");
     }
-    let mem = GuestMemfd::create(M2, Flags::MMAP | Flags::INIT_SHARED).expect("create");
-    mem.write_at(0, &pattern(0, M2 as usize)).expect("fill");
+    let mem = GuestMemfd::create(SIZE, Flags::MMAP | Flags::INIT_SHARED).expect("create");
+    mem.write_at(0, &pattern(0, SIZE as usize)).expect("fill");
     moved_view_race(mem, "shmem");
 }
 
-/// Moves of a view of the 2 MiB file `mem` at random moments while it converts whole, then
+/// Moves of a view of the 4 MiB file `mem` at random moments while it converts whole, then
 /// while one page converts (300 each in release builds, 100 in debug ones); each moved range
 /// must fault everywhere once the conversion in flight has ended, and the file shows as it
 /// should in a fresh view at the end.
@@ -55,7 +58,7 @@ fn moved_view_race(mem: GuestMemfd, backing: &str) {
         let converter = {
             let (mem, stop, pause, busy) = (mem.clone(), stop.clone(), pause.clone(), busy.clone());
             std::thread::spawn(move || {
-                let (off, len) = if whole { (0, M2) } else { (7 * P, P) };
+                let (off, len) = if whole { (0, SIZE) } else { (7 * P, P) };
                 while !stop.load(Ordering::Acquire) {
                     if pause.load(Ordering::Acquire) {
                         std::hint::spin_loop();
@@ -71,12 +74,12 @@ fn moved_view_race(mem: GuestMemfd, backing: &str) {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let (mut moved_n, mut refused) = (0, 0);
         for round in 0..ROUNDS {
-            let view = mem.map(0, M2).expect("map");
+            let view = mem.map(0, SIZE).expect("map");
             // SAFETY: a fresh anonymous mapping where the kernel chooses, as a move target.
             let target = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
-                    M2 as usize,
+                    SIZE as usize,
                     libc::PROT_READ,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                     -1,
@@ -94,8 +97,8 @@ fn moved_view_race(mem: GuestMemfd, backing: &str) {
             let ret = unsafe {
                 libc::mremap(
                     view.as_ptr().cast(),
-                    M2 as usize,
-                    M2 as usize,
+                    SIZE as usize,
+                    SIZE as usize,
                     libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
                     target,
                 )
@@ -119,7 +122,7 @@ fn moved_view_race(mem: GuestMemfd, backing: &str) {
                 refused += 1;
             } else {
                 moved_n += 1;
-                for page in 0..M2 / P {
+                for page in 0..SIZE / P {
                     let t = touch(ret.cast::<u8>().wrapping_add((page * P) as usize));
                     assert_eq!(
                         t.signal(),
@@ -129,7 +132,7 @@ fn moved_view_race(mem: GuestMemfd, backing: &str) {
                 }
             }
             // SAFETY: the target range is this test's (the moved view or the unused target).
-            unsafe { libc::munmap(target, M2 as usize) };
+            unsafe { libc::munmap(target, SIZE as usize) };
             drop(view);
             pause.store(false, Ordering::Release);
         }
@@ -140,8 +143,8 @@ fn moved_view_race(mem: GuestMemfd, backing: &str) {
             busy.load(Ordering::Acquire) / 2
         );
     }
-    let fresh = mem.map(0, M2).expect("map");
-    for page in 0..M2 / P {
+    let fresh = mem.map(0, SIZE).expect("map");
+    for page in 0..SIZE / P {
         let t = touch(fresh.as_ptr().wrapping_add((page * P) as usize));
         assert_eq!(
             t,

@@ -20,8 +20,8 @@
 //!    only then the attributes. Any failure undoes every part that was done, in reverse.
 //!
 //! Base-page backings convert the whole range or nothing. HugeTLB converts one huge page at a
-//! time: a failure after the first is [`ConvertError::Partial`], naming the first byte not
-//! converted. Contents are never copied except by a move, so they survive in both directions.
+//! time (a run of huge pages that convert whole, none split, at once): a failure after the
+//! first is [`ConvertError::Partial`], naming the first byte not converted. Contents are never copied except by a move, so they survive in both directions.
 
 use std::io;
 
@@ -220,11 +220,8 @@ impl Engine {
             None => self.convert_segment(&mut ctl, pr, to, None),
             Some(geo) => {
                 let mut res = Ok(());
-                for h in geo.covering(pr) {
-                    let Some(seg) = geo.pages(h).intersect(&pr) else {
-                        continue;
-                    };
-                    if let Err(e) = self.convert_segment(&mut ctl, seg, to, Some(h)) {
+                for (seg, h) in self.segments(geo, pr, to) {
+                    if let Err(e) = self.convert_segment(&mut ctl, seg, to, h) {
                         let at = seg.bytes().start;
                         res = Err(if at == r.start {
                             e
@@ -256,7 +253,53 @@ impl Engine {
         res
     }
 
-    /// One segment: `[split] set [merge]` (HugeTLB: `seg` lies inside huge page `h`).
+    /// The segments of a HugeTLB conversion of `pr` to `to`, in order: one per huge page
+    /// that splits, merges, is converted in part or (to private) has a page the host holds
+    /// (with that huge page), and one for each run of huge pages that convert whole (`None`:
+    /// none is split, each is uniform now and stays unpoisoned when it becomes shared), so
+    /// that a view's windows over the run are replaced at once. A held page ends the run
+    /// before it, so the conversion stops there as it would one huge page at a time; a run
+    /// that fails otherwise converts none of its pages (the error names its start).
+    fn segments(
+        &self,
+        geo: crate::model::units::HugeGeometry,
+        pr: PageRange,
+        to: Attr,
+    ) -> Vec<(PageRange, Option<u64>)> {
+        let whole = |h: u64| {
+            let hp = geo.pages(h);
+            let Some(huge) = self.huge() else {
+                return false;
+            };
+            let st = self.read_pages();
+            pr.intersect(&hp) == Some(hp)
+                && !huge.state().is_split(h)
+                && (st.attrs.all(hp.start, hp.end, Attr::Shared)
+                    || st.attrs.all(hp.start, hp.end, Attr::Private))
+                && match to {
+                    Attr::Private => self.refs().first_busy(hp).is_none(),
+                    Attr::Shared => !st.poison.any_in(hp),
+                }
+        };
+        let mut out: Vec<(PageRange, Option<u64>)> = Vec::new();
+        for h in geo.covering(pr) {
+            let hp = geo.pages(h);
+            if !whole(h) {
+                if let Some(seg) = hp.intersect(&pr) {
+                    out.push((seg, Some(h)));
+                }
+                continue;
+            }
+            match out.last_mut() {
+                Some((run, None)) if run.end == hp.start => run.end = hp.end,
+                _ => out.push((hp, None)),
+            }
+        }
+        out
+    }
+
+    /// One segment: `[split] set [merge]` (HugeTLB: `seg` lies inside huge page `h`, or is
+    /// a run of huge pages that convert whole when `h` is `None`).
     fn convert_segment(
         &self,
         ctl: &mut Control,

@@ -203,7 +203,7 @@ impl ViewSet {
                         place(slot, geo, h, aside.map, t)?;
                         slot.windows.insert(h, Window::Pieces);
                     } else if shown.attrs.all(hp.start, hp.end, Attr::Private) {
-                        place(slot, geo, h, hole_aside(geo, h)?, t)?;
+                        place(slot, geo, h, hole_aside(geo, (h, 1))?, t)?;
                         slot.windows.insert(h, Window::Hole);
                     } else {
                         slot.windows.remove(&h);
@@ -317,28 +317,29 @@ impl ViewSet {
                 let (geo, _) = huge_geo(ctx)?;
                 let _own = self.announce_replaced(geo, r, Window::Whole);
                 for slot in &mut self.slots {
+                    // Whole huge pages that became private outside a split (a bulk
+                    // conversion of whole pages): their windows become one hole per run.
+                    let mut run = Run::default();
                     for h in geo.covering(r) {
                         if slot.huge_span(geo, h).is_none() {
+                            run.flush(slot, geo, t, None)?;
                             continue;
                         }
                         let hp = geo.pages(h);
                         match slot.window(h) {
                             Window::Pieces => {
+                                run.flush(slot, geo, t, None)?;
                                 let p = r.intersect(&hp).unwrap_or(r);
                                 vacated_ok(slot, p, slot.guard(p), t)?;
                             }
-                            Window::Hole => {}
-                            Window::Whole if r.intersect(&hp) == Some(hp) => {
-                                // A whole huge page became private outside a split (a bulk
-                                // conversion of whole pages): its window becomes a hole.
-                                place(slot, geo, h, hole_aside(geo, h)?, t)?;
-                                slot.windows.insert(h, Window::Hole);
-                            }
+                            Window::Hole => run.flush(slot, geo, t, None)?,
+                            Window::Whole if r.intersect(&hp) == Some(hp) => run.add(h),
                             Window::Whole => {
                                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
                             }
                         }
                     }
+                    run.flush(slot, geo, t, None)?;
                 }
                 Ok(())
             }
@@ -364,28 +365,33 @@ impl ViewSet {
                 let (geo, _) = huge_geo(ctx)?;
                 let _own = self.announce_replaced(geo, r, Window::Hole);
                 for slot in &mut self.slots {
+                    // Wholly private huge pages, now wholly shared: the huge pages again, one
+                    // mapping per run.
+                    let mut run = Run::default();
+                    let shared = Some(ctx);
                     for h in geo.covering(r) {
                         if slot.huge_span(geo, h).is_none() {
+                            run.flush(slot, geo, t, shared)?;
                             continue;
                         }
                         let hp = geo.pages(h);
                         match slot.window(h) {
                             Window::Pieces => {
+                                run.flush(slot, geo, t, shared)?;
                                 for p in &parts {
                                     if let Some(p) = p.intersect(&hp) {
                                         vacated_ok(slot, p, slot.unguard(p), t)?;
                                     }
                                 }
                             }
-                            Window::Whole => {}
+                            Window::Whole => run.flush(slot, geo, t, shared)?,
                             Window::Hole if r.intersect(&hp) == Some(hp) && keep.is_empty() => {
-                                // Wholly private, now wholly shared: the huge page again.
-                                place(slot, geo, h, whole_aside(ctx, geo, h)?, t)?;
-                                slot.windows.remove(&h);
+                                run.add(h);
                             }
                             Window::Hole => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
                         }
                     }
+                    run.flush(slot, geo, t, shared)?;
                 }
                 Ok(())
             }
@@ -456,7 +462,16 @@ impl ViewSet {
         if windows.is_empty() {
             return None;
         }
-        self.tracker.as_ref().map(|t| t.own.expect(&windows))
+        // Adjacent windows are replaced as one run (one unmap event over all of them).
+        windows.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(windows.len());
+        for (a, l) in windows {
+            match merged.last_mut() {
+                Some((ma, ml)) if *ma + *ml == a => *ml += l,
+                _ => merged.push((a, l)),
+            }
+        }
+        self.tracker.as_ref().map(|t| t.own.expect(&merged))
     }
 
     /// The windows of huge page `h` in every view that shows it, for freezing writers:
@@ -505,10 +520,10 @@ impl ViewSet {
             }
             // Replaced while still registered, as in a split (its writers are blocked).
             if private {
-                place(slot, geo, h, hole_aside(geo, h)?, t)?;
+                place(slot, geo, h, hole_aside(geo, (h, 1))?, t)?;
                 slot.windows.insert(h, Window::Hole);
             } else {
-                place(slot, geo, h, whole_aside(ctx, geo, h)?, t)?;
+                place(slot, geo, h, whole_aside(ctx, geo, (h, 1))?, t)?;
                 slot.windows.remove(&h);
             }
         }
@@ -750,33 +765,102 @@ fn vacated_ok(slot: &Slot, r: PageRange, res: io::Result<()>, t: Track<'_>) -> i
     }
 }
 
-/// Moves `aside` over huge page `h`'s window in `slot` (see [`install`]).
-fn place(slot: &Slot, geo: HugeGeometry, h: u64, aside: Mapping, t: Track<'_>) -> io::Result<()> {
-    let (off, len) = slot
-        .huge_span(geo, h)
-        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-    if aside.len() != len {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+/// Moves `aside` over the windows of the `n` huge pages from `h` in `slot` (see
+/// [`install`]).
+fn place_run(
+    slot: &Slot,
+    geo: HugeGeometry,
+    (h, n): (u64, u64),
+    aside: Mapping,
+    t: Track<'_>,
+) -> io::Result<()> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let (off, len) = slot.huge_span(geo, h).ok_or_else(einval)?;
+    let last = h
+        .checked_add(n)
+        .and_then(|e| e.checked_sub(1))
+        .ok_or_else(einval)?;
+    let (last_off, _) = slot.huge_span(geo, last).ok_or_else(einval)?;
+    if last_off + len - off != aside.len() {
+        return Err(einval());
     }
     install(slot, off, aside, t)
 }
 
-/// The empty memfd mapped aside for huge page `h`'s window (every page there is private).
-/// Holes map the empty memfd at their own file offset, so adjacent holes are one mapping.
-fn hole_aside(geo: HugeGeometry, h: u64) -> io::Result<Mapping> {
-    let hr = geo.bytes(h);
-    let len = to_usize(hr.len())?;
-    let m = Mapping::shared(hole_fd()?, hr.start, len, 0)?;
+/// Moves `aside` over huge page `h`'s window in `slot` (see [`install`]).
+fn place(slot: &Slot, geo: HugeGeometry, h: u64, aside: Mapping, t: Track<'_>) -> io::Result<()> {
+    place_run(slot, geo, (h, 1), aside, t)
+}
+
+/// Consecutive huge pages whose windows a revoke or restore replaces, gathered so that each
+/// run is replaced with one mapping (two events for the reader, not two per huge page).
+#[derive(Default)]
+struct Run {
+    first: u64,
+    n: u64,
+}
+
+impl Run {
+    fn add(&mut self, h: u64) {
+        if self.n == 0 {
+            self.first = h;
+        }
+        self.n += 1;
+    }
+
+    /// Replaces the run's windows, with holes (`shared` is `None`) or the huge pages of the
+    /// file (`Some`, with its context), and records them; the run is empty after.
+    fn flush(
+        &mut self,
+        slot: &mut Slot,
+        geo: HugeGeometry,
+        t: Track<'_>,
+        shared: Option<&Ctx<'_>>,
+    ) -> io::Result<()> {
+        if self.n == 0 {
+            return Ok(());
+        }
+        let run = (self.first, self.n);
+        *self = Run::default();
+        let aside = match shared {
+            None => hole_aside(geo, run)?,
+            Some(ctx) => whole_aside(ctx, geo, run)?,
+        };
+        place_run(slot, geo, run, aside, t)?;
+        for h in run.0..run.0 + run.1 {
+            match shared {
+                None => slot.windows.insert(h, Window::Hole),
+                Some(_) => slot.windows.remove(&h),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// The bytes of the `n` huge pages from `h`: offset and length.
+fn run_bytes(geo: HugeGeometry, (h, n): (u64, u64)) -> io::Result<(u64, usize)> {
+    let start = geo.bytes(h).start;
+    let len = n
+        .checked_mul(geo.size)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok((start, to_usize(len)?))
+}
+
+/// The empty memfd mapped aside for the windows of the `n` huge pages from `h` (every page
+/// there is private). Holes map the empty memfd at their own file offset, so adjacent holes
+/// are one mapping.
+fn hole_aside(geo: HugeGeometry, run: (u64, u64)) -> io::Result<Mapping> {
+    let (start, len) = run_bytes(geo, run)?;
+    let m = Mapping::shared(hole_fd()?, start, len, 0)?;
     m.advise(0, len, libc::MADV_DONTFORK)?;
     Ok(m)
 }
 
-/// Huge page `h` of the file mapped aside, under the NUMA policy (every page there is
-/// shared).
-fn whole_aside(ctx: &Ctx<'_>, geo: HugeGeometry, h: u64) -> io::Result<Mapping> {
-    let hr = geo.bytes(h);
-    let len = to_usize(hr.len())?;
-    let m = Mapping::shared(ctx.fd, hr.start, len, 0)?;
+/// The `n` huge pages from `h` of the file mapped aside, under the NUMA policy (every page
+/// there is shared).
+fn whole_aside(ctx: &Ctx<'_>, geo: HugeGeometry, run: (u64, u64)) -> io::Result<Mapping> {
+    let (start, len) = run_bytes(geo, run)?;
+    let m = Mapping::shared(ctx.fd, start, len, 0)?;
     m.advise(0, len, libc::MADV_DONTFORK)?;
     if let Some(p) = ctx.numa {
         numa::mbind(&m, 0, len, p)?;

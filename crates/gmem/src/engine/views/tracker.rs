@@ -218,34 +218,54 @@ impl Drop for Tracker {
 }
 
 /// How long the reader keeps looking for the next event of an own remap before it sleeps.
-const OWN_FOLLOW_UP: Duration = Duration::from_micros(50);
+const OWN_FOLLOW_UP: Duration = Duration::from_micros(200);
 
 /// Reads every pending event; the unexpected ones mark a foreign event.
 fn drain(uffd: &Uffd, own: &OwnOps) {
     while read_one(uffd, own) {}
 }
 
-/// While gmem's own remaps are announced: reads every pending event (false, reading
-/// nothing, once none is). The record of expected ranges stays locked meanwhile, so the
-/// announcement cannot end in the middle (see `OwnGuard::drop`).
-fn drain_own(uffd: &Uffd, own: &OwnOps) -> bool {
+/// While gmem's own remaps are announced: reads every pending event and says how many
+/// (`None`, reading nothing, when none is announced). The record of expected ranges stays
+/// locked meanwhile, so the announcement cannot end in the middle (see `OwnGuard::drop`).
+fn drain_own(uffd: &Uffd, own: &OwnOps) -> Option<usize> {
     let exp = own.lock();
     if !own.is_active() {
-        return false;
+        return None;
     }
+    let mut n = 0;
     loop {
         match uffd.read_event() {
             Ok(Some(ev)) => {
+                n += 1;
                 if !OwnOps::expected_in(&exp, &ev) {
                     own.foreign.store(true, Ordering::Release);
                 }
             }
-            Ok(None) => return true,
+            Ok(None) => return Some(n),
             Err(e) => {
                 tracing::error!("reading the view userfaultfd: {e}");
-                return true;
+                return Some(n);
             }
         }
+    }
+}
+
+/// After reading events of gmem's own remaps: goes on taking them without sleeping for as
+/// long as they keep coming at most [`OWN_FOLLOW_UP`] apart (a window replacement raises two,
+/// one after the other, and a conversion of many whole huge pages replaces one window after
+/// another). Returns when that time passes without one, or when an event arrives outside an
+/// announcement (it is the caller's to neutralise).
+fn follow_own(uffd: &Uffd, own: &OwnOps) {
+    let mut last = std::time::Instant::now();
+    while last.elapsed() < OWN_FOLLOW_UP {
+        match drain_own(uffd, own) {
+            Some(0) => {}
+            Some(_) => last = std::time::Instant::now(),
+            None if uffd.pending() => return,
+            None => {}
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -302,14 +322,9 @@ fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
             continue;
         }
         loop {
-            if drain_own(uffd, own) {
-                // An own window replacement raises its events one after the other (the
-                // replaced window's unmap, then the aside's move): the next follows within
-                // microseconds, and is taken without a sleep and wake-up in between.
-                let t = std::time::Instant::now();
-                while t.elapsed() < OWN_FOLLOW_UP && drain_own(uffd, own) {
-                    std::hint::spin_loop();
-                }
+            if drain_own(uffd, own).is_some() {
+                follow_own(uffd, own);
+                // Back to the poll, which reports an event that arrived meanwhile.
                 break;
             }
             let Some(f) = file.upgrade() else {
