@@ -85,7 +85,8 @@ pub enum ConvertError {
         /// Start of the huge page.
         offset: u64,
     },
-    /// A HugeTLB conversion, which proceeds one huge page at a time, stopped part way:
+    /// A HugeTLB conversion, which proceeds one huge page (or run of whole huge pages) at a
+    /// time, stopped part way:
     /// `[offset, reached)` was converted, nothing from `reached` on. `errno()` and
     /// `error_offset()` are those of `source`, the error that stopped it.
     #[error("conversion stopped at {reached:#x}: {source}")]

@@ -17,8 +17,9 @@ impl GuestMemfd {
     ///   nothing; then every host mapping gmem handed out (in every process it coordinates)
     ///   stops reaching the range, and pages a kernel reference may hold move to fresh memory;
     /// - to shared: always possible;
-    /// - atomic on base-page backings; HugeTLB converts one huge page at a time
-    ///   ([`ConvertError::Partial`] says how far it got);
+    /// - atomic on base-page backings; HugeTLB converts one huge page at a time, a run of
+    ///   whole huge pages (none split) at once ([`ConvertError::Partial`] says how far it
+    ///   got);
     /// - `EPERM` on a follower, once handed over, and in a forked child; a file frozen for a
     ///   hand-over makes the call wait.
     pub fn convert(&self, offset: u64, len: u64, to: Attr) -> Result<(), ConvertError> {
