@@ -21,7 +21,8 @@
 //!
 //! Base-page backings convert the whole range or nothing. HugeTLB converts one huge page at a
 //! time (a run of huge pages that convert whole, none split, at once): a failure after the
-//! first is [`ConvertError::Partial`], naming the first byte not converted. Contents are never copied except by a move, so they survive in both directions.
+//! first is [`ConvertError::Partial`], naming the first byte not converted. Contents are
+//! never copied except by a move, so they survive in both directions.
 
 use std::io;
 
