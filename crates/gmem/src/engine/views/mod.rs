@@ -306,8 +306,7 @@ impl ViewSet {
     /// Makes the pages of `r` fault in every view. On HugeTLB views `r` lies inside one huge
     /// page that is split, or covers whole huge pages (which become holes).
     pub fn revoke(&mut self, ctx: &Ctx<'_>, r: PageRange) -> io::Result<()> {
-        let (uffd, own) = self.tracking();
-        let t = Track::new(uffd.as_deref(), own.as_deref());
+        let t = Track::of(&self.uffd, &self.tracker);
         match self.mech {
             Mech::Guards | Mech::Sealed => self
                 .slots
@@ -350,8 +349,7 @@ impl ViewSet {
     /// which keep faulting). On HugeTLB views as for [`ViewSet::revoke`].
     pub fn restore(&mut self, ctx: &Ctx<'_>, r: PageRange, keep: &[u64]) -> io::Result<()> {
         let parts = minus(r, keep);
-        let (uffd, own) = self.tracking();
-        let t = Track::new(uffd.as_deref(), own.as_deref());
+        let t = Track::of(&self.uffd, &self.tracker);
         match self.mech {
             Mech::Guards | Mech::Sealed => {
                 for s in &self.slots {
@@ -402,8 +400,7 @@ impl ViewSet {
     /// windows are guarded (a hole faults already; a poisoned page of a whole window is
     /// split first by the engine).
     pub fn guard_pages(&self, ctx: &Ctx<'_>, pages: &[u64]) -> io::Result<()> {
-        let (uffd, own) = self.tracking();
-        let t = Track::new(uffd.as_deref(), own.as_deref());
+        let t = Track::of(&self.uffd, &self.tracker);
         for s in &self.slots {
             for &p in pages {
                 let guarded = match (s.mech, ctx.huge) {
@@ -428,14 +425,6 @@ impl ViewSet {
             .filter_map(|s| s.huge_span(geo, h).map(|(off, len)| (s.base() + off, len)))
             .collect();
         self.tracker.as_ref().map(|t| t.own.expect(&windows))
-    }
-
-    /// The view userfaultfd and the reader's record of own remaps, for window replacements.
-    fn tracking(&self) -> (Option<Arc<Uffd>>, Option<Arc<tracker::OwnOps>>) {
-        (
-            self.uffd.clone(),
-            self.tracker.as_ref().map(|t| t.own.clone()),
-        )
     }
 
     /// Announces the windows a revoke or restore of `r` replaces: those of the huge pages `r`
@@ -490,8 +479,7 @@ impl ViewSet {
         let (geo, companion) = huge_geo(ctx)?;
         let faulting = shown.faulting(geo.pages(h));
         let _own = self.announce(geo, h);
-        let (uffd, own) = self.tracking();
-        let t = Track::new(uffd.as_deref(), own.as_deref());
+        let t = Track::of(&self.uffd, &self.tracker);
         for slot in &mut self.slots {
             if slot.huge_span(geo, h).is_none() {
                 continue;
@@ -512,8 +500,7 @@ impl ViewSet {
     pub fn merge(&mut self, ctx: &Ctx<'_>, h: u64, private: bool) -> io::Result<()> {
         let (geo, _) = huge_geo(ctx)?;
         let _own = self.announce(geo, h);
-        let (uffd, own) = self.tracking();
-        let t = Track::new(uffd.as_deref(), own.as_deref());
+        let t = Track::of(&self.uffd, &self.tracker);
         for slot in &mut self.slots {
             if slot.huge_span(geo, h).is_none() || slot.window(h) != Window::Pieces {
                 continue;
@@ -539,8 +526,7 @@ impl ViewSet {
             .map(|s| (s.base(), s.len))
             .collect();
         let _own = self.tracker.as_ref().map(|t| t.own.expect(&windows));
-        let (uffd, own) = self.tracking();
-        let t = Track::new(uffd.as_deref(), own.as_deref());
+        let t = Track::of(&self.uffd, &self.tracker);
         for slot in &mut self.slots {
             let res = match slot.mech {
                 Mech::Guards | Mech::Sealed => slot.map.guard(0, slot.len),
@@ -614,8 +600,7 @@ impl ViewSet {
         if faulting.is_empty() {
             return Ok(());
         }
-        let (uffd, own) = self.tracking();
-        let t = Track::new(uffd.as_deref(), own.as_deref());
+        let t = Track::of(&self.uffd, &self.tracker);
         for s in &self.slots {
             match s.mech {
                 Mech::Guards | Mech::Sealed => faulting
@@ -712,8 +697,13 @@ struct Track<'a> {
 }
 
 impl<'a> Track<'a> {
-    fn new(uffd: Option<&'a Uffd>, own: Option<&'a tracker::OwnOps>) -> Self {
-        Track { uffd, own }
+    /// Borrowed from the view set's fields (not through `&self`, so that its slots can be
+    /// borrowed mutably beside it, and no `Arc` is cloned on the conversion path).
+    fn of(uffd: &'a Option<Arc<Uffd>>, tracker: &'a Option<tracker::Tracker>) -> Self {
+        Track {
+            uffd: uffd.as_deref(),
+            own: tracker.as_ref().map(|t| &*t.own),
+        }
     }
 }
 
