@@ -175,6 +175,9 @@ fn thief(page: u64, run: &Run, stolen: &AtomicU64) {
     }
 }
 
+/// How long the mutator may run past its time to have punched and split at least once.
+const GRACE: Duration = Duration::from_secs(60);
+
 fn mutator(mem: &GuestMemfd, run: &Run, seed: u64, until: Instant) -> Done {
     let mut r = Rng(seed);
     let hp = mem.block_size();
@@ -185,7 +188,12 @@ fn mutator(mem: &GuestMemfd, run: &Run, seed: u64, until: Instant) -> Done {
         Err(ConvertError::Busy { .. }) if to == Attr::Private => d.busy += 1,
         Err(e) => run.fail(format!("convert {off:#x}+{len:#x} to {to:?}: {e}")),
     };
-    while !run.stopped() && Instant::now() < until {
+    // Past `until`, it goes on until it has punched and split at least once (1 GiB pages
+    // are slow to allocate and copy): the test checks that both happened, for at most
+    // `GRACE` more.
+    let grace = until + GRACE;
+    let short = |d: &Done| d.punches == 0 || d.splits == 0;
+    while !run.stopped() && (Instant::now() < until || (short(&d) && Instant::now() < grace)) {
         let h = r.below(n);
         let at = h * hp;
         match r.below(8) {

@@ -430,12 +430,14 @@ impl Engine {
 }
 
 impl views::tracker::Tracked for Engine {
-    fn try_neutralize(&self, drain: &dyn Fn()) -> bool {
+    fn try_neutralize(&self, pending: &dyn Fn() -> bool, take: &dyn Fn()) -> bool {
         let Some(mut ctl) = self.try_control() else {
             return false;
         };
-        self.neutralize(&mut ctl);
-        drain();
+        if pending() {
+            self.neutralize(&mut ctl);
+            take();
+        }
         true
     }
 }

@@ -17,10 +17,11 @@
 //!    range mapped but moves its markers away).
 //!
 //! Only then is the event read and the thread released: what it gets back from `mremap` is
-//! a range that faults. Events are read one per neutralisation: a move made while the
-//! mappings were being looked at has its event queued after the look, and is neutralised by
-//! the next one before its thread goes on. The view cannot grow in place (a fence page
-//! follows every view), so every growth is a move.
+//! a range that faults. Events are read one per neutralisation, and only one that was
+//! pending, with the control lock held, before the look: a move made while the mappings
+//! were being looked at has its event queued after the look, and is neutralised by the next
+//! one before its thread goes on. The view cannot grow in place (a fence page follows every
+//! view), so every growth is a move.
 //!
 //! gmem's own remaps of registered ranges (a HugeTLB window replaced at a split, a merge, or a
 //! whole huge page's conversion) announce the ranges they expect events for. A replacement
@@ -139,10 +140,16 @@ impl Drop for OwnGuard {
 
 /// What the reader needs from the file.
 pub(crate) trait Tracked: Send + Sync + 'static {
-    /// Takes the control lock if it is free, neutralises, calls `drain` (which reads the
-    /// oldest event, releasing the thread that raised it) and releases the lock; false when
-    /// the lock was held elsewhere.
-    fn try_neutralize(&self, drain: &dyn Fn()) -> bool;
+    /// Takes the control lock if it is free and, holding it, asks `pending` whether an event
+    /// waits; if one does, neutralises, then calls `take` (which reads the oldest event,
+    /// releasing the thread that raised it). False when the lock was held elsewhere.
+    ///
+    /// The question is asked under the lock, before the neutralisation looks at the
+    /// mappings: the event the reader woke for may have been taken meanwhile (by a
+    /// conversion's `settle`), and the oldest one then may come from a move made while the
+    /// mappings were being looked at. Under the lock nobody else reads events, so the one
+    /// `take` reads was pending before the look, and its move is in what was seen.
+    fn try_neutralize(&self, pending: &dyn Fn() -> bool, take: &dyn Fn()) -> bool;
 }
 
 /// The reader thread of one file.
@@ -331,11 +338,11 @@ fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
                 drain(uffd, own);
                 return;
             };
-            let drained = || {
+            let take = || {
                 read_one(uffd, own);
                 own.foreign.store(false, Ordering::Release);
             };
-            if f.try_neutralize(&drained) {
+            if f.try_neutralize(&|| uffd.pending(), &take) {
                 own.waiting.store(false, Ordering::Release);
                 break;
             }
