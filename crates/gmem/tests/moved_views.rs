@@ -25,10 +25,11 @@ const ROUNDS: u32 = if cfg!(debug_assertions) { 100 } else { 300 };
 ///
 /// On HugeTLB (two 2 MiB pages: whole-page conversions replace both windows with one hole
 /// and back, one-page ones split and merge the first; a view of a split and a whole window is
-/// two mappings, which `mremap` refuses with `EFAULT`), then on shmem (guard markers). One test, the only one of
-/// this binary: a view the VMM moves leaves its address range empty until gmem neutralises
-/// the move, and another test's mapping taking that range meanwhile would see gmem's work on
-/// it (the documented exception of `gmem::HostView`).
+/// two mappings, which `mremap` refuses with `EFAULT`), then on shmem (guard markers); on
+/// each, views are also moved back to back (see `moved_back_to_back`). One test, the only
+/// one of this binary: a view the VMM moves leaves its address range empty until gmem
+/// neutralises the move, and another test's mapping taking that range meanwhile would see
+/// gmem's work on it (the documented exception of `gmem::HostView`).
 #[test]
 fn a_view_moved_while_it_converts_leaves_no_alias() {
     if let Some(_pool) = pool(M2, 2) {
