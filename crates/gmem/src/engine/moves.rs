@@ -102,13 +102,25 @@ impl Engine {
 
     /// The residency of `r` (one byte per page, `mincore`'s) in the memory a move would take
     /// it from, or `None` when no page of it is resident.
+    ///
+    /// The file's page cache is asked first (`cachestat`, a third of a `mincore` here, and
+    /// what most conversions need: "nothing of it is resident"); only a range it finds
+    /// something in, or a kernel without it, pays the per-page `mincore`.
     fn residency(&self, ctl: &Control, r: PageRange) -> io::Result<Option<Vec<u8>>> {
         let (off, len) = (to_usize(r.bytes().start)?, to_usize(r.bytes().len())?);
-        let map = match ctl.views.mech() {
-            Mech::Guards | Mech::Sealed => self.guest_map(),
-            Mech::Huge => self.huge().map(|h| h.pieces_map()),
+        let (map, file) = match ctl.views.mech() {
+            Mech::Guards | Mech::Sealed => (self.guest_map(), Some(self.fd())),
+            Mech::Huge => match self.huge() {
+                Some(h) => (Some(h.pieces_map()), Some(h.companion())),
+                None => (None, None),
+            },
         };
         let Some(m) = map else { return Ok(None) };
+        if let Some(fd) = file {
+            if let Ok(0) = fd::cached_or_evicted(fd, r.bytes().start, r.bytes().len()) {
+                return Ok(None);
+            }
+        }
         let v = m.residency(off, len)?;
         Ok(v.iter().any(|b| b & 1 == 1).then_some(v))
     }
