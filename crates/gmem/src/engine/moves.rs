@@ -103,9 +103,12 @@ impl Engine {
     /// The residency of `r` (one byte per page, `mincore`'s) in the memory a move would take
     /// it from, or `None` when no page of it is resident.
     ///
-    /// The file's page cache is asked first (`cachestat`, a third of a `mincore` here, and
-    /// what most conversions need: "nothing of it is resident"); only a range it finds
-    /// something in, or a kernel without it, pays the per-page `mincore`.
+    /// The file's page cache is asked first, for the whole range (`cachestat`, a third of a
+    /// `mincore` here): when it holds none of the range's pages (what most conversions find)
+    /// or all of them (a page the host touched), that is the answer; only a range partly
+    /// resident, or a kernel without `cachestat`, pays the per-page `mincore`. A shmem page
+    /// swapped out counts as resident (it may still be in the swap cache): the move then
+    /// reads it back in, which is slower, never wrong.
     fn residency(&self, ctl: &Control, r: PageRange) -> io::Result<Option<Vec<u8>>> {
         let (off, len) = (to_usize(r.bytes().start)?, to_usize(r.bytes().len())?);
         let (map, file) = match ctl.views.mech() {
@@ -117,8 +120,10 @@ impl Engine {
         };
         let Some(m) = map else { return Ok(None) };
         if let Some(fd) = file {
-            if let Ok(0) = fd::cached_or_evicted(fd, r.bytes().start, r.bytes().len()) {
-                return Ok(None);
+            match fd::cached_or_evicted(fd, r.bytes().start, r.bytes().len()) {
+                Ok(0) => return Ok(None),
+                Ok(n) if n == r.len() => return Ok(Some(vec![1; to_usize(n)?])),
+                _ => {}
             }
         }
         let v = m.residency(off, len)?;
