@@ -1,5 +1,5 @@
-//! The VMM moving a host view (`mremap`) while its pages convert: never an alias of the file
-//! that nothing tracks, on HugeTLB and shmem.
+//! The VMM moving a host view (`mremap`) while its pages convert or while the file is handed
+//! over to a new owner: never an alias of the file that nothing tracks, on HugeTLB and shmem.
 // Sizes here are small multiples of pages on a 64-bit host: casts to usize are exact.
 #![allow(clippy::cast_possible_truncation)]
 
@@ -8,14 +8,20 @@ mod hugepool;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use gmem::{Attr, BackingChoice, Flags, GuestMemfd, HostView, HUGE_2M};
+use std::os::fd::AsFd;
+
+use gmem::preserve::{hand_over, receive, FileOffer, Options};
+use gmem::{Attr, BackingChoice, Errno, Flags, GuestMemfd, HostView, HUGE_2M};
+use gmem_conformance::child::{child_side, ChildProcess, ChildSide};
 use hugepool::{pattern, pool, touch, Touch};
+use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
 
 const M2: u64 = HUGE_2M;
 /// Two huge pages: a whole-page conversion replaces both windows as one run.
 const SIZE: u64 = 2 * M2;
 const P: u64 = 4096;
 const ROUNDS: u32 = if cfg!(debug_assertions) { 100 } else { 300 };
+const TEST: &str = "a_view_moved_while_it_converts_leaves_no_alias";
 
 /// The VMM moves a view (`mremap`) at a random moment while the view's huge page converts,
 /// as a whole page (its window becomes a hole and back) and one 4 KiB page at a time (split
@@ -26,12 +32,17 @@ const ROUNDS: u32 = if cfg!(debug_assertions) { 100 } else { 300 };
 /// On HugeTLB (two 2 MiB pages: whole-page conversions replace both windows with one hole
 /// and back, one-page ones split and merge the first; a view of a split and a whole window is
 /// two mappings, which `mremap` refuses with `EFAULT`), then on shmem (guard markers); on
-/// each, views are also moved back to back (see `moved_back_to_back`). One test, the only
+/// each, views are also moved back to back (see `moved_back_to_back`) and during a live
+/// update, by the old owner (see `moved_during_a_handover`). One test, the only
 /// one of this binary: a view the VMM moves leaves its address range empty until gmem
 /// neutralises the move, and another test's mapping taking that range meanwhile would see
 /// gmem's work on it (the documented exception of `gmem::HostView`).
 #[test]
 fn a_view_moved_while_it_converts_leaves_no_alias() {
+    if let Some(side) = child_side() {
+        new_owner(side);
+        return;
+    }
     if let Some(_pool) = pool(M2, 2) {
         let mem = GuestMemfd::builder(SIZE)
             .flags(Flags::MMAP | Flags::INIT_SHARED)
@@ -42,12 +53,35 @@ fn a_view_moved_while_it_converts_leaves_no_alias() {
         let mem = Arc::new(mem);
         moved_view_race(&mem, "hugetlb");
         moved_back_to_back(&mem, "hugetlb");
+        drop(mem);
+        moved_during_a_handover("hugetlb", &|| {
+            // The last round's file may be freed by its reader thread a moment after its
+            // handles dropped (the thread holds it while it neutralises).
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let made = GuestMemfd::builder(SIZE)
+                    .flags(Flags::MMAP | Flags::INIT_SHARED)
+                    .backing(BackingChoice::HugeTlb(M2))
+                    .create();
+                match made {
+                    Ok(mem) => return mem,
+                    Err(e) if std::time::Instant::now() < until => {
+                        assert_eq!(e.errno(), libc::ENOMEM, "create: {e:?}");
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("create: {e:?}"),
+                }
+            }
+        });
     }
     let mem = GuestMemfd::create(SIZE, Flags::MMAP | Flags::INIT_SHARED).expect("create");
     mem.write_at(0, &pattern(0, SIZE as usize)).expect("fill");
     let mem = Arc::new(mem);
     moved_view_race(&mem, "shmem");
     moved_back_to_back(&mem, "shmem");
+    moved_during_a_handover("shmem", &|| {
+        GuestMemfd::create(SIZE, Flags::MMAP | Flags::INIT_SHARED).expect("create")
+    });
 }
 
 /// A thread converting `mem` in a loop (all of it, or one 4 KiB page: split and merge on
@@ -243,6 +277,101 @@ fn moved_back_to_back(mem: &Arc<GuestMemfd>, backing: &str) {
     let n = conv.stop();
     eprintln!("{backing}, back to back: {moved_n} views moved, {n} conversions");
     assert_file_intact(mem);
+}
+
+/// What the new owner's guest writes into every page once it owns.
+const SECRET: u8 = 0xa5;
+
+/// The old owner's view moved at a random moment of a live update to a new owner in a child
+/// process (as a VMM upgrade is): once the new owner owns and the old one has released, the
+/// new owner converts the whole file to private and its guest writes a secret everywhere;
+/// neither the moved range nor the view's own range (when the move was refused) shows a
+/// byte of it in the old owner.
+///
+/// The new owner is another process on purpose: in one process its mappings of the same
+/// file could take the range a move left empty, which is the documented exception of
+/// `gmem::HostView`.
+fn moved_during_a_handover(backing: &str, make: &dyn Fn() -> GuestMemfd) {
+    let mut seed = 0x853c_49e6_748f_ea9bu64;
+    let (mut moved_n, mut refused, mut during) = (0, 0, 0u32);
+    for round in 0..ROUNDS / 10 {
+        let what = format!("{backing}: hand-over, round {round}");
+        let old = make();
+        old.write_at(0, &pattern(0, SIZE as usize)).expect("fill");
+        let view = old.map(0, SIZE).expect("map");
+        let to = target();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let (a, b) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("socketpair");
+        let mut child = ChildProcess::spawn(TEST, "new-owner", b);
+        assert_eq!(child.recv(), "ready", "{what}");
+        let moved = std::thread::scope(|s| {
+            let giver =
+                s.spawn(|| hand_over(a.as_fd(), &[FileOffer::new(&old)], &Options::default()));
+            for _ in 0..seed % 60_000 {
+                std::hint::spin_loop();
+            }
+            during += u32::from(!giver.is_finished());
+            let moved = move_view(&view, to);
+            giver.join().expect("giver").expect("hand_over");
+            moved
+        });
+        assert_eq!(child.recv(), "written", "{what}");
+        let at = match moved {
+            Ok(at) => {
+                moved_n += 1;
+                at
+            }
+            Err(e) => {
+                assert_eq!(e, libc::EFAULT, "{what}: mremap refused");
+                refused += 1;
+                view.as_ptr()
+            }
+        };
+        for page in 0..SIZE / P {
+            let t = touch(at.wrapping_add((page * P) as usize));
+            assert!(
+                t.is_fault(),
+                "{what}: page {page} after the hand-over: {t:?}"
+            );
+        }
+        child.send("exit");
+        child.finish();
+        // SAFETY: the target range is this test's (the moved view or the unused target).
+        unsafe { libc::munmap(to, SIZE as usize) };
+        drop(view);
+    }
+    eprintln!(
+        "{backing}, hand-over: {moved_n} views moved, {refused} refused, {during} moves began \
+         before the old owner's hand_over returned"
+    );
+}
+
+/// The new owner of `moved_during_a_handover`, in the child process: receives the file,
+/// waits for the old owner's release, makes every page private and writes [`SECRET`] into
+/// it through the guest view.
+fn new_owner(mut side: ChildSide) {
+    side.ctl.send("ready");
+    let got = receive(side.peer.as_fd(), &Options::default()).expect("receive");
+    assert!(
+        got.wait_old_owner_released(std::time::Duration::from_secs(10)),
+        "RELEASED"
+    );
+    let new = &got.files[0].mem;
+    new.convert(0, SIZE, Attr::Private).expect("to private");
+    new.guest()
+        .expect("guest view")
+        .write(0, &vec![SECRET; SIZE as usize])
+        .expect("guest write");
+    side.ctl.send("written");
+    assert_eq!(side.ctl.recv(), "exit");
 }
 
 /// The file shows the pattern it was filled with, in a fresh view.
