@@ -84,6 +84,9 @@ impl Engine {
     /// pointers) stops reaching the file.
     pub(crate) fn release(&self) {
         let mut ctl = self.control_unchecked();
+        // A view the VMM moved before this took the lock is neutralised (and given up)
+        // first, so the release does not mark the range the move left empty.
+        self.settle(&mut ctl);
         let committed = self.gate().phase() == Phase::Committing;
         {
             // No accessor copy is in flight once this is held, and none starts after it.

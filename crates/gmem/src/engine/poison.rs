@@ -85,6 +85,8 @@ impl Engine {
         self.gate().owner()?;
         let at = page_offset(page);
         let mut ctl = self.control_unchecked();
+        // As a conversion does: a view moved before this took the lock is given up first.
+        self.settle(&mut ctl);
         if self.read_pages().poison.any_in(PageRange::one(page)) {
             return Ok(());
         }
