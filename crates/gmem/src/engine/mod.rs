@@ -628,7 +628,10 @@ impl Engine {
     pub(crate) fn set_numa(&self, policy: &NumaPolicy) -> Result<(), NumaError> {
         self.gate.access().map_err(|_| NumaError::NoMapping)?;
         let guest = self.guest.as_ref().ok_or(NumaError::NoMapping)?;
-        let ctl = self.control_unchecked();
+        let mut ctl = self.control_unchecked();
+        // A view the VMM moved before this took the lock is given up first (no `mbind` of
+        // the range the move left empty).
+        self.settle(&mut ctl);
         let os = |source| NumaError::Os {
             op: "mbind",
             source,
