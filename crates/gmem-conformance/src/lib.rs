@@ -23,8 +23,10 @@
 pub mod backend;
 pub mod cases;
 pub mod child;
+pub mod converter;
 pub mod kref;
 pub mod probe;
+pub mod remap;
 pub mod rollback;
 pub mod touch;
 

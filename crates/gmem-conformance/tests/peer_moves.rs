@@ -8,12 +8,13 @@
 // Sizes here are small multiples of pages on a 64-bit host: casts to usize and u8 are exact.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use gmem::{Attr, BackingChoice, Flags, GuestMemfd, HostView, PoolGuard, HUGE_2M};
+use gmem::{BackingChoice, Flags, GuestMemfd, PoolGuard, HUGE_2M};
 use gmem_conformance::child::{child_side, ChildProcess};
+use gmem_conformance::converter::Converter;
 use gmem_conformance::probe::{read, Touch};
+use gmem_conformance::remap::{move_view, Target};
 
 const P: u64 = 4096;
 /// Two huge pages: a whole-file conversion turns both windows into holes and back, a
@@ -29,64 +30,6 @@ fn fill_byte(page: u64) -> u8 {
     (page % 251 + 1) as u8
 }
 
-/// The owner converting the whole file, or [`PAGE`], in a loop; [`Converter::hold`] waits
-/// for the conversion pair in flight to end and keeps the thread from starting another.
-struct Converter {
-    gate: Arc<Mutex<()>>,
-    /// Set while [`Converter::hold`] waits for the gate (the thread lets it have it).
-    want: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    pairs: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Converter {
-    fn spawn(mem: &Arc<GuestMemfd>, whole: bool) -> Converter {
-        let gate = Arc::new(Mutex::new(()));
-        let want = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let pairs = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (mem, gate, want) = (mem.clone(), gate.clone(), want.clone());
-            let (stop, pairs) = (stop.clone(), pairs.clone());
-            std::thread::spawn(move || {
-                let (off, len) = if whole { (0, SIZE) } else { (PAGE, P) };
-                while !stop.load(Ordering::Acquire) {
-                    while want.load(Ordering::Acquire) {
-                        std::thread::yield_now();
-                    }
-                    let _pair = gate.lock().expect("gate");
-                    mem.convert(off, len, Attr::Private).expect("to private");
-                    mem.convert(off, len, Attr::Shared).expect("to shared");
-                    pairs.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        Converter {
-            gate,
-            want,
-            stop,
-            pairs,
-            thread,
-        }
-    }
-
-    fn hold(&self) -> MutexGuard<'_, ()> {
-        assert!(!self.thread.is_finished(), "the owner's converter failed");
-        self.want.store(true, Ordering::Release);
-        let held = self.gate.lock().expect("gate");
-        self.want.store(false, Ordering::Release);
-        held
-    }
-
-    /// Stops the thread; returns the conversion pairs it made.
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        self.thread.join().expect("converter");
-        self.pairs.load(Ordering::Relaxed)
-    }
-}
-
 /// The owner's side on one backing: a follower child, moves at random moments while the file
 /// converts whole and then one page at a time.
 fn owner(mem: GuestMemfd, backing: &str) {
@@ -99,7 +42,11 @@ fn owner(mem: GuestMemfd, backing: &str) {
     assert_eq!(child.recv(), "attached", "{backing}");
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for whole in [true, false] {
-        let conv = Converter::spawn(&mem, whole);
+        let conv = if whole {
+            Converter::spawn(&mem, 0, SIZE)
+        } else {
+            Converter::spawn(&mem, PAGE, P)
+        };
         let (mut moved, mut refused) = (0u32, 0u32);
         for round in 0..ROUNDS {
             seed ^= seed << 13;
@@ -107,19 +54,18 @@ fn owner(mem: GuestMemfd, backing: &str) {
             seed ^= seed << 17;
             child.send(&format!("move {}", seed % 40_000));
             let reply = child.recv();
-            let _held = conv.hold();
+            let what = format!("{backing}, whole: {whole}, round {round}");
+            conv.hold(&what);
             child.send("check");
             let verdict = child.recv();
-            assert_eq!(
-                verdict, "ok",
-                "{backing}, whole: {whole}, round {round}: {reply}"
-            );
+            assert_eq!(verdict, "ok", "{what}: {reply}");
             match reply.as_str() {
                 "moved" => moved += 1,
                 // A view of several mappings (a window mid-change) cannot move as a whole.
                 r if r == format!("refused {}", libc::EFAULT) => refused += 1,
-                r => panic!("{backing}, whole: {whole}, round {round}: {r}"),
+                r => panic!("{what}: {r}"),
             }
+            conv.resume();
         }
         let pairs = conv.stop();
         eprintln!("{backing}, whole: {whole}: {moved} moved, {refused} refused, {pairs} pairs");
@@ -128,42 +74,6 @@ fn owner(mem: GuestMemfd, backing: &str) {
     child.send("end");
     assert_eq!(child.recv(), "intact", "{backing}");
     child.finish();
-}
-
-/// A fresh anonymous mapping of the view's size, as a move target.
-fn target() -> *mut libc::c_void {
-    // SAFETY: a new private anonymous mapping where the kernel chooses.
-    let t = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            SIZE as usize,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(t, libc::MAP_FAILED, "anonymous mmap");
-    t
-}
-
-/// Moves `view` onto `to`: the new address, or the errno.
-fn move_view(view: &HostView, to: *mut libc::c_void) -> Result<*mut u8, i32> {
-    // SAFETY: moves the view's own range onto `to`, a mapping of this process's.
-    let ret = unsafe {
-        libc::mremap(
-            view.as_ptr().cast(),
-            SIZE as usize,
-            SIZE as usize,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            to,
-        )
-    };
-    if ret == libc::MAP_FAILED {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(ret.cast())
-    }
 }
 
 /// The first page of the moved range at `at` that does not raise `SIGBUS`, described.
@@ -197,11 +107,11 @@ fn follower(mut side: gmem_conformance::child::ChildSide) {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("unexpected line {line:?}"));
         let view = mem.map(0, SIZE).expect("map");
-        let to = target();
+        let to = Target::new(SIZE as usize);
         for _ in 0..spins {
             std::hint::spin_loop();
         }
-        let moved = move_view(&view, to);
+        let moved = move_view(&view, &to);
         side.ctl.send(&match moved {
             Ok(_) => "moved".to_string(),
             Err(e) => format!("refused {e}"),
@@ -209,8 +119,7 @@ fn follower(mut side: gmem_conformance::child::ChildSide) {
         assert_eq!(side.ctl.recv(), "check");
         let verdict = moved.ok().and_then(alias);
         side.ctl.send(verdict.as_deref().unwrap_or("ok"));
-        // SAFETY: the target range is this process's (the moved view or the unused target).
-        unsafe { libc::munmap(to, SIZE as usize) };
+        drop(to);
         drop(view);
     }
 }

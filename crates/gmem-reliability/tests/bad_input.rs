@@ -1052,21 +1052,7 @@ fn bad_input_from_backing() {
 
 /// Sends `bytes` as one packet on a fresh `SOCK_SEQPACKET` pair and attaches to the other end.
 fn attach_with(bytes: &[u8]) -> Result<GuestMemfd, gmem::peer::PeerError> {
-    let mut sv = [0i32; 2];
-    // SAFETY: `sv` has room for the two descriptors.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            sv.as_mut_ptr(),
-        )
-    };
-    assert_eq!(rc, 0);
-    // SAFETY: a fresh descriptor owned here.
-    let a = unsafe { OwnedFd::from_raw_fd(sv[0]) };
-    // SAFETY: as above.
-    let b = unsafe { OwnedFd::from_raw_fd(sv[1]) };
+    let (a, b) = gmem_conformance::remap::seqpacket_pair();
     if !bytes.is_empty() {
         // SAFETY: `bytes` is valid for its length.
         let n = unsafe { libc::send(a.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };

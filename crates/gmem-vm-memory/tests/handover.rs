@@ -4,35 +4,15 @@
 //! owner may make private; once the slice is dropped the hand-over goes through and the
 //! device is refused from then on.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 
 use gmem::preserve::{hand_over, receive, FileOffer, HandoverError, Options};
 use gmem::{Errno, Flags, GuestMemfd};
+use gmem_conformance::remap::seqpacket_pair;
 use gmem_vm_memory::{GmemMemory, RegionSpec};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 const P: u64 = 4096;
-
-/// A connected `SOCK_SEQPACKET` pair, as the hand-over expects.
-fn seqpacket() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    assert_eq!(rc, 0, "socketpair: {}", std::io::Error::last_os_error());
-    use std::os::fd::FromRawFd;
-    // SAFETY: both descriptors are fresh and owned by nothing else.
-    let a = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    // SAFETY: as above.
-    let b = unsafe { OwnedFd::from_raw_fd(fds[1]) };
-    (a, b)
-}
 
 #[test]
 fn a_held_slice_refuses_the_hand_over_until_dropped() {
@@ -48,7 +28,7 @@ fn a_held_slice_refuses_the_hand_over_until_dropped() {
         .expect("one slice")
         .expect("slice");
     // A new owner that takes whatever it is offered; the old owner aborts.
-    let (a, b) = seqpacket();
+    let (a, b) = seqpacket_pair();
     let taker = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
     let e = hand_over(a.as_fd(), &[FileOffer::new(&file)], &Options::default())
         .expect_err("a held slice");
@@ -68,7 +48,7 @@ fn a_held_slice_refuses_the_hand_over_until_dropped() {
     held.copy_to(&mut b8);
     assert_eq!(u64::from_le_bytes(b8), 0x5a);
     drop(held);
-    let (a, b) = seqpacket();
+    let (a, b) = seqpacket_pair();
     let taker = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
     hand_over(a.as_fd(), &[FileOffer::new(&file)], &Options::default()).expect("hand over");
     let got = taker.join().expect("join").expect("receive");

@@ -5,7 +5,6 @@
 
 mod hugepool;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use std::os::fd::AsFd;
@@ -13,8 +12,9 @@ use std::os::fd::AsFd;
 use gmem::preserve::{hand_over, receive, FileOffer, Options};
 use gmem::{Attr, BackingChoice, Errno, Flags, GuestMemfd, HostView, HUGE_2M};
 use gmem_conformance::child::{child_side, ChildProcess, ChildSide};
+use gmem_conformance::converter::Converter;
+use gmem_conformance::remap::{move_view, seqpacket_pair, Target};
 use hugepool::{pattern, pool, touch, Touch};
-use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
 
 const M2: u64 = HUGE_2M;
 /// Two huge pages: a whole-page conversion replaces both windows as one run.
@@ -84,106 +84,6 @@ fn a_view_moved_while_it_converts_leaves_no_alias() {
     });
 }
 
-/// A thread converting `mem` in a loop (all of it, or one 4 KiB page: split and merge on
-/// HugeTLB), which the test can hold between two conversions.
-struct Converter {
-    stop: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
-    /// Conversion pairs begun and ended: odd while one runs.
-    busy: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Converter {
-    fn spawn(mem: &Arc<GuestMemfd>, whole: bool) -> Converter {
-        let stop = Arc::new(AtomicBool::new(false));
-        let pause = Arc::new(AtomicBool::new(false));
-        let busy = Arc::new(AtomicU64::new(0));
-        let thread = {
-            let (mem, stop, pause, busy) = (mem.clone(), stop.clone(), pause.clone(), busy.clone());
-            std::thread::spawn(move || {
-                let (off, len) = if whole { (0, SIZE) } else { (7 * P, P) };
-                while !stop.load(Ordering::Acquire) {
-                    if pause.load(Ordering::Acquire) {
-                        std::hint::spin_loop();
-                        continue;
-                    }
-                    busy.fetch_add(1, Ordering::AcqRel);
-                    mem.convert(off, len, Attr::Private).expect("to private");
-                    mem.convert(off, len, Attr::Shared).expect("to shared");
-                    busy.fetch_add(1, Ordering::AcqRel);
-                }
-            })
-        };
-        Converter {
-            stop,
-            pause,
-            busy,
-            thread,
-        }
-    }
-
-    /// Holds the thread once the conversions in flight (if any) have ended: a move released
-    /// during one of them is neutralised by then.
-    fn hold(&self, what: &str) {
-        self.pause.store(true, Ordering::Release);
-        let b = self.busy.load(Ordering::Acquire);
-        if b % 2 == 1 {
-            while self.busy.load(Ordering::Acquire) == b {
-                assert!(!self.thread.is_finished(), "{what}: the converter failed");
-                std::hint::spin_loop();
-            }
-        }
-    }
-
-    fn resume(&self) {
-        self.pause.store(false, Ordering::Release);
-    }
-
-    /// Stops the thread; returns the number of conversion pairs it made.
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        self.thread.join().expect("converter");
-        self.busy.load(Ordering::Acquire) / 2
-    }
-}
-
-/// A fresh anonymous mapping of the view's size where the kernel chooses, as a move target.
-fn target() -> *mut libc::c_void {
-    // SAFETY: a new private anonymous mapping; nothing else refers to it.
-    let t = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            SIZE as usize,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(t, libc::MAP_FAILED, "anonymous mmap");
-    t
-}
-
-/// Moves `view` onto `to` (`MREMAP_FIXED`): the new address, or the errno.
-fn move_view(view: &HostView, to: *mut libc::c_void) -> Result<*mut u8, i32> {
-    // SAFETY: moves the view's own range onto `to`, a mapping of the caller's.
-    let ret = unsafe {
-        libc::mremap(
-            view.as_ptr().cast(),
-            SIZE as usize,
-            SIZE as usize,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            to,
-        )
-    };
-    if ret == libc::MAP_FAILED {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(ret.cast())
-    }
-}
-
 /// Every page of the moved range at `at` must fault with `SIGBUS`.
 fn assert_faults(at: *mut u8, what: &str) {
     for page in 0..SIZE / P {
@@ -202,20 +102,24 @@ fn assert_faults(at: *mut u8, what: &str) {
 /// should in a fresh view at the end.
 fn moved_view_race(mem: &Arc<GuestMemfd>, backing: &str) {
     for whole in [true, false] {
-        let conv = Converter::spawn(mem, whole);
+        let conv = Converter::spawn(
+            mem,
+            if whole { 0 } else { 7 * P },
+            if whole { SIZE } else { P },
+        );
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let (mut moved_n, mut refused) = (0, 0);
         for round in 0..ROUNDS {
             let what = format!("{backing}: round {round} (whole: {whole})");
             let view = mem.map(0, SIZE).expect("map");
-            let to = target();
+            let to = Target::new(SIZE as usize);
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             for _ in 0..seed % 20_000 {
                 std::hint::spin_loop();
             }
-            let moved = move_view(&view, to);
+            let moved = move_view(&view, &to);
             conv.hold(&what);
             match moved {
                 // A view of several mappings (its window mid-change) cannot move as a whole.
@@ -228,8 +132,7 @@ fn moved_view_race(mem: &Arc<GuestMemfd>, backing: &str) {
                     assert_faults(at, &what);
                 }
             }
-            // SAFETY: the target range is this test's (the moved view or the unused target).
-            unsafe { libc::munmap(to, SIZE as usize) };
+            drop(to);
             drop(view);
             conv.resume();
         }
@@ -247,18 +150,18 @@ fn moved_view_race(mem: &Arc<GuestMemfd>, backing: &str) {
 /// the one before it must not be let go unneutralised.
 fn moved_back_to_back(mem: &Arc<GuestMemfd>, backing: &str) {
     const VIEWS: usize = 8;
-    let conv = Converter::spawn(mem, true);
+    let conv = Converter::spawn(mem, 0, SIZE);
     let mut moved_n = 0;
     for round in 0..ROUNDS / 10 {
         let what = format!("{backing}: back to back, round {round}");
         conv.hold(&what);
         let views: Vec<HostView> = (0..VIEWS).map(|_| mem.map(0, SIZE).expect("map")).collect();
-        let targets: Vec<_> = (0..VIEWS).map(|_| target()).collect();
+        let targets: Vec<_> = (0..VIEWS).map(|_| Target::new(SIZE as usize)).collect();
         conv.resume();
         let moved: Vec<_> = views
             .iter()
             .zip(&targets)
-            .map(|(v, t)| move_view(v, *t))
+            .map(|(v, t)| move_view(v, t))
             .collect();
         conv.hold(&what);
         for (i, m) in moved.iter().enumerate() {
@@ -267,10 +170,7 @@ fn moved_back_to_back(mem: &Arc<GuestMemfd>, backing: &str) {
                 assert_faults(*at, &format!("{what}, view {i}"));
             }
         }
-        for t in targets {
-            // SAFETY: the target range is this test's (a moved view or the unused target).
-            unsafe { libc::munmap(t, SIZE as usize) };
-        }
+        drop(targets);
         drop(views);
         conv.resume();
     }
@@ -299,17 +199,11 @@ fn moved_during_a_handover(backing: &str, make: &dyn Fn() -> GuestMemfd) {
         let old = make();
         old.write_at(0, &pattern(0, SIZE as usize)).expect("fill");
         let view = old.map(0, SIZE).expect("map");
-        let to = target();
+        let to = Target::new(SIZE as usize);
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let (a, b) = socketpair(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .expect("socketpair");
+        let (a, b) = seqpacket_pair();
         let mut child = ChildProcess::spawn(TEST, "new-owner", b);
         assert_eq!(child.recv(), "ready", "{what}");
         let moved = std::thread::scope(|s| {
@@ -319,7 +213,7 @@ fn moved_during_a_handover(backing: &str, make: &dyn Fn() -> GuestMemfd) {
                 std::hint::spin_loop();
             }
             during += u32::from(!giver.is_finished());
-            let moved = move_view(&view, to);
+            let moved = move_view(&view, &to);
             giver.join().expect("giver").expect("hand_over");
             moved
         });
@@ -344,8 +238,7 @@ fn moved_during_a_handover(backing: &str, make: &dyn Fn() -> GuestMemfd) {
         }
         child.send("exit");
         child.finish();
-        // SAFETY: the target range is this test's (the moved view or the unused target).
-        unsafe { libc::munmap(to, SIZE as usize) };
+        drop(to);
         drop(view);
     }
     eprintln!(
