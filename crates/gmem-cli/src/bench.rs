@@ -530,8 +530,10 @@ impl Drop for RawMap {
 
 /// P12: a kernel guest_memfd with one host view, every other page to private with one call
 /// per page (the 131,072-run pattern at 1 GiB), against a bare per-page `MADV_GUARD_INSTALL`
-/// loop on a plain mapping of another kernel guest_memfd of the same size. Empty (with a
-/// `skipped:` line on stderr) where `/dev/kvm` does not open.
+/// loop on a plain mapping of another kernel guest_memfd of the same size; the medians of 7
+/// interleaved rounds (a round is about a third of a second here, and one slow round in
+/// three moved the ratio by a fifth). Empty (with a `skipped:` line on stderr) where
+/// `/dev/kvm` does not open.
 pub fn p12(size: u64) -> R<Vec<Row>> {
     let vm = match gmem_kvm::Vm::new() {
         Ok(vm) => vm,
@@ -546,7 +548,7 @@ pub fn p12(size: u64) -> R<Vec<Row>> {
     let pages = size / PAGE_SIZE;
     let n = f64::from(u32::try_from(pages / 2)?);
     let (mut g, mut b, mut runs) = (Vec::new(), Vec::new(), 0);
-    for _ in 0..3 {
+    for _ in 0..7 {
         let bare = vm.create_guest_memfd(size, flags)?;
         let raw = RawMap::new(std::os::fd::AsFd::as_fd(&bare), len)?;
         let t = Instant::now();

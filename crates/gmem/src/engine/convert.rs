@@ -179,6 +179,15 @@ impl Engine {
     }
 }
 
+/// The participants' steps for `parts`, one per range: none (and no allocation) when no
+/// participant is registered.
+fn steps_for(ctl: &Control, parts: &[PageRange], step: fn(ByteRange) -> Step) -> Vec<Step> {
+    if ctl.participants.is_empty() {
+        return Vec::new();
+    }
+    parts.iter().map(|p| step(p.bytes())).collect()
+}
+
 /// The runs of `old` with attribute `attr`, as page ranges.
 pub(super) fn parts(old: &[Run], attr: Attr) -> Vec<PageRange> {
     old.iter()
@@ -374,7 +383,7 @@ impl Engine {
         }
         // Participants get exactly the pages that change, so that undoing a step restores
         // exactly them (a page that was private stays private everywhere).
-        let steps: Vec<Step> = shared.iter().map(|p| Step::Revoke(p.bytes())).collect();
+        let steps = steps_for(ctl, &shared, Step::Revoke);
         if let Err(e) = self.apply_all(ctl, &steps) {
             self.undo_private(ctl, &old, &shared);
             return Err(e.into());
@@ -427,7 +436,7 @@ impl Engine {
                 return Err(os(e));
             }
         }
-        let steps: Vec<Step> = private.iter().map(|p| Step::Restore(p.bytes())).collect();
+        let steps = steps_for(ctl, &private, Step::Restore);
         if let Err(e) = self.apply_all(ctl, &steps) {
             for q in &private {
                 if let Err(e2) = ctl.views.revoke(&ctx, *q) {

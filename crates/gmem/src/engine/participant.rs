@@ -148,6 +148,11 @@ impl Participants {
         before != self.list.len()
     }
 
+    /// True when no participant is registered.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// True when a registered participant maps the file in another process.
     pub fn maps_elsewhere(&self) -> bool {
         self.list.iter().any(|(_, p)| p.maps_file())
