@@ -54,6 +54,43 @@ pub fn vmspliced_page_never_shows_private_bytes(ctx: &Ctx<'_>) {
     crate::touch::expect_bytes(&l.view, at, PAGE, SECRET, "shared again, in place");
 }
 
+/// A range of which only some pages were ever allocated, two of them vmspliced into pipes,
+/// converted to private as one call and written by the guest: both pipes yield the
+/// shared-time bytes. The conversion sees a range the page cache holds only in part, and
+/// must find the resident pages one by one (`mincore`) rather than by the range's count.
+pub fn vmspliced_pages_of_a_partly_resident_range_never_show_private_bytes(ctx: &Ctx<'_>) {
+    let flags = gmem::Flags::MMAP | gmem::Flags::INIT_SHARED;
+    if !crate::cases::require(ctx, flags) {
+        return;
+    }
+    let size = (2 * ctx.block()).max(16 * PAGE);
+    let mem = ctx.create(size, flags);
+    let view = mem.map(0, size).expect("map the whole file");
+    // Pages 2 and 4 are written (allocated) and spliced; 3 and 5 are never touched (on a
+    // 4 KiB backing they stay unallocated).
+    let (start, pages) = (2 * PAGE, 4);
+    let mut pipes = Vec::new();
+    for at in [2 * PAGE, 4 * PAGE] {
+        crate::touch::fill(&view, at, PAGE, SHARED).expect("write the shared page");
+        let addr = view
+            .as_ptr()
+            .wrapping_add(usize::try_from(at).expect("fits"));
+        pipes.push(crate::kref::splice(addr, PAGE_BYTES));
+    }
+    mem.convert(start, pages * PAGE, Attr::Private)
+        .expect("the range to private");
+    guest_fill(&mem, start, pages * PAGE, SECRET);
+    for (i, rd) in pipes.iter().enumerate() {
+        assert_eq!(
+            drain(rd, PAGE_BYTES),
+            vec![SHARED; PAGE_BYTES],
+            "{}: the stale page of pipe {i}",
+            ctx.backend().name()
+        );
+    }
+    guest_expect(&mem, start, pages * PAGE, SECRET, "the guest's pages");
+}
+
 /// On HugeTLB, a reference into a huge page converted to private as a whole sees the
 /// guest's bytes: the huge page stays in place. Pinned here so that a change is noticed;
 /// `gmem probe` reports it. A part of a huge page converted alone is moved like a base page.
