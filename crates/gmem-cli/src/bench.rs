@@ -583,6 +583,68 @@ pub fn p12(size: u64) -> R<Vec<Row>> {
     )])
 }
 
+/// The two ways a conversion to private can learn whether a page a view showed is resident,
+/// as raw syscalls on a kernel guest_memfd of `size` bytes with a quarter of its pages
+/// written, one page per call over every other page: `cachestat(2)` on the file (what gmem
+/// asks first) against `mincore(2)` on a mapping of it (what it asked before, and still asks
+/// for a range resident only in part). Recorded, no bar. Empty where `/dev/kvm` does not
+/// open.
+pub fn residency(size: u64) -> R<Vec<Row>> {
+    let vm = match gmem_kvm::Vm::new() {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("residency skipped: /dev/kvm: {e}");
+            return Ok(Vec::new());
+        }
+    };
+    let file = vm.create_guest_memfd(size, Flags::MMAP | Flags::INIT_SHARED)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&file));
+    let len = usize::try_from(size)?;
+    let map = RawMap::new(std::os::fd::AsFd::as_fd(&file), len)?;
+    let page = usize::try_from(PAGE_SIZE)?;
+    for off in (0..len).step_by(4 * page) {
+        // SAFETY: inside the shared mapping of the file, which is this function's.
+        unsafe { map.ptr.wrapping_add(off).write_volatile(1) };
+    }
+    let calls = u32::try_from(size / PAGE_SIZE / 2)?;
+    let offset = |i: u32| u64::from(i) * 2 * PAGE_SIZE;
+    let cachestat = per_call(calls, |i| {
+        // `struct cachestat_range` and `struct cachestat`, as arrays of their u64 fields.
+        let range = [offset(i), PAGE_SIZE];
+        let mut st = [0u64; 5];
+        // SAFETY: `range` and `st` have the kernel's layouts and outlive the call.
+        let r = unsafe { libc::syscall(451, fd, range.as_ptr(), st.as_mut_ptr(), 0) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        std::hint::black_box(st);
+        Ok(())
+    })?;
+    let mincore = per_call(calls, |i| {
+        let mut v = 0u8;
+        let at = map.ptr.wrapping_add(usize::try_from(offset(i))?);
+        // SAFETY: one page inside the live mapping; `v` has room for its one byte.
+        let r = unsafe { libc::mincore(at.cast(), page, &mut v) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        std::hint::black_box(v);
+        Ok(())
+    })?;
+    Ok(vec![Row {
+        bar: "residency",
+        what: format!(
+            "cachestat of one page vs mincore of one page, kernel guest_memfd, {calls} pages, a quarter of the file written"
+        ),
+        value: cachestat,
+        baseline: mincore,
+        unit: "ns",
+        ratio: cachestat / mincore,
+        limit: "recorded",
+        pass: true,
+    }])
+}
+
 /// One small-access figure: `f` run `iters` times, median of 7, in ns per call.
 fn per_call(iters: u32, mut f: impl FnMut(u32) -> R<()>) -> R<f64> {
     let mut v = Vec::new();
@@ -681,9 +743,9 @@ pub fn small_access() -> R<Vec<Row>> {
 }
 
 /// Runs P1–P5 and P12 at the given file size (the bars are defined at 1 GiB), then the
-/// small-access figures.
+/// residency syscalls' costs and the small-access figures.
 pub fn run_core(size: u64) -> R<Vec<Row>> {
-    // `GMEM_BENCH_ONLY=P1,P12,small` runs only those parts.
+    // `GMEM_BENCH_ONLY=P1,P12,residency,small` runs only those parts.
     let only = std::env::var("GMEM_BENCH_ONLY").ok();
     let on = |bar: &str| {
         only.as_deref()
@@ -707,6 +769,9 @@ pub fn run_core(size: u64) -> R<Vec<Row>> {
     }
     if on("P12") {
         rows.extend(p12(size)?);
+    }
+    if on("residency") {
+        rows.extend(residency(size)?);
     }
     if on("small") {
         rows.extend(small_access()?);

@@ -104,7 +104,7 @@ impl Engine {
     /// it from, or `None` when no page of it is resident.
     ///
     /// The file's page cache is asked first, for the whole range (`cachestat`, a third of a
-    /// `mincore` here): when it holds none of the range's pages (what most conversions find)
+    /// `mincore` on this machine kind: the `residency` row of `gmem bench`): when it holds none of the range's pages (what most conversions find)
     /// or all of them (a page the host touched), that is the answer; only a range partly
     /// resident, or a kernel without `cachestat`, pays the per-page `mincore`. A shmem page
     /// swapped out counts as resident (it may still be in the swap cache): the move then
