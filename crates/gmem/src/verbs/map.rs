@@ -30,8 +30,8 @@
 //!   thread may already be back from `mremap`. The address range the move left empty may be
 //!   taken by another mapping of the process's in the meantime, which gmem's replacement of
 //!   the window, or the markers of a hand-over's release running then, would then map over
-//!   or mark (a new owner received in the same process was seen to lose its guest mapping
-//!   that way; one in another process, as a VMM upgrade is, cannot be hit).
+//!   or mark (a new owner received in the same process can lose its guest mapping that
+//!   way; one in another process, as a VMM upgrade is, cannot).
 //!
 //! Views are `MADV_DONTFORK`: a forked child inherits no view. Another process reaches the
 //! memory through [`crate::peer`].
