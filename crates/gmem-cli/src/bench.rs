@@ -528,6 +528,18 @@ impl Drop for RawMap {
     }
 }
 
+/// A VM for a part that needs the kernel guest_memfd, or `None` with a `skipped:` line on
+/// stderr naming `part` where `/dev/kvm` does not open.
+fn kvm_vm(part: &str) -> Option<gmem_kvm::Vm> {
+    match gmem_kvm::Vm::new() {
+        Ok(vm) => Some(vm),
+        Err(e) => {
+            eprintln!("{part} skipped: /dev/kvm: {e}");
+            None
+        }
+    }
+}
+
 /// P12: a kernel guest_memfd with one host view, every other page to private with one call
 /// per page (the 131,072-run pattern at 1 GiB), against a bare per-page `MADV_GUARD_INSTALL`
 /// loop on a plain mapping of another kernel guest_memfd of the same size; the medians of 7
@@ -535,12 +547,8 @@ impl Drop for RawMap {
 /// three moved the ratio by a fifth). Empty (with a `skipped:` line on stderr) where
 /// `/dev/kvm` does not open.
 pub fn p12(size: u64) -> R<Vec<Row>> {
-    let vm = match gmem_kvm::Vm::new() {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("P12 skipped: /dev/kvm: {e}");
-            return Ok(Vec::new());
-        }
+    let Some(vm) = kvm_vm("P12") else {
+        return Ok(Vec::new());
     };
     let flags = Flags::MMAP | Flags::INIT_SHARED;
     let len = usize::try_from(size)?;
@@ -590,12 +598,8 @@ pub fn p12(size: u64) -> R<Vec<Row>> {
 /// for a range resident only in part). Recorded, no bar. Empty where `/dev/kvm` does not
 /// open.
 pub fn residency(size: u64) -> R<Vec<Row>> {
-    let vm = match gmem_kvm::Vm::new() {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("residency skipped: /dev/kvm: {e}");
-            return Ok(Vec::new());
-        }
+    let Some(vm) = kvm_vm("residency") else {
+        return Ok(Vec::new());
     };
     let file = vm.create_guest_memfd(size, Flags::MMAP | Flags::INIT_SHARED)?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&file));
