@@ -187,6 +187,7 @@ macro_rules! hardening_suite {
                 hardening_refs_io_uring_fixed_buffer => $crate::cases::hardening::kernel_refs::io_uring_fixed_buffer_holds_an_orphan,
                 hardening_refs_o_direct_race => $crate::cases::hardening::kernel_refs::o_direct_racing_conversions_never_exports_private_bytes,
                 hardening_pin_pointer => $crate::cases::hardening::capabilities::pin_pointer_is_enforced,
+                hardening_guest_pointer_racing_moves => $crate::cases::hardening::capabilities::guest_pointer_racing_moves_never_opens_a_view,
                 hardening_debugger_paths => $crate::cases::hardening::capabilities::debugger_paths_never_read_private_pages,
                 hardening_follower_no_guest_view => $crate::cases::hardening::capabilities::follower_has_no_guest_view,
                 hardening_forked_child => $crate::cases::hardening::capabilities::forked_child_gets_clean_errors,

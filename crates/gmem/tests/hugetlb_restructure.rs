@@ -409,3 +409,66 @@ fn splits_past_the_piece_limit_fail_with_enomem_and_are_accounted() {
     let a = dflt.hugetlb_accounting().expect("accounting");
     assert_eq!(a.piece_limit(), 16 << 20);
 }
+
+/// A preallocation running while pages move never opens a view. HugeTLB preallocation faults
+/// the guest mapping without the page-state lock, and the kernel's truncation drops the
+/// views' markers of a page something maps at its punch. Each round splits the huge page by
+/// converting one page, which the view showed, to private (its piece moves while the
+/// preallocation faults the new pieces in), checks it faults through the view and merges
+/// again; at the end every page shows its bytes.
+#[test]
+fn preallocation_racing_page_moves_never_opens_a_view() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const ROUNDS: u64 = 1200;
+    const PAGES: u64 = 16;
+    let Some(_pool) = pool(M2, 2) else { return };
+    let mem = huge(2);
+    let view = mem.map(0, 2 * M2).expect("map");
+    let stop = AtomicBool::new(false);
+    let fills = std::thread::scope(|s| {
+        let filler = s.spawn(|| {
+            let mut fills = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                mem.preallocate(&gmem::Prealloc::new().threads(1))
+                    .expect("preallocate");
+                fills += 1;
+            }
+            fills
+        });
+        // Stops the filler however this thread leaves the scope (a failed check panics).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let guard = Stop(&stop);
+        for round in 0..ROUNDS {
+            for page in 0..M2 / P {
+                // Shown by the view again, so that a conversion moves it.
+                let t = touch(view.as_ptr().wrapping_add((page * P) as usize));
+                assert_eq!(
+                    t,
+                    Touch::Ok(pattern(page * P, 1)[0]),
+                    "round {round}: page {page}"
+                );
+            }
+            for page in 0..PAGES {
+                let off = page * P;
+                mem.convert(off, P, Attr::Private)
+                    .unwrap_or_else(|e| panic!("round {round}: page {page} to private: {e}"));
+                let t = touch(view.as_ptr().wrapping_add(off as usize + 17));
+                assert!(
+                    gmem_conformance::touch::faults_as_documented(&view, off + 17, t),
+                    "round {round}: page {page}, moved during a preallocation, readable: {t:?}"
+                );
+            }
+            mem.convert(0, M2, Attr::Shared)
+                .unwrap_or_else(|e| panic!("round {round}: back to shared: {e}"));
+        }
+        drop(guard);
+        filler.join().expect("the preallocating thread")
+    });
+    assert!(fills > 0, "no preallocation ran");
+    check_view(&mem, &view, 2 * M2);
+}

@@ -32,7 +32,7 @@ pub(crate) mod views;
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
@@ -183,6 +183,14 @@ pub(crate) struct Engine {
     /// gmem's own mapping of the whole file: the guest's path, and the path checked accessors
     /// copy through. Never handed to host code, never forked.
     guest: Option<Mapping>,
+    /// The guest mapping's address was handed out ([`crate::GuestView::as_ptr`]: an hva
+    /// memslot, a software vCPU): from then on something outside gmem may fault its pages at
+    /// any moment.
+    guest_handed_out: AtomicBool,
+    /// Stretches of faults gmem makes through the guest mapping without the page-state lock
+    /// (a HugeTLB preallocation), bumped at the start and the end of each: odd while one
+    /// runs.
+    unlocked_faults: AtomicU64,
     huge: Option<Huge>,
     control: Mutex<Control>,
     gate: Gate,
@@ -284,6 +292,8 @@ impl Engine {
             // Only the process that created the file may give its memory back when done: a
             // follower's or a new owner's file is someone else's too.
             shared_out: AtomicBool::new(someone_elses),
+            guest_handed_out: AtomicBool::new(false),
+            unlocked_faults: AtomicU64::new(0),
         }))
     }
 
@@ -321,6 +331,44 @@ impl Engine {
 
     pub fn guest_map(&self) -> Option<&Mapping> {
         self.guest.as_ref()
+    }
+
+    /// The guest mapping's address, for the vCPU path (null when the file cannot be mapped).
+    /// Recorded before it is returned: whatever faults a page through it afterwards comes
+    /// after the record.
+    pub fn hand_out_guest_map(&self) -> *mut u8 {
+        match self.guest_map() {
+            Some(m) => {
+                self.guest_handed_out.store(true, Ordering::SeqCst);
+                m.as_ptr()
+            }
+            None => std::ptr::null_mut(),
+        }
+    }
+
+    /// Marks the faults gmem makes through the guest mapping without the page-state lock
+    /// until the guard drops (see [`Engine::unlocked_faults_seq`]).
+    pub(crate) fn unlocked_faults(&self) -> UnlockedFaults<'_> {
+        self.unlocked_faults.fetch_add(1, Ordering::SeqCst);
+        UnlockedFaults(&self.unlocked_faults)
+    }
+
+    /// The count of starts and ends of faults through the guest mapping without the
+    /// page-state lock: odd while such faults run.
+    pub(crate) fn unlocked_faults_seq(&self) -> u64 {
+        self.unlocked_faults.load(Ordering::SeqCst)
+    }
+
+    /// True when something may have faulted a page of the guest mapping outside gmem's
+    /// locked paths since `since` ([`Engine::unlocked_faults_seq`], read before): the guest
+    /// mapping's address was handed out, a participant maps the file elsewhere, or gmem's own
+    /// unlocked faults ran meanwhile. Read after a punch, it says whether anything could
+    /// have mapped a page between gmem unmapping it and punching it.
+    pub(crate) fn others_may_have_mapped(&self, ctl: &Control, since: u64) -> bool {
+        self.guest_handed_out.load(Ordering::SeqCst)
+            || !ctl.participants.is_empty()
+            || since % 2 == 1
+            || self.unlocked_faults_seq() != since
     }
 
     pub fn refs(&self) -> &RefTable {
@@ -682,5 +730,15 @@ impl Engine {
             Some(h) if !h.state().is_split(h.geo.of_page(page)) && private => Some(HostFault::Bus),
             _ => Some(HostFault::Segv),
         }
+    }
+}
+
+/// Faults through the guest mapping without the page-state lock are running while this
+/// lives ([`Engine::unlocked_faults`]).
+pub(crate) struct UnlockedFaults<'a>(&'a AtomicU64);
+
+impl Drop for UnlockedFaults<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }

@@ -187,6 +187,9 @@ impl Engine {
                 cb(Progress { done: d, total });
             }
         };
+        // HugeTLB faults the guest mapping without the page-state lock: a page move meanwhile
+        // must re-guard the views after its punch.
+        let _unlocked = hugetlb.then(|| self.unlocked_faults());
         std::thread::scope(|s| {
             for _ in 1..threads {
                 s.spawn(work);

@@ -44,10 +44,13 @@ impl GuestView {
 
     /// Start of the guest mapping (for an hva memslot), or null when the file cannot be
     /// mapped.
+    ///
+    /// Once a file's guest mapping address was asked for, its conversions to private re-guard
+    /// every view after each page they move (the pointer's user may fault the page between
+    /// gmem unmapping and punching it, and the kernel's truncation then drops the views'
+    /// markers), which costs one `madvise` per moved range.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.inner
-            .guest_map()
-            .map_or(std::ptr::null_mut(), |m| m.as_ptr())
+        self.inner.hand_out_guest_map()
     }
 
     /// Size of the guest mapping in bytes.

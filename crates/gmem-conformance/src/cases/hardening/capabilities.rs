@@ -1,5 +1,5 @@
-//! Pointers and capabilities handed to host code: a pin's pointer, a follower, a forked child;
-//! and the debugger paths into the process's memory.
+//! Pointers and capabilities handed to host code: a pin's pointer, the guest mapping's
+//! address, a follower, a forked child; and the debugger paths into the process's memory.
 
 use std::os::fd::AsRawFd;
 
@@ -289,4 +289,82 @@ pub fn debugger_paths_never_read_private_pages(ctx: &Ctx<'_>) {
             );
         }
     }
+}
+
+/// Pages one run of [`guest_pointer_racing_moves_never_opens_a_view`] converts.
+const RACED_PAGES: u64 = 256;
+
+/// The user of the guest mapping's address (an hva memslot, a software vCPU) faulting the
+/// very page a conversion to private moves, at any moment of the move, never opens a view.
+/// The kernel's truncation drops the views' markers of a page something maps at its punch;
+/// gmem puts them back before the conversion returns. Every page a view showed is converted
+/// on its own while a thread reads that page through the guest mapping in a loop; each then
+/// faults through the view with its documented signal, keeps its bytes for the guest, and
+/// reads what the guest wrote once it is shared again.
+pub fn guest_pointer_racing_moves_never_opens_a_view(ctx: &Ctx<'_>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let flags = gmem::Flags::MMAP | gmem::Flags::INIT_SHARED;
+    if !crate::cases::require(ctx, flags) {
+        return;
+    }
+    let len = RACED_PAGES * PAGE;
+    let size = ctx.block().max(len);
+    let mem = ctx.create(size, flags);
+    let view = mem.map(0, size).expect("map the file");
+    crate::touch::fill(&view, 0, len, SHARED).expect("the view shows every page");
+    let base = mem.guest().expect("guest view").as_ptr() as usize;
+    const STOP: u64 = u64::MAX;
+    let target = AtomicU64::new(0);
+    let reads = std::thread::scope(|s| {
+        let racer = s.spawn(|| {
+            let mut reads = 0u64;
+            loop {
+                let p = target.load(Ordering::Acquire);
+                if p == STOP {
+                    return reads;
+                }
+                let at = base + usize::try_from(p * PAGE).expect("fits") + (reads as usize % 64);
+                // SAFETY: `at` lies inside the guest mapping, which lives until the scope
+                // ends (`mem` outlives it); the guest mapping reads every page, private or
+                // shared, and never faults on an in-file address.
+                let b = unsafe { std::ptr::read_volatile(at as *const u8) };
+                std::hint::black_box(b);
+                reads += 1;
+            }
+        });
+        // Stops the reader however this thread leaves the scope (a failed check panics).
+        struct Stop<'a>(&'a AtomicU64);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(STOP, Ordering::Release);
+            }
+        }
+        let stop = Stop(&target);
+        for p in 0..RACED_PAGES {
+            target.store(p, Ordering::Release);
+            mem.convert(p * PAGE, PAGE, Attr::Private)
+                .unwrap_or_else(|e| panic!("page {p} to private: {e}"));
+            crate::touch::expect_fault(
+                &view,
+                p * PAGE,
+                PAGE,
+                &format!("page {p}, moved while the guest mapping read it"),
+            );
+        }
+        drop(stop);
+        racer.join().expect("the racing reader")
+    });
+    assert!(reads > 0, "the racing reader never read");
+    crate::cases::guest_expect(
+        &mem,
+        0,
+        len,
+        SHARED,
+        "the moved pages' bytes, for the guest",
+    );
+    crate::cases::guest_fill(&mem, 0, len, SECRET);
+    crate::touch::expect_fault(&view, 0, len, "every moved page, after the guest wrote");
+    mem.convert(0, len, Attr::Shared).expect("back to shared");
+    crate::touch::expect_bytes(&view, 0, len, SECRET, "shared again, in place");
 }

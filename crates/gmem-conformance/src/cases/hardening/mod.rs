@@ -11,7 +11,7 @@
 //! - [`remap`]: `mremap` (move, grow, `MREMAP_DONTUNMAP`), `munmap` of part of a view,
 //!   `MAP_FIXED` over a view;
 //! - [`kernel_refs`]: a page vmspliced into a pipe, an io_uring fixed buffer, `O_DIRECT`;
-//! - [`capabilities`]: pins, followers, forked children, the debugger paths (`/proc/<pid>/mem`,
+//! - [`capabilities`]: pins, the guest mapping's address, followers, forked children, the debugger paths (`/proc/<pid>/mem`,
 //!   `process_vm_readv`).
 
 pub mod capabilities;
