@@ -91,8 +91,12 @@ impl Engine {
                     let mut moved = false;
                     for h in split {
                         if let Some(sub) = huge.geo.pages(h).intersect(&r) {
+                            // The pieces' residency was read with the range's (as above).
+                            let from = to_usize(sub.start - r.start)?;
+                            let to = to_usize(sub.end - r.start)?;
+                            let part = resident.get(from..to).map(<[u8]>::to_vec);
                             moved |=
-                                self.move_range(huge.pieces_map(), sub, Target::Companion, None)?;
+                                self.move_range(huge.pieces_map(), sub, Target::Companion, part)?;
                         }
                     }
                     moved
