@@ -324,7 +324,7 @@ pub fn guest_pointer_racing_moves_never_opens_a_view(ctx: &Ctx<'_>) {
                 if p == STOP {
                     return reads;
                 }
-                let at = base + usize::try_from(p * PAGE).expect("fits") + (reads as usize % 64);
+                let at = base + usize::try_from(p * PAGE + reads % 64).expect("fits");
                 // SAFETY: `at` lies inside the guest mapping, which lives until the scope
                 // ends (`mem` outlives it); the guest mapping reads every page, private or
                 // shared, and never faults on an in-file address.
