@@ -28,6 +28,7 @@ pub mod kref;
 pub mod probe;
 pub mod remap;
 pub mod rollback;
+pub mod stop;
 pub mod touch;
 
 pub use backend::{Backend, Shmem};

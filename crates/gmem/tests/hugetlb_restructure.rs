@@ -435,14 +435,7 @@ fn preallocation_racing_page_moves_never_opens_a_view() {
             }
             fills
         });
-        // Stops the filler however this thread leaves the scope (a failed check panics).
-        struct Stop<'a>(&'a AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Release);
-            }
-        }
-        let guard = Stop(&stop);
+        let guard = gmem_conformance::stop::StopOnDrop(&stop);
         for round in 0..ROUNDS {
             for page in 0..M2 / P {
                 // Shown by the view again, so that a conversion moves it.

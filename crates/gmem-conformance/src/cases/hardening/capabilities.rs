@@ -302,7 +302,7 @@ const RACED_PAGES: u64 = 256;
 /// faults through the view with its documented signal, keeps its bytes for the guest, and
 /// reads what the guest wrote once it is shared again.
 pub fn guest_pointer_racing_moves_never_opens_a_view(ctx: &Ctx<'_>) {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     let flags = gmem::Flags::MMAP | gmem::Flags::INIT_SHARED;
     if !crate::cases::require(ctx, flags) {
@@ -314,16 +314,13 @@ pub fn guest_pointer_racing_moves_never_opens_a_view(ctx: &Ctx<'_>) {
     let view = mem.map(0, size).expect("map the file");
     crate::touch::fill(&view, 0, len, SHARED).expect("the view shows every page");
     let base = mem.guest().expect("guest view").as_ptr() as usize;
-    const STOP: u64 = u64::MAX;
     let target = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
     let reads = std::thread::scope(|s| {
         let racer = s.spawn(|| {
             let mut reads = 0u64;
-            loop {
+            while !done.load(Ordering::Acquire) {
                 let p = target.load(Ordering::Acquire);
-                if p == STOP {
-                    return reads;
-                }
                 let at = base + usize::try_from(p * PAGE + reads % 64).expect("fits");
                 // SAFETY: `at` lies inside the guest mapping, which lives until the scope
                 // ends (`mem` outlives it); the guest mapping reads every page, private or
@@ -332,15 +329,9 @@ pub fn guest_pointer_racing_moves_never_opens_a_view(ctx: &Ctx<'_>) {
                 std::hint::black_box(b);
                 reads += 1;
             }
+            reads
         });
-        // Stops the reader however this thread leaves the scope (a failed check panics).
-        struct Stop<'a>(&'a AtomicU64);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(STOP, Ordering::Release);
-            }
-        }
-        let stop = Stop(&target);
+        let stop = crate::stop::StopOnDrop(&done);
         for p in 0..RACED_PAGES {
             target.store(p, Ordering::Release);
             mem.convert(p * PAGE, PAGE, Attr::Private)
