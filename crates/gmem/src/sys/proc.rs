@@ -113,8 +113,8 @@ pub(crate) fn dev_pair(st_dev: u64) -> (u32, u32) {
 mod tests {
     use super::map_count;
 
-    /// The chunked count is the line count of the whole text, over many chunks (4,000
-    /// mappings made here print about 250 KiB): asked between two whole reads that agree
+    /// The chunked count is the line count of the whole text, over many reads (the 8,000
+    /// mappings made here print about 400 KiB): asked between two whole reads that agree
     /// (other tests of this binary map and unmap meanwhile), it equals them.
     #[test]
     fn map_count_counts_every_line() {
