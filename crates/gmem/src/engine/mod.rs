@@ -361,7 +361,8 @@ impl Engine {
 
     /// True when something may have faulted a page of the guest mapping outside gmem's
     /// locked paths since `since` ([`Engine::unlocked_faults_seq`], read before): the guest
-    /// mapping's address was handed out, a participant maps the file elsewhere, or gmem's own
+    /// mapping's address was handed out, a participant is registered (a peer follower maps
+    /// the file in its own process; any participant hears of the refresh), or gmem's own
     /// unlocked faults ran meanwhile. Read after a punch, it says whether anything could
     /// have mapped a page between gmem unmapping it and punching it.
     pub(crate) fn others_may_have_mapped(&self, ctl: &Control, since: u64) -> bool {
