@@ -16,7 +16,7 @@
 //! device view, an enforced host view in which private pages fault.
 
 use super::gate::GateError;
-use crossbeam_utils::sync::ShardedLockReadGuard;
+use super::shard_lock::ShardReadGuard;
 
 use super::{Engine, PageState};
 use crate::model::attr::Attr;
@@ -144,7 +144,7 @@ impl Engine {
         &self,
         r: ByteRange,
         guest: bool,
-    ) -> Result<(&Mapping, ShardedLockReadGuard<'_, PageState>), AccessError> {
+    ) -> Result<(&Mapping, ShardReadGuard<'_, PageState>), AccessError> {
         let map = self.mapping()?;
         let st = self.read_pages();
         // Checked under the lock: a hand-over's release takes it for writing before it

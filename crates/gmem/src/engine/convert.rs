@@ -190,10 +190,14 @@ fn steps_for(ctl: &Control, parts: &[PageRange], step: fn(ByteRange) -> Step) ->
 
 /// The runs of `old` with attribute `attr`, as page ranges.
 pub(super) fn parts(old: &[Run], attr: Attr) -> Vec<PageRange> {
-    old.iter()
-        .filter(|r| r.attr == attr)
-        .map(Run::pages)
-        .collect()
+    let mut out = Vec::new();
+    parts_into(old, attr, &mut out);
+    out
+}
+
+/// [`parts`], appended to `out`.
+fn parts_into(old: &[Run], attr: Attr, out: &mut Vec<PageRange>) {
+    out.extend(old.iter().filter(|r| r.attr == attr).map(Run::pages));
 }
 
 impl Engine {
@@ -356,41 +360,56 @@ impl Engine {
 
     /// `seg` to private, all or nothing (module docs, step 6).
     fn to_private(&self, ctl: &mut Control, seg: PageRange) -> Result<(), ConvertError> {
-        let os = |source| ConvertError::Os {
-            offset: seg.bytes().start,
-            source,
-        };
-        let old: Vec<Run> = {
+        let (mut old, mut shared) = ctl.scratch.take();
+        {
             let mut st = self.write_pages();
             if let Some(p) = self.refs().first_busy(seg) {
+                ctl.scratch.give_back(old, shared);
                 return Err(ConvertError::Busy {
                     offset: PageRange::one(p).bytes().start,
                 });
             }
-            let old = st.attrs.runs(seg.start, seg.end).collect();
+            old.extend(st.attrs.runs(seg.start, seg.end));
             st.attrs.set(seg.start, seg.end, Attr::Private);
-            old
+        }
+        parts_into(&old, Attr::Shared, &mut shared);
+        let res = self.revoke_private(ctl, seg, &old, &shared);
+        ctl.scratch.give_back(old, shared);
+        res
+    }
+
+    /// The rest of [`Engine::to_private`] once the attributes are private: `old` were the
+    /// runs of `seg`, `shared` the ranges of them that were shared.
+    fn revoke_private(
+        &self,
+        ctl: &mut Control,
+        seg: PageRange,
+        old: &[Run],
+        shared: &[PageRange],
+    ) -> Result<(), ConvertError> {
+        let os = |source| ConvertError::Os {
+            offset: seg.bytes().start,
+            source,
         };
-        let shared = parts(&old, Attr::Shared);
         let numa = self.numa_policy_set();
         let ctx = self.view_ctx(numa.as_ref());
         // Only what was shared is revoked: the private runs already fault.
         for (i, p) in shared.iter().enumerate() {
             if let Err(e) = ctl.views.revoke(&ctx, *p) {
-                self.undo_private(ctl, &old, &shared[..i]);
+                self.undo_private(ctl, old, &shared[..i]);
                 return Err(os(e));
             }
         }
         // Participants get exactly the pages that change, so that undoing a step restores
         // exactly them (a page that was private stays private everywhere).
-        let steps = steps_for(ctl, &shared, Step::Revoke);
+        let steps = steps_for(ctl, shared, Step::Revoke);
         if let Err(e) = self.apply_all(ctl, &steps) {
-            self.undo_private(ctl, &old, &shared);
+            self.undo_private(ctl, old, shared);
             return Err(e.into());
         }
-        if let Err(e) = self.orphan(ctl, &shared) {
+        if let Err(e) = self.orphan(ctl, shared) {
             steps.iter().rev().for_each(|s| ctl.participants.undo(s));
-            self.undo_private(ctl, &old, &shared);
+            self.undo_private(ctl, old, shared);
             return Err(os(e));
         }
         Ok(())
@@ -415,19 +434,35 @@ impl Engine {
 
     /// `seg` to shared, all or nothing.
     fn to_shared(&self, ctl: &mut Control, seg: PageRange) -> Result<(), ConvertError> {
+        let (mut runs, mut private) = ctl.scratch.take();
+        let keep = {
+            let st = self.read_pages();
+            runs.extend(st.attrs.runs(seg.start, seg.end));
+            st.poison.in_range(seg)
+        };
+        parts_into(&runs, Attr::Private, &mut private);
+        let res = self.restore_shared(ctl, seg, &private, &keep);
+        ctl.scratch.give_back(runs, private);
+        res
+    }
+
+    /// The rest of [`Engine::to_shared`]: `private` are the ranges of `seg` that were
+    /// private, `keep` its poisoned pages.
+    fn restore_shared(
+        &self,
+        ctl: &mut Control,
+        seg: PageRange,
+        private: &[PageRange],
+        keep: &[u64],
+    ) -> Result<(), ConvertError> {
         let os = |source| ConvertError::Os {
             offset: seg.bytes().start,
             source,
         };
-        let (private, keep) = {
-            let st = self.read_pages();
-            let runs: Vec<Run> = st.attrs.runs(seg.start, seg.end).collect();
-            (parts(&runs, Attr::Private), st.poison.in_range(seg))
-        };
         let numa = self.numa_policy_set();
         let ctx = self.view_ctx(numa.as_ref());
         for (i, p) in private.iter().enumerate() {
-            if let Err(e) = ctl.views.restore(&ctx, *p, &keep) {
+            if let Err(e) = ctl.views.restore(&ctx, *p, keep) {
                 for q in &private[..i] {
                     if let Err(e2) = ctl.views.revoke(&ctx, *q) {
                         tracing::error!(page = q.start, "re-revoking during a rollback: {e2}");
@@ -436,9 +471,9 @@ impl Engine {
                 return Err(os(e));
             }
         }
-        let steps = steps_for(ctl, &private, Step::Restore);
+        let steps = steps_for(ctl, private, Step::Restore);
         if let Err(e) = self.apply_all(ctl, &steps) {
-            for q in &private {
+            for q in private {
                 if let Err(e2) = ctl.views.revoke(&ctx, *q) {
                     tracing::error!(page = q.start, "re-revoking during a rollback: {e2}");
                 }

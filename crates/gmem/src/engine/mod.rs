@@ -28,6 +28,7 @@ pub(crate) mod punch;
 mod query;
 pub(crate) mod refs;
 pub(crate) mod remote;
+pub(crate) mod shard_lock;
 pub(crate) mod views;
 
 use std::io;
@@ -35,10 +36,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
+use shard_lock::{ShardLock, ShardReadGuard, ShardWriteGuard};
 
 use crate::backing::{Backing, BackingKind};
-use crate::model::attr::{Attr, AttrMap};
+use crate::model::attr::{Attr, AttrMap, Run};
 use crate::model::error::Errno;
 use crate::model::flags::Flags;
 use crate::model::numa::{NumaError, NumaPolicy};
@@ -132,6 +133,44 @@ pub(crate) struct Control {
     pub(in crate::engine) views: ViewSet,
     pub(in crate::engine) listeners: ListenerSet,
     pub(in crate::engine) participants: Participants,
+    /// Buffers a conversion reuses, so that converting a page allocates nothing.
+    pub(in crate::engine) scratch: Scratch,
+}
+
+/// Buffers kept between conversions (see [`Control::scratch`]).
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    /// The runs a range held before its conversion.
+    pub(in crate::engine) runs: Vec<Run>,
+    /// The page ranges that change.
+    pub(in crate::engine) parts: Vec<PageRange>,
+}
+
+impl Scratch {
+    /// The most entries a buffer keeps between conversions: a bulk conversion's buffers
+    /// are freed, not held.
+    const KEEP: usize = 64;
+
+    /// Both buffers, empty, for one conversion.
+    pub(in crate::engine) fn take(&mut self) -> (Vec<Run>, Vec<PageRange>) {
+        let (mut runs, mut parts) = (
+            std::mem::take(&mut self.runs),
+            std::mem::take(&mut self.parts),
+        );
+        runs.clear();
+        parts.clear();
+        (runs, parts)
+    }
+
+    /// Gives the buffers back once the conversion is done with them.
+    pub(in crate::engine) fn give_back(&mut self, runs: Vec<Run>, parts: Vec<PageRange>) {
+        if runs.capacity() <= Self::KEEP {
+            self.runs = runs;
+        }
+        if parts.capacity() <= Self::KEEP {
+            self.parts = parts;
+        }
+    }
 }
 
 impl Control {
@@ -178,7 +217,7 @@ pub(crate) struct Engine {
     backing: Box<dyn Backing>,
     size: u64,
     flags: Flags,
-    pages: ShardedLock<PageState>,
+    pages: ShardLock<PageState>,
     refs: RefTable,
     /// gmem's own mapping of the whole file: the guest's path, and the path checked accessors
     /// copy through. Never handed to host code, never forked.
@@ -195,6 +234,9 @@ pub(crate) struct Engine {
     control: Mutex<Control>,
     gate: Gate,
     numa: Mutex<Option<NumaPolicy>>,
+    /// A NUMA policy is recorded in `numa`: conversions of a file without one read this
+    /// load and take no lock.
+    numa_recorded: AtomicBool,
     /// Some split huge page waits for its references to go before it merges (one load on
     /// every pin release).
     merge_waiting: AtomicBool,
@@ -266,7 +308,7 @@ impl Engine {
             backing,
             size,
             flags,
-            pages: ShardedLock::new(PageState {
+            pages: ShardLock::new(PageState {
                 attrs,
                 poison: PoisonSet::default(),
             }),
@@ -284,9 +326,11 @@ impl Engine {
                 },
                 listeners: ListenerSet::default(),
                 participants: Participants::default(),
+                scratch: Scratch::default(),
             }),
             gate: Gate::new(how.follower),
             numa: Mutex::new(None),
+            numa_recorded: AtomicBool::new(false),
             merge_waiting: AtomicBool::new(false),
             device_base: std::sync::atomic::AtomicUsize::new(0),
             // Only the process that created the file may give its memory back when done: a
@@ -381,13 +425,13 @@ impl Engine {
     }
 
     /// The page-state lock, for reading.
-    pub(in crate::engine) fn read_pages(&self) -> ShardedLockReadGuard<'_, PageState> {
-        self.pages.read().unwrap_or_else(|e| e.into_inner())
+    pub(in crate::engine) fn read_pages(&self) -> ShardReadGuard<'_, PageState> {
+        self.pages.read()
     }
 
     /// The page-state lock, for writing.
-    pub(in crate::engine) fn write_pages(&self) -> ShardedLockWriteGuard<'_, PageState> {
-        self.pages.write().unwrap_or_else(|e| e.into_inner())
+    pub(in crate::engine) fn write_pages(&self) -> ShardWriteGuard<'_, PageState> {
+        self.pages.write()
     }
 
     /// The control lock, for work that is not a conversion (views, listeners): refused in a
@@ -414,11 +458,16 @@ impl Engine {
 
     /// The NUMA policy set on the file.
     pub(crate) fn numa_policy_set(&self) -> Option<NumaPolicy> {
+        if !self.numa_recorded.load(Ordering::Acquire) {
+            return None;
+        }
         self.numa.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub(crate) fn set_numa_record(&self, p: Option<NumaPolicy>) {
-        *self.numa.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        let mut numa = self.numa.lock().unwrap_or_else(|e| e.into_inner());
+        self.numa_recorded.store(p.is_some(), Ordering::Release);
+        *numa = p;
     }
 
     /// Checks a page-aligned range inside the file.
