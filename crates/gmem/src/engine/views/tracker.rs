@@ -115,7 +115,8 @@ impl OwnOps {
 
     /// True (once) when a foreign event arrived during an own remap.
     pub fn take_foreign(&self) -> bool {
-        self.foreign.swap(false, Ordering::AcqRel)
+        // A load first: almost every conversion finds none and writes nothing.
+        self.foreign.load(Ordering::Acquire) && self.foreign.swap(false, Ordering::AcqRel)
     }
 }
 
