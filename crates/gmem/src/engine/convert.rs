@@ -188,6 +188,14 @@ fn steps_for(ctl: &Control, parts: &[PageRange], step: fn(ByteRange) -> Step) ->
     parts.iter().map(|p| step(p.bytes())).collect()
 }
 
+/// A failure of the OS while changing the host mappings of `seg`.
+fn os_error(seg: PageRange) -> impl Fn(io::Error) -> ConvertError {
+    move |source| ConvertError::Os {
+        offset: seg.bytes().start,
+        source,
+    }
+}
+
 /// The runs of `old` with attribute `attr`, as page ranges.
 pub(super) fn parts(old: &[Run], attr: Attr) -> Vec<PageRange> {
     let mut out = Vec::new();
@@ -387,10 +395,7 @@ impl Engine {
         old: &[Run],
         shared: &[PageRange],
     ) -> Result<(), ConvertError> {
-        let os = |source| ConvertError::Os {
-            offset: seg.bytes().start,
-            source,
-        };
+        let os = os_error(seg);
         let numa = self.numa_policy_set();
         let ctx = self.view_ctx(numa.as_ref());
         // Only what was shared is revoked: the private runs already fault.
@@ -455,10 +460,7 @@ impl Engine {
         private: &[PageRange],
         keep: &[u64],
     ) -> Result<(), ConvertError> {
-        let os = |source| ConvertError::Os {
-            offset: seg.bytes().start,
-            source,
-        };
+        let os = os_error(seg);
         let numa = self.numa_policy_set();
         let ctx = self.view_ctx(numa.as_ref());
         for (i, p) in private.iter().enumerate() {

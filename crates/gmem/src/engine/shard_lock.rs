@@ -11,7 +11,7 @@
 use std::cell::{Cell, UnsafeCell};
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crossbeam_utils::CachePadded;
 
@@ -39,12 +39,16 @@ impl<T: std::fmt::Debug> std::fmt::Debug for ShardLock<T> {
     }
 }
 
-/// The number of shards for this machine.
+/// The number of shards for this machine, asked once per process (the question reads the
+/// CPU affinity and the cgroup's CPU quota, several syscalls: too many for every file).
 fn shard_count() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, std::num::NonZeroUsize::get)
-        .next_power_of_two()
-        .min(MAX_SHARDS)
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, std::num::NonZeroUsize::get)
+            .next_power_of_two()
+            .min(MAX_SHARDS)
+    })
 }
 
 /// Threads are numbered in the order they first read a lock; a thread reads the shard its
