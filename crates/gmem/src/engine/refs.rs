@@ -35,12 +35,7 @@ struct Total(std::sync::atomic::AtomicI64);
 const SHARDS: usize = 8;
 
 fn shard() -> usize {
-    use std::sync::atomic::AtomicUsize;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    SHARD.with(|s| *s)
+    super::shard_lock::thread_number() % SHARDS
 }
 
 /// Refused when a page already holds this many references (the kernel's GUP fails the same way

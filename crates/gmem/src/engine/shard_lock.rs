@@ -31,11 +31,16 @@ pub(crate) struct ShardLock<T> {
 unsafe impl<T: Send + Sync> Sync for ShardLock<T> {}
 
 impl<T: std::fmt::Debug> std::fmt::Debug for ShardLock<T> {
+    /// Shows the value only when it can be read at once: formatting never waits, so a
+    /// thread that holds the lock for writing can still print the engine.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardLock")
-            .field("shards", &self.shards.len())
-            .field("value", &*self.read())
-            .finish()
+        let mut d = f.debug_struct("ShardLock");
+        d.field("shards", &self.shards.len());
+        match self.try_read() {
+            Some(g) => d.field("value", &*g),
+            None => d.field("value", &format_args!("<locked>")),
+        };
+        d.finish()
     }
 }
 
@@ -51,16 +56,17 @@ fn shard_count() -> usize {
     })
 }
 
-/// Threads are numbered in the order they first read a lock; a thread reads the shard its
-/// number falls on.
+/// Threads are numbered in the order they first ask for their number; every per-thread
+/// shard in gmem (this lock's readers, the reference totals, the handles' anchors) is chosen
+/// by it, so a thread uses the same index everywhere.
 static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     static THREAD: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// This thread's number (see [`NEXT_THREAD`]).
-fn thread_number() -> usize {
+/// The calling thread's number (see [`NEXT_THREAD`]).
+pub(crate) fn thread_number() -> usize {
     THREAD.with(|t| match t.get() {
         Some(n) => n,
         None => {
@@ -77,22 +83,41 @@ impl<T> ShardLock<T> {
         Self::with_shards(value, shard_count())
     }
 
-    /// A lock holding `value` with `n` shards (at least one, at most [`MAX_SHARDS`]).
+    /// A lock holding `value` with `n` shards, rounded up to a power of two (at least one,
+    /// at most [`MAX_SHARDS`]).
     fn with_shards(value: T, n: usize) -> Self {
-        let n = n.clamp(1, MAX_SHARDS);
+        let n = n.clamp(1, MAX_SHARDS).next_power_of_two();
         ShardLock {
             shards: (0..n).map(|_| CachePadded::new(RwLock::new(()))).collect(),
             value: UnsafeCell::new(value),
         }
     }
 
+    /// The calling thread's shard.
+    fn own_shard(&self) -> &RwLock<()> {
+        // The shard count is a power of two: a mask, not a division, on every read.
+        &self.shards[thread_number() & (self.shards.len() - 1)]
+    }
+
     /// Locks this thread's shard for reading.
     pub(crate) fn read(&self) -> ShardReadGuard<'_, T> {
-        let shard = &self.shards[thread_number() % self.shards.len()];
         ShardReadGuard {
-            _shard: shard.read().unwrap_or_else(|e| e.into_inner()),
+            _shard: self.own_shard().read().unwrap_or_else(|e| e.into_inner()),
             lock: self,
         }
+    }
+
+    /// This thread's shard for reading, or `None` when a writer holds or waits for it.
+    fn try_read(&self) -> Option<ShardReadGuard<'_, T>> {
+        let guard = match self.own_shard().try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(ShardReadGuard {
+            _shard: guard,
+            lock: self,
+        })
     }
 
     /// Locks every shard for writing, in order (so two writers cannot deadlock).
@@ -158,15 +183,17 @@ mod tests {
         let n = shard_count();
         assert!(n.is_power_of_two() && n <= MAX_SHARDS);
         assert_eq!(ShardLock::with_shards(0u8, 0).shards.len(), 1);
+        assert_eq!(ShardLock::with_shards(0u8, 3).shards.len(), 4);
         assert_eq!(ShardLock::with_shards(0u8, 100).shards.len(), MAX_SHARDS);
     }
 
     #[test]
     fn a_writer_waits_for_readers_on_every_shard() {
-        for shards in [1, 2, 8] {
+        for shards in [1, 2, 4] {
             let lock = Arc::new(ShardLock::with_shards(0u64, shards));
-            // Readers on several threads, so on several shards, each holding its lock until
-            // told to go; the writer must not get in before all have gone.
+            // Four readers on four threads, numbered one after the other, so on every shard,
+            // each holding its lock until told to go; the writer must not get in before all
+            // have gone.
             let (tx, rx) = std::sync::mpsc::channel::<()>();
             let rx = Arc::new(std::sync::Mutex::new(rx));
             let (held_tx, held_rx) = std::sync::mpsc::channel();
@@ -190,6 +217,8 @@ mod tests {
             };
             std::thread::sleep(Duration::from_millis(50));
             assert!(!writer.is_finished(), "{shards} shards: the writer got in");
+            // Formatting does not wait for the waiting writer.
+            assert!(format!("{:?}", lock).contains("ShardLock"));
             drop(tx);
             for r in readers {
                 assert_eq!(r.join().unwrap(), 0);
@@ -197,6 +226,18 @@ mod tests {
             writer.join().unwrap();
             assert_eq!(*lock.read(), 7);
         }
+    }
+
+    #[test]
+    fn formatting_while_writing_does_not_wait() {
+        let lock = ShardLock::with_shards(5u32, 2);
+        let g = lock.write();
+        assert_eq!(
+            format!("{lock:?}"),
+            "ShardLock { shards: 2, value: <locked> }"
+        );
+        drop(g);
+        assert_eq!(format!("{lock:?}"), "ShardLock { shards: 2, value: 5 }");
     }
 
     #[test]

@@ -117,12 +117,7 @@ impl GuestMemfd {
 
     /// The anchor of the calling thread's shard.
     pub(crate) fn anchor(&self) -> Arc<Anchor> {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-        }
-        let shard = SHARD.with(|s| *s);
+        let shard = crate::engine::shard_lock::thread_number();
         self.anchors[shard % self.anchors.len()].clone()
     }
 }
