@@ -140,6 +140,21 @@ impl Uffd {
         cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) }).map(drop)
     }
 
+    /// True when the mapping `[addr, addr + len)` is registered with *another* userfaultfd
+    /// (`EBUSY` from the kernel's registration, which refuses to give a range two owners);
+    /// false when it is registered with this one in write-protect mode, which the kernel
+    /// takes as a no-op.
+    ///
+    /// A range registered with no userfaultfd is registered with this one as a side effect:
+    /// ask only about ranges known to be registered with some userfaultfd (`uw` in smaps).
+    pub fn registered_elsewhere(&self, addr: usize, len: usize) -> io::Result<bool> {
+        match self.register(addr, len) {
+            Ok(()) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Unregisters `[addr, addr + len)`, so that unmapping or remapping it raises no event.
     pub fn unregister(&self, addr: usize, len: usize) -> io::Result<()> {
         let mut r = range(addr, len);

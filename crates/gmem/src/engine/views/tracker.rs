@@ -10,7 +10,11 @@
 //! 1. finds every mapping of the file (or of its companion file of HugeTLB pieces) that
 //!    still carries the view registration but is no longer a view gmem knows — the moved
 //!    view, its grown part, the target of a `MREMAP_DONTUNMAP` — and replaces it with an
-//!    empty mapping: every touch there is `SIGBUS`, so the alias shows nothing;
+//!    empty mapping: every touch there is `SIGBUS`, so the alias shows nothing. "This
+//!    file's registration" is the kernel's answer, not a guess from `/proc`: a mapping
+//!    registered with another userfaultfd (the views and guest mapping of a second engine
+//!    of the same file in this process, such as a follower served in-process) is that
+//!    engine's to track and is left alone;
 //! 2. gives up each view that is no longer whole at its address (gmem never touches that
 //!    address range again, and the view's owner gets `SIGBUS`/`SIGSEGV` there);
 //! 3. puts the markers of every remaining view back (a `MREMAP_DONTUNMAP` leaves the old
@@ -448,7 +452,7 @@ impl super::ViewSet {
                 .slots()
                 .iter()
                 .any(|s| lost.contains(&s.id) && v.start >= s.base() && v.end <= s.base() + s.len);
-            if v.uffd_wp || inside_lost {
+            if (v.uffd_wp || inside_lost) && !registered_elsewhere(uffd.as_deref(), v) {
                 hole(uffd.as_deref(), v.start, v.end);
             }
         }
@@ -471,6 +475,25 @@ fn is_whole(s: &super::slot::Slot, vmas: &[crate::sys::proc::Vma], known: &Known
         covered = v.end;
     }
     covered >= hi
+}
+
+/// True when `v` is registered with a userfaultfd other than this file's view userfaultfd:
+/// a mapping of the same file that another engine in this process tracks (a follower
+/// attached in the owner's process, a second handle of the file), which is that engine's
+/// view or guest mapping and none of this one's aliases. Only the kernel knows which
+/// userfaultfd owns a mapping; its registration answers without changing one it owns.
+fn registered_elsewhere(uffd: Option<&Uffd>, v: &crate::sys::proc::Vma) -> bool {
+    let Some(u) = uffd.filter(|_| v.uffd_wp) else {
+        return false;
+    };
+    match u.registered_elsewhere(v.start, v.end - v.start) {
+        Ok(elsewhere) => elsewhere,
+        Err(e) => {
+            // Taken as an alias: an untracked mapping of the file must not stay.
+            tracing::error!(start = v.start, "asking who tracks a mapping: {e}");
+            false
+        }
+    }
 }
 
 /// Unregisters `[start, end)` from the view userfaultfd and replaces it with an empty
