@@ -7,7 +7,8 @@
 //! taken before a conversion to private never observes or modifies a byte written while the
 //! page is private.** After the views are revoked (so no new reference can be taken: guard
 //! markers make every kernel access through a view fail with `EFAULT`), each page that a
-//! kernel reference may hold is *moved*: its contents are copied out, the page is punched
+//! kernel reference may hold is *moved*: its contents are copied out (read from the file,
+//! or through gmem's mapping on the kernel guest_memfd, which has no `read(2)`), the page is punched
 //! out of the file (the stale reference keeps the old page, now an orphan) and the contents
 //! are written back into a fresh page. The guest then writes its private bytes into the
 //! fresh page only.
@@ -197,16 +198,6 @@ impl Engine {
     ) -> io::Result<()> {
         let b = run.bytes();
         let off = to_usize(b.start)?;
-        let src = map.as_ptr().wrapping_add(off);
-        // SAFETY: `[off, off + buf.len())` lies inside the live mapping (the range is inside
-        // the file, which the mapping covers); `buf` is a separate buffer.
-        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
-        // The page must be mapped nowhere when it is punched: the kernel's truncation drops
-        // the guard markers of every mapping of a folio that is still mapped somewhere
-        // (`unmap_mapping_folio`), which would open the views until they are re-guarded.
-        // The views and participants have revoked it; gmem's own mappings let go here.
-        self.unmap_internal(b)?;
-        let punch = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
         let tfd = match target {
             Target::File => self.fd(),
             Target::Companion => match self.huge() {
@@ -214,6 +205,26 @@ impl Engine {
                 None => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
             },
         };
+        // The kernel guest_memfd has no read(2) or write(2): its pages are copied through
+        // the mapping. Every other file is read and written with syscalls, which take the
+        // page cache's pages as they are: a copy through gmem's mapping would fault each
+        // page into it (a page the views populated is not mapped there) only for the
+        // unmapping below to zap it again, two page-table changes and a TLB flush per page.
+        let by_mapping = self.backing().kernel_refuses_io() && target == Target::File;
+        if by_mapping {
+            let src = map.as_ptr().wrapping_add(off);
+            // SAFETY: `[off, off + buf.len())` lies inside the live mapping (the range is
+            // inside the file, which the mapping covers); `buf` is a separate buffer.
+            unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        } else {
+            fd::pread_exact(tfd, buf, b.start)?;
+        }
+        // The page must be mapped nowhere when it is punched: the kernel's truncation drops
+        // the guard markers of every mapping of a folio that is still mapped somewhere
+        // (`unmap_mapping_folio`), which would open the views until they are re-guarded.
+        // The views and participants have revoked it; gmem's own mappings let go here.
+        self.unmap_internal(b)?;
+        let punch = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
         fd::fallocate(tfd, punch, b.start, b.len())?;
         // Back page by page: zeros need no copy (a fresh allocation is zero, and stays
         // allocated, as a preallocated file expects); the rest is written back.
@@ -229,9 +240,8 @@ impl Engine {
             let at = b.start + i as u64;
             if z {
                 fd::fallocate(tfd, libc::FALLOC_FL_KEEP_SIZE, at, (j - i) as u64)?;
-            } else if self.backing().kernel_refuses_io() && target == Target::File {
-                // The kernel guest_memfd has no write(2): through the mapping (the fault
-                // allocates the fresh page).
+            } else if by_mapping {
+                // Through the mapping (the fault allocates the fresh page).
                 let dst = map.as_ptr().wrapping_add(off + i);
                 // SAFETY: `[off + i, off + j)` lies inside the live mapping (as above); the
                 // pages were just punched and fault in fresh.

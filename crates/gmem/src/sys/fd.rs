@@ -85,6 +85,24 @@ pub fn seals(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
 }
 
+/// Fills `buf` from `offset` (retrying short reads and `EINTR`); `EIO` when the file ends
+/// first.
+pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = offset
+            .checked_add(u64::try_from(done).unwrap_or(u64::MAX))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        match pread(fd, &mut buf[done..], at) {
+            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Writes all of `buf` at `offset` (retrying short writes and `EINTR`).
 pub fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
