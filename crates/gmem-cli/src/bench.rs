@@ -649,6 +649,86 @@ pub fn residency(size: u64) -> R<Vec<Row>> {
     }])
 }
 
+/// The floor of P2 with a host view: the syscalls a one-page conversion of a page a view
+/// populated makes, issued bare on a memfd of `size` bytes, every other page once (the
+/// view's guard marker, `cachestat` of the page, `pread` of its contents, `MADV_DONTNEED`
+/// of a second mapping that never mapped it, the punch and the re-allocation), against
+/// P2's baseline, a per-page `MADV_DONTNEED` of populated pages. Recorded, no bar: it says
+/// how much of P2's ratio the move's syscalls are by themselves.
+pub fn p2_floor(size: u64) -> R<Vec<Row>> {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a plain syscall; the name is a valid C string.
+    let raw = unsafe { libc::memfd_create(c"gmem-bench-floor".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    let file = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = file.as_raw_fd();
+    let check = |r: libc::c_long| -> R<()> {
+        if r < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    };
+    // SAFETY: plain syscall on the descriptor above.
+    check(unsafe { libc::ftruncate(fd, libc::off_t::try_from(size)?) }.into())?;
+    let len = usize::try_from(size)?;
+    let (view, other, base) = (
+        RawMap::new(file.as_fd(), len)?,
+        RawMap::new(file.as_fd(), len)?,
+        RawMap::new(file.as_fd(), len)?,
+    );
+    madvise(view.ptr, len, libc::MADV_POPULATE_WRITE)?;
+    let page = usize::try_from(PAGE_SIZE)?;
+    let mut buf = vec![0u8; page];
+    let t = Instant::now();
+    for off in (0..len).step_by(2 * page) {
+        let at = libc::off_t::try_from(off)?;
+        madvise(view.ptr.wrapping_add(off), page, MADV_GUARD_INSTALL)?;
+        let range = [u64::try_from(off)?, PAGE_SIZE];
+        let mut st = [0u64; 5];
+        // SAFETY: `range` and `st` have the kernel's layouts of `struct cachestat_range` and
+        // `struct cachestat` and outlive the call.
+        check(unsafe { libc::syscall(451, fd, range.as_ptr(), st.as_mut_ptr(), 0) })?;
+        // SAFETY: `buf` has room for the page's bytes.
+        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), page, at) };
+        check(n.try_into()?)?;
+        madvise(other.ptr.wrapping_add(off), page, libc::MADV_DONTNEED)?;
+        let one = libc::off_t::try_from(page)?;
+        for mode in [
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
+            libc::FALLOC_FL_KEEP_SIZE,
+        ] {
+            // SAFETY: a plain syscall on the descriptor above: the punch, then the
+            // re-allocation.
+            check(unsafe { libc::fallocate(fd, mode, at, one) }.into())?;
+        }
+    }
+    let floor = t.elapsed();
+    std::hint::black_box(&buf);
+    madvise(base.ptr, len, libc::MADV_POPULATE_WRITE)?;
+    let t = Instant::now();
+    for off in (0..len).step_by(2 * page) {
+        madvise(base.ptr.wrapping_add(off), page, libc::MADV_DONTNEED)?;
+    }
+    let baseline = t.elapsed();
+    let n = f64::from(u32::try_from(size / PAGE_SIZE / 2)?);
+    Ok(vec![Row {
+        bar: "floor",
+        what: format!(
+            "P2's floor: the move's syscalls issued bare, {} pages a view populated, vs per-page madvise loop",
+            size / PAGE_SIZE / 2
+        ),
+        value: ns(floor) / n,
+        baseline: ns(baseline) / n,
+        unit: "ns/page",
+        ratio: floor.as_secs_f64() / baseline.as_secs_f64(),
+        limit: "recorded",
+        pass: true,
+    }])
+}
+
 /// One small-access figure: `f` run `iters` times, median of 7, in ns per call.
 fn per_call(iters: u32, mut f: impl FnMut(u32) -> R<()>) -> R<f64> {
     let mut v = Vec::new();
@@ -746,10 +826,10 @@ pub fn small_access() -> R<Vec<Row>> {
     Ok(rows)
 }
 
-/// Runs P1–P5 and P12 at the given file size (the bars are defined at 1 GiB), then the
-/// residency syscalls' costs and the small-access figures.
+/// Runs P1–P5 and P12 at the given file size (the bars are defined at 1 GiB), P2's floor,
+/// then the residency syscalls' costs and the small-access figures.
 pub fn run_core(size: u64) -> R<Vec<Row>> {
-    // `GMEM_BENCH_ONLY=P1,P12,residency,small` runs only those parts.
+    // `GMEM_BENCH_ONLY=P1,P12,floor,residency,small` runs only those parts.
     let only = std::env::var("GMEM_BENCH_ONLY").ok();
     let on = |bar: &str| {
         only.as_deref()
@@ -761,6 +841,9 @@ pub fn run_core(size: u64) -> R<Vec<Row>> {
     }
     if on("P2") {
         rows.extend(p2(size)?);
+    }
+    if on("floor") {
+        rows.extend(p2_floor(size)?);
     }
     if on("P3") {
         rows.extend(p3()?);
