@@ -4,7 +4,9 @@
 //! are mappings of the same file registered with *its* userfaultfd, and must keep working.
 //! (Replacing one of them would also stop the replacing thread until the other engine read
 //! the unmap event, which a conversion waiting on that engine as a participant never lets
-//! happen: a watchdog turns that deadlock into a failure.)
+//! happen: a watchdog turns that deadlock into a failure.) Then the same while the owner
+//! converts without pause (`GMEM_STRESS_SECS` per backing, default 2; `.ci/stress` runs it
+//! in release).
 // Sizes here are small multiples of pages on a 64-bit host: casts to usize are exact.
 #![allow(clippy::cast_possible_truncation)]
 
@@ -142,6 +144,7 @@ fn both_backings() {
     let size = 1 << 21;
     let owner = GuestMemfd::create(size, Flags::MMAP | Flags::INIT_SHARED).expect("create");
     one_file(&owner, size, "shmem");
+    race(&owner, size, "shmem");
     drop(owner);
     let Some(_pool) = pool(HUGE_2M, 2) else {
         return;
@@ -153,4 +156,77 @@ fn both_backings() {
         .create()
         .expect("create");
     one_file(&owner, size, "hugetlb");
+    race(&owner, size, "hugetlb");
+}
+
+/// Seconds each backing's race runs: `GMEM_STRESS_SECS`, or 2.
+fn race_secs() -> u64 {
+    std::env::var("GMEM_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2)
+}
+
+/// Views of the owner and of an in-process follower moved one after another while a thread
+/// converts a page of the second half back and forth (on HugeTLB: splits and merges its huge
+/// page, replacing that window in every view of both engines): every moved range faults, and
+/// a view of each engine made before keeps reading the file's bytes throughout.
+fn race(owner: &GuestMemfd, size: u64, backing: &str) {
+    let follower = GuestMemfd::attach(owner.share_with_process().expect("share")).expect("attach");
+    let private = size / 2 + 3 * P;
+    // The converter starts from shared.
+    owner.convert(private, P, Attr::Shared).expect("shared");
+    let bytes = pattern(0, size as usize);
+    owner.write_at(0, &bytes).expect("fill");
+    let kept = [
+        owner.map(0, size).expect("owner view"),
+        follower.map(0, size).expect("follower view"),
+    ];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (moved, refused, pairs) = std::thread::scope(|s| {
+        let conv = s.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                owner
+                    .convert(private, P, Attr::Private)
+                    .expect("to private");
+                owner.convert(private, P, Attr::Shared).expect("to shared");
+                n += 1;
+            }
+            n
+        });
+        let (mut moved, mut refused) = (0u64, 0u64);
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(race_secs()) {
+            for (who, mem) in [("owner", owner), ("follower", &follower)] {
+                let what = format!("{backing}, race: a view of the {who} moved");
+                let view = mem.map(0, size).expect("map");
+                let to = Target::new((size / 2) as usize);
+                match move_view(&view, &to) {
+                    Ok(at) => {
+                        moved += 1;
+                        // Once the conversion in flight has ended, at the latest.
+                        let t = touch(at);
+                        if !t.is_fault() {
+                            owner.convert(private, P, Attr::Shared).ok();
+                            assert!(touch(at).is_fault(), "{what}: the moved range reads");
+                        }
+                    }
+                    // A window mid-replacement is two mappings, which mremap refuses.
+                    Err(e) => {
+                        assert_eq!(e, libc::EFAULT, "{what}: mremap");
+                        refused += 1;
+                    }
+                }
+                for (k, name) in kept.iter().zip(["owner", "follower"]) {
+                    let t = touch(k.as_ptr());
+                    assert_eq!(t, Touch::Ok(bytes[0]), "{what}: the {name}'s kept view");
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (moved, refused, conv.join().expect("converter"))
+    });
+    eprintln!("{backing}: {moved} views moved, {refused} refused, {pairs} conversion pairs");
+    assert!(moved > 0, "{backing}: no view moved");
 }
