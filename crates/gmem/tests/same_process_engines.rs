@@ -218,9 +218,12 @@ fn race(owner: &GuestMemfd, size: u64, backing: &str) {
                         refused += 1;
                     }
                 }
+                // A byte that is not zero, so that an empty mapping cannot pass for it.
+                let at = P as usize + 5;
+                assert_ne!(bytes[at], 0);
                 for (k, name) in kept.iter().zip(["owner", "follower"]) {
-                    let t = touch(k.as_ptr());
-                    assert_eq!(t, Touch::Ok(bytes[0]), "{what}: the {name}'s kept view");
+                    let t = touch(k.as_ptr().wrapping_add(at));
+                    assert_eq!(t, Touch::Ok(bytes[at]), "{what}: the {name}'s kept view");
                 }
             }
         }

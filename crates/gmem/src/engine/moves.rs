@@ -8,10 +8,10 @@
 //! page is private.** After the views are revoked (so no new reference can be taken: guard
 //! markers make every kernel access through a view fail with `EFAULT`), each page that a
 //! kernel reference may hold is *moved*: its contents are copied out (read from the file,
-//! or through gmem's mapping on the kernel guest_memfd, which has no `read(2)`), the page is punched
-//! out of the file (the stale reference keeps the old page, now an orphan) and the contents
-//! are written back into a fresh page. The guest then writes its private bytes into the
-//! fresh page only.
+//! or through gmem's mapping on the kernel guest_memfd, which has no `read(2)`), the page
+//! is punched out of the file (the stale reference keeps the old page, now an orphan) and
+//! the contents are written back into a fresh page. The guest then writes its private
+//! bytes into the fresh page only.
 //!
 //! A page may hold a kernel reference only if it is allocated and a host view showed it
 //! since it last moved (a live view, or one dropped since), or another process may have
