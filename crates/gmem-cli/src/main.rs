@@ -52,7 +52,8 @@ enum Cmd {
         #[arg(long = "convert")]
         convert: Vec<String>,
     },
-    /// Run the core benchmarks (P1–P5) and print a table with ratios.
+    /// Run the core benchmarks (P1–P5, P12, P2's floor, residency, small accesses) and print
+    /// a table with ratios.
     Bench {
         /// File size in MiB for P1, P2, P4 (the bars are defined at 1024).
         #[arg(long, default_value_t = 1024)]
