@@ -223,13 +223,7 @@ fn p2_one(size: u64, e: Exposure) -> R<Vec<Row>> {
     let (_view, ptr, len) = target(&mem, size, e)?;
     madvise(ptr, len, libc::MADV_POPULATE_WRITE)?;
     let pages = size / PAGE_SIZE;
-    let step = usize::try_from(PAGE_SIZE)?;
-    let t = Instant::now();
-    for p in (0..pages).step_by(2) {
-        let off = usize::try_from(p * PAGE_SIZE)?;
-        madvise(ptr.wrapping_add(off), step, libc::MADV_DONTNEED)?;
-    }
-    let base = t.elapsed();
+    let base = dontneed_every_other_page(ptr, len)?;
     madvise(ptr, len, libc::MADV_POPULATE_WRITE)?;
     let t = Instant::now();
     for p in (0..pages).step_by(2) {
@@ -613,15 +607,7 @@ pub fn residency(size: u64) -> R<Vec<Row>> {
     let calls = u32::try_from(size / PAGE_SIZE / 2)?;
     let offset = |i: u32| u64::from(i) * 2 * PAGE_SIZE;
     let cachestat = per_call(calls, |i| {
-        // `struct cachestat_range` and `struct cachestat`, as arrays of their u64 fields.
-        let range = [offset(i), PAGE_SIZE];
-        let mut st = [0u64; 5];
-        // SAFETY: `range` and `st` have the kernel's layouts and outlive the call.
-        let r = unsafe { libc::syscall(451, fd, range.as_ptr(), st.as_mut_ptr(), 0) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        std::hint::black_box(st);
+        std::hint::black_box(cachestat(fd, offset(i), PAGE_SIZE)?);
         Ok(())
     })?;
     let mincore = per_call(calls, |i| {
@@ -647,6 +633,31 @@ pub fn residency(size: u64) -> R<Vec<Row>> {
         limit: "recorded",
         pass: true,
     }])
+}
+
+/// `cachestat(2)` of `[off, off + len)` of `fd`: the kernel's `struct cachestat`, as an array
+/// of its u64 fields.
+fn cachestat(fd: libc::c_int, off: u64, len: u64) -> std::io::Result<[u64; 5]> {
+    // `struct cachestat_range`, as an array of its u64 fields.
+    let range = [off, len];
+    let mut st = [0u64; 5];
+    // SAFETY: `range` and `st` have the kernel's layouts and outlive the call.
+    let r = unsafe { libc::syscall(451, fd, range.as_ptr(), st.as_mut_ptr(), 0) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// P2's baseline: `MADV_DONTNEED` of every other page of `[ptr, ptr + len)`, one call per
+/// page, timed.
+fn dontneed_every_other_page(ptr: *mut u8, len: usize) -> R<Duration> {
+    let page = usize::try_from(PAGE_SIZE)?;
+    let t = Instant::now();
+    for off in (0..len).step_by(2 * page) {
+        madvise(ptr.wrapping_add(off), page, libc::MADV_DONTNEED)?;
+    }
+    Ok(t.elapsed())
 }
 
 /// The floor of P2 with a host view: the syscalls a one-page conversion of a page a view
@@ -686,11 +697,7 @@ pub fn p2_floor(size: u64) -> R<Vec<Row>> {
     for off in (0..len).step_by(2 * page) {
         let at = libc::off_t::try_from(off)?;
         madvise(view.ptr.wrapping_add(off), page, MADV_GUARD_INSTALL)?;
-        let range = [u64::try_from(off)?, PAGE_SIZE];
-        let mut st = [0u64; 5];
-        // SAFETY: `range` and `st` have the kernel's layouts of `struct cachestat_range` and
-        // `struct cachestat` and outlive the call.
-        check(unsafe { libc::syscall(451, fd, range.as_ptr(), st.as_mut_ptr(), 0) })?;
+        std::hint::black_box(cachestat(fd, u64::try_from(off)?, PAGE_SIZE)?);
         // SAFETY: `buf` has room for the page's bytes.
         let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), page, at) };
         check(n.try_into()?)?;
@@ -708,11 +715,7 @@ pub fn p2_floor(size: u64) -> R<Vec<Row>> {
     let floor = t.elapsed();
     std::hint::black_box(&buf);
     madvise(base.ptr, len, libc::MADV_POPULATE_WRITE)?;
-    let t = Instant::now();
-    for off in (0..len).step_by(2 * page) {
-        madvise(base.ptr.wrapping_add(off), page, libc::MADV_DONTNEED)?;
-    }
-    let baseline = t.elapsed();
+    let baseline = dontneed_every_other_page(base.ptr, len)?;
     let n = f64::from(u32::try_from(size / PAGE_SIZE / 2)?);
     Ok(vec![Row {
         bar: "floor",

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use gmem::{AccessError, Attr, Errno, Flags, GuestMemfd, HostView};
 use gmem_conformance::child::{child_side, ChildProcess, ChildSide};
 use gmem_conformance::probe::{self, Touch};
+use gmem_conformance::stop::watchdog;
 use gmem_reliability::board::{puncher, Board};
 use gmem_reliability::rng::Rng;
 
@@ -287,20 +288,6 @@ fn poisoner(mem: &GuestMemfd, b: &Board, me: usize, seed: u64) {
         }
         thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// Aborts the process when the run does not end in time.
-fn watchdog(limit: Duration, done: Arc<AtomicBool>) -> thread::JoinHandle<()> {
-    thread::spawn(move || {
-        let t0 = Instant::now();
-        while !done.load(Ordering::SeqCst) {
-            thread::sleep(Duration::from_millis(100));
-            if t0.elapsed() > limit {
-                eprintln!("watchdog: the run did not finish within {limit:?}: deadlock");
-                std::process::abort();
-            }
-        }
-    })
 }
 
 /// How many views a churner makes: unbounded unless the views are sealed (kernel

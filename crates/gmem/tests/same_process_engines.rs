@@ -14,6 +14,7 @@ mod hugepool;
 
 use gmem::{Attr, BackingChoice, Flags, GuestMemfd, HostView, HUGE_2M};
 use gmem_conformance::remap::{move_view, Target};
+use gmem_conformance::stop::{watchdog, StopOnDrop};
 use hugepool::{pattern, pool, touch, Touch};
 
 const P: u64 = 4096;
@@ -122,19 +123,7 @@ fn one_file(owner: &GuestMemfd, size: u64, backing: &str) {
 #[test]
 fn a_moved_view_leaves_the_other_engines_mappings_alone() {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watch = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let t0 = std::time::Instant::now();
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                if t0.elapsed() > std::time::Duration::from_secs(120) {
-                    eprintln!("watchdog: not done within 120 s: a deadlock");
-                    std::process::abort();
-                }
-            }
-        })
-    };
+    let watch = watchdog(std::time::Duration::from_secs(120), done.clone());
     both_backings();
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     watch.join().expect("watchdog");
@@ -186,7 +175,7 @@ fn race(owner: &GuestMemfd, size: u64, backing: &str) {
     let (moved, refused, pairs) = std::thread::scope(|s| {
         let conv = s.spawn(|| {
             let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 owner
                     .convert(private, P, Attr::Private)
                     .expect("to private");
@@ -195,6 +184,8 @@ fn race(owner: &GuestMemfd, size: u64, backing: &str) {
             }
             n
         });
+        // Stops the converter however this scope is left (a failed check included).
+        let stopper = StopOnDrop(&stop);
         let (mut moved, mut refused) = (0u64, 0u64);
         let t0 = std::time::Instant::now();
         while t0.elapsed() < std::time::Duration::from_secs(race_secs()) {
@@ -227,7 +218,7 @@ fn race(owner: &GuestMemfd, size: u64, backing: &str) {
                 }
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(stopper);
         (moved, refused, conv.join().expect("converter"))
     });
     eprintln!("{backing}: {moved} views moved, {refused} refused, {pairs} conversion pairs");

@@ -88,29 +88,30 @@ pub fn seals(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
 /// Fills `buf` from `offset` (retrying short reads and `EINTR`); `EIO` when the file ends
 /// first.
 pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let at = offset
-            .checked_add(u64::try_from(done).unwrap_or(u64::MAX))
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        match pread(fd, &mut buf[done..], at) {
-            Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    whole(buf.len(), offset, |done, at| {
+        pread(fd, &mut buf[done..], at)
+    })
 }
 
 /// Writes all of `buf` at `offset` (retrying short writes and `EINTR`).
 pub fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<()> {
+    whole(buf.len(), offset, |done, at| pwrite(fd, &buf[done..], at))
+}
+
+/// Calls `step(done, at)` (a positioned read or write of the bytes from `done` at file offset
+/// `at`) until `len` bytes are through, retrying short transfers and `EINTR`; `EIO` when a
+/// call transfers nothing.
+fn whole(
+    len: usize,
+    offset: u64,
+    mut step: impl FnMut(usize, u64) -> io::Result<usize>,
+) -> io::Result<()> {
     let mut done = 0;
-    while done < buf.len() {
+    while done < len {
         let at = offset
             .checked_add(u64::try_from(done).unwrap_or(u64::MAX))
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        match pwrite(fd, &buf[done..], at) {
+        match step(done, at) {
             Ok(0) => return Err(io::Error::from_raw_os_error(libc::EIO)),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
