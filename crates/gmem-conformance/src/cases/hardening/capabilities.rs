@@ -316,6 +316,7 @@ pub fn guest_pointer_racing_moves_never_opens_a_view(ctx: &Ctx<'_>) {
     let base = mem.guest().expect("guest view").as_ptr() as usize;
     let target = AtomicU64::new(0);
     let done = AtomicBool::new(false);
+    let reading = AtomicBool::new(false);
     let reads = std::thread::scope(|s| {
         let racer = s.spawn(|| {
             let mut reads = 0u64;
@@ -328,10 +329,16 @@ pub fn guest_pointer_racing_moves_never_opens_a_view(ctx: &Ctx<'_>) {
                 let b = unsafe { std::ptr::read_volatile(at as *const u8) };
                 std::hint::black_box(b);
                 reads += 1;
+                reading.store(true, Ordering::Release);
             }
             reads
         });
         let stop = crate::stop::StopOnDrop(&done);
+        // The conversions start once the racer reads: on a loaded machine it may not be
+        // scheduled before all of them are over, and then nothing raced.
+        while !reading.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
         for p in 0..RACED_PAGES {
             target.store(p, Ordering::Release);
             mem.convert(p * PAGE, PAGE, Attr::Private)
