@@ -662,8 +662,8 @@ fn dontneed_every_other_page(ptr: *mut u8, len: usize) -> R<Duration> {
 
 /// The floor of P2 with a host view: the syscalls a one-page conversion of a page a view
 /// populated makes, issued bare on a memfd of `size` bytes, every other page once (the
-/// view's guard marker, `cachestat` of the page, `pread` of its contents, `MADV_DONTNEED`
-/// of a second mapping that never mapped it, the punch and the re-allocation), against
+/// view's guard marker, `cachestat` of the page, `pread` of its contents, the punch and the
+/// re-allocation; a shmem punch unmaps the page from every mapping itself), against
 /// P2's baseline, a per-page `MADV_DONTNEED` of populated pages. Recorded, no bar: it says
 /// how much of P2's ratio the move's syscalls are by themselves.
 pub fn p2_floor(size: u64) -> R<Vec<Row>> {
@@ -685,8 +685,7 @@ pub fn p2_floor(size: u64) -> R<Vec<Row>> {
     // SAFETY: plain syscall on the descriptor above.
     check(unsafe { libc::ftruncate(fd, libc::off_t::try_from(size)?) }.into())?;
     let len = usize::try_from(size)?;
-    let (view, other, base) = (
-        RawMap::new(file.as_fd(), len)?,
+    let (view, base) = (
         RawMap::new(file.as_fd(), len)?,
         RawMap::new(file.as_fd(), len)?,
     );
@@ -701,7 +700,6 @@ pub fn p2_floor(size: u64) -> R<Vec<Row>> {
         // SAFETY: `buf` has room for the page's bytes.
         let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), page, at) };
         check(n.try_into()?)?;
-        madvise(other.ptr.wrapping_add(off), page, libc::MADV_DONTNEED)?;
         let one = libc::off_t::try_from(page)?;
         for mode in [
             libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,

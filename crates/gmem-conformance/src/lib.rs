@@ -184,6 +184,7 @@ macro_rules! hardening_suite {
                 hardening_remap_partly_unmapped => $crate::cases::hardening::remap::partly_unmapped_view_is_given_up,
                 hardening_refs_vmsplice => $crate::cases::hardening::kernel_refs::vmspliced_page_never_shows_private_bytes,
                 hardening_refs_vmsplice_partly_resident => $crate::cases::hardening::kernel_refs::vmspliced_pages_of_a_partly_resident_range_never_show_private_bytes,
+                hardening_refs_moved_page_gmem_mapped => $crate::cases::hardening::kernel_refs::moved_page_gmem_mapped_keeps_the_view_blocked,
                 hardening_refs_vmsplice_whole_huge_page_exception => $crate::cases::hardening::kernel_refs::vmsplice_whole_huge_page_is_the_documented_exception,
                 hardening_refs_io_uring_fixed_buffer => $crate::cases::hardening::kernel_refs::io_uring_fixed_buffer_holds_an_orphan,
                 hardening_refs_o_direct_race => $crate::cases::hardening::kernel_refs::o_direct_racing_conversions_never_exports_private_bytes,

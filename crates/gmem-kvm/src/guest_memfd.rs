@@ -79,6 +79,12 @@ impl Backing for KernelGuestMemfd {
     fn userfaultfd_capable(&self) -> bool {
         false
     }
+
+    /// The kernel guest_memfd's punch truncates its pages at once, without unmapping them
+    /// first: gmem unmaps them from its own mappings before it punches.
+    fn punch_unmaps_mappings(&self) -> bool {
+        false
+    }
 }
 
 impl Vm {

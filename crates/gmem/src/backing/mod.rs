@@ -72,6 +72,16 @@ pub trait Backing: AsFd + fmt::Debug + Send + Sync + 'static {
         true
     }
 
+    /// True when a punch-hole on the descriptor unmaps the range from every mapping of the
+    /// file before it frees the pages, as shmem's does (`unmap_mapping_range`, which keeps
+    /// guard markers), so a punched page is mapped nowhere when the kernel truncates it. False
+    /// (the default, and the kernel guest_memfd's answer) makes gmem unmap the range from its
+    /// own mappings before it punches: the truncation of a page still mapped somewhere drops
+    /// the guard markers of every mapping of it.
+    fn punch_unmaps_mappings(&self) -> bool {
+        false
+    }
+
     /// Raw `fallocate(2)` on the descriptor; gmem has validated mode and range already.
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         crate::sys::fd::fallocate(self.as_fd(), mode, offset, len)

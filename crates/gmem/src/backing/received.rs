@@ -72,6 +72,9 @@ impl Backing for Received {
     fn userfaultfd_capable(&self) -> bool {
         self.kind != BackingKind::KernelGuestMemfd
     }
+    fn punch_unmaps_mappings(&self) -> bool {
+        self.kind == BackingKind::Shmem
+    }
     fn as_hugetlb(&self) -> Option<&HugeTlb> {
         match &self.file {
             File::Huge(h) => Some(h),

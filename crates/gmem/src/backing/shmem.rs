@@ -48,4 +48,8 @@ impl Backing for Shmem {
     fn block_size(&self) -> u64 {
         PAGE_SIZE
     }
+
+    fn punch_unmaps_mappings(&self) -> bool {
+        true
+    }
 }

@@ -27,7 +27,10 @@
 //!
 //! A punched page must be mapped nowhere: the kernel's truncation drops the guard markers
 //! of every mapping of a folio still mapped somewhere. The views and participants revoked
-//! it and gmem unmaps it from its own mapping right before the punch; a follower attached
+//! it, and the punch finds it mapped nowhere else: a shmem punch unmaps the range from every
+//! mapping before it truncates, and on the kernel guest_memfd, whose punch truncates at once,
+//! gmem unmaps it from its own mapping right before (the
+//! `hardening_refs_moved_page_gmem_mapped` case); a follower attached
 //! with the guest view that maps the page at that moment, or a vCPU faulting it through
 //! the guest mapping, can still make the kernel drop markers, which [`Engine::refresh`]
 //! puts back right after (a window of one punch). The refresh is needed only then: while no
@@ -222,8 +225,16 @@ impl Engine {
         // The page must be mapped nowhere when it is punched: the kernel's truncation drops
         // the guard markers of every mapping of a folio that is still mapped somewhere
         // (`unmap_mapping_folio`), which would open the views until they are re-guarded.
-        // The views and participants have revoked it; gmem's own mappings let go here.
-        self.unmap_internal(b)?;
+        // The views and participants have revoked it. A shmem punch (the companion's too)
+        // unmaps the range from every mapping before truncating; for other files gmem's own
+        // mappings let go here.
+        let punch_unmaps = match target {
+            Target::File => self.backing().punch_unmaps_mappings(),
+            Target::Companion => true,
+        };
+        if !punch_unmaps {
+            self.unmap_internal(b)?;
+        }
         let punch = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
         fd::fallocate(tfd, punch, b.start, b.len())?;
         // Back page by page: zeros need no copy (a fresh allocation is zero, and stays

@@ -91,6 +91,39 @@ pub fn vmspliced_pages_of_a_partly_resident_range_never_show_private_bytes(ctx: 
     guest_expect(&mem, start, pages * PAGE, SECRET, "the guest's pages");
 }
 
+/// A shared page that gmem's own mapping holds when it moves (a host accessor and the
+/// guest view read it, so it is mapped there) and a pipe holds (vmspliced from the view),
+/// converted to private: the view still faults on it, before and after the guest writes
+/// it, and the pipe yields the shared-time bytes. The kernel's truncation of a folio that is
+/// still mapped somewhere drops the guard markers of every mapping of it, so the move's
+/// punch must find the page mapped nowhere: gmem unmaps it from its own mapping first where
+/// the file's punch does not (the kernel guest_memfd), and a shmem punch unmaps every
+/// mapping of the range before it truncates.
+pub fn moved_page_gmem_mapped_keeps_the_view_blocked(ctx: &Ctx<'_>) {
+    let Some(l) = Layout::new(ctx) else { return };
+    let at = 3 * PAGE;
+    let mut seen = vec![0u8; PAGE_BYTES];
+    l.mem
+        .read_at(at, &mut seen)
+        .expect("a host accessor reads the shared page");
+    assert_eq!(seen, vec![SHARED; PAGE_BYTES], "the accessor's bytes");
+    guest_expect(&l.mem, at, PAGE, SHARED, "the guest view's bytes");
+    let rd = splice_from_view(&l, at, PAGE_BYTES);
+    l.mem
+        .convert(at, PAGE, Attr::Private)
+        .expect("the page to private");
+    crate::touch::expect_fault(&l.view, at, PAGE, "the moved page, before the guest writes");
+    guest_fill(&l.mem, at, PAGE, SECRET);
+    crate::touch::expect_fault(&l.view, at, PAGE, "the moved page, after the guest wrote");
+    assert_eq!(
+        drain(&rd, PAGE_BYTES),
+        vec![SHARED; PAGE_BYTES],
+        "{}: the pipe's stale page",
+        ctx.backend().name()
+    );
+    guest_expect(&l.mem, at, PAGE, SECRET, "the guest's page");
+}
+
 /// On HugeTLB, a reference into a huge page converted to private as a whole sees the
 /// guest's bytes: the huge page stays in place. Pinned here so that a change is noticed;
 /// `gmem probe` reports it. A part of a huge page converted alone is moved like a base page.
