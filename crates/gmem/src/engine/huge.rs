@@ -130,16 +130,11 @@ impl Huge {
         Ok(u)
     }
 
-    /// Drops the pieces of huge page `h` from the companion file.
+    /// Drops the pieces of huge page `h` from the companion file. The companion is shmem,
+    /// whose punch unmaps the pieces from every mapping before it truncates them, so every
+    /// view's guard markers stay (see `moves.rs`).
     pub fn punch_pieces(&self, h: u64) -> io::Result<()> {
         let hr = self.geo.bytes(h);
-        // Unmapped from gmem's own mapping first, the punched pieces are mapped nowhere, so
-        // the kernel's truncation keeps every view's guard markers (see `moves.rs`).
-        self.pieces.advise(
-            to_usize(hr.start)?,
-            to_usize(hr.len())?,
-            libc::MADV_DONTNEED,
-        )?;
         fd::fallocate(
             self.companion(),
             libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,

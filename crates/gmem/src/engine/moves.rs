@@ -225,15 +225,11 @@ impl Engine {
         // The page must be mapped nowhere when it is punched: the kernel's truncation drops
         // the guard markers of every mapping of a folio that is still mapped somewhere
         // (`unmap_mapping_folio`), which would open the views until they are re-guarded.
-        // The views and participants have revoked it. A shmem punch (the companion's too)
-        // unmaps the range from every mapping before truncating; for other files gmem's own
-        // mappings let go here.
-        let punch_unmaps = match target {
-            Target::File => self.backing().punch_unmaps_mappings(),
-            Target::Companion => true,
-        };
-        if !punch_unmaps {
-            self.unmap_internal(b)?;
+        // The views and participants have revoked it; the punch, or gmem's guest mapping
+        // right before it, unmaps it from the rest (`unmap_before_punch`: the companion is
+        // shmem, whose punch does it).
+        if target == Target::File {
+            self.unmap_before_punch(b)?;
         }
         let punch = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
         fd::fallocate(tfd, punch, b.start, b.len())?;

@@ -41,7 +41,7 @@ impl Engine {
             let mut st = self.write_pages();
             let cleared = match self.huge() {
                 None => {
-                    self.unmap_internal(r)?;
+                    self.unmap_before_punch(r)?;
                     self.backing().fallocate(PUNCH, r.start, r.len())?;
                     st.poison.remove_range(pages)
                 }
@@ -86,7 +86,6 @@ impl Engine {
                 cached || hs.is_split(h)
             };
             if pieces {
-                self.unmap_internal(hr)?;
                 huge.punch_pieces(h)?;
             }
             self.zero_huge(hr)?;
@@ -95,17 +94,21 @@ impl Engine {
         Ok(cleared)
     }
 
-    /// Unmaps `r` from gmem's own mappings of the file (the guest mapping, the mapping of
-    /// HugeTLB pieces) right before a punch: a page mapped nowhere when it is punched keeps
-    /// every view's guard markers (the kernel's truncation drops the markers of every mapping
-    /// of a folio that is still mapped somewhere).
-    pub(crate) fn unmap_internal(&self, r: ByteRange) -> io::Result<()> {
+    /// Right before a punch of `r` in the file itself: a page mapped nowhere when it is
+    /// punched keeps every view's guard markers (the kernel's truncation drops the markers of
+    /// every mapping of a folio that is still mapped somewhere). A backing whose punch unmaps
+    /// the range from every mapping first (shmem: [`Backing::punch_unmaps_mappings`]) needs
+    /// nothing; otherwise (the kernel guest_memfd) gmem's guest mapping lets go of it here.
+    /// The HugeTLB companion is shmem: its punches need nothing either.
+    ///
+    /// [`Backing::punch_unmaps_mappings`]: crate::backing::Backing::punch_unmaps_mappings
+    pub(crate) fn unmap_before_punch(&self, r: ByteRange) -> io::Result<()> {
+        if self.backing().punch_unmaps_mappings() {
+            return Ok(());
+        }
         let (off, len) = (to_usize(r.start)?, to_usize(r.len())?);
         if let Some(g) = self.guest_map() {
             g.advise(off, len, libc::MADV_DONTNEED)?;
-        }
-        if let Some(h) = self.huge() {
-            h.pieces_map().advise(off, len, libc::MADV_DONTNEED)?;
         }
         Ok(())
     }
