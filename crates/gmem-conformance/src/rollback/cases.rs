@@ -3,9 +3,9 @@
 //! views, its listeners and every other participant end as they were.
 //!
 //! Every case starts from the same file ([`rig`]): 16 pages, created `MMAP | INIT_SHARED`,
-//! each page holding its own [`pattern`]; pages 3, 9 and 10 private; one host view of the
-//! whole file and one of its second half; participants `a`, `b`, `c` and listeners `L1`,
-//! `L2`, `L3` added last. `b` is the one that refuses.
+//! each page holding its own [`pattern`](super::pattern); pages 3, 9 and 10 private; one
+//! host view of the whole file and one of its second half; participants `a`, `b`, `c` and
+//! listeners `L1`, `L2`, `L3` added last. `b` is the one that refuses.
 
 use gmem::{Attr, Conversion, ConvertError, Errno, FallocMode, Flags, Step, Veto};
 
