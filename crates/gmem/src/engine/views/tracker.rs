@@ -38,7 +38,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, TryLockError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -46,13 +46,21 @@ use std::time::Duration;
 use crate::sys::uffd::{Event, Uffd};
 
 /// gmem's own remaps of registered ranges, announced to the reader.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct OwnOps {
     active: AtomicUsize,
     expected: Mutex<Expected>,
     foreign: AtomicBool,
     /// The reader holds an event it could not neutralise: the control lock was taken.
     waiting: AtomicBool,
+    /// Announcements started so far (the reader compares it with the count it last followed).
+    starts: AtomicU64,
+    /// The reader is in (or about to enter) its poll.
+    asleep: AtomicBool,
+    /// Wakes the reader when an announcement starts (an eventfd), so that it is awake
+    /// before the announced remaps raise their events: a thread stopped on an event
+    /// otherwise waits for the reader's wake-up.
+    wake: OwnedFd,
 }
 
 /// Address ranges gmem's own remaps raise events for.
@@ -65,12 +73,31 @@ struct Expected {
 }
 
 impl OwnOps {
+    fn new() -> io::Result<Self> {
+        Ok(OwnOps {
+            active: AtomicUsize::new(0),
+            expected: Mutex::default(),
+            foreign: AtomicBool::new(false),
+            waiting: AtomicBool::new(false),
+            starts: AtomicU64::new(0),
+            asleep: AtomicBool::new(false),
+            wake: eventfd()?,
+        })
+    }
+
     /// Announces remaps of `ranges` (addresses) until the guard is dropped.
     pub fn expect(self: &Arc<Self>, ranges: &[(usize, usize)]) -> OwnGuard {
         self.lock()
             .unmaps
             .extend(ranges.iter().map(|&(a, l)| (a as u64, (a + l) as u64)));
         self.active.fetch_add(1, Ordering::AcqRel);
+        // Sequentially consistent with the reader's `asleep` store and `starts` load: the
+        // reader either sees the new start before it polls or is woken here. Only the speed
+        // of the events' reading depends on it, never what is read as own.
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        if self.asleep.load(Ordering::SeqCst) {
+            notify(&self.wake);
+        }
         OwnGuard { own: self.clone() }
     }
 
@@ -174,12 +201,39 @@ fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Adds one to eventfd `fd`'s counter, waking its poller. A full counter (`EAGAIN`) is
+/// already readable, so a failure needs nothing more.
+fn notify(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd the caller keeps open.
+    let _ = unsafe {
+        libc::write(
+            fd.as_raw_fd(),
+            (&one as *const u64).cast(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+}
+
+/// Resets eventfd `fd`'s counter (non-blocking: an empty counter is `EAGAIN`).
+fn consume(fd: &OwnedFd) {
+    let mut n: u64 = 0;
+    // SAFETY: reads at most 8 bytes into a live u64 from an eventfd the caller keeps open.
+    let _ = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut n as *mut u64).cast(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+}
+
 impl Tracker {
     /// Starts the reader of `uffd` for `file`.
     pub fn spawn<T: Tracked>(uffd: Arc<Uffd>, file: Weak<T>) -> io::Result<Tracker> {
         let stop = eventfd()?;
         let stop_raw = stop.as_raw_fd();
-        let own = Arc::new(OwnOps::default());
+        let own = Arc::new(OwnOps::new()?);
         let own2 = own.clone();
         let thread = std::thread::Builder::new()
             .name("gmem-views".into())
@@ -210,15 +264,7 @@ impl Drop for Tracker {
             }
             return;
         }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd this value owns.
-        let _ = unsafe {
-            libc::write(
-                self.stop.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        notify(&self.stop);
         if let Some(t) = self.thread.take() {
             // The last handle of a file can be dropped by the reader itself (it holds the
             // file while it neutralises): it must not wait for itself.
@@ -229,8 +275,14 @@ impl Drop for Tracker {
     }
 }
 
-/// How long the reader keeps looking for the next event of an own remap before it sleeps.
+/// How long the reader keeps looking for the next event of an own remap before it sleeps,
+/// once no own remap is announced.
 const OWN_FOLLOW_UP: Duration = Duration::from_micros(200);
+
+/// How long the reader keeps looking for the next event while an own remap is announced (a
+/// split or merge announces from its freeze to its thaw, with a 2 MiB copy between two
+/// events); past it, a silent announcement goes back to the poll.
+const OWN_ANNOUNCED_WAIT: Duration = Duration::from_millis(2);
 
 /// Reads every pending event; the unexpected ones mark a foreign event.
 fn drain(uffd: &Uffd, own: &OwnOps) {
@@ -264,13 +316,24 @@ fn drain_own(uffd: &Uffd, own: &OwnOps) -> Option<usize> {
 }
 
 /// After reading events of gmem's own remaps: goes on taking them without sleeping for as
-/// long as they keep coming at most [`OWN_FOLLOW_UP`] apart (a window replacement raises two,
-/// one after the other, and a conversion of many whole huge pages replaces one window after
-/// another). Returns when that time passes without one, or when an event arrives outside an
-/// announcement (it is the caller's to neutralise).
+/// long as they keep coming at most [`OWN_ANNOUNCED_WAIT`] apart while an own remap is
+/// announced, [`OWN_FOLLOW_UP`] once none is (a window replacement raises two, one after the
+/// other; a split raises its second pair after copying the huge page, a merge after copying
+/// it back; a conversion of many whole huge pages replaces one window after another). A
+/// thread stopped on an event would otherwise wait for the reader's wake-up, and the wait
+/// costs more than the spin. Returns when that time passes without one, or when an event
+/// arrives outside an announcement (it is the caller's to neutralise).
 fn follow_own(uffd: &Uffd, own: &OwnOps) {
     let mut last = std::time::Instant::now();
-    while last.elapsed() < OWN_FOLLOW_UP {
+    loop {
+        let wait = if own.is_active() {
+            OWN_ANNOUNCED_WAIT
+        } else {
+            OWN_FOLLOW_UP
+        };
+        if last.elapsed() >= wait {
+            return;
+        }
         match drain_own(uffd, own) {
             Some(0) => {}
             Some(_) => last = std::time::Instant::now(),
@@ -306,21 +369,31 @@ fn read_one(uffd: &Uffd, own: &OwnOps) -> bool {
 }
 
 fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
+    let poll = |fd: i32| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // The announcements followed so far.
+    let mut seen = own.starts.load(Ordering::SeqCst);
     loop {
         let mut fds = [
-            libc::pollfd {
-                fd: uffd.as_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop,
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            poll(uffd.as_fd().as_raw_fd()),
+            poll(stop),
+            poll(own.wake.as_raw_fd()),
         ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        own.asleep.store(true, Ordering::SeqCst);
+        let starts = own.starts.load(Ordering::SeqCst);
+        // An announcement started since the last look: no sleep (see `OwnOps::expect`).
+        let started = starts != seen;
+        seen = starts;
+        let n = if started {
+            0
+        } else {
+            // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) }
+        };
+        own.asleep.store(false, Ordering::SeqCst);
         if n < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -329,6 +402,17 @@ fn read_loop<T: Tracked>(uffd: &Uffd, stop: i32, own: &OwnOps, file: &Weak<T>) {
         }
         if fds[1].revents != 0 {
             return;
+        }
+        if fds[2].revents != 0 {
+            consume(&own.wake);
+            // The start that woke the reader came after the load above.
+            seen = own.starts.load(Ordering::SeqCst);
+        }
+        if started || fds[2].revents != 0 {
+            // An announcement started: its events come soon, taken without a sleep. One
+            // that stays silent past the follow-up is waited for in the poll again.
+            follow_own(uffd, own);
+            continue;
         }
         if fds[0].revents & libc::POLLIN == 0 {
             continue;
