@@ -6,7 +6,7 @@
 //! `()`), so memory cannot see a `()`-slice go away. [`GmemSlice`] is not `Copy`: it carries
 //! the hold taken when the slice was made, every clone and sub-slice (`offset`, `subslice`,
 //! `split_at`, the `VolatileRef`s of `load`/`store` all go through
-//! [`Bitmap::slice_at`](vm_memory::bitmap::Bitmap::slice_at)) shares it, and the last one
+//! [`Bitmap::slice_at`]) shares it, and the last one
 //! dropped releases it. While any of them lives, converting one of its pages to private fails
 //! with `EAGAIN` naming the page.
 //!

@@ -1,8 +1,8 @@
 //! Preallocation: populating every page of a file up front.
 //!
-//! [`GuestMemfd::preallocate`] allocates (and zeroes) every page, in chunks, calling a
-//! progress callback after each. How depends on the backing, measured on this class of
-//! machine (`BENCHMARKS.md`, P6):
+//! [`GuestMemfd::preallocate`](crate::GuestMemfd::preallocate) allocates (and zeroes) every
+//! page, in chunks, calling a progress callback after each. How depends on the backing,
+//! measured on this class of machine (`BENCHMARKS.md`, P6):
 //!
 //! - **HugeTLB**: `MADV_POPULATE_WRITE` on gmem's own mapping, the chunks handed out to worker
 //!   threads. Zeroing huge pages is the whole cost and faults on disjoint ranges of one
