@@ -34,7 +34,9 @@
 //! meanwhile (a remap of a view is always foreign: gmem moves only its asides) is read at
 //! once, which lets the VMM's thread go on, and neutralised before the operation returns; so
 //! is a view that gmem finds gone under it (`ENOMEM`/`ENOENT` where it was, and nothing
-//! mapped there).
+//! mapped there). An announcement wakes the reader if it sleeps, and the reader takes events
+//! as they come for as long as the announcement lasts, so the remapping thread does not wait
+//! for a wake-up at each event (`follow_own`).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
