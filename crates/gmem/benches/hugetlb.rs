@@ -7,6 +7,9 @@
 //!   back, with one host view) against one 2 MiB `memcpy`.
 //! - TLB: random 8-byte reads over 1 GiB of guest memory, HugeTLB (2 MiB) against shmem
 //!   (4 KiB).
+//! - MAPS: P8's split + merge in a process with 10,000 more mappings, against the same
+//!   without them (each split counts the process's mappings to keep `vm.max_map_count`
+//!   headroom). Recorded, no bar.
 //!
 //! Grows the HugeTLB pool for the run (root) and gives the pages back at the end. Prints a
 //! markdown table. An optional argument scales the preallocation size in MiB (default 1024).
@@ -203,6 +206,96 @@ fn p8(rows: &mut Vec<Row>) {
     });
 }
 
+/// `n` more mappings of this process while it lives: a reservation of `2n` pages with every
+/// other page made readable, so that no two neighbours merge.
+struct ManyMappings {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ManyMappings {
+    fn new(n: usize) -> ManyMappings {
+        let len = 2 * n * P as usize;
+        // SAFETY: a fresh anonymous reservation chosen by the kernel.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED, "reserve");
+        let many = ManyMappings { base, len };
+        for i in 0..n {
+            let at = base.cast::<u8>().wrapping_add(2 * i * P as usize);
+            // SAFETY: a page of the reservation above, which nothing else uses.
+            let r = unsafe { libc::mprotect(at.cast(), P as usize, libc::PROT_READ) };
+            assert_eq!(r, 0, "split the reservation");
+        }
+        many
+    }
+}
+
+impl Drop for ManyMappings {
+    fn drop(&mut self) {
+        // SAFETY: the reservation made in `new`, unmapped once.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// MAPS: P8's split + merge with [`ManyMappings`] of 10,000 more mappings, against the same
+/// split + merge without them, interleaved. Recorded, no bar.
+fn many_mappings(rows: &mut Vec<Row>) {
+    const N: u32 = 101;
+    const MORE: usize = 10_000;
+    let mem = GuestMemfd::builder(2 * HUGE_2M)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(BackingChoice::HugeTlb(HUGE_2M))
+        .prealloc(Some(Prealloc::new()))
+        .create()
+        .expect("create");
+    let view = mem.map(0, 2 * HUGE_2M).expect("map");
+    let pair = |i: u32| {
+        let page = u64::from(5 + i % 400);
+        let t = Instant::now();
+        mem.convert(page * P, P, Attr::Private).expect("split");
+        mem.convert(page * P, P, Attr::Shared).expect("merge");
+        t.elapsed()
+    };
+    // What one count of the process's mappings costs with them: a whole read of the file.
+    let read_maps = || {
+        let t = Instant::now();
+        black_box(std::fs::read("/proc/self/maps").expect("maps"));
+        t.elapsed()
+    };
+    let (mut few, mut many, mut reads) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..N {
+        few.push(pair(i));
+        let more = ManyMappings::new(MORE);
+        many.push(pair(i));
+        reads.push(read_maps());
+        drop(more);
+    }
+    drop(view);
+    let (m, f) = (median(many), median(few));
+    rows.push(Row {
+        bar: "MAPS",
+        what: format!(
+            "split + merge of one 2 MiB page (as P8) with {MORE} more mappings in the process; \
+             one read of /proc/self/maps with them takes {:.2} ms",
+            median(reads).as_secs_f64() * 1e3
+        ),
+        gmem: m,
+        base: f,
+        base_what: "the same without them",
+        ratio: m.as_secs_f64() / f.as_secs_f64(),
+        target: "recorded",
+    });
+}
+
 /// Whole huge pages converting outside a split (64 MiB to private and back in one call each):
 /// with one host view, whose 32 windows are each replaced by a hole and back, against the
 /// same conversions of a file with no view. Recorded, no bar.
@@ -311,7 +404,8 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1024);
     let size = mib << 20;
-    // `GMEM_BENCH_ONLY=P8` (or `P6`, `WHOLE`, `TLB`, comma-separated) runs only those rows.
+    // `GMEM_BENCH_ONLY=P8` (or `P6`, `WHOLE`, `TLB`, `MAPS`, comma-separated) runs only those
+    // rows.
     let only = std::env::var("GMEM_BENCH_ONLY").ok();
     let on = |bar: &str| {
         only.as_deref()
@@ -339,6 +433,9 @@ fn main() {
                 }
                 if on("WHOLE") {
                     whole(&mut rows);
+                }
+                if on("MAPS") {
+                    many_mappings(&mut rows);
                 }
                 if on("TLB") {
                     tlb(&mut rows, size);
