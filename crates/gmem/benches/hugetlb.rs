@@ -149,9 +149,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// P8: split + merge of one 2 MiB huge page against one 2 MiB memcpy.
-fn p8(rows: &mut Vec<Row>) {
-    const N: u32 = 300;
+/// P8's file: two preallocated 2 MiB huge pages with one host view over both.
+fn p8_file() -> (GuestMemfd, gmem::HostView) {
     let mem = GuestMemfd::builder(2 * HUGE_2M)
         .flags(Flags::MMAP | Flags::INIT_SHARED)
         .backing(BackingChoice::HugeTlb(HUGE_2M))
@@ -159,6 +158,23 @@ fn p8(rows: &mut Vec<Row>) {
         .create()
         .expect("create");
     let view = mem.map(0, 2 * HUGE_2M).expect("map");
+    (mem, view)
+}
+
+/// P8's timed step, the `i`-th: a 4 KiB page of the first 2 MiB to private and back (on a
+/// HugeTLB file a split and a merge).
+fn to_private_and_back(mem: &GuestMemfd, i: u32) -> Duration {
+    let page = u64::from(5 + i % 400);
+    let t = Instant::now();
+    mem.convert(page * P, P, Attr::Private).expect("to private");
+    mem.convert(page * P, P, Attr::Shared).expect("to shared");
+    t.elapsed()
+}
+
+/// P8: split + merge of one 2 MiB huge page against one 2 MiB memcpy.
+fn p8(rows: &mut Vec<Row>) {
+    const N: u32 = 300;
+    let (mem, view) = p8_file();
     let acct = mem.hugetlb_accounting().expect("accounting");
     let len = HUGE_2M as usize;
     let src = vec![0x5au8; len];
@@ -173,15 +189,8 @@ fn p8(rows: &mut Vec<Row>) {
         .expect("shmem");
     let _pview = plain.map(0, 2 * HUGE_2M).expect("map");
     for i in 0..N {
-        let page = u64::from(5 + i % 400);
-        let t = Instant::now();
-        mem.convert(page * P, P, Attr::Private).expect("split");
-        mem.convert(page * P, P, Attr::Shared).expect("merge");
-        restructure.push(t.elapsed());
-        let t = Instant::now();
-        plain.convert(page * P, P, Attr::Private).expect("convert");
-        plain.convert(page * P, P, Attr::Shared).expect("convert");
-        shmem_pair.push(t.elapsed());
+        restructure.push(to_private_and_back(&mem, i));
+        shmem_pair.push(to_private_and_back(&plain, i));
         let t = Instant::now();
         dst.copy_from_slice(black_box(&src));
         black_box(&mut dst);
@@ -251,20 +260,7 @@ impl Drop for ManyMappings {
 fn many_mappings(rows: &mut Vec<Row>) {
     const N: u32 = 101;
     const MORE: usize = 10_000;
-    let mem = GuestMemfd::builder(2 * HUGE_2M)
-        .flags(Flags::MMAP | Flags::INIT_SHARED)
-        .backing(BackingChoice::HugeTlb(HUGE_2M))
-        .prealloc(Some(Prealloc::new()))
-        .create()
-        .expect("create");
-    let view = mem.map(0, 2 * HUGE_2M).expect("map");
-    let pair = |i: u32| {
-        let page = u64::from(5 + i % 400);
-        let t = Instant::now();
-        mem.convert(page * P, P, Attr::Private).expect("split");
-        mem.convert(page * P, P, Attr::Shared).expect("merge");
-        t.elapsed()
-    };
+    let (mem, view) = p8_file();
     // What one count of the process's mappings costs with them: a whole read of the file.
     let read_maps = || {
         let t = Instant::now();
@@ -285,9 +281,9 @@ fn many_mappings(rows: &mut Vec<Row>) {
     };
     let (mut few, mut many, mut reads) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..N {
-        few.push(pair(i));
+        few.push(to_private_and_back(&mem, i));
         let more = ManyMappings::new(MORE);
-        many.push(pair(i));
+        many.push(to_private_and_back(&mem, i));
         reads.push(read_maps());
         drop(more);
     }
