@@ -25,6 +25,7 @@ pub mod cases;
 pub mod child;
 pub mod converter;
 pub mod kref;
+pub mod mappings;
 pub mod probe;
 pub mod remap;
 pub mod rollback;

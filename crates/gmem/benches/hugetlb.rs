@@ -21,6 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use gmem::{Attr, BackingChoice, Flags, GuestMemfd, PoolGuard, Prealloc, HUGE_1G, HUGE_2M};
+use gmem_conformance::mappings::ManyMappings;
 
 const P: u64 = 4096;
 
@@ -215,47 +216,7 @@ fn p8(rows: &mut Vec<Row>) {
     });
 }
 
-/// `n` more mappings of this process while the value lives: a reservation of `n` pages with
-/// every other page made readable, so that no two neighbours merge (each page is a mapping).
-struct ManyMappings {
-    base: *mut libc::c_void,
-    len: usize,
-}
-
-impl ManyMappings {
-    fn new(n: usize) -> ManyMappings {
-        let len = n * P as usize;
-        // SAFETY: a fresh anonymous reservation chosen by the kernel.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED, "reserve");
-        let many = ManyMappings { base, len };
-        for i in (0..n).step_by(2) {
-            let at = base.cast::<u8>().wrapping_add(i * P as usize);
-            // SAFETY: a page of the reservation above, which nothing else uses.
-            let r = unsafe { libc::mprotect(at.cast(), P as usize, libc::PROT_READ) };
-            assert_eq!(r, 0, "split the reservation");
-        }
-        many
-    }
-}
-
-impl Drop for ManyMappings {
-    fn drop(&mut self) {
-        // SAFETY: the reservation made in `new`, unmapped once.
-        unsafe { libc::munmap(self.base, self.len) };
-    }
-}
-
-/// MAPS: P8's split + merge with [`ManyMappings`] of 10,000 more mappings, against the same
+/// MAPS: P8's split + merge with 10,000 more mappings ([`ManyMappings`]), against the same
 /// split + merge without them, interleaved. Recorded, no bar.
 fn many_mappings(rows: &mut Vec<Row>) {
     const N: u32 = 101;
@@ -274,7 +235,7 @@ fn many_mappings(rows: &mut Vec<Row>) {
     // The mappings added, as the kernel counts them.
     let added = {
         let before = lines();
-        let more = ManyMappings::new(MORE);
+        let more = ManyMappings::new(MORE).expect("more mappings");
         let with = lines();
         drop(more);
         with.saturating_sub(before)
@@ -282,7 +243,7 @@ fn many_mappings(rows: &mut Vec<Row>) {
     let (mut few, mut many, mut reads) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..N {
         few.push(to_private_and_back(&mem, i));
-        let more = ManyMappings::new(MORE);
+        let more = ManyMappings::new(MORE).expect("more mappings");
         many.push(to_private_and_back(&mem, i));
         reads.push(read_maps());
         drop(more);

@@ -119,39 +119,7 @@ mod tests {
     #[test]
     fn map_count_counts_every_line() {
         const PAGES: usize = 8000;
-        let len = PAGES * 4096;
-        // SAFETY: a fresh anonymous reservation chosen by the kernel.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED, "reserve");
-        for i in (0..PAGES).step_by(2) {
-            // SAFETY: a page of the reservation above, which nothing else uses.
-            let r = unsafe {
-                libc::mprotect(
-                    base.cast::<u8>().wrapping_add(i * 4096).cast(),
-                    4096,
-                    libc::PROT_READ,
-                )
-            };
-            assert_eq!(r, 0, "split the reservation");
-        }
-        // Unmaps the reservation however the test ends.
-        struct Unmap(*mut libc::c_void, usize);
-        impl Drop for Unmap {
-            fn drop(&mut self) {
-                // SAFETY: the reservation above, unmapped once.
-                unsafe { libc::munmap(self.0, self.1) };
-            }
-        }
-        let _region = Unmap(base, len);
+        let _more = gmem_conformance::mappings::ManyMappings::new(PAGES).expect("mappings");
         let whole = || {
             std::fs::read_to_string("/proc/self/maps")
                 .expect("read /proc/self/maps")
