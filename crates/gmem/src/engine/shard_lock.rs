@@ -2,32 +2,66 @@
 //!
 //! Accessors and pins read the page state on every call, from many threads at once; a
 //! conversion writes it once per call. A plain reader-writer lock makes every reader write
-//! one shared cache line, so two threads pinning at once pay for each other's pins. A
-//! sharded lock gives each thread its own line to read-lock and makes the writer lock every
-//! shard. Its write cost grows with the number of shards, so there are as many as the
-//! machine has CPUs (rounded up to a power of two, at most [`MAX_SHARDS`]): on a machine of
-//! two CPUs a write locks two shards, not eight.
+//! one shared cache line, so two threads pinning at once pay for each other's pins. Here each
+//! thread counts itself in its own shard's line, and the writer writes one word and reads
+//! every shard's count. There are as many shards as the machine has CPUs (rounded up to a
+//! power of two, at most [`MAX_SHARDS`]).
+//!
+//! The protocol, in the style of the kernel's per-CPU reader-writer semaphore:
+//!
+//! - a **reader** adds itself to its shard's count, then reads the writer word: free, it
+//!   holds the lock; taken, it takes itself off the count again and sleeps until the word is
+//!   free, then starts over;
+//! - the **writer** takes the word (so readers arriving from then on back off), then waits
+//!   for every shard's count to reach zero.
+//!
+//! Both sides write their own word before they read the other's, with sequentially
+//! consistent atomics, so of a reader and a writer arriving together at least one sees the
+//! other: no reader holds the lock while the writer does. A writer costs one atomic
+//! read-modify-write to take the word, one to give it back and a load per shard, where a
+//! reader-writer lock per shard costs two per shard. Waiting is a futex wait: a reader leaving
+//! a count of zero while the word is taken wakes the writer, a writer giving back a word that
+//! others wait for wakes them. Readers give way to a writer that waits (so a conversion is
+//! not starved by a stream of accessors); writers wait for each other on the word.
 
 use std::cell::{Cell, UnsafeCell};
+use std::hint::spin_loop;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use crossbeam_utils::CachePadded;
+
+use crate::sys::futex;
 
 /// The most shards a lock has.
 pub(crate) const MAX_SHARDS: usize = 8;
 
-/// A reader-writer lock whose readers lock one shard (their thread's) and whose writer locks
-/// all of them. Poisoning is ignored: the page state is valid between any two writes.
+/// The writer word: no writer.
+const FREE: u32 = 0;
+/// The writer word: a writer holds (or is taking) the lock, nobody sleeps on the word.
+const HELD: u32 = 1;
+/// The writer word: a writer holds the lock and others may sleep on the word.
+const CONTENDED: u32 = 2;
+
+/// Checks of a word before a thread sleeps on it: most holds are shorter than a sleep.
+const SPINS: u32 = 100;
+
+/// A reader-writer lock whose readers count themselves in one shard (their thread's) and
+/// whose writer waits for every shard's readers (module docs). Nothing is poisoned: the page
+/// state is valid between any two writes.
 pub(crate) struct ShardLock<T> {
-    shards: Box<[CachePadded<RwLock<()>>]>,
+    /// Readers holding the lock or trying to, per shard.
+    readers: Box<[CachePadded<AtomicU32>]>,
+    /// [`FREE`], [`HELD`] or [`CONTENDED`].
+    writer: CachePadded<AtomicU32>,
     value: UnsafeCell<T>,
 }
 
-// SAFETY: `value` is read only under a shard's read lock and written only under every
-// shard's write lock, so the lock hands out `&T` to many threads at once (`T: Sync`) and
-// `&mut T` to one thread at a time (`T: Send`), as `std::sync::RwLock` does.
+// SAFETY: `value` is read only by a thread counted in a shard while the writer word is free,
+// and written only by the thread that took the writer word and saw every count at zero
+// (module docs), so the lock hands out `&T` to many threads at once (`T: Sync`) and `&mut T`
+// to one thread at a time (`T: Send`), as `std::sync::RwLock` does.
 unsafe impl<T: Send + Sync> Sync for ShardLock<T> {}
 
 impl<T: std::fmt::Debug> std::fmt::Debug for ShardLock<T> {
@@ -35,7 +69,7 @@ impl<T: std::fmt::Debug> std::fmt::Debug for ShardLock<T> {
     /// thread that holds the lock for writing can still print the engine.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("ShardLock");
-        d.field("shards", &self.shards.len());
+        d.field("shards", &self.readers.len());
         match self.try_read() {
             Some(g) => d.field("value", &*g),
             None => d.field("value", &format_args!("<locked>")),
@@ -88,54 +122,135 @@ impl<T> ShardLock<T> {
     fn with_shards(value: T, n: usize) -> Self {
         let n = n.clamp(1, MAX_SHARDS).next_power_of_two();
         ShardLock {
-            shards: (0..n).map(|_| CachePadded::new(RwLock::new(()))).collect(),
+            readers: (0..n)
+                .map(|_| CachePadded::new(AtomicU32::new(0)))
+                .collect(),
+            writer: CachePadded::new(AtomicU32::new(FREE)),
             value: UnsafeCell::new(value),
         }
     }
 
-    /// The calling thread's shard.
-    fn own_shard(&self) -> &RwLock<()> {
+    /// The calling thread's shard count.
+    fn own_count(&self) -> &AtomicU32 {
         // The shard count is a power of two: a mask, not a division, on every read.
-        &self.shards[thread_number() & (self.shards.len() - 1)]
+        &self.readers[thread_number() & (self.readers.len() - 1)]
     }
 
-    /// Locks this thread's shard for reading.
+    /// Locks for reading: waits while a writer holds or waits for the lock.
     pub(crate) fn read(&self) -> ShardReadGuard<'_, T> {
-        ShardReadGuard {
-            _shard: self.own_shard().read().unwrap_or_else(|e| e.into_inner()),
-            lock: self,
+        let count = self.own_count();
+        loop {
+            if let Some(g) = self.enter(count) {
+                return g;
+            }
+            self.wait_until_free();
         }
     }
 
-    /// This thread's shard for reading, or `None` when a writer holds or waits for it.
+    /// Locks for reading, or `None` when a writer holds or waits for the lock.
     fn try_read(&self) -> Option<ShardReadGuard<'_, T>> {
-        let guard = match self.own_shard().try_read() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
-        Some(ShardReadGuard {
-            _shard: guard,
-            lock: self,
-        })
+        self.enter(self.own_count())
     }
 
-    /// Locks every shard for writing, in order (so two writers cannot deadlock).
-    pub(crate) fn write(&self) -> ShardWriteGuard<'_, T> {
-        let mut shards: [Option<RwLockWriteGuard<'_, ()>>; MAX_SHARDS] = Default::default();
-        for (slot, shard) in shards.iter_mut().zip(self.shards.iter()) {
-            *slot = Some(shard.write().unwrap_or_else(|e| e.into_inner()));
+    /// Counts this thread in `count` and keeps the count if the writer word is free.
+    fn enter<'a>(&'a self, count: &'a AtomicU32) -> Option<ShardReadGuard<'a, T>> {
+        count.fetch_add(1, Ordering::SeqCst);
+        if self.writer.load(Ordering::SeqCst) == FREE {
+            return Some(ShardReadGuard { count, lock: self });
         }
-        ShardWriteGuard {
-            _shards: shards,
-            lock: self,
+        self.leave(count);
+        None
+    }
+
+    /// Takes this thread off `count`; the last reader out while a writer holds the word wakes
+    /// it (it may sleep on the count).
+    fn leave(&self, count: &AtomicU32) {
+        if count.fetch_sub(1, Ordering::SeqCst) == 1 && self.writer.load(Ordering::SeqCst) != FREE {
+            futex::wake_all(count);
+        }
+    }
+
+    /// Returns once the writer word has been seen free.
+    fn wait_until_free(&self) {
+        for _ in 0..SPINS {
+            if self.writer.load(Ordering::Relaxed) == FREE {
+                return;
+            }
+            spin_loop();
+        }
+        loop {
+            match self.writer.load(Ordering::Relaxed) {
+                FREE => return,
+                // Marked first, so the writer's release wakes this thread.
+                HELD => {
+                    if self
+                        .writer
+                        .compare_exchange(HELD, CONTENDED, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        futex::wait(&self.writer, CONTENDED);
+                    }
+                }
+                _ => futex::wait(&self.writer, CONTENDED),
+            }
+        }
+    }
+
+    /// Locks for writing: takes the writer word, then waits for every shard's readers.
+    pub(crate) fn write(&self) -> ShardWriteGuard<'_, T> {
+        if self
+            .writer
+            .compare_exchange(FREE, HELD, Ordering::SeqCst, Ordering::Relaxed)
+            .is_err()
+        {
+            self.take_contended();
+        }
+        for count in self.readers.iter() {
+            Self::drain(count);
+        }
+        ShardWriteGuard { lock: self }
+    }
+
+    /// Takes the writer word from another writer. A writer that had to wait takes it as
+    /// [`CONTENDED`]: others may still sleep on it, and the release must wake them.
+    fn take_contended(&self) {
+        for _ in 0..SPINS {
+            if self
+                .writer
+                .compare_exchange(FREE, HELD, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+            spin_loop();
+        }
+        while self.writer.swap(CONTENDED, Ordering::SeqCst) != FREE {
+            futex::wait(&self.writer, CONTENDED);
+        }
+    }
+
+    /// Returns once `count` has been seen at zero (the writer holds the word: readers that
+    /// arrive now leave again at once).
+    fn drain(count: &AtomicU32) {
+        for _ in 0..SPINS {
+            if count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            spin_loop();
+        }
+        loop {
+            let n = count.load(Ordering::SeqCst);
+            if n == 0 {
+                return;
+            }
+            futex::wait(count, n);
         }
     }
 }
 
 /// A read lock of a [`ShardLock`]: shared access to its value.
 pub(crate) struct ShardReadGuard<'a, T> {
-    _shard: RwLockReadGuard<'a, ()>,
+    count: &'a AtomicU32,
     lock: &'a ShardLock<T>,
 }
 
@@ -143,15 +258,21 @@ impl<T> Deref for ShardReadGuard<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        // SAFETY: this guard holds a shard's read lock, so no writer (which holds every
-        // shard's write lock) can hold `&mut T` while the returned reference lives.
+        // SAFETY: this guard is counted in a shard and saw the writer word free after it was
+        // counted, so no writer (which waits for every count to reach zero after taking the
+        // word) holds `&mut T` while the returned reference lives.
         unsafe { &*self.lock.value.get() }
+    }
+}
+
+impl<T> Drop for ShardReadGuard<'_, T> {
+    fn drop(&mut self) {
+        self.lock.leave(self.count);
     }
 }
 
 /// The write lock of a [`ShardLock`]: exclusive access to its value.
 pub(crate) struct ShardWriteGuard<'a, T> {
-    _shards: [Option<RwLockWriteGuard<'a, ()>>; MAX_SHARDS],
     lock: &'a ShardLock<T>,
 }
 
@@ -159,8 +280,8 @@ impl<T> Deref for ShardWriteGuard<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        // SAFETY: this guard holds every shard's write lock: no reader and no other writer
-        // holds a reference to the value.
+        // SAFETY: this guard holds the writer word and saw every shard's count at zero after
+        // taking it: no reader and no other writer holds a reference to the value.
         unsafe { &*self.lock.value.get() }
     }
 }
@@ -169,6 +290,14 @@ impl<T> DerefMut for ShardWriteGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
         // SAFETY: as for `deref`; `&mut self` makes the returned reference the only one.
         unsafe { &mut *self.lock.value.get() }
+    }
+}
+
+impl<T> Drop for ShardWriteGuard<'_, T> {
+    fn drop(&mut self) {
+        if self.lock.writer.swap(FREE, Ordering::Release) == CONTENDED {
+            futex::wake_all(&self.lock.writer);
+        }
     }
 }
 
@@ -182,9 +311,9 @@ mod tests {
     fn shards_are_a_power_of_two_up_to_the_cpus() {
         let n = shard_count();
         assert!(n.is_power_of_two() && n <= MAX_SHARDS);
-        assert_eq!(ShardLock::with_shards(0u8, 0).shards.len(), 1);
-        assert_eq!(ShardLock::with_shards(0u8, 3).shards.len(), 4);
-        assert_eq!(ShardLock::with_shards(0u8, 100).shards.len(), MAX_SHARDS);
+        assert_eq!(ShardLock::with_shards(0u8, 0).readers.len(), 1);
+        assert_eq!(ShardLock::with_shards(0u8, 3).readers.len(), 4);
+        assert_eq!(ShardLock::with_shards(0u8, 100).readers.len(), MAX_SHARDS);
     }
 
     #[test]
@@ -238,6 +367,59 @@ mod tests {
         );
         drop(g);
         assert_eq!(format!("{lock:?}"), "ShardLock { shards: 2, value: 5 }");
+    }
+
+    #[test]
+    fn a_reader_waits_for_the_writer_and_sees_its_write() {
+        let lock = Arc::new(ShardLock::with_shards(0u64, 2));
+        let mut g = lock.write();
+        let reader = {
+            let lock = lock.clone();
+            std::thread::spawn(move || *lock.read())
+        };
+        // Long enough for the reader to spin out and sleep on the writer word.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!reader.is_finished(), "the reader got in past the writer");
+        assert!(lock.try_read().is_none());
+        *g = 9;
+        drop(g);
+        assert_eq!(reader.join().unwrap(), 9);
+        assert_eq!(lock.writer.load(Ordering::Relaxed), FREE);
+    }
+
+    #[test]
+    fn sleeping_holders_hand_the_lock_on_without_lost_wake_ups() {
+        // Every hold sleeps, so waiters spin out and sleep on the futex words: a lost wake-up
+        // leaves a thread asleep and the run unfinished.
+        let lock = Arc::new(ShardLock::with_shards((0u64, 0u64), 2));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        for i in 0..6 {
+            let (lock, done_tx) = (lock.clone(), done_tx.clone());
+            std::thread::spawn(move || {
+                for _ in 0..300 {
+                    if i < 2 {
+                        let mut g = lock.write();
+                        g.0 += 1;
+                        std::thread::sleep(Duration::from_micros(20));
+                        g.1 += 1;
+                    } else {
+                        let g = lock.read();
+                        assert_eq!(g.0, g.1);
+                        std::thread::sleep(Duration::from_micros(20));
+                        assert_eq!(g.0, g.1);
+                    }
+                }
+                done_tx.send(()).unwrap();
+            });
+        }
+        for _ in 0..6 {
+            done_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a thread is still waiting: a wake-up was lost");
+        }
+        assert_eq!(*lock.read(), (600, 600));
+        assert_eq!(lock.writer.load(Ordering::Relaxed), FREE);
+        assert!(lock.readers.iter().all(|c| c.load(Ordering::Relaxed) == 0));
     }
 
     #[test]

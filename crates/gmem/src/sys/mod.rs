@@ -3,6 +3,7 @@
 
 pub(crate) mod fd;
 pub(crate) mod fork;
+pub(crate) mod futex;
 pub(crate) mod mapping;
 pub(crate) mod numa;
 pub(crate) mod proc;
