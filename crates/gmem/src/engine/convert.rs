@@ -19,6 +19,10 @@
 //!    to fresh memory ([`super::moves`]). To shared, *permit last*: views, participants, and
 //!    only then the attributes. Any failure undoes every part that was done, in reverse.
 //!
+//! A base-page file with no listener has one segment and nobody to ask in step 4: its
+//! transaction checks steps 2 and 3 itself, under the page-state lock it takes anyway (the
+//! write lock, to private), with the same outcomes in the same order.
+//!
 //! Base-page backings convert the whole range or nothing. HugeTLB converts one huge page at a
 //! time (a run of huge pages that convert whole, none split, at once): a failure after the
 //! first is [`ConvertError::Partial`], naming the first byte not converted. Contents are
@@ -30,7 +34,7 @@ use super::gate::GateError;
 use super::huge::RestructureError;
 use super::listener::Conversion;
 use super::participant::{Step, StepError};
-use super::{Control, Engine};
+use super::{Control, Engine, PageState};
 use crate::model::attr::{Attr, Run};
 use crate::model::error::Errno;
 use crate::model::units::{ByteRange, PageRange, RangeError};
@@ -213,19 +217,23 @@ impl Engine {
     pub(crate) fn convert(&self, r: ByteRange, to: Attr) -> Result<(), ConvertError> {
         let mut ctl = self.control_live()?;
         let pr = r.pages();
-        if self.read_pages().attrs.all(pr.start, pr.end, to) {
-            return Ok(());
+        if self.geometry().is_none() && ctl.listeners.is_empty() {
+            // One segment, and no listener to hear of the conversion: the segment's
+            // transaction checks steps 2 and 3 itself, under the page-state lock it takes
+            // anyway.
+            self.settle(&mut ctl);
+            return self.convert_segment(&mut ctl, pr, to, None);
         }
-        if to == Attr::Private && self.gate().old_owner_maps() {
-            // Received by a hand-over whose old owner has not revoked its views yet: they
-            // may still reach the pages that are shared.
-            let first = self
-                .read_pages()
-                .attrs
-                .first(pr.start, pr.end, Attr::Shared);
-            return Err(ConvertError::Busy {
-                offset: PageRange::one(first.unwrap_or(pr.start)).bytes().start,
-            });
+        {
+            let st = self.read_pages();
+            if st.attrs.all(pr.start, pr.end, to) {
+                return Ok(());
+            }
+            if to == Attr::Private {
+                if let Some(e) = self.refused_for_old_owner(&st, pr) {
+                    return Err(e);
+                }
+            }
         }
         self.settle(&mut ctl);
         let conv = Conversion {
@@ -366,16 +374,36 @@ impl Engine {
         res
     }
 
-    /// `seg` to private, all or nothing (module docs, step 6).
+    /// While the old owner of a hand-over may still map the file (its views are not revoked
+    /// yet, so they may reach the pages that are shared), a conversion of `pr` to private is
+    /// refused: [`ConvertError::Busy`] naming the first shared page (module docs, step 2).
+    fn refused_for_old_owner(&self, st: &PageState, pr: PageRange) -> Option<ConvertError> {
+        if !self.gate().old_owner_maps() {
+            return None;
+        }
+        let first = st.attrs.first(pr.start, pr.end, Attr::Shared);
+        Some(ConvertError::Busy {
+            offset: PageRange::one(first.unwrap_or(pr.start)).bytes().start,
+        })
+    }
+
+    /// `seg` to private, all or nothing (module docs, steps 2, 3 and 6).
     fn to_private(&self, ctl: &mut Control, seg: PageRange) -> Result<(), ConvertError> {
         let (mut old, mut shared) = ctl.scratch.take();
         {
             let mut st = self.write_pages();
-            if let Some(p) = self.refs().first_busy(seg) {
+            if st.attrs.all(seg.start, seg.end, Attr::Private) {
                 ctl.scratch.give_back(old, shared);
-                return Err(ConvertError::Busy {
+                return Ok(());
+            }
+            let refused = self.refused_for_old_owner(&st, seg).or_else(|| {
+                self.refs().first_busy(seg).map(|p| ConvertError::Busy {
                     offset: PageRange::one(p).bytes().start,
-                });
+                })
+            });
+            if let Some(e) = refused {
+                ctl.scratch.give_back(old, shared);
+                return Err(e);
             }
             old.extend(st.attrs.runs(seg.start, seg.end));
             st.attrs.set(seg.start, seg.end, Attr::Private);
@@ -437,11 +465,15 @@ impl Engine {
         }
     }
 
-    /// `seg` to shared, all or nothing.
+    /// `seg` to shared, all or nothing (module docs, steps 3 and 6).
     fn to_shared(&self, ctl: &mut Control, seg: PageRange) -> Result<(), ConvertError> {
         let (mut runs, mut private) = ctl.scratch.take();
         let keep = {
             let st = self.read_pages();
+            if st.attrs.all(seg.start, seg.end, Attr::Shared) {
+                ctl.scratch.give_back(runs, private);
+                return Ok(());
+            }
             runs.extend(st.attrs.runs(seg.start, seg.end));
             st.poison.in_range(seg)
         };

@@ -83,6 +83,11 @@ impl ListenerSet {
         self.list.len() != before
     }
 
+    /// True when no listener is registered.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
     /// Asks every listener; on a veto, tells those already asked that it is abandoned.
     pub fn prepare(&self, conv: &Conversion) -> Result<(), Veto> {
         for (i, (_, l)) in self.list.iter().enumerate() {
