@@ -286,6 +286,10 @@ impl ViewSet {
 
     /// Forgets the history of `r` (its pages just moved to fresh memory).
     pub fn forget_history(&mut self, r: PageRange) {
+        // Most files have no history: nothing to rebuild.
+        if self.history.is_empty() {
+            return;
+        }
         let mut kept = Vec::with_capacity(self.history.len());
         for h in self.history.drain(..) {
             match h.intersect(&r) {
