@@ -146,6 +146,7 @@ impl Engine {
         guest: bool,
     ) -> Result<(&Mapping, ShardReadGuard<'_, PageState>), AccessError> {
         let map = self.mapping()?;
+        self.gate().creator()?;
         let st = self.read_pages();
         // Checked under the lock: a hand-over's release takes it for writing before it
         // revokes the mapping copies go through.
@@ -161,6 +162,7 @@ impl Engine {
     /// Takes a host reference on every page of `r` if all are shared and unpoisoned.
     pub(crate) fn take_refs(&self, r: ByteRange) -> Result<(), AccessError> {
         self.mapping()?;
+        self.gate().creator()?;
         let st = self.read_pages();
         self.gate().access()?;
         check(&st, r)?;
@@ -243,4 +245,71 @@ pub(crate) fn copy_in(map: &Mapping, r: ByteRange, buf: &[u8]) {
     let dst = map.as_ptr().wrapping_add(off);
     // SAFETY: as in `copy_out`, with the copy going the other way.
     unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, buf.len()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use crate::model::error::Errno;
+    use crate::{Flags, GuestMemfd};
+
+    /// A child forked while a thread of its parent holds the page-state lock for writing (a
+    /// conversion or a punch under way) gets `EPERM` from the accessors at once: they check
+    /// the fork before they take the lock, which no thread of the child will ever give back.
+    #[test]
+    fn a_child_forked_during_a_write_gets_eperm_not_a_hang() {
+        let mem = GuestMemfd::builder(1 << 20)
+            .flags(Flags::MMAP | Flags::INIT_SHARED)
+            .create()
+            .expect("create");
+        let engine = mem.inner.clone();
+        let (held_tx, held_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _w = engine.write_pages();
+            held_tx.send(()).expect("send");
+            let _ = go_rx.recv();
+        });
+        held_rx.recv().expect("the holder holds the lock");
+        // SAFETY: the child only calls gmem's accessors and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let mut b = [0u8; 8];
+            let errnos = [
+                mem.read_at(0, &mut b).map(drop).map_err(|e| e.errno()),
+                mem.write_at(0, &b).map(drop).map_err(|e| e.errno()),
+                mem.pin(0, 4096).map(drop).map_err(|e| e.errno()),
+            ];
+            let code = i32::from(errnos != [Err(libc::EPERM); 3]);
+            // SAFETY: ends the child at once, without unwinding into the test harness.
+            unsafe { libc::_exit(code) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut status = 0;
+        let hung = loop {
+            // SAFETY: polls the child forked above.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                break false;
+            }
+            if Instant::now() > deadline {
+                // SAFETY: ends the child forked above, then reaps it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                // SAFETY: reaps the child forked above.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                break true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        drop(go_tx);
+        holder.join().expect("the holder");
+        assert!(!hung, "the forked child hangs on the page-state lock");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child's accessors did not all fail with EPERM (status {status:#x})"
+        );
+    }
 }

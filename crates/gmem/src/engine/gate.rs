@@ -133,12 +133,20 @@ impl Gate {
         self.generation == fork::generation()
     }
 
+    /// `EPERM` in a forked child. Checked before any lock too: a lock that a thread of the
+    /// parent held at the fork is never given back in the child.
+    pub fn creator(&self) -> Result<(), GateError> {
+        if self.in_creator() {
+            Ok(())
+        } else {
+            Err(GateError::Forked)
+        }
+    }
+
     /// Host access (read, write, pin, map): refused while a hand-over commits, once handed
     /// over, and in a forked child.
     pub fn access(&self) -> Result<(), GateError> {
-        if !self.in_creator() {
-            return Err(GateError::Forked);
-        }
+        self.creator()?;
         match self.phase() {
             Phase::Committing => Err(GateError::Committing),
             Phase::Released => Err(GateError::Released),
@@ -164,9 +172,7 @@ impl Gate {
 
     /// The checks of [`Gate::owner`] that do not depend on the phase.
     fn owner_anytime(&self) -> Result<(), GateError> {
-        if !self.in_creator() {
-            return Err(GateError::Forked);
-        }
+        self.creator()?;
         if self.follower {
             return Err(GateError::Follower);
         }
