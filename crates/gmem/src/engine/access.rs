@@ -146,8 +146,7 @@ impl Engine {
         guest: bool,
     ) -> Result<(&Mapping, ShardReadGuard<'_, PageState>), AccessError> {
         let map = self.mapping()?;
-        self.gate().creator()?;
-        let st = self.read_pages();
+        let st = self.read_pages_unless_forked()?;
         // Checked under the lock: a hand-over's release takes it for writing before it
         // revokes the mapping copies go through.
         self.gate().access()?;
@@ -162,8 +161,7 @@ impl Engine {
     /// Takes a host reference on every page of `r` if all are shared and unpoisoned.
     pub(crate) fn take_refs(&self, r: ByteRange) -> Result<(), AccessError> {
         self.mapping()?;
-        self.gate().creator()?;
-        let st = self.read_pages();
+        let st = self.read_pages_unless_forked()?;
         self.gate().access()?;
         check(&st, r)?;
         self.refs()
@@ -257,7 +255,7 @@ mod tests {
 
     /// A child forked while a thread of its parent holds the page-state lock for writing (a
     /// conversion or a punch under way) gets `EPERM` from the accessors at once: they check
-    /// the fork before they take the lock, which no thread of the child will ever give back.
+    /// the fork before they wait for the lock, which no thread of the child will give back.
     #[test]
     fn a_child_forked_during_a_write_gets_eperm_not_a_hang() {
         let mem = GuestMemfd::builder(1 << 20)

@@ -429,6 +429,14 @@ impl Engine {
         self.pages.read()
     }
 
+    /// The page-state lock, for reading, or `EPERM` instead of a wait in a forked child (the
+    /// parent's writer, if one held it at the fork, is not in the child to give it back).
+    pub(in crate::engine) fn read_pages_unless_forked(
+        &self,
+    ) -> Result<ShardReadGuard<'_, PageState>, GateError> {
+        self.pages.read_unless(|| self.gate.creator())
+    }
+
     /// The page-state lock, for writing.
     pub(in crate::engine) fn write_pages(&self) -> ShardWriteGuard<'_, PageState> {
         self.pages.write()

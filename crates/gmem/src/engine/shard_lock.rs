@@ -137,12 +137,29 @@ impl<T> ShardLock<T> {
     }
 
     /// Locks for reading: waits while a writer holds or waits for the lock.
+    #[inline]
     pub(crate) fn read(&self) -> ShardReadGuard<'_, T> {
+        match self.read_unless(|| Ok::<(), std::convert::Infallible>(())) {
+            Ok(g) => g,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`ShardLock::read`], but `give_up` is asked before each wait and its error returned:
+    /// for a caller that must not wait for a writer that may never give the lock back (a
+    /// thread of a forked child, whose parent's writer is not in the child). A lock taken
+    /// at once never asks it.
+    #[inline]
+    pub(crate) fn read_unless<E>(
+        &self,
+        give_up: impl Fn() -> Result<(), E>,
+    ) -> Result<ShardReadGuard<'_, T>, E> {
         let count = self.own_count();
         loop {
             if let Some(g) = self.enter(count) {
-                return g;
+                return Ok(g);
             }
+            give_up()?;
             self.wait_until_free();
         }
     }
@@ -153,6 +170,7 @@ impl<T> ShardLock<T> {
     }
 
     /// Counts this thread in `count` and keeps the count if the writer word is free.
+    #[inline]
     fn enter<'a>(&'a self, count: &'a AtomicU32) -> Option<ShardReadGuard<'a, T>> {
         count.fetch_add(1, Ordering::SeqCst);
         if self.writer.load(Ordering::SeqCst) == FREE {
