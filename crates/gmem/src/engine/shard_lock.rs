@@ -411,29 +411,38 @@ mod tests {
         // leaves a thread asleep and the run unfinished.
         let lock = Arc::new(ShardLock::with_shards((0u64, 0u64), 2));
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        for i in 0..6 {
-            let (lock, done_tx) = (lock.clone(), done_tx.clone());
-            std::thread::spawn(move || {
-                for _ in 0..300 {
-                    if i < 2 {
-                        let mut g = lock.write();
-                        g.0 += 1;
-                        std::thread::sleep(Duration::from_micros(20));
-                        g.1 += 1;
-                    } else {
-                        let g = lock.read();
-                        assert_eq!(g.0, g.1);
-                        std::thread::sleep(Duration::from_micros(20));
-                        assert_eq!(g.0, g.1);
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let (lock, done_tx) = (lock.clone(), done_tx.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..300 {
+                        if i < 2 {
+                            let mut g = lock.write();
+                            g.0 += 1;
+                            std::thread::sleep(Duration::from_micros(20));
+                            g.1 += 1;
+                        } else {
+                            let g = lock.read();
+                            assert_eq!(g.0, g.1);
+                            std::thread::sleep(Duration::from_micros(20));
+                            assert_eq!(g.0, g.1);
+                        }
                     }
-                }
-                done_tx.send(()).unwrap();
-            });
-        }
+                    done_tx.send(()).unwrap();
+                })
+            })
+            .collect();
         for _ in 0..6 {
-            done_rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("a thread is still waiting: a wake-up was lost");
+            if done_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                let panicked = threads.iter().filter(|t| t.is_finished()).count();
+                panic!(
+                    "{panicked} thread(s) panicked (messages above); the others still wait: \
+                     a lost wake-up if none panicked"
+                );
+            }
+        }
+        for t in threads {
+            t.join().expect("a holder");
         }
         assert_eq!(*lock.read(), (600, 600));
         assert_eq!(lock.writer.load(Ordering::Relaxed), FREE);
