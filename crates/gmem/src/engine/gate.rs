@@ -133,8 +133,9 @@ impl Gate {
         self.generation == fork::generation()
     }
 
-    /// `EPERM` in a forked child. Checked before any lock too: a lock that a thread of the
-    /// parent held at the fork is never given back in the child.
+    /// `EPERM` in a forked child. The accessors also ask it before they wait for the
+    /// page-state lock: a lock that a thread of the parent held at the fork is never given
+    /// back in the child.
     pub fn creator(&self) -> Result<(), GateError> {
         if self.in_creator() {
             Ok(())
