@@ -7,6 +7,8 @@
 //! 2. the gate: a follower, a file handed over, a forked child get `EPERM`; a file frozen for
 //!    a hand-over makes the call wait;
 //! 3. a range already entirely in the target state succeeds at once, touching nothing;
+//!    otherwise, to private, a file received by a hand-over whose old owner may still map it
+//!    refuses with `EAGAIN` naming the first shared page;
 //! 4. listeners are asked and may veto (`EAGAIN` naming their offset);
 //! 5. the plan: on HugeTLB one *segment* per huge page, each `[split] set [merge]` (a huge
 //!    page is split before it becomes mixed and merged once it is whole again); elsewhere
@@ -20,8 +22,9 @@
 //!    only then the attributes. Any failure undoes every part that was done, in reverse.
 //!
 //! A base-page file with no listener has one segment and nobody to ask in step 4: its
-//! transaction checks steps 2 and 3 itself, under the page-state lock it takes anyway (the
-//! write lock, to private), with the same outcomes in the same order.
+//! transaction makes step 3 itself, under the page-state lock it takes anyway (the write
+//! lock, to private), with the same outcomes in the same order. A conversion there that
+//! finds nothing to do takes that lock too, where the other files take a read lock.
 //!
 //! Base-page backings convert the whole range or nothing. HugeTLB converts one huge page at a
 //! time (a run of huge pages that convert whole, none split, at once): a failure after the
@@ -219,8 +222,7 @@ impl Engine {
         let pr = r.pages();
         if self.geometry().is_none() && ctl.listeners.is_empty() {
             // One segment, and no listener to hear of the conversion: the segment's
-            // transaction checks steps 2 and 3 itself, under the page-state lock it takes
-            // anyway.
+            // transaction makes step 3 itself, under the page-state lock it takes anyway.
             self.settle(&mut ctl);
             return self.convert_segment(&mut ctl, pr, to, None);
         }
@@ -376,7 +378,7 @@ impl Engine {
 
     /// While the old owner of a hand-over may still map the file (its views are not revoked
     /// yet, so they may reach the pages that are shared), a conversion of `pr` to private is
-    /// refused: [`ConvertError::Busy`] naming the first shared page (module docs, step 2).
+    /// refused: [`ConvertError::Busy`] naming the first shared page (module docs, step 3).
     fn refused_for_old_owner(&self, st: &PageState, pr: PageRange) -> Option<ConvertError> {
         if !self.gate().old_owner_maps() {
             return None;
@@ -387,7 +389,7 @@ impl Engine {
         })
     }
 
-    /// `seg` to private, all or nothing (module docs, steps 2, 3 and 6).
+    /// `seg` to private, all or nothing (module docs, steps 3 and 6).
     fn to_private(&self, ctl: &mut Control, seg: PageRange) -> Result<(), ConvertError> {
         let (mut old, mut shared) = ctl.scratch.take();
         {
