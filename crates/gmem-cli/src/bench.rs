@@ -230,7 +230,7 @@ fn p2_one(size: u64, e: Exposure) -> R<Vec<Row>> {
         mem.convert(p * PAGE_SIZE, PAGE_SIZE, Attr::Private)?;
     }
     let per_page = t.elapsed();
-    let runs = mem.run_count();
+    let runs = mem.run_count()?;
     let t = Instant::now();
     mem.convert(0, size, Attr::Shared)?;
     let bulk = t.elapsed();
@@ -568,7 +568,7 @@ pub fn p12(size: u64) -> R<Vec<Row>> {
             mem.convert(p * PAGE_SIZE, PAGE_SIZE, Attr::Private)?;
         }
         g.push(t.elapsed());
-        runs = mem.run_count();
+        runs = mem.run_count()?;
         drop(view);
     }
     Ok(vec![row(
@@ -758,7 +758,7 @@ pub fn small_access() -> R<Vec<Row>> {
                 mem.convert(p * PAGE_SIZE, PAGE_SIZE, Attr::Private)?;
             }
         }
-        let runs = mem.run_count();
+        let runs = mem.run_count()?;
         let spread = pages / 4096;
         let offs: Vec<u64> = (0..4096u64)
             .map(|i| ((i * spread) & !1) * PAGE_SIZE + (i % 8) * 64)

@@ -85,7 +85,7 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
         let s = format!(
             "{} MiB on {what}, {} run(s), all shared",
             size >> 20,
-            m.run_count()
+            m.run_count()?
         );
         Ok((m, s))
     })?;
@@ -96,7 +96,7 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
     })?;
     timed(&mut steps, "guest converts 0x1000 to private", || {
         mem.convert(secret_at, PAGE_SIZE, Attr::Private)?;
-        Ok(((), format!("{} runs now", mem.run_count())))
+        Ok(((), format!("{} runs now", mem.run_count()?)))
     })?;
     timed(
         &mut steps,
@@ -121,7 +121,7 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
         || {
             drop(pin);
             mem.convert(0, 3 * PAGE_SIZE, Attr::Private)?;
-            Ok(((), format!("converted; {} runs", mem.run_count())))
+            Ok(((), format!("converted; {} runs", mem.run_count()?)))
         },
     )?;
     timed(
@@ -129,7 +129,7 @@ pub fn run_software(size: u64, backing: DemoBacking) -> R<Vec<Step>> {
         "guest converts 0x0..0x3000 back to shared",
         || {
             mem.convert(0, 3 * PAGE_SIZE, Attr::Shared)?;
-            Ok(((), format!("{} run(s)", mem.run_count())))
+            Ok(((), format!("{} run(s)", mem.run_count()?)))
         },
     )?;
     timed(
@@ -198,7 +198,7 @@ fn convert_while_pinned(mem: &GuestMemfd) -> R<((), String)> {
             "refused: {e} (errno {}, error_offset {:#x}); nothing changed: {} runs",
             e.errno(),
             e.error_offset().unwrap_or(0),
-            mem.run_count()
+            mem.run_count()?
         ),
         Ok(()) => "converted (unexpected)".to_string(),
     };

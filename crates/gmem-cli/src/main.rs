@@ -116,7 +116,7 @@ fn handover(spec: &str, conversions: &[String]) -> R<()> {
         guest.write(page, &page.to_le_bytes())?;
     }
     let sum = checksum(&mem)?;
-    let runs = mem.run_count();
+    let runs = mem.run_count()?;
     println!("{obj}");
     println!("old owner: {} run(s), checksum {sum:016x}", runs);
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
@@ -162,9 +162,9 @@ fn receive(sum: &str, runs: usize) -> R<()> {
             restored.generation,
             f.mem.size() >> 20,
             f.mem.backing_kind(),
-            f.mem.run_count()
+            f.mem.run_count()?
         );
-        if format!("{got:016x}") != sum || f.mem.run_count() != runs {
+        if format!("{got:016x}") != sum || f.mem.run_count()? != runs {
             return Err("contents or attributes differ from the old owner's".into());
         }
     }

@@ -345,7 +345,12 @@ impl Mirror {
         Mirror {
             private,
             split: split.iter().copied().collect(),
-            poisoned: mem.poisoned_pages().into_iter().map(|o| o / PAGE).collect(),
+            poisoned: mem
+                .poisoned_pages()
+                .expect("poisoned pages")
+                .into_iter()
+                .map(|o| o / PAGE)
+                .collect(),
         }
     }
 
@@ -464,7 +469,8 @@ pub fn snapshot(mem: &GuestMemfd, views: &[&HostView], list: &[u64]) -> Snapshot
             .read_at(off, &mut buf)
             .map(|()| digest(&buf))
             .map_err(|e| e.errno());
-        let blocked = mem.attr(off).expect("attr") == Attr::Private || mem.is_poisoned(off);
+        let blocked = mem.attr(off).expect("attr") == Attr::Private
+            || mem.is_poisoned(off).expect("poison record");
         let mut touches = Vec::new();
         for v in views {
             if off < v.offset() || off >= v.offset() + v.len() as u64 {
@@ -503,7 +509,7 @@ pub fn snapshot(mem: &GuestMemfd, views: &[&HostView], list: &[u64]) -> Snapshot
     }
     Snapshot {
         runs: mem.runs(0, mem.size()).expect("runs"),
-        poisoned: mem.poisoned_pages(),
+        poisoned: mem.poisoned_pages().expect("poisoned pages"),
         pages: out,
     }
 }

@@ -147,12 +147,20 @@ fn conformance_hugetlb_restructure_every_other_page() {
         mem.convert(p * P, P, Attr::Private)
             .expect("odd page private");
     }
-    assert_eq!(mem.run_count() as u64, 2 * M2 / P, "one run per page");
+    assert_eq!(
+        mem.run_count().expect("run count") as u64,
+        2 * M2 / P,
+        "one run per page"
+    );
     assert_eq!(acct.split_pages(), 2);
     check(&mem, &view, 2 * M2);
     mem.convert(0, 2 * M2, Attr::Shared).expect("bulk back");
     assert_eq!(
-        (mem.run_count(), acct.split_pages(), acct.merges()),
+        (
+            mem.run_count().expect("run count"),
+            acct.split_pages(),
+            acct.merges()
+        ),
         (1, 0, 2)
     );
     check(&mem, &view, 2 * M2);

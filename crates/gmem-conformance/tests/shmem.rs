@@ -60,7 +60,11 @@ fn conformance_shmem_every_other_page_private_1gib() {
         mem.convert(p * PAGE_SIZE, PAGE_SIZE, Attr::Private)
             .unwrap_or_else(|e| panic!("convert page {p}: {e}"));
     }
-    assert_eq!(mem.run_count() as u64, pages, "one run per page");
+    assert_eq!(
+        mem.run_count().expect("run count") as u64,
+        pages,
+        "one run per page"
+    );
     let runs = mem.runs(0, GIB).expect("runs");
     let private = runs.iter().filter(|r| r.attr == Attr::Private).count();
     assert_eq!(private, 131_072, "private runs");
@@ -108,7 +112,7 @@ fn conformance_shmem_every_other_page_private_1gib() {
 
     // One bulk call back to shared: one run, every stamp intact in the same view.
     mem.convert(0, GIB, Attr::Shared).expect("bulk to shared");
-    assert_eq!(mem.run_count(), 1);
+    assert_eq!(mem.run_count().expect("run count"), 1);
     for p in 0..pages {
         let got =
             touch::read(&view, p * PAGE_SIZE, 8).unwrap_or_else(|f| panic!("page {p}: {f:?}"));

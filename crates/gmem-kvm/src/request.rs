@@ -255,7 +255,7 @@ mod tests {
 
         let (ret, _) = map_gpa_range(v, KVM_HC_MAP_GPA_RANGE, [0x10_2000, 2, 0, 0, 0, 0]);
         assert_eq!(ret, 0, "back to shared");
-        assert_eq!(mem.run_count(), 1);
+        assert_eq!(mem.run_count().expect("run count"), 1);
 
         for bad in [
             [0x10_2000, 1, 1 << 5, 0, 0, 0],     // unknown attrs bit
@@ -273,7 +273,7 @@ mod tests {
                 }
             );
         }
-        assert_eq!(mem.run_count(), 1, "nothing converted");
+        assert_eq!(mem.run_count().expect("run count"), 1, "nothing converted");
 
         let (ret, r) = map_gpa_range(v, KVM_HC_MAP_GPA_RANGE + 1, [0; 6]);
         assert_eq!((ret, r), (KVM_ENOSYS.wrapping_neg(), None));

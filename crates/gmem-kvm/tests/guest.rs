@@ -307,7 +307,7 @@ fn doorbell_refuses_malformed_and_unbound_requests_with_einval() {
         expect_report(&mut vcpu, 0, &what);
     }
     expect_halt(&mut vcpu);
-    assert_eq!(mem.run_count(), 1, "nothing converted");
+    assert_eq!(mem.run_count().expect("run count"), 1, "nothing converted");
 }
 
 fn starts_private(kind: Kind) {
@@ -475,7 +475,7 @@ fn two_vcpus_convert_their_own_pages_at_once() {
             });
         }
     });
-    assert_eq!(mem.run_count(), 1);
+    assert_eq!(mem.run_count().expect("run count"), 1);
 }
 
 #[test]

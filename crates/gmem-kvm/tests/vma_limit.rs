@@ -32,7 +32,10 @@ fn kernel_view_holds_131072_private_runs_in_one_mapping() {
         mem.convert(p * PAGE, PAGE, Attr::Private)
             .unwrap_or_else(|e| panic!("page {p}: {e}"));
     }
-    assert_eq!(mem.run_count(), usize::try_from(pages).unwrap());
+    assert_eq!(
+        mem.run_count().expect("run count"),
+        usize::try_from(pages).unwrap()
+    );
     assert_eq!(map_count(), before, "no mapping per run");
     for p in (0..pages).step_by(997) {
         let r = touch::read_byte(&view, p * PAGE);
@@ -41,6 +44,6 @@ fn kernel_view_holds_131072_private_runs_in_one_mapping() {
     // The process can still start a thread (a VMA for its stack and guard).
     std::thread::spawn(|| ()).join().expect("thread");
     mem.convert(0, size, Attr::Shared).expect("back to shared");
-    assert_eq!(mem.run_count(), 1);
+    assert_eq!(mem.run_count().expect("run count"), 1);
     assert_eq!(touch::read_byte(&view, 0), Ok(0));
 }

@@ -193,6 +193,7 @@ impl Reduce for FileError {
             FileError::Unsupported { .. } | FileError::Resize { .. } => {
                 Fault::bare(Class::Unsupported, errno)
             }
+            FileError::Gate(_) => Fault::bare(Class::NotOwner, errno),
             FileError::Os { .. } => Fault::bare(Class::Os, errno),
             #[allow(unreachable_patterns)]
             _ => Fault::bare(Class::Os, errno),

@@ -143,7 +143,7 @@ impl Fixture {
         let mut bytes = vec![0u8; SIZE as usize];
         let guest = mem.guest().expect("guest view");
         for p in 0..PAGES {
-            if p != 9 && p != 10 && !mem.is_poisoned(p * PAGE) {
+            if p != 9 && p != 10 && !mem.is_poisoned(p * PAGE).expect("poison record") {
                 let s = (p * PAGE) as usize;
                 guest
                     .read(p * PAGE, &mut bytes[s..s + PAGE as usize])
@@ -187,7 +187,7 @@ impl Fixture {
             busy,
             events,
             fds: fd_count(),
-            poisoned: mem.poisoned_pages(),
+            poisoned: mem.poisoned_pages().expect("poisoned pages"),
         }
     }
 }
@@ -865,7 +865,7 @@ fn bad_input_poison() {
             einval(Class::OutOfBounds, off),
             |fx| reduce(fx.mem.inject_poison(off)),
         );
-        assert!(fx.mem.poisoned_pages().is_empty());
+        assert!(fx.mem.poisoned_pages().expect("poisoned pages").is_empty());
     }
     // A poisoned page (wrong state) refuses every checked access and the guest view with
     // EHWPOISON naming the first poisoned byte, before the attribute check; the file is
@@ -874,7 +874,10 @@ fn bad_input_poison() {
     fx.mem
         .inject_poison(5 * PAGE)
         .expect("inject a private page");
-    assert_eq!(fx.mem.poisoned_pages(), vec![5 * PAGE, 8 * PAGE]);
+    assert_eq!(
+        fx.mem.poisoned_pages().expect("poisoned pages"),
+        vec![5 * PAGE, 8 * PAGE]
+    );
     let hw = |o| Fault::at(Class::Poisoned, libc::EHWPOISON, o);
     let mut buf = [0u8; 16];
     refused(&fx, "read_at poisoned", hw(8 * PAGE + 3), |fx| {
@@ -929,7 +932,10 @@ fn bad_input_poison() {
     fx.mem
         .fallocate(FallocMode::PUNCH_HOLE, 8 * PAGE, PAGE)
         .expect("punch");
-    assert_eq!(fx.mem.poisoned_pages(), vec![5 * PAGE]);
+    assert_eq!(
+        fx.mem.poisoned_pages().expect("poisoned pages"),
+        vec![5 * PAGE]
+    );
     fx.mem
         .read_at(8 * PAGE, &mut buf)
         .expect("read after punch");

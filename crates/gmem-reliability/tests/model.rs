@@ -183,10 +183,14 @@ impl Run {
         if got != want {
             return Err(format!("runs differ:\n real  {got:x?}\n model {want:x?}"));
         }
-        if self.real.mem.run_count() != self.model.run_count() {
+        let real_runs = self
+            .real
+            .mem
+            .run_count()
+            .map_err(|e| format!("run_count: {e}"))?;
+        if real_runs != self.model.run_count() {
             return Err(format!(
-                "run_count real {} model {}",
-                self.real.mem.run_count(),
+                "run_count real {real_runs} model {}",
                 self.model.run_count()
             ));
         }
@@ -207,7 +211,12 @@ impl Run {
                 ));
             }
         }
-        let (got, want) = (self.real.mem.poisoned_pages(), self.model.poisoned_pages());
+        let got = self
+            .real
+            .mem
+            .poisoned_pages()
+            .map_err(|e| format!("poisoned_pages: {e}"))?;
+        let want = self.model.poisoned_pages();
         if got != want {
             return Err(format!("poisoned pages real {got:x?} model {want:x?}"));
         }

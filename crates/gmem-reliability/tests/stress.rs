@@ -342,5 +342,5 @@ fn stress(mem: GuestMemfd) {
     mem.convert(0, SIZE, Attr::Private)
         .expect("no reference left");
     mem.convert(0, SIZE, Attr::Shared).expect("back to shared");
-    assert_eq!(mem.run_count(), 1);
+    assert_eq!(mem.run_count().expect("run count"), 1);
 }

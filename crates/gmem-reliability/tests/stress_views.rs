@@ -438,7 +438,7 @@ fn stress(mem: GuestMemfd, test: &str) {
         let t = probe_at(&whole, off, &b, "final");
         match want {
             Attr::Private => assert!(t.is_fault(), "private page {p} reachable: {t:?}"),
-            Attr::Shared if !mem.is_poisoned(off) => {
+            Attr::Shared if !mem.is_poisoned(off).expect("poison record") => {
                 guest.read(off, &mut page).expect("guest read");
                 assert!(
                     !page.contains(&PRIVATE),

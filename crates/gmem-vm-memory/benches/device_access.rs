@@ -316,7 +316,7 @@ fn p10_1m(n: u64, rounds: usize) {
     }
     println!(
         "  (made {} runs in {:.1} s)",
-        big.run_count(),
+        big.run_count().expect("run count"),
         t.elapsed().as_secs_f64()
     );
     let (hot, cold) = sets(pages * 4096, &|p| p & !1);

@@ -337,7 +337,11 @@ impl Region {
                 }
                 for p in first..end {
                     let o = p * PAGE_SIZE;
-                    if self.file.is_poisoned(o) {
+                    if self
+                        .file
+                        .is_poisoned(o)
+                        .map_err(|_| Refusal::NoHostMapping { gpa })?
+                    {
                         return Err(Refusal::Poisoned { gpa: to_gpa(o) });
                     }
                 }

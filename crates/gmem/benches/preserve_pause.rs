@@ -65,7 +65,7 @@ fn huge_with_runs(size: u64) -> GuestMemfd {
 /// host view of all of it (its commit revokes the view); medians and minima as [`measure`].
 fn measure_huge_view(size: u64, rounds: usize) -> ([(Duration, Duration); 2], usize) {
     let mut mem = huge_with_runs(size);
-    let runs = mem.run_count();
+    let runs = mem.run_count().expect("run count");
     let (mut resumed, mut released) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let view = mem.map(0, size).expect("map a view");
@@ -144,7 +144,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// times, and the run count the file kept.
 fn measure(size: u64, rounds: usize) -> ([(Duration, Duration); 2], usize) {
     let mut mem = with_runs(size);
-    let runs = mem.run_count();
+    let runs = mem.run_count().expect("run count");
     let (mut resumed, mut released) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let (t, next) = one(mem, round as u64 + 1);
@@ -152,7 +152,7 @@ fn measure(size: u64, rounds: usize) -> ([(Duration, Duration); 2], usize) {
         released.push(t.released);
         mem = next;
     }
-    assert_eq!(mem.run_count(), runs);
+    assert_eq!(mem.run_count().expect("run count"), runs);
     let stats = |v: Vec<Duration>| (*v.iter().min().expect("rounds"), median(v));
     ([stats(resumed), stats(released)], runs)
 }
@@ -178,7 +178,10 @@ fn copy_time(size: u64) -> Duration {
     })
     .expect("copy");
     assert_eq!(report.copied, size);
-    assert_eq!(new.run_count(), mem.run_count());
+    assert_eq!(
+        new.run_count().expect("run count"),
+        mem.run_count().expect("run count")
+    );
     report.elapsed
 }
 

@@ -129,7 +129,7 @@ fn device_listener_hears_conversions_poison_and_punch_in_order() {
             Notice::Unpoisoned(4 * P, 2 * P),
         ]
     );
-    assert!(!f.is_poisoned(4 * P));
+    assert!(!f.is_poisoned(4 * P).expect("poison record"));
 }
 
 #[test]

@@ -419,7 +419,10 @@ fn punch_refused(g: Geo, kind: Kind) {
     }
     assert_eq!(rig.journal.all(), want);
     expect_undo_in_reverse(&rig.journal.all());
-    assert_eq!(rig.mem.poisoned_pages(), Vec::<u64>::new());
+    assert_eq!(
+        rig.mem.poisoned_pages().expect("poisoned pages"),
+        Vec::<u64>::new()
+    );
     assert_eq!(
         available(g),
         pool0,

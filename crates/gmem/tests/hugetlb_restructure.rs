@@ -88,7 +88,7 @@ fn conformance_hugetlb_every_other_page_private() {
         mem.convert(page * P, P, Attr::Private).expect("convert");
     }
     assert_eq!(
-        mem.run_count(),
+        mem.run_count().expect("run count"),
         512,
         "256 private runs, the shared ones between"
     );

@@ -41,7 +41,7 @@ fn at(view: &gmem::HostView, off: u64) -> Touch {
 /// Every way of reaching a poisoned page refuses it, naming the page.
 fn assert_poisoned(mem: &GuestMemfd, view: &gmem::HostView, page: u64) {
     let off = page * P;
-    assert!(mem.is_poisoned(off + 1));
+    assert!(mem.is_poisoned(off + 1).expect("poison record"));
     let mut b = [0u8; 8];
     let e = mem.read_at(off + 8, &mut b).expect_err("read");
     assert_eq!(
@@ -87,7 +87,7 @@ fn poisoned_shmem_page_faults_for_host_and_guest_and_is_never_handed_out() {
     let mem = shmem(64 * P);
     let view = mem.map(0, 64 * P).expect("map");
     mem.inject_poison(5 * P + 123).expect("inject");
-    assert_eq!(mem.poisoned_pages(), vec![5 * P]);
+    assert_eq!(mem.poisoned_pages().expect("poisoned pages"), vec![5 * P]);
     assert_poisoned(&mem, &view, 5);
     check_neighbours(&mem, &view, 5);
     // A view made afterwards faults too.
@@ -115,8 +115,8 @@ fn poisoned_shmem_page_faults_for_host_and_guest_and_is_never_handed_out() {
     // Punch-hole gives the offset a fresh zero page.
     mem.fallocate(FallocMode::PUNCH_HOLE, 5 * P, P)
         .expect("punch");
-    assert!(!mem.is_poisoned(5 * P));
-    assert!(mem.poisoned_pages().is_empty());
+    assert!(!mem.is_poisoned(5 * P).expect("poison record"));
+    assert!(mem.poisoned_pages().expect("poisoned pages").is_empty());
     let mut b = [0xffu8; 16];
     mem.read_at(5 * P, &mut b).expect("fresh page");
     assert_eq!(b, [0; 16]);
@@ -181,7 +181,7 @@ fn poison_in_a_huge_page_splits_it_and_punch_hole_merges_it() {
     mem.fallocate(FallocMode::PUNCH_HOLE, M2, M2)
         .expect("punch");
     assert_eq!(acct.split_pages(), 0);
-    assert!(!mem.is_poisoned(M2 + 7 * P));
+    assert!(!mem.is_poisoned(M2 + 7 * P).expect("poison record"));
     assert_eq!(at(&view, M2 + 7 * P), Touch::Ok(0));
 }
 
@@ -231,7 +231,7 @@ fn concurrent_poison_injection_during_split_and_merge() {
     for i in 0..40u64 {
         let q = (i * 37) % 256;
         mem.inject_poison(q * P).expect("inject");
-        assert!(mem.is_poisoned(q * P));
+        assert!(mem.is_poisoned(q * P).expect("poison record"));
         let e = mem.read_at(q * P, &mut [0u8; 1]).expect_err("poisoned");
         assert_eq!(e.errno(), libc::EHWPOISON);
         assert!(
@@ -244,7 +244,7 @@ fn concurrent_poison_injection_during_split_and_merge() {
             Touch::Ok(if i == 0 { pattern(n * P, 1)[0] } else { 0 })
         );
         mem.fallocate(FallocMode::PUNCH_HOLE, 0, M2).expect("punch");
-        assert!(!mem.is_poisoned(q * P));
+        assert!(!mem.is_poisoned(q * P).expect("poison record"));
         assert_eq!(at(&view, q * P), Touch::Ok(0));
         // Let the converter split and merge a few times before the next injection.
         let splits = acct.splits();
@@ -260,7 +260,7 @@ fn concurrent_poison_injection_during_split_and_merge() {
     );
     // Quiet again: whole and unpoisoned, so merged; contents are the punched zeros.
     assert_eq!(acct.split_pages(), 0);
-    assert!(mem.poisoned_pages().is_empty());
+    assert!(mem.poisoned_pages().expect("poisoned pages").is_empty());
     let mut all = vec![0xffu8; M2 as usize];
     mem.read_at(0, &mut all).expect("read");
     assert!(all.iter().all(|&b| b == 0));
@@ -269,4 +269,18 @@ fn concurrent_poison_injection_during_split_and_merge() {
         acct.splits(),
         acct.merges()
     );
+}
+
+/// Asking about a page past the end of the file is `EINVAL` naming the offset, as injecting
+/// poison there is, and changes nothing.
+#[test]
+fn is_poisoned_past_the_end_is_einval() {
+    let mem = shmem(4 * P);
+    mem.inject_poison(3 * P).expect("inject");
+    for off in [4 * P, 4 * P + 1, u64::MAX] {
+        let e = mem.is_poisoned(off).expect_err("past the end");
+        assert_eq!((e.errno(), e.error_offset()), (libc::EINVAL, Some(off)));
+    }
+    assert!(mem.is_poisoned(4 * P - 1).expect("last byte"));
+    assert_eq!(mem.poisoned_pages().expect("records"), vec![3 * P]);
 }

@@ -160,8 +160,11 @@ fn handover_carries_numa_policy_and_poison() {
     let got = t.join().unwrap().unwrap();
     let f = &got.files[0];
     assert_eq!(f.state.poison, vec![0, shared]);
-    assert_eq!(f.mem.poisoned_pages(), vec![0, shared]);
-    assert!(f.mem.is_poisoned(shared));
+    assert_eq!(
+        f.mem.poisoned_pages().expect("poisoned pages"),
+        vec![0, shared]
+    );
+    assert!(f.mem.is_poisoned(shared).expect("poison record"));
     assert!(f.mem.read_at(shared, &mut [0u8; 8]).is_err());
     assert_eq!(f.state.numa.mode, gmem::preserve::NumaMode::Bind);
     assert_eq!(
@@ -249,7 +252,7 @@ fn hugetlb_handover_keeps_split_pages_and_pending_merges() {
     f.mem.convert(M2 + 5 * P, P, Attr::Shared).unwrap();
     assert_eq!(nacct.split_pages(), 0);
     assert_eq!(page_crcs(&f.mem), crcs);
-    assert_eq!(f.mem.run_count(), 1);
+    assert_eq!(f.mem.run_count().expect("run count"), 1);
 }
 
 #[test]
@@ -490,7 +493,7 @@ fn several_files_in_one_handover() {
     assert_eq!(digest(&got.files[0].mem), a_digest);
     let nb = &got.files[1].mem;
     assert_eq!(nb.flags(), Flags::MMAP);
-    assert_eq!(nb.run_count(), 1);
+    assert_eq!(nb.run_count().expect("run count"), 1);
     assert_eq!(nb.attr(0).unwrap(), Attr::Private);
     let mut buf = [0u8; 16];
     nb.guest()

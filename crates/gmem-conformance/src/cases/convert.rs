@@ -170,12 +170,12 @@ pub fn per_page(ctx: &Ctx<'_>) {
         }
         let expect_runs = 1 + usize::from(target > 0) + usize::from(size > (target + 1) * PAGE);
         assert_eq!(
-            mem.run_count(),
+            mem.run_count().expect("run count"),
             expect_runs,
             "runs with page {target} private"
         );
         convert(&mem, target * PAGE, PAGE, Attr::Shared);
-        assert_eq!(mem.run_count(), 1, "runs merge again");
+        assert_eq!(mem.run_count().expect("run count"), 1, "runs merge again");
         for p in 0..4 {
             touch::expect_bytes(&view, p * PAGE, PAGE, page_byte(p), "after converting back");
         }
@@ -199,7 +199,7 @@ pub fn per_page(ctx: &Ctx<'_>) {
             }
         }
         convert(&mem, target * PAGE, PAGE, Attr::Private);
-        assert_eq!(mem.run_count(), 1);
+        assert_eq!(mem.run_count().expect("run count"), 1);
         touch::expect_fault(&view, 0, 4 * PAGE, "all private again");
         for p in 0..4 {
             let want = if p == target { 0xee } else { page_byte(p) };

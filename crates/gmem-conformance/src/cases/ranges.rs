@@ -327,7 +327,7 @@ fn with_areas(ctx: &Ctx<'_>, body: impl Fn(&Area<'_>, u64) + Sync) {
     drop(areas);
     // Every area ends shared, and the file can be freed and allocated whole afterwards.
     assert_eq!(
-        mem.run_count(),
+        mem.run_count().expect("run count"),
         1,
         "the whole file is one shared run at the end"
     );

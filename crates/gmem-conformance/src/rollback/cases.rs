@@ -261,7 +261,10 @@ pub fn poison_refused(ctx: &Ctx<'_>) {
             at("c", Call::Apply(p)),
         ]
     );
-    assert_eq!(rig.mem.poisoned_pages(), vec![5 * PAGE]);
+    assert_eq!(
+        rig.mem.poisoned_pages().expect("poisoned pages"),
+        vec![5 * PAGE]
+    );
     let snap = rig.snapshot();
     let five = &snap.pages[5];
     assert_eq!(
@@ -312,7 +315,10 @@ pub fn punch_refresh_refused(ctx: &Ctx<'_>) {
             ],
             "{kind:?} refused"
         );
-        assert_eq!(rig.mem.poisoned_pages(), Vec::<u64>::new());
+        assert_eq!(
+            rig.mem.poisoned_pages().expect("poisoned pages"),
+            Vec::<u64>::new()
+        );
         let snap = rig.snapshot();
         for p in 2..8usize {
             assert_eq!(snap.pages[p].guest, Ok(zero), "page {p} punched");

@@ -47,7 +47,7 @@ use super::participant::Step;
 use super::{Control, Engine};
 use crate::backing::Backing;
 use crate::model::attr::Attr;
-use crate::model::huge::HugeState;
+use crate::model::huge::{Accounting, HugeState};
 use crate::model::units::{ByteRange, HugeGeometry};
 use crate::sys::mapping::Mapping;
 use crate::sys::uffd::Uffd;
@@ -64,6 +64,8 @@ pub(crate) struct Huge {
     /// Write-protects the guest mapping's windows during a split or merge (no events).
     guest_uffd: Mutex<Option<Arc<Uffd>>>,
     state: Mutex<HugeState>,
+    /// The state's counters, reachable without its lock (a forked child asks for them too).
+    acct: Arc<Accounting>,
 }
 
 /// Why a split or merge did not happen.
@@ -103,13 +105,20 @@ impl Huge {
         let len = to_usize(size)?;
         let mut pieces = Mapping::shared(companion.as_fd(), 0, len, libc::MAP_NORESERVE)?;
         pieces.keep_from_children()?;
+        let state = HugeState::new(page, size / page, limit);
         Ok(Huge {
             geo: HugeGeometry { size: page },
             pieces,
             companion,
             guest_uffd: Mutex::new(None),
-            state: Mutex::new(HugeState::new(page, size / page, limit)),
+            acct: state.accounting(),
+            state: Mutex::new(state),
         })
+    }
+
+    /// The restructuring counters (a handle that outlives the file).
+    pub fn accounting(&self) -> Arc<Accounting> {
+        self.acct.clone()
     }
 
     pub fn companion(&self) -> BorrowedFd<'_> {

@@ -53,6 +53,15 @@ pub trait ConversionListener: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenerId(u64);
 
+impl ListenerId {
+    /// A new id. Ids are unique across files, so an id from another file never removes a
+    /// listener of this one.
+    fn fresh() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        ListenerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// The listeners of one file, in registration order.
 #[derive(Default)]
 pub(crate) struct ListenerSet {
@@ -69,10 +78,7 @@ impl fmt::Debug for ListenerSet {
 
 impl ListenerSet {
     pub fn add(&mut self, l: Arc<dyn ConversionListener>) -> ListenerId {
-        // Ids are unique across files, so an id from another file never removes a listener
-        // of this one.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let id = ListenerId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let id = ListenerId::fresh();
         self.list.push((id, l));
         id
     }
@@ -109,15 +115,20 @@ impl ListenerSet {
 }
 
 impl Engine {
-    /// Adds a conversion listener under the control lock, whatever the gate says.
+    /// Adds a conversion listener under the control lock, whatever the phase. In a forked
+    /// child nothing is registered (the child converts nothing, and a thread of the parent
+    /// may have held the control lock at the fork): the id is fresh and removes nothing.
     pub(crate) fn add_listener(&self, listener: Arc<dyn ConversionListener>) -> ListenerId {
+        if !self.gate().in_creator() {
+            return ListenerId::fresh();
+        }
         self.control_unchecked().listeners.add(listener)
     }
 
-    /// Removes a listener under the control lock, whatever the gate says; false when it was
-    /// not registered.
+    /// Removes a listener under the control lock, whatever the phase; false when it was not
+    /// registered, and in a forked child.
     pub(crate) fn remove_listener(&self, id: ListenerId) -> bool {
-        self.control_unchecked().listeners.remove(id)
+        self.gate().in_creator() && self.control_unchecked().listeners.remove(id)
     }
 
     /// Adds `listener` and the participant `relay` and reads the whole file's attribute runs
@@ -147,7 +158,11 @@ impl Engine {
 
     /// Removes what [`Engine::add_observer`] added, in one hold of the control lock
     /// (whatever the gate says); false when the listener was not registered on this file.
+    /// False in a forked child, where nothing was added.
     pub(crate) fn remove_observer(&self, listener: ListenerId, relay: ParticipantId) -> bool {
+        if !self.gate().in_creator() {
+            return false;
+        }
         let mut ctl = self.control_unchecked();
         // Listener ids are unique across files, participant ids only within one: the relay is
         // removed only once the listener proved the id belongs to this file.

@@ -16,6 +16,8 @@
 
 pub(crate) mod access;
 pub(crate) mod convert;
+#[cfg(test)]
+mod forked;
 pub(crate) mod gate;
 pub(crate) mod huge;
 pub(crate) mod lifecycle;
@@ -756,6 +758,9 @@ impl Engine {
 impl Engine {
     /// How a touch of byte `at` of view `id` faults (see [`crate::HostView::fault_at`]).
     pub(crate) fn fault_at(&self, id: u64, at: usize) -> Option<crate::model::fault::HostFault> {
+        if !self.gate.in_creator() {
+            return Some(crate::model::fault::HostFault::Segv);
+        }
         let (offset, len, in_file) = {
             let ctl = self.control_unchecked();
             let slot = ctl.views.slots().iter().find(|s| s.id == id)?;
@@ -774,6 +779,9 @@ impl Engine {
     /// same in every view (they show the same windows).
     pub(crate) fn host_fault(&self, offset: u64) -> Option<crate::model::fault::HostFault> {
         use crate::model::fault::HostFault;
+        if !self.gate.in_creator() {
+            return Some(HostFault::Segv);
+        }
         if offset >= self.size {
             return Some(HostFault::Bus);
         }

@@ -118,6 +118,14 @@ pub trait Participant: Send {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ParticipantId(u64);
 
+impl ParticipantId {
+    /// A new id, unique across files, so that an id of another file removes nothing.
+    fn fresh() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        ParticipantId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// The participants of one file, in registration order.
 #[derive(Default)]
 pub(crate) struct Participants {
@@ -135,9 +143,7 @@ impl fmt::Debug for Participants {
 
 impl Participants {
     pub fn add(&mut self, p: Box<dyn Participant>) -> ParticipantId {
-        // Unique across files, so that an id of another file removes nothing here.
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = ParticipantId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let id = ParticipantId::fresh();
         self.list.push((id, p));
         id
     }
@@ -200,15 +206,19 @@ impl Participants {
 }
 
 impl Engine {
-    /// Adds a participant under the control lock, whatever the gate says.
+    /// Adds a participant under the control lock, whatever the phase. In a forked child
+    /// nothing is registered (as for listeners, [`Engine::add_listener`]).
     pub(crate) fn add_participant(&self, participant: Box<dyn Participant>) -> ParticipantId {
+        if !self.gate().in_creator() {
+            return ParticipantId::fresh();
+        }
         self.control_unchecked().participants.add(participant)
     }
 
-    /// Removes a participant under the control lock, whatever the gate says; false when it
-    /// was not registered.
+    /// Removes a participant under the control lock, whatever the phase; false when it was
+    /// not registered, and in a forked child.
     pub(crate) fn remove_participant(&self, id: ParticipantId) -> bool {
-        self.control_unchecked().participants.remove(id)
+        self.gate().in_creator() && self.control_unchecked().participants.remove(id)
     }
 
     /// True when a participant whose name starts with `prefix` is registered (read under the

@@ -3,7 +3,7 @@
 //! the page state, as everywhere).
 
 use crate::model::attr::{Attr, AttrMap, Run};
-use crate::model::units::PageRange;
+use crate::model::units::{page_offset, PageRange};
 
 use super::Engine;
 
@@ -63,5 +63,10 @@ impl Engine {
     /// Every poisoned page, in order.
     pub(crate) fn poisoned(&self) -> Vec<u64> {
         self.read_pages().poison.all()
+    }
+
+    /// The byte offset of every poisoned page, in order.
+    pub(crate) fn poisoned_offsets(&self) -> Vec<u64> {
+        self.poisoned().into_iter().map(page_offset).collect()
     }
 }

@@ -199,7 +199,8 @@ impl GuestMemfd {
 impl GuestMemfd {
     /// How a host view's touch of the page at `offset` faults, by the mechanism that enforces
     /// it (`None` when the page is reachable): [`HostFault::Segv`] for a guard marker,
-    /// [`HostFault::Bus`] for a hole or past the end of the file.
+    /// [`HostFault::Bus`] for a hole or past the end of the file. In a forked child, where
+    /// no view is mapped (they are `MADV_DONTFORK`), [`HostFault::Segv`] everywhere.
     pub fn host_fault(&self, offset: u64) -> Option<HostFault> {
         self.inner.host_fault(offset)
     }
@@ -208,7 +209,8 @@ impl GuestMemfd {
 impl HostView {
     /// How a touch at byte `at` of the view faults, or `None` when the page is reachable
     /// (shared, not poisoned, inside the file). This is gmem's own account of its markers;
-    /// the conformance suite checks it against real touches.
+    /// the conformance suite checks it against real touches. In a forked child, where the
+    /// view is not mapped, [`HostFault::Segv`] at every byte.
     pub fn fault_at(&self, at: usize) -> Option<HostFault> {
         self.inner.fault_at(self.id, at)
     }

@@ -1,7 +1,7 @@
 //! Memory failure: injecting and querying poison (rules in the engine's poison docs).
 
 use crate::engine::poison::PoisonError;
-use crate::model::units::{page_of, page_offset, RangeError};
+use crate::model::units::{page_of, RangeError};
 
 use super::GuestMemfd;
 
@@ -21,13 +21,24 @@ impl GuestMemfd {
         self.inner.inject_poison(page_of(offset))
     }
 
-    /// True when the page containing `offset` is poisoned.
-    pub fn is_poisoned(&self, offset: u64) -> bool {
-        self.inner.is_poisoned(page_of(offset))
+    /// True when the page containing `offset` is poisoned. `EINVAL` past the end of the
+    /// file; `EPERM` in a forked child (its copy of the records stopped at the fork).
+    pub fn is_poisoned(&self, offset: u64) -> Result<bool, PoisonError> {
+        self.inner.gate().creator()?;
+        if offset >= self.size() {
+            return Err(RangeError::OutOfBounds {
+                offset,
+                len: 1,
+                size: self.size(),
+            }
+            .into());
+        }
+        Ok(self.inner.is_poisoned(page_of(offset)))
     }
 
-    /// Byte offsets of every poisoned page, in order.
-    pub fn poisoned_pages(&self) -> Vec<u64> {
-        self.inner.poisoned().into_iter().map(page_offset).collect()
+    /// Byte offsets of every poisoned page, in order; `EPERM` in a forked child.
+    pub fn poisoned_pages(&self) -> Result<Vec<u64>, PoisonError> {
+        self.inner.gate().creator()?;
+        Ok(self.inner.poisoned_offsets())
     }
 }

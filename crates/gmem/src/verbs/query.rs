@@ -10,10 +10,16 @@ use crate::model::flags::Flags;
 use crate::model::units::{page_of, ByteRange, RangeError};
 
 use super::{AttrRun, FileId, GuestMemfd};
+use crate::engine::gate::GateError;
 use crate::model::attr::Attr;
 
 /// Errors of the file operations a guest memory file refuses (`read`, `write`, resize) and of
 /// attribute queries.
+///
+/// Attribute queries answer only in the process that created the file: a forked child's copy
+/// of the page state stops following the parent's conversions at the fork (and may have been
+/// copied while a parent thread was changing it), so there they fail with `EPERM`
+/// ([`FileError::Gate`]), as every other verb does in a forked child.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// The operation is not supported on guest memory. The errno is the kernel guest_memfd's:
@@ -32,6 +38,9 @@ pub enum FileError {
     /// A range argument was invalid (`EINVAL`).
     #[error(transparent)]
     Range(#[from] RangeError),
+    /// The caller is a forked child of the process that owns the file (`EPERM`).
+    #[error(transparent)]
+    Gate(#[from] GateError),
     /// The kernel refused the operation itself (kernel backing).
     #[error("{op}: {source}")]
     Os {
@@ -52,6 +61,7 @@ impl Errno for FileError {
             FileError::Unsupported { .. } | FileError::Resize { .. } | FileError::Range(_) => {
                 libc::EINVAL
             }
+            FileError::Gate(e) => e.errno(),
             FileError::Os { source, .. } => crate::model::error::os_errno(source),
         }
     }
@@ -115,6 +125,7 @@ impl GuestMemfd {
 
     /// The attribute of the page containing `offset`.
     pub fn attr(&self, offset: u64) -> Result<Attr, FileError> {
+        self.inner.gate().creator()?;
         if offset >= self.size() {
             return Err(RangeError::OutOfBounds {
                 offset,
@@ -128,6 +139,7 @@ impl GuestMemfd {
 
     /// The runs of equal attributes inside `[offset, offset + len)` (page aligned), clipped.
     pub fn runs(&self, offset: u64, len: u64) -> Result<Vec<AttrRun>, FileError> {
+        self.inner.gate().creator()?;
         let r = self.inner.page_range(offset, len)?;
         let p = r.pages();
         Ok(self
@@ -140,14 +152,16 @@ impl GuestMemfd {
 
     /// True when some page of `[offset, offset + len)` is private (any alignment).
     pub fn any_private(&self, offset: u64, len: u64) -> Result<bool, FileError> {
+        self.inner.gate().creator()?;
         let r: ByteRange = self.inner.byte_range(offset, len)?;
         let p = r.pages();
         Ok(self.inner.any_attr(p.start, p.end, Attr::Private))
     }
 
     /// The number of runs covering the whole file.
-    pub fn run_count(&self) -> usize {
-        self.inner.run_count()
+    pub fn run_count(&self) -> Result<usize, FileError> {
+        self.inner.gate().creator()?;
+        Ok(self.inner.run_count())
     }
 
     /// `read(2)` on guest memory: refused with `EINVAL`, as by the kernel.

@@ -67,7 +67,7 @@ impl Frozen {
         self.files
             .iter()
             .zip(&self.poison)
-            .position(|(f, (p, r))| f.poisoned_pages() != *p || restructure_of(f) != *r)
+            .position(|(f, (p, r))| f.inner.poisoned_offsets() != *p || restructure_of(f) != *r)
     }
 
     /// Ends the listeners' and accessors' hold on every file, reversibly (see
@@ -209,7 +209,7 @@ fn snapshot(o: &FileOffer, early: (u64, Vec<Run>)) -> Result<FileState, Handover
         numa,
         bindings: o.bindings.clone(),
         restructure,
-        poison: mem.poisoned_pages(),
+        poison: mem.inner.poisoned_offsets(),
         pins: o.pins.clone(),
         vm: o.vm,
     })
