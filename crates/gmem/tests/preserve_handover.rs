@@ -209,6 +209,7 @@ fn hugetlb_handover_keeps_split_pages_and_pending_merges() {
     let acct = mem.hugetlb_accounting().unwrap();
     assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (2, 1));
     let before = digest(&mem);
+    let view = mem.map(0, 3 * M2).unwrap();
     let (a, b) = pair();
     let t = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
     let offer = FileOffer::new(&mem).pin(&pin, 1);
@@ -218,6 +219,20 @@ fn hugetlb_handover_keeps_split_pages_and_pending_merges() {
         got.wait_old_owner_released(Duration::from_secs(10)),
         "RELEASED"
     );
+    // The old owner's view is one hole now: SIGBUS everywhere, as its account says (a
+    // whole huge page, a split one's shared and private pieces, one waiting to merge).
+    for at in [0, M2, M2 + 5 * P, 2 * M2 + 7 * P] {
+        assert_eq!(
+            view.fault_at(at as usize),
+            Some(gmem::HostFault::Bus),
+            "at {at:#x}"
+        );
+        assert_eq!(
+            gmem_conformance::touch::read_byte(&view, at).map_err(|f| (f.signo, f.code)),
+            Err((libc::SIGBUS, libc::BUS_ADRERR)),
+            "old view touched at {at:#x}"
+        );
+    }
     let f = got.files.remove(0);
     use gmem::preserve::{RestructureKind, Restructured};
     assert_eq!(
@@ -851,6 +866,9 @@ fn old_owner_after_handover_reaches_nothing() {
     drop(unlisted);
     // Now a real hand-over, with a listed pin and a view.
     let view = mem.map(0, mem.size()).unwrap();
+    // A view of the last page and one page past the end of the file.
+    let tail = mem.map(mem.size() - P, 2 * P).unwrap();
+    assert_eq!(tail.fault_at(P as usize), Some(gmem::HostFault::Bus));
     let listed = mem.pin(shared, P).unwrap();
     let (a, b) = pair();
     let receiver = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
@@ -903,11 +921,49 @@ fn old_owner_after_handover_reaches_nothing() {
         listed.read(0, &mut buf).map_err(|e| e.errno()),
         "a listed pin's read",
     );
+    // Its record of the attributes stopped being the file's: the queries refuse too.
+    eperm(mem.attr(shared).map(drop).map_err(|e| e.errno()), "attr");
+    eperm(mem.runs(0, P).map(drop).map_err(|e| e.errno()), "runs");
+    eperm(
+        mem.any_private(0, P).map(drop).map_err(|e| e.errno()),
+        "any_private",
+    );
+    eperm(
+        mem.run_count().map(drop).map_err(|e| e.errno()),
+        "run_count",
+    );
+    eperm(
+        mem.is_poisoned(0).map(drop).map_err(|e| e.errno()),
+        "is_poisoned",
+    );
+    eperm(
+        mem.poisoned_pages().map(drop).map_err(|e| e.errno()),
+        "poisoned_pages",
+    );
     // The old view shows nothing: every page of it refuses a kernel read (EFAULT), the page
-    // the new owner wrote included.
+    // the new owner wrote included, faults at a touch as gmem's account of it says.
     for p in 0..PAGES {
         let at = view.as_ptr().wrapping_add((p * P) as usize);
+        let fault = view.fault_at((p * P) as usize);
+        assert_eq!(fault, Some(gmem::HostFault::Segv), "old view, page {p}");
+        assert_eq!(mem.host_fault(p * P), fault, "old view, page {p}");
+        assert_eq!(
+            gmem_conformance::touch::read_byte(&view, p * P).map_err(|f| (f.signo, f.code)),
+            Err((libc::SIGSEGV, gmem_conformance::touch::SEGV_MAPERR)),
+            "old view touched, page {p}"
+        );
         assert_eq!(kernel_reads(at), Err(libc::EFAULT), "old view, page {p}");
+        if p == 0 {
+            // Past the end of the file too: the markers cover the whole revoked view.
+            for at in [0, P] {
+                assert_eq!(tail.fault_at(at as usize), fault, "tail view at {at:#x}");
+                assert_eq!(
+                    gmem_conformance::touch::read_byte(&tail, at).map_err(|f| (f.signo, f.code)),
+                    Err((libc::SIGSEGV, gmem_conformance::touch::SEGV_MAPERR)),
+                    "tail view touched at {at:#x}"
+                );
+            }
+        }
         assert_eq!(
             proc_mem_reads(at),
             Err(libc::EIO),

@@ -144,6 +144,18 @@ impl Gate {
         }
     }
 
+    /// Queries of the page state (attributes, poison records): refused in a forked child,
+    /// whose copy of the state stopped at the fork, and once handed over, when the new owner
+    /// converts. While a hand-over commits the state is still the file's (the new owner
+    /// makes no page private before the release).
+    pub fn queries(&self) -> Result<(), GateError> {
+        self.creator()?;
+        match self.phase() {
+            Phase::Released => Err(GateError::Released),
+            Phase::Live | Phase::Frozen | Phase::Committing => Ok(()),
+        }
+    }
+
     /// Host access (read, write, pin, map): refused while a hand-over commits, once handed
     /// over, and in a forked child.
     pub fn access(&self) -> Result<(), GateError> {

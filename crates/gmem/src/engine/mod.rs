@@ -761,13 +761,16 @@ impl Engine {
         if !self.gate.in_creator() {
             return Some(crate::model::fault::HostFault::Segv);
         }
-        let (offset, len, in_file) = {
+        let (offset, len, in_file, mech) = {
             let ctl = self.control_unchecked();
             let slot = ctl.views.slots().iter().find(|s| s.id == id)?;
-            (slot.offset, slot.len, slot.in_file)
+            (slot.offset, slot.len, slot.in_file, ctl.views.mech())
         };
         if at >= len {
             return None;
+        }
+        if self.gate.phase() == gate::Phase::Released {
+            return Some(revoked_fault(mech));
         }
         if at >= in_file {
             return Some(crate::model::fault::HostFault::Bus);
@@ -781,6 +784,9 @@ impl Engine {
         use crate::model::fault::HostFault;
         if !self.gate.in_creator() {
             return Some(HostFault::Segv);
+        }
+        if self.gate.phase() == gate::Phase::Released {
+            return Some(revoked_fault(self.control_unchecked().views.mech()));
         }
         if offset >= self.size {
             return Some(HostFault::Bus);
@@ -796,6 +802,15 @@ impl Engine {
             Some(h) if !h.state().is_split(h.geo.of_page(page)) && private => Some(HostFault::Bus),
             _ => Some(HostFault::Segv),
         }
+    }
+}
+
+/// How a view revoked at a hand-over faults everywhere: guard markers over the whole view,
+/// or (HugeTLB) one hole mapping over it ([`ViewSet::release_all`]).
+fn revoked_fault(mech: Mech) -> crate::model::fault::HostFault {
+    match mech {
+        Mech::Huge => crate::model::fault::HostFault::Bus,
+        Mech::Guards | Mech::Sealed => crate::model::fault::HostFault::Segv,
     }
 }
 

@@ -21,9 +21,11 @@
 //! # The old owner afterwards
 //!
 //! Once the file is handed over, every access path of the old owner fails with `EPERM`
-//! (accessors, pins, new views, the guest view, conversions), and every mapping gmem handed
-//! out there stops reaching the file: views and pin pointers fault everywhere, the guest
-//! mapping (an old vCPU's memslot) too. A hand-over with a pin the offer does not list is
+//! (accessors, pins, new views, the guest view, conversions, and the attribute and poison
+//! queries, whose record stopped being the file's), and every mapping gmem handed out there
+//! stops reaching the file: views and pin pointers fault everywhere (as
+//! [`HostView::fault_at`](crate::HostView::fault_at) says), the guest mapping (an old vCPU's
+//! memslot) too. A hand-over with a pin the offer does not list is
 //! refused (`EBUSY`), so no live pin stays behind.
 //!
 //! Contents are never copied by the hand-over: the files themselves travel as descriptors.

@@ -200,7 +200,8 @@ impl GuestMemfd {
     /// How a host view's touch of the page at `offset` faults, by the mechanism that enforces
     /// it (`None` when the page is reachable): [`HostFault::Segv`] for a guard marker,
     /// [`HostFault::Bus`] for a hole or past the end of the file. In a forked child, where
-    /// no view is mapped (they are `MADV_DONTFORK`), [`HostFault::Segv`] everywhere.
+    /// no view is mapped (they are `MADV_DONTFORK`), [`HostFault::Segv`] everywhere; once
+    /// handed over, the fault of a revoked view everywhere ([`HostView::fault_at`]).
     pub fn host_fault(&self, offset: u64) -> Option<HostFault> {
         self.inner.host_fault(offset)
     }
@@ -210,7 +211,9 @@ impl HostView {
     /// How a touch at byte `at` of the view faults, or `None` when the page is reachable
     /// (shared, not poisoned, inside the file). This is gmem's own account of its markers;
     /// the conformance suite checks it against real touches. In a forked child, where the
-    /// view is not mapped, [`HostFault::Segv`] at every byte.
+    /// view is not mapped, [`HostFault::Segv`] at every byte. Once the file is handed over
+    /// the view is revoked: [`HostFault::Segv`] at every byte (guard markers), or
+    /// [`HostFault::Bus`] on HugeTLB (a hole over the view).
     pub fn fault_at(&self, at: usize) -> Option<HostFault> {
         self.inner.fault_at(self.id, at)
     }

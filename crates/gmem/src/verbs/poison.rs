@@ -22,9 +22,10 @@ impl GuestMemfd {
     }
 
     /// True when the page containing `offset` is poisoned. `EINVAL` past the end of the
-    /// file; `EPERM` in a forked child (its copy of the records stopped at the fork).
+    /// file; `EPERM` in a forked child and once handed over (the record stopped being the
+    /// file's at the fork or the hand-over).
     pub fn is_poisoned(&self, offset: u64) -> Result<bool, PoisonError> {
-        self.inner.gate().creator()?;
+        self.inner.gate().queries()?;
         if offset >= self.size() {
             return Err(RangeError::OutOfBounds {
                 offset,
@@ -36,9 +37,10 @@ impl GuestMemfd {
         Ok(self.inner.is_poisoned(page_of(offset)))
     }
 
-    /// Byte offsets of every poisoned page, in order; `EPERM` in a forked child.
+    /// Byte offsets of every poisoned page, in order; `EPERM` in a forked child and once
+    /// handed over.
     pub fn poisoned_pages(&self) -> Result<Vec<u64>, PoisonError> {
-        self.inner.gate().creator()?;
+        self.inner.gate().queries()?;
         Ok(self.inner.poisoned_offsets())
     }
 }

@@ -16,10 +16,10 @@ use crate::model::attr::Attr;
 /// Errors of the file operations a guest memory file refuses (`read`, `write`, resize) and of
 /// attribute queries.
 ///
-/// Attribute queries answer only in the process that created the file: a forked child's copy
-/// of the page state stops following the parent's conversions at the fork (and may have been
-/// copied while a parent thread was changing it), so there they fail with `EPERM`
-/// ([`FileError::Gate`]), as every other verb does in a forked child.
+/// Attribute queries answer only where the record is the file's: a forked child's copy of
+/// the page state stops following the parent's conversions at the fork (and may have been
+/// copied while a parent thread was changing it), and an old owner's stops at the hand-over,
+/// so there they fail with `EPERM` ([`FileError::Gate`]), as the other verbs do.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     /// The operation is not supported on guest memory. The errno is the kernel guest_memfd's:
@@ -38,7 +38,8 @@ pub enum FileError {
     /// A range argument was invalid (`EINVAL`).
     #[error(transparent)]
     Range(#[from] RangeError),
-    /// The caller is a forked child of the process that owns the file (`EPERM`).
+    /// The caller is a forked child of the process that owns the file, or the file was
+    /// handed over to another process (`EPERM`).
     #[error(transparent)]
     Gate(#[from] GateError),
     /// The kernel refused the operation itself (kernel backing).
@@ -125,7 +126,7 @@ impl GuestMemfd {
 
     /// The attribute of the page containing `offset`.
     pub fn attr(&self, offset: u64) -> Result<Attr, FileError> {
-        self.inner.gate().creator()?;
+        self.inner.gate().queries()?;
         if offset >= self.size() {
             return Err(RangeError::OutOfBounds {
                 offset,
@@ -139,7 +140,7 @@ impl GuestMemfd {
 
     /// The runs of equal attributes inside `[offset, offset + len)` (page aligned), clipped.
     pub fn runs(&self, offset: u64, len: u64) -> Result<Vec<AttrRun>, FileError> {
-        self.inner.gate().creator()?;
+        self.inner.gate().queries()?;
         let r = self.inner.page_range(offset, len)?;
         let p = r.pages();
         Ok(self
@@ -152,7 +153,7 @@ impl GuestMemfd {
 
     /// True when some page of `[offset, offset + len)` is private (any alignment).
     pub fn any_private(&self, offset: u64, len: u64) -> Result<bool, FileError> {
-        self.inner.gate().creator()?;
+        self.inner.gate().queries()?;
         let r: ByteRange = self.inner.byte_range(offset, len)?;
         let p = r.pages();
         Ok(self.inner.any_attr(p.start, p.end, Attr::Private))
@@ -160,7 +161,7 @@ impl GuestMemfd {
 
     /// The number of runs covering the whole file.
     pub fn run_count(&self) -> Result<usize, FileError> {
-        self.inner.gate().creator()?;
+        self.inner.gate().queries()?;
         Ok(self.inner.run_count())
     }
 
