@@ -485,6 +485,18 @@ impl Engine {
         ByteRange::checked(offset, len, PAGE_SIZE, self.size)
     }
 
+    /// The page containing byte `offset`, which must lie inside the file.
+    pub fn page_at(&self, offset: u64) -> Result<u64, RangeError> {
+        if offset >= self.size {
+            return Err(RangeError::OutOfBounds {
+                offset,
+                len: 1,
+                size: self.size,
+            });
+        }
+        Ok(crate::model::units::page_of(offset))
+    }
+
     /// Checks a byte range (any alignment) inside the file.
     pub fn byte_range(&self, offset: u64, len: u64) -> Result<ByteRange, RangeError> {
         ByteRange::checked(offset, len, 1, self.size)

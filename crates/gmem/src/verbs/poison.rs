@@ -1,7 +1,6 @@
 //! Memory failure: injecting and querying poison (rules in the engine's poison docs).
 
 use crate::engine::poison::PoisonError;
-use crate::model::units::{page_of, RangeError};
 
 use super::GuestMemfd;
 
@@ -10,15 +9,8 @@ impl GuestMemfd {
     /// on it, accessors and the guest view fail with `EHWPOISON`, a punch-hole clears it,
     /// peer processes follow. Injecting an already poisoned page succeeds.
     pub fn inject_poison(&self, offset: u64) -> Result<(), PoisonError> {
-        if offset >= self.size() {
-            return Err(RangeError::OutOfBounds {
-                offset,
-                len: 1,
-                size: self.size(),
-            }
-            .into());
-        }
-        self.inner.inject_poison(page_of(offset))
+        let page = self.inner.page_at(offset)?;
+        self.inner.inject_poison(page)
     }
 
     /// True when the page containing `offset` is poisoned. `EINVAL` past the end of the
@@ -26,15 +18,8 @@ impl GuestMemfd {
     /// file's at the fork or the hand-over).
     pub fn is_poisoned(&self, offset: u64) -> Result<bool, PoisonError> {
         self.inner.gate().queries()?;
-        if offset >= self.size() {
-            return Err(RangeError::OutOfBounds {
-                offset,
-                len: 1,
-                size: self.size(),
-            }
-            .into());
-        }
-        Ok(self.inner.is_poisoned(page_of(offset)))
+        let page = self.inner.page_at(offset)?;
+        Ok(self.inner.is_poisoned(page))
     }
 
     /// Byte offsets of every poisoned page, in order; `EPERM` in a forked child and once

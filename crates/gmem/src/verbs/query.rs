@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use crate::backing::BackingKind;
 use crate::model::error::Errno;
 use crate::model::flags::Flags;
-use crate::model::units::{page_of, ByteRange, RangeError};
+use crate::model::units::{ByteRange, RangeError};
 
 use super::{AttrRun, FileId, GuestMemfd};
 use crate::engine::gate::GateError;
@@ -127,15 +127,8 @@ impl GuestMemfd {
     /// The attribute of the page containing `offset`.
     pub fn attr(&self, offset: u64) -> Result<Attr, FileError> {
         self.inner.gate().queries()?;
-        if offset >= self.size() {
-            return Err(RangeError::OutOfBounds {
-                offset,
-                len: 1,
-                size: self.size(),
-            }
-            .into());
-        }
-        Ok(self.inner.attr(page_of(offset)))
+        let page = self.inner.page_at(offset)?;
+        Ok(self.inner.attr(page))
     }
 
     /// The runs of equal attributes inside `[offset, offset + len)` (page aligned), clipped.
