@@ -940,6 +940,19 @@ fn old_owner_after_handover_reaches_nothing() {
         mem.poisoned_pages().map(drop).map_err(|e| e.errno()),
         "poisoned_pages",
     );
+    eperm(
+        mem.numa_policy().map(drop).map_err(|e| e.errno()),
+        "numa_policy",
+    );
+    eperm(
+        mem.numa_node(shared).map(drop).map_err(|e| e.errno()),
+        "numa_node",
+    );
+    eperm(
+        mem.set_numa_policy(&gmem::NumaPolicy::Default)
+            .map_err(|e| e.errno()),
+        "set_numa_policy",
+    );
     // The old view shows nothing: every page of it refuses a kernel read (EFAULT), the page
     // the new owner wrote included, faults at a touch as gmem's account of it says.
     for p in 0..PAGES {

@@ -97,6 +97,10 @@ fn accessors_and_queries_get_eperm_not_a_hang() {
                 mem.run_count().map(drop).map_err(|e| e.errno()),
                 mem.is_poisoned(0).map(drop).map_err(|e| e.errno()),
                 mem.poisoned_pages().map(drop).map_err(|e| e.errno()),
+                mem.numa_policy().map(drop).map_err(|e| e.errno()),
+                mem.numa_node(0).map(drop).map_err(|e| e.errno()),
+                mem.set_numa_policy(&crate::NumaPolicy::Default)
+                    .map_err(|e| e.errno()),
             ];
             // The exit code names the first call that did not fail with EPERM.
             errnos

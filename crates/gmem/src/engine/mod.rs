@@ -746,7 +746,7 @@ impl Engine {
     /// Applies `policy` to gmem's mappings and every view, then records it (new windows get
     /// it too).
     pub(crate) fn set_numa(&self, policy: &NumaPolicy) -> Result<(), NumaError> {
-        self.gate.access().map_err(|_| NumaError::NoMapping)?;
+        self.gate.access().map_err(|_| NumaError::NotOwner)?;
         let guest = self.guest.as_ref().ok_or(NumaError::NoMapping)?;
         let mut ctl = self.control_unchecked();
         // A view the VMM moved before this took the lock is given up first (no `mbind` of

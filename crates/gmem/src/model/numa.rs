@@ -67,6 +67,10 @@ pub enum NumaError {
     /// The file has no mapping gmem could bind (`ENODEV`).
     #[error("the file has no mapping to bind")]
     NoMapping,
+    /// This process may not use the file now: it is a forked child of the owner, or the file
+    /// was handed over to another process (`EPERM`, as every verb there).
+    #[error("this process does not own the file (a forked child, or handed over)")]
+    NotOwner,
     /// A syscall failed.
     #[error("{op}: {source}")]
     Os {
@@ -86,6 +90,7 @@ impl crate::model::error::Errno for NumaError {
             | NumaError::NodeOffline { .. }
             | NumaError::Offset { .. } => libc::EINVAL,
             NumaError::NoMapping => libc::ENODEV,
+            NumaError::NotOwner => libc::EPERM,
             NumaError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }

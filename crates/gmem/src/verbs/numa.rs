@@ -21,14 +21,20 @@ pub(crate) fn validate(policy: &NumaPolicy) -> Result<(), NumaError> {
 impl GuestMemfd {
     /// Sets the NUMA policy for the file's pages not yet allocated. Validated first (`EINVAL`,
     /// nothing changes); applied to gmem's mapping of the file and to every host view.
+    /// `EPERM` in a forked child, while a hand-over commits and once handed over.
     pub fn set_numa_policy(&self, policy: &NumaPolicy) -> Result<(), NumaError> {
         validate(policy)?;
         self.inner.set_numa(policy)
     }
 
     /// The policy in force for the file, read back from the kernel (`get_mempolicy` on gmem's
-    /// mapping).
+    /// mapping). `EPERM` in a forked child and once handed over, where that mapping is not
+    /// the file's.
     pub fn numa_policy(&self) -> Result<NumaPolicy, NumaError> {
+        self.inner
+            .gate()
+            .queries()
+            .map_err(|_| NumaError::NotOwner)?;
         let guest = self.inner.guest_map().ok_or(NumaError::NoMapping)?;
         let (mode, nodes) = numa::policy_at(guest).map_err(|source| NumaError::Os {
             op: "get_mempolicy",
@@ -39,8 +45,12 @@ impl GuestMemfd {
 
     /// The node holding the page at `offset`, or `None` when it is not allocated (or not
     /// mapped in gmem's mapping yet). Asks `move_pages(2)` without moving anything, so nothing
-    /// is allocated by asking.
+    /// is allocated by asking. `EPERM` in a forked child and once handed over.
     pub fn numa_node(&self, offset: u64) -> Result<Option<u32>, NumaError> {
+        self.inner
+            .gate()
+            .queries()
+            .map_err(|_| NumaError::NotOwner)?;
         if offset >= self.size() {
             return Err(NumaError::Offset { offset });
         }
