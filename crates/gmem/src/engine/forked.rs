@@ -122,6 +122,12 @@ impl ConversionListener for Quiet {
     fn commit(&self, _: &Conversion) {}
 }
 
+impl crate::DeviceListener for Quiet {
+    fn poisoned(&self, _: u64) {}
+
+    fn unpoisoned(&self, _: u64, _: u64) {}
+}
+
 impl Participant for Quiet {
     fn name(&self) -> &str {
         "quiet"
@@ -134,7 +140,8 @@ impl Participant for Quiet {
     fn undo(&mut self, _: &Step) {}
 }
 
-/// Listeners and participants register nothing in a forked child and the fault account
+/// Listeners and participants register nothing in a forked child (nor remove the parent's)
+/// and the fault account
 /// says `SIGSEGV` (no view is mapped there), all without the control lock a parent thread
 /// holds; the view's address is indeed unmapped in the child.
 #[test]
@@ -142,6 +149,9 @@ fn registrations_and_fault_accounts_do_not_wait_for_the_control_lock() {
     let mem = shmem();
     let view = mem.map(0, 1 << 20).expect("map");
     let parent_listener = mem.add_listener(Arc::new(Quiet));
+    let (device, _) = mem
+        .add_device_listener(Arc::new(Quiet))
+        .expect("device listener");
     fork_while_held(
         &mem,
         |e, held| {
@@ -155,6 +165,7 @@ fn registrations_and_fault_accounts_do_not_wait_for_the_control_lock() {
                 !mem.remove_listener(l),
                 !mem.remove_listener(parent_listener),
                 !mem.remove_participant(p),
+                !mem.remove_device_listener(device),
                 view.fault_at(0) == Some(HostFault::Segv),
                 mem.host_fault(0) == Some(HostFault::Segv),
                 // SAFETY: asks about the view's address range; nothing is touched.
@@ -175,6 +186,10 @@ fn registrations_and_fault_accounts_do_not_wait_for_the_control_lock() {
     assert!(
         mem.remove_listener(parent_listener),
         "the parent's listener stays"
+    );
+    assert!(
+        mem.remove_device_listener(device),
+        "the parent's device listener stays"
     );
     assert_eq!(view.fault_at(0), None, "the parent's view shows the page");
 }
