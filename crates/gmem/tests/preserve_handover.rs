@@ -1225,3 +1225,53 @@ fn old_owners_kernel_reference_never_sees_the_new_owners_private_bytes() {
         "the new owner's private page"
     );
 }
+
+/// A listener asked by the release (the hand-over's commit notice, sent with the control lock
+/// held) may ask gmem how a touch of a view faults now: the answer, a revoked view's
+/// `SIGSEGV`, takes no lock, so the release does not stall on its own listener.
+#[test]
+fn a_listener_asking_for_faults_during_the_release_does_not_stall() {
+    struct AsksAtCommit {
+        mem: std::sync::Mutex<Option<GuestMemfd>>,
+        seen: mpsc::Sender<Option<gmem::HostFault>>,
+    }
+    impl gmem::ConversionListener for AsksAtCommit {
+        fn prepare(&self, _: &gmem::Conversion) -> Result<(), gmem::Veto> {
+            Ok(())
+        }
+        fn commit(&self, c: &gmem::Conversion) {
+            let mem = self.mem.lock().unwrap();
+            if let (Some(mem), true) = (mem.as_ref(), c.len == PAGES * P) {
+                let _ = self.seen.send(mem.host_fault(0));
+            }
+        }
+    }
+    let mem = build();
+    let (seen_tx, seen) = mpsc::channel();
+    let asks = Arc::new(AsksAtCommit {
+        mem: std::sync::Mutex::new(Some(mem.clone())),
+        seen: seen_tx,
+    });
+    let id = mem.add_listener(asks.clone());
+    let (done_tx, done) = mpsc::channel();
+    let old = mem.clone();
+    std::thread::spawn(move || {
+        let (a, b) = pair();
+        let receiver = std::thread::spawn(move || receive(b.as_fd(), &Options::default()));
+        let r = hand_over(a.as_fd(), &[FileOffer::new(&old)], &Options::default());
+        let got = receiver.join().unwrap();
+        let _ = done_tx.send((r.map(drop).map_err(|e| e.errno()), got.is_ok()));
+    });
+    assert_eq!(
+        done.recv_timeout(Duration::from_secs(30)),
+        Ok((Ok(()), true)),
+        "the hand-over completes"
+    );
+    assert_eq!(
+        seen.recv_timeout(Duration::from_secs(1)),
+        Ok(Some(gmem::HostFault::Segv)),
+        "the listener's question during the release (page 0 was shared)"
+    );
+    mem.remove_listener(id);
+    asks.mem.lock().unwrap().take();
+}

@@ -157,8 +157,8 @@ impl Engine {
     }
 
     /// Removes what [`Engine::add_observer`] added, in one hold of the control lock
-    /// (whatever the gate says); false when the listener was not registered on this file.
-    /// False in a forked child, where nothing was added.
+    /// (whatever the phase); false when the listener was not registered on this file, and in
+    /// a forked child, where nothing was added.
     pub(crate) fn remove_observer(&self, listener: ListenerId, relay: ParticipantId) -> bool {
         if !self.gate().in_creator() {
             return false;

@@ -773,21 +773,33 @@ impl Engine {
         if !self.gate.in_creator() {
             return Some(crate::model::fault::HostFault::Segv);
         }
-        let (offset, len, in_file, mech) = {
+        let (offset, len, in_file) = {
             let ctl = self.control_unchecked();
             let slot = ctl.views.slots().iter().find(|s| s.id == id)?;
-            (slot.offset, slot.len, slot.in_file, ctl.views.mech())
+            (slot.offset, slot.len, slot.in_file)
         };
         if at >= len {
             return None;
         }
         if self.gate.phase() == gate::Phase::Released {
-            return Some(revoked_fault(mech));
+            return Some(self.revoked_fault());
         }
         if at >= in_file {
             return Some(crate::model::fault::HostFault::Bus);
         }
         self.host_fault(offset + at as u64)
+    }
+
+    /// How a view revoked at a hand-over faults everywhere: guard markers over the whole
+    /// view, or, on HugeTLB (whose views are `Mech::Huge`, as the backing decides at
+    /// assembly), one hole mapping over it ([`ViewSet::release_all`]). Derived from the
+    /// backing, so no lock is taken: a listener may ask while the release holds the control
+    /// lock.
+    fn revoked_fault(&self) -> crate::model::fault::HostFault {
+        match self.backing.kind() {
+            BackingKind::HugeTlb(_) => crate::model::fault::HostFault::Bus,
+            _ => crate::model::fault::HostFault::Segv,
+        }
     }
 
     /// How a host view's touch of the page at file offset `offset` faults, if it does: the
@@ -798,7 +810,7 @@ impl Engine {
             return Some(HostFault::Segv);
         }
         if self.gate.phase() == gate::Phase::Released {
-            return Some(revoked_fault(self.control_unchecked().views.mech()));
+            return Some(self.revoked_fault());
         }
         if offset >= self.size {
             return Some(HostFault::Bus);
@@ -814,15 +826,6 @@ impl Engine {
             Some(h) if !h.state().is_split(h.geo.of_page(page)) && private => Some(HostFault::Bus),
             _ => Some(HostFault::Segv),
         }
-    }
-}
-
-/// How a view revoked at a hand-over faults everywhere: guard markers over the whole view,
-/// or (HugeTLB) one hole mapping over it ([`ViewSet::release_all`]).
-fn revoked_fault(mech: Mech) -> crate::model::fault::HostFault {
-    match mech {
-        Mech::Huge => crate::model::fault::HostFault::Bus,
-        Mech::Guards | Mech::Sealed => crate::model::fault::HostFault::Segv,
     }
 }
 

@@ -5,12 +5,12 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use crate::backing::BackingKind;
+use crate::engine::gate::GateError;
 use crate::model::error::Errno;
 use crate::model::flags::Flags;
 use crate::model::units::{ByteRange, RangeError};
 
 use super::{AttrRun, FileId, GuestMemfd};
-use crate::engine::gate::GateError;
 use crate::model::attr::Attr;
 
 /// Errors of the file operations a guest memory file refuses (`read`, `write`, resize) and of
