@@ -10,7 +10,7 @@
 use std::fs;
 use std::os::fd::AsRawFd;
 
-use gmem::{Attr, BackingChoice, Flags, GuestMemfd, HostView, HUGE_2M};
+use gmem::{Attr, BackingChoice, Errno, Flags, GuestMemfd, HostView, HUGE_2M};
 use gmem_conformance::touch;
 use serde::Serialize;
 
@@ -211,6 +211,19 @@ fn huge_reference_sees_guest_bytes() -> Option<bool> {
     Some(&got == b"secret")
 }
 
+/// HugeTLB: a pin on one page of a whole huge page, then a conversion of another: is it
+/// refused (`EAGAIN` naming the pinned page), the huge page left whole?
+fn pin_holds_off_a_split() -> Option<bool> {
+    let mem = huge_file().ok()?;
+    let pin = mem.pin(2 * P, P).ok()?;
+    let refused = match mem.convert(5 * P, P, Attr::Private) {
+        Err(e) => e.errno() == libc::EAGAIN && e.error_offset() == Some(2 * P),
+        Ok(()) => false,
+    };
+    drop(pin);
+    Some(refused && mem.hugetlb_accounting()?.splits() == 0)
+}
+
 fn exceptions(vm: &Result<gmem_kvm::Vm, String>, backings: &[BackingReport]) -> Vec<Exception> {
     let segv = backings
         .iter()
@@ -241,6 +254,12 @@ fn exceptions(vm: &Result<gmem_kvm::Vm, String>, backings: &[BackingReport]) -> 
                    bytes (a whole huge page is not moved)",
             measured: huge_reference_sees_guest_bytes(),
             test: "hugetlb_hardening::hardening_refs_vmsplice_whole_huge_page_exception",
+        },
+        Exception {
+            what: "HugeTLB: while a pin (a device slice) holds a page of a whole huge page,                    converting another page of it, which would split it, fails with EAGAIN                    naming the pinned page (the kernel's base pages convert alone; a pin's                    kernel references hold the whole huge page, which a split would leave                    behind)",
+            measured: pin_holds_off_a_split(),
+            test: "hugetlb::conformance_convert_pinned_page, \
+                   conformance_hugetlb_restructure_kernel_reference_through_a_pin",
         },
         Exception {
             what: "a child made by a raw clone(2) that bypasses libc's fork handlers may \

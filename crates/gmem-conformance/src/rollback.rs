@@ -54,6 +54,10 @@ pub enum Kind {
     Revoke,
     /// [`Step::Restore`].
     Restore,
+    /// [`Step::Freeze`].
+    Freeze,
+    /// [`Step::Thaw`].
+    Thaw,
     /// [`Step::Split`].
     Split,
     /// [`Step::Merge`].
@@ -72,6 +76,8 @@ impl Kind {
         match step {
             Step::Revoke(_) => Kind::Revoke,
             Step::Restore(_) => Kind::Restore,
+            Step::Freeze(_) => Kind::Freeze,
+            Step::Thaw(_) => Kind::Thaw,
             Step::Split(_) => Kind::Split,
             Step::Merge(_) => Kind::Merge,
             Step::Poison(_) => Kind::Poison,
@@ -377,7 +383,8 @@ impl Mirror {
                     self.poisoned.remove(&p);
                 });
             }
-            (Step::Refresh(_), _) => {}
+            // Writers held or let go: no state a participant keeps.
+            (Step::Refresh(_) | Step::Freeze(_) | Step::Thaw(_), _) => {}
         }
     }
 
@@ -703,12 +710,12 @@ pub type Op<'a> = &'a dyn Fn(&GuestMemfd) -> Result<(), gmem::ConvertError>;
 /// (recording the steps `b` receives), then once per step on a fresh rig with `b` refusing
 /// exactly that call with `errno`, and checks:
 ///
-/// - a refused revoke, restore or split fails the change with the refusal's errno and offset
+/// - a refused revoke, restore or split (or the freeze before a split) fails the change with the refusal's errno and offset
 ///   ([`expect_refusal`]), leaves the snapshot, the listeners' outcome (abort) and every
 ///   participant's belief exactly as before, with every undo in reverse order; the same change
 ///   then succeeds once `b` accepts again;
 /// - a refused refresh, poison or unpoison (notifications that cannot be refused) or merge
-///   (retried later) does not fail the change; after [`GuestMemfd::merge_pending`] (for a
+///   (or the freeze before it; retried later) does not fail the change; after [`GuestMemfd::merge_pending`] (for a
 ///   merge) the file is as after the reference run, and `a` and `c` believe what they did
 ///   there.
 ///
@@ -754,7 +761,11 @@ pub fn sweep(make: &dyn Fn() -> Rig, op: Op<'_>, errno: i32) -> usize {
         );
         let journal = rig.journal.all();
         expect_undo_in_reverse(&journal);
-        let kind = Kind::of(step);
+        // A refused freeze is a refusal of the split or merge it announces.
+        let kind = match Kind::of(step) {
+            Kind::Freeze => steps.get(n + 1).map_or(Kind::Freeze, Kind::of),
+            k => k,
+        };
         if kind.is_transactional() {
             let err = match res {
                 Err(e) => e,

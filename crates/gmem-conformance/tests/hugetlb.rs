@@ -188,14 +188,22 @@ fn conformance_hugetlb_restructure_whole_page_back() {
 }
 
 #[test]
-fn conformance_hugetlb_restructure_pin_during_split() {
+fn conformance_hugetlb_restructure_pin_holds_off_a_split() {
     let Some((_pool, mem)) = setup(1) else { return };
     let view = mem.map(0, M2).expect("map");
     let acct = mem.hugetlb_accounting().expect("accounting");
     let pin = mem.pin(40 * P, P).expect("pin");
+    let e = mem
+        .convert(41 * P, P, Attr::Private)
+        .expect_err("a split next to a pin");
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(40 * P)));
+    assert_eq!((acct.split_pages(), acct.splits()), (0, 0));
+    check(&mem, &view, M2);
+    drop(pin);
     mem.convert(41 * P, P, Attr::Private)
-        .expect("split next to a pin");
+        .expect("split once unpinned");
     assert_eq!(acct.split_pages(), 1);
+    let pin = mem.pin(40 * P, P).expect("pin a piece");
     let mut b = [0u8; 8];
     pin.read(0, &mut b).expect("pinned page");
     assert_eq!(b, stamp(40));
@@ -210,6 +218,86 @@ fn conformance_hugetlb_restructure_pin_during_split() {
     drop(pin);
     assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (0, 0));
     check(&mem, &view, M2);
+}
+
+/// A DMA user's pin: an io_uring fixed buffer registered over a pin's pointer (the kernel
+/// holds the huge page). While it is pinned the huge page never splits, so what the kernel
+/// writes there is what the guest reads, and what the host writes is what the kernel reads.
+/// Once split, a page pinned anew is a piece, and the kernel reaches that piece.
+#[test]
+fn conformance_hugetlb_restructure_kernel_reference_through_a_pin() {
+    use io_uring::{opcode, types, IoUring};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let Some((_pool, mem)) = setup(1) else { return };
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    let len = u32::try_from(P).expect("fits");
+    let sink = gmem_conformance::cases::hardening::sink();
+    let guest = mem.guest().expect("guest view");
+    // Through the fixed buffer: the kernel writes `dma` into it, reads it back into the
+    // sink; the guest must see the kernel's bytes and the kernel the host's.
+    let dma_round = |ring: &mut IoUring, buf: *mut u8, at: u64, dma: u8, host: u8| {
+        let mut run = |sqe: io_uring::squeue::Entry| {
+            // SAFETY: the entry names the registered buffer and a live descriptor.
+            unsafe { ring.submission().push(&sqe).expect("push") };
+            ring.submit_and_wait(1).expect("io_uring_enter");
+            ring.completion().next().expect("a completion").result()
+        };
+        sink.write_all_at(&[dma; P as usize], 0).expect("fill");
+        let r = opcode::ReadFixed::new(types::Fd(sink.as_raw_fd()), buf, len, 0)
+            .offset(0)
+            .build();
+        assert_eq!(run(r), 4096, "READ_FIXED");
+        let mut got = vec![0u8; P as usize];
+        guest.read(at, &mut got).expect("guest read");
+        assert_eq!(
+            got,
+            vec![dma; P as usize],
+            "the guest sees the kernel's write"
+        );
+        mem.write_at(at, &[host; P as usize]).expect("host write");
+        let w = opcode::WriteFixed::new(types::Fd(sink.as_raw_fd()), buf, len, 0)
+            .offset(0)
+            .build();
+        assert_eq!(run(w), 4096, "WRITE_FIXED");
+        sink.read_exact_at(&mut got, 0).expect("read back");
+        assert_eq!(
+            got,
+            vec![host; P as usize],
+            "the kernel sees the host's write"
+        );
+    };
+    for round in 0..2u8 {
+        let pin = mem.pin(3 * P, P).expect("pin");
+        let buf = pin.as_ptr().expect("pin pointer");
+        let mut ring = IoUring::new(4).expect("io_uring_setup");
+        let iov = libc::iovec {
+            iov_base: buf.cast(),
+            iov_len: P as usize,
+        };
+        // SAFETY: the buffer is a pinned shared page of the device view; the kernel pins it.
+        unsafe { ring.submitter().register_buffers(&[iov]) }.expect("register the buffer");
+        if round == 0 {
+            let e = mem
+                .convert(7 * P, P, Attr::Private)
+                .expect_err("a split under the kernel's reference");
+            assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(3 * P)));
+            assert_eq!(acct.split_pages(), 0);
+        } else {
+            assert_eq!(acct.split_pages(), 1, "pinned as a piece");
+        }
+        dma_round(&mut ring, buf, 3 * P, 0x90 + round, 0x20 + round);
+        drop(ring);
+        drop(pin);
+        if round == 0 {
+            mem.convert(7 * P, P, Attr::Private).expect("split");
+        }
+    }
+    mem.convert(7 * P, P, Attr::Shared).expect("whole again");
+    assert_eq!((acct.split_pages(), acct.merges()), (0, 1));
+    let mut got = vec![0u8; P as usize];
+    guest.read(3 * P, &mut got).expect("guest read");
+    assert_eq!(got, vec![0x21; P as usize], "merged with the last write");
 }
 
 #[test]

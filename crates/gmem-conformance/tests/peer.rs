@@ -178,3 +178,138 @@ fn peer_follower_kernel_reference_never_sees_private_bytes() {
         .expect("read");
     assert_eq!(b, [0x5a; 4], "the guest's page keeps its private bytes");
 }
+
+/// A HugeTLB file shared with a follower: two 2 MiB huge pages, or `None` (with `skipped:`)
+/// when the pool cannot be grown.
+fn shared_hugetlb() -> Option<(gmem::PoolGuard, GuestMemfd)> {
+    let pool = match gmem::PoolGuard::grow(gmem::HUGE_2M, 2) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped: cannot reserve 2 huge pages of 2 MiB: {e}");
+            return None;
+        }
+    };
+    let mem = GuestMemfd::builder(2 * gmem::HUGE_2M)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(gmem::BackingChoice::HugeTlb(gmem::HUGE_2M))
+        .create()
+        .expect("create on HugeTLB");
+    Some((pool, mem))
+}
+
+/// The 8-byte slots the follower writes once each: pages 64..512 of the first huge page.
+const SLOTS: std::ops::Range<u64> = 64 * P / 8..512 * P / 8;
+
+/// A follower writes every slot of the first huge page once, through its view, while the
+/// owner splits and merges that huge page over and over (a 4 KiB page to private and back):
+/// the follower's writers are held off while the owner copies the huge page, so no write is
+/// lost, whichever copy it landed in.
+#[test]
+fn peer_follower_writes_survive_the_owners_splits_and_merges() {
+    if let Some(mut side) = child_side() {
+        let mem = GuestMemfd::attach(side.peer).expect("attach");
+        let view = mem.map(0, mem.size()).expect("map");
+        side.ctl.send("mapped");
+        assert_eq!(side.ctl.recv(), "go");
+        let base = view.as_ptr();
+        for slot in SLOTS {
+            let at = usize::try_from(slot * 8).expect("offset");
+            // SAFETY: inside the view, on a shared page; an aligned 8-byte store.
+            unsafe { std::ptr::write_volatile(base.wrapping_add(at).cast::<u64>(), slot) };
+            for _ in 0..200 {
+                std::hint::spin_loop();
+            }
+        }
+        let done = usize::try_from(gmem::HUGE_2M).expect("offset");
+        // SAFETY: the first byte of the second huge page, shared and never converted.
+        unsafe { std::ptr::write_volatile(base.wrapping_add(done), 1u8) };
+        side.ctl.send("done");
+        let _ = side.ctl.try_recv();
+        return;
+    }
+    let Some((_pool, mem)) = shared_hugetlb() else {
+        return;
+    };
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    let mut child = ChildProcess::spawn(
+        "peer_follower_writes_survive_the_owners_splits_and_merges",
+        "follower",
+        mem.share_with_process().expect("share"),
+    );
+    assert_eq!(child.recv(), "mapped");
+    child.send("go");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut pairs = 0u64;
+    loop {
+        let mut done = [0u8; 1];
+        mem.read_at(gmem::HUGE_2M, &mut done)
+            .expect("read the flag");
+        if done[0] == 1 || std::time::Instant::now() > until {
+            break;
+        }
+        mem.convert(5 * P, P, Attr::Private).expect("split");
+        mem.convert(5 * P, P, Attr::Shared).expect("merge");
+        pairs += 1;
+    }
+    assert_eq!(child.recv(), "done");
+    assert!(pairs > 0, "no split while the follower wrote");
+    assert_eq!((acct.splits(), acct.merges()), (pairs, pairs));
+    let mut page = vec![0u8; usize::try_from((SLOTS.end - SLOTS.start) * 8).expect("fits")];
+    mem.read_at(SLOTS.start * 8, &mut page)
+        .expect("read the slots");
+    let lost: Vec<u64> = SLOTS
+        .zip(page.chunks_exact(8))
+        .filter(|(slot, b)| u64::from_le_bytes((*b).try_into().expect("8 bytes")) != *slot)
+        .map(|(slot, _)| slot * 8)
+        .collect();
+    eprintln!("{pairs} splits and merges while the follower wrote");
+    assert!(
+        lost.is_empty(),
+        "{} of {} writes lost, the first at {:#x}",
+        lost.len(),
+        SLOTS.end - SLOTS.start,
+        lost[0]
+    );
+    child.send("bye");
+    child.finish();
+}
+
+/// A follower's pin on one page of a whole huge page holds off the owner's split of it, as
+/// the owner's own pin does: the owner's conversion of another page fails with `EAGAIN`
+/// naming the follower's page, nothing splits; once the follower lets go it converts.
+#[test]
+fn peer_follower_pin_holds_off_the_owners_split() {
+    if let Some(mut side) = child_side() {
+        let mem = GuestMemfd::attach(side.peer).expect("attach");
+        let pin = mem.pin(3 * P, P).expect("pin");
+        side.ctl.send("pinned");
+        assert_eq!(side.ctl.recv(), "unpin");
+        drop(pin);
+        side.ctl.send("unpinned");
+        let _ = side.ctl.try_recv();
+        return;
+    }
+    let Some((_pool, mem)) = shared_hugetlb() else {
+        return;
+    };
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    let mut child = ChildProcess::spawn(
+        "peer_follower_pin_holds_off_the_owners_split",
+        "follower",
+        mem.share_with_process().expect("share"),
+    );
+    assert_eq!(child.recv(), "pinned");
+    let e = mem
+        .convert(7 * P, P, Attr::Private)
+        .expect_err("a split under the follower's pin");
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(3 * P)));
+    assert_eq!((acct.splits(), acct.split_pages()), (0, 0));
+    assert_eq!(mem.attr(7 * P).expect("attr"), Attr::Shared);
+    child.send("unpin");
+    assert_eq!(child.recv(), "unpinned");
+    mem.convert(7 * P, P, Attr::Private)
+        .expect("split once unpinned");
+    assert_eq!(acct.split_pages(), 1);
+    child.send("bye");
+    child.finish();
+}

@@ -243,7 +243,20 @@ impl Model {
         if offset >= self.size {
             return Err(Fault::at(Class::OutOfBounds, libc::EINVAL, offset));
         }
-        self.poisoned[page(offset)] = true;
+        let p = page(offset);
+        if self.block > PAGE && !self.poisoned[p] {
+            // A block that must split for the poison is not split while a reference holds a
+            // page of it: `EBUSY` naming the page.
+            let per = idx(self.block / PAGE);
+            let h = p / per;
+            let all_private = self.attrs[h * per..(h + 1) * per]
+                .iter()
+                .all(|&a| a == Attr::Private);
+            if !all_private && !self.split[h] && self.referenced(h) {
+                return Err(Fault::at(Class::Busy, libc::EBUSY, p as u64 * PAGE));
+            }
+        }
+        self.poisoned[p] = true;
         Ok(())
     }
 
@@ -354,6 +367,18 @@ impl Model {
             if self.attrs[at..end].iter().any(|&a| a != to)
                 && !(uniform_after && (to == Attr::Private || !poisoned))
             {
+                // A block a reference holds a page of is not split: the call stops there,
+                // naming that page.
+                if !self.split[at / per] {
+                    if let Some(mut f) = self.first_busy(hf, he) {
+                        self.aborts += 1;
+                        if at > ps {
+                            f.reached = Some(at as u64 * PAGE);
+                            self.commits += 1;
+                        }
+                        return Err(f);
+                    }
+                }
                 // Split before converting; a failed conversion leaves it split until the
                 // references that refused it go.
                 self.split[at / per] = true;

@@ -162,7 +162,8 @@ pub enum HoldMode {
     /// refuses the owner's conversion).
     Tracked,
     /// A gmem [`Pin`](gmem::Pin) per slice, pointing into gmem's device view. The default for
-    /// HugeTLB files (whose restructuring honours pins). Each slice pays gmem's page lock and
+    /// HugeTLB files (a huge page is not split or merged while a pin holds a page of it: a
+    /// conversion that would is refused with `EAGAIN`). Each slice pays gmem's page lock and
     /// per-page reference counts: about 60 ns more than `Tracked` per slice here
     /// (`BENCHMARKS.md`).
     Pinned,

@@ -1,5 +1,6 @@
-//! HugeTLB files: slices hold gmem pins, which restructuring honours; a 4 KiB conversion
-//! inside a huge page splits it under a device that keeps reading its other pages.
+//! HugeTLB files: slices hold gmem pins, which restructuring honours: a 4 KiB conversion
+//! that would split a huge page a device holds a page of fails with `EAGAIN`; a split huge
+//! page stays split while a device holds one of its pieces.
 
 use gmem::{Attr, BackingChoice, Errno, Flags, GuestMemfd, PoolGuard, HUGE_2M};
 use gmem_vm_memory::{GmemMemory, HoldMode, Refusal, RegionSpec};
@@ -26,15 +27,25 @@ fn hugetlb_regions_hold_pins_across_split_and_merge() {
     assert_eq!(mem.hold_mode(0x4000_0000), Some(HoldMode::Pinned));
     mem.write_obj(0x1234u64, GuestAddress(0x4000_0000 + 5 * P))
         .expect("write");
-    // A device holds page 5; the guest makes page 7 private (the huge page splits).
-    let held: Vec<_> = mem
-        .get_slices(GuestAddress(0x4000_0000 + 5 * P), 8, Permissions::ReadWrite)
-        .expect("slices")
-        .collect::<Result<_, _>>()
-        .expect("held");
+    // A device holds page 5: the guest cannot make page 7 private, which would split the
+    // huge page under the device's pin.
+    let hold = || -> Vec<_> {
+        mem.get_slices(GuestAddress(0x4000_0000 + 5 * P), 8, Permissions::ReadWrite)
+            .expect("slices")
+            .collect::<Result<_, _>>()
+            .expect("held")
+    };
+    let held = hold();
     assert!(held[0].bitmap().holds_pin());
+    let e = f
+        .convert(7 * P, P, Attr::Private)
+        .expect_err("a split under a held neighbour");
+    assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(5 * P)));
+    drop(held);
     f.convert(7 * P, P, Attr::Private)
-        .expect("split under a held neighbour");
+        .expect("split once released");
+    // Held again, as a piece of the split page.
+    let held = hold();
     let e = f.convert(5 * P, P, Attr::Private).expect_err("held");
     assert_eq!((e.errno(), e.error_offset()), (libc::EAGAIN, Some(5 * P)));
     held[0]
@@ -49,9 +60,12 @@ fn hugetlb_regions_hold_pins_across_split_and_merge() {
             gpa: 0x4000_0000 + 7 * P
         })
     );
+    // Whole again, the page waits for the device to let go before it merges.
+    f.convert(7 * P, P, Attr::Shared).expect("whole again");
+    let acct = f.hugetlb_accounting().expect("accounting");
+    assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (1, 1));
     drop(held);
-    // Merge back, then the held page's bytes are intact.
-    f.convert(7 * P, P, Attr::Shared).expect("merge");
+    assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (0, 0));
     assert_eq!(
         mem.read_obj::<u64>(GuestAddress(0x4000_0000 + 5 * P))
             .expect("read"),

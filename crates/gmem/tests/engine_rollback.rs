@@ -134,6 +134,28 @@ fn each(who: &[&str], call: Call) -> Vec<(String, Call)> {
     who.iter().map(|w| at(w, call)).collect()
 }
 
+/// What every participant hears of a split or merge `step` that happens: the freeze of its
+/// huge page, then the step.
+fn restructured(step: Step) -> Vec<(String, Call)> {
+    let mut v = each(&PARTICIPANTS, Call::Apply(Step::Freeze(step.range())));
+    v.extend(each(&PARTICIPANTS, Call::Apply(step)));
+    v
+}
+
+/// What the participants hear of a split or merge `step` that `b` refuses: every one froze
+/// the huge page, `a` undoes the step, and every one is let go, in reverse order.
+fn restructure_refused(step: Step) -> Vec<(String, Call)> {
+    let freeze = Step::Freeze(step.range());
+    let mut v = each(&PARTICIPANTS, Call::Apply(freeze));
+    v.extend([
+        at("a", Call::Apply(step)),
+        at("b", Call::Refused(step)),
+        at("a", Call::Undo(step)),
+    ]);
+    v.extend(PARTICIPANTS.iter().rev().map(|w| at(w, Call::Undo(freeze))));
+    v
+}
+
 fn aborted(c: Conversion) -> Vec<(String, Heard)> {
     heard(c, Heard::Abort)
 }
@@ -163,14 +185,8 @@ fn split_refused(g: Geo, errno: i32) {
         .convert(t * PAGE, PAGE, Attr::Private)
         .expect_err("b refuses the split");
     expect_refusal(&err, &split, errno);
-    assert_eq!(
-        rig.journal.all(),
-        vec![
-            at("a", Call::Apply(split)),
-            at("b", Call::Refused(split)),
-            at("a", Call::Undo(split)),
-        ]
-    );
+    assert_eq!(rig.journal.all(), restructure_refused(split));
+    expect_undo_in_reverse(&rig.journal.all());
     assert_eq!(rig.heard(), aborted(one(t, Attr::Private)));
     assert_eq!(rig.snapshot(), before);
     assert_eq!(counters(&rig), c0);
@@ -182,7 +198,7 @@ fn split_refused(g: Geo, errno: i32) {
     rig.mem
         .convert(t * PAGE, PAGE, Attr::Private)
         .expect("the retry succeeds");
-    let mut want = each(&PARTICIPANTS, Call::Apply(split));
+    let mut want = restructured(split);
     want.extend(each(
         &PARTICIPANTS,
         Call::Apply(Step::Revoke(pages(t, t + 1))),
@@ -221,13 +237,13 @@ fn revoke_refused_after_split(g: Geo, errno: i32) {
         .convert(t * PAGE, PAGE, Attr::Private)
         .expect_err("b refuses the revoke");
     expect_refusal(&err, &revoke, errno);
-    let mut want = each(&PARTICIPANTS, Call::Apply(split));
+    let mut want = restructured(split);
     want.extend([
         at("a", Call::Apply(revoke)),
         at("b", Call::Refused(revoke)),
         at("a", Call::Undo(revoke)),
     ]);
-    want.extend(each(&PARTICIPANTS, Call::Apply(merge)));
+    want.extend(restructured(merge));
     assert_eq!(rig.journal.all(), want);
     assert_eq!(rig.heard(), aborted(one(t, Attr::Private)));
     assert_eq!(rig.snapshot(), before);
@@ -253,12 +269,9 @@ fn merge_refused(g: Geo, errno: i32) {
         .convert(t * PAGE, PAGE, Attr::Shared)
         .expect("a refused merge does not fail the conversion");
     let mut want = each(&PARTICIPANTS, Call::Apply(restore));
-    want.extend([
-        at("a", Call::Apply(merge)),
-        at("b", Call::Refused(merge)),
-        at("a", Call::Undo(merge)),
-    ]);
+    want.extend(restructure_refused(merge));
     assert_eq!(rig.journal.all(), want);
+    expect_undo_in_reverse(&rig.journal.all());
     let waiting = u64::from(errno == libc::EAGAIN);
     assert_eq!(counters(&rig), Counters { waiting, ..c0 });
     assert_eq!(rig.mem.attr(t * PAGE).expect("attr"), Attr::Shared);
@@ -275,7 +288,7 @@ fn merge_refused(g: Geo, errno: i32) {
     rig.journal.clear();
     rig.b.set(Refuse::Never, 0);
     assert_eq!(rig.mem.merge_pending().expect("merge_pending"), 1);
-    assert_eq!(rig.journal.all(), each(&PARTICIPANTS, Call::Apply(merge)));
+    assert_eq!(rig.journal.all(), restructured(merge));
     let c1 = counters(&rig);
     assert_eq!(
         (c1.split_pages, c1.waiting, c1.merges),
@@ -313,13 +326,13 @@ fn restore_refused_in_a_hole(g: Geo, errno: i32) {
         .convert(t * PAGE, PAGE, Attr::Shared)
         .expect_err("b refuses the restore");
     expect_refusal(&err, &restore, errno);
-    let mut want = each(&PARTICIPANTS, Call::Apply(split));
+    let mut want = restructured(split);
     want.extend([
         at("a", Call::Apply(restore)),
         at("b", Call::Refused(restore)),
         at("a", Call::Undo(restore)),
     ]);
-    want.extend(each(&PARTICIPANTS, Call::Apply(merge)));
+    want.extend(restructured(merge));
     assert_eq!(rig.journal.all(), want);
     assert_eq!(rig.heard(), aborted(one(t, Attr::Shared)));
     assert_eq!(rig.snapshot(), before);
@@ -353,14 +366,7 @@ fn poison_split_refused(g: Geo, errno: i32) {
         (err.errno(), err.error_offset()),
         (libc::EBUSY, Some(t * PAGE))
     );
-    assert_eq!(
-        rig.journal.all(),
-        vec![
-            at("a", Call::Apply(split)),
-            at("b", Call::Refused(split)),
-            at("a", Call::Undo(split)),
-        ]
-    );
+    assert_eq!(rig.journal.all(), restructure_refused(split));
     assert_eq!(rig.snapshot(), before);
     assert_eq!(counters(&rig), c0);
     assert_eq!(available(g), pool0);
@@ -369,7 +375,7 @@ fn poison_split_refused(g: Geo, errno: i32) {
     rig.journal.clear();
     rig.b.set(Refuse::Never, 0);
     rig.mem.inject_poison(t * PAGE).expect("poison");
-    let mut want = each(&PARTICIPANTS, Call::Apply(split));
+    let mut want = restructured(split);
     want.extend(each(
         &PARTICIPANTS,
         Call::Apply(Step::Poison(pages(t, t + 1))),
@@ -408,14 +414,17 @@ fn punch_refused(g: Geo, kind: Kind) {
         }
     };
     let mut want = Vec::new();
-    for s in [Step::Refresh(r), Step::Unpoison(r), Step::Merge(r)] {
-        want.push(at("a", Call::Apply(s)));
-        want.push(at("b", b(s)));
-        if Kind::of(&s) == kind && kind == Kind::Merge {
-            want.push(at("a", Call::Undo(s)));
-        } else {
-            want.push(at("c", Call::Apply(s)));
-        }
+    for s in [Step::Refresh(r), Step::Unpoison(r)] {
+        want.extend([
+            at("a", Call::Apply(s)),
+            at("b", b(s)),
+            at("c", Call::Apply(s)),
+        ]);
+    }
+    if kind == Kind::Merge {
+        want.extend(restructure_refused(Step::Merge(r)));
+    } else {
+        want.extend(restructured(Step::Merge(r)));
     }
     assert_eq!(rig.journal.all(), want);
     expect_undo_in_reverse(&rig.journal.all());
@@ -460,7 +469,8 @@ fn punch_refused(g: Geo, kind: Kind) {
 }
 
 /// A conversion of both huge pages to private stops part way: `b` refuses the revoke of the
-/// second huge page (its call after the first huge page's revokes, refreshes and merge). The
+/// second huge page (its call after the first huge page's revokes, refreshes, freeze and
+/// merge). The
 /// error is [`ConvertError::Partial`]: the first huge page converted (and merged into a hole),
 /// the second untouched; listeners hear the abort of the whole conversion, then the commit of
 /// the part done; every participant believes exactly that.
@@ -475,6 +485,7 @@ fn partial_conversion(g: Geo) {
         r2,
         Step::Refresh(pages(0, 5)),
         Step::Refresh(pages(6, g.per())),
+        Step::Freeze(first),
         Step::Merge(first),
         // A whole huge page is not moved (module docs of the engine's moves): no refresh.
         whole,
@@ -489,7 +500,7 @@ fn partial_conversion(g: Geo) {
     let before = rig.snapshot();
     let m0 = rig.mirror(&rig.split);
     let c0 = counters(&rig);
-    rig.b.set(Refuse::Call(5), libc::EIO);
+    rig.b.set(Refuse::Call(6), libc::EIO);
     let err = rig
         .mem
         .convert(0, size, Attr::Private)
@@ -507,7 +518,7 @@ fn partial_conversion(g: Geo) {
         (libc::EIO, Some(size - PAGE))
     );
     let mut want = Vec::new();
-    for s in &reference[..5] {
+    for s in &reference[..6] {
         want.extend(each(&PARTICIPANTS, Call::Apply(*s)));
     }
     want.extend([
@@ -610,9 +621,9 @@ fn every_call_refused_in_turn(g: Geo, errno: i32) {
     let make = || huge_rig(g, &[], Vec::new());
     let t = g.target();
     let n = sweep(&make, &|m| m.convert(t * PAGE, PAGE, Attr::Private), errno);
-    assert_eq!(n, 3, "split, revoke, refresh");
+    assert_eq!(n, 4, "freeze, split, revoke, refresh");
     let n = sweep(&make, &|m| m.convert(5 * PAGE, PAGE, Attr::Shared), errno);
-    assert_eq!(n, 2, "restore, merge");
+    assert_eq!(n, 3, "restore, freeze, merge");
     let r = g.last_range();
     let n = sweep(
         &make,

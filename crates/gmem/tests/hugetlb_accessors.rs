@@ -27,8 +27,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use gmem::{
-    AccessError, Attr, BackingChoice, ConvertError, Errno, FallocMode, Flags, GuestMemfd, HUGE_1G,
-    HUGE_2M,
+    AccessError, Attr, BackingChoice, ConvertError, Errno, FallocMode, Flags, GuestMemfd,
+    PoisonError, HUGE_1G, HUGE_2M,
 };
 
 const P: u64 = 4096;
@@ -224,6 +224,8 @@ fn mutator(mem: &GuestMemfd, run: &Run, seed: u64, until: Instant) -> Done {
                 let p = at + r.below(hp / P) * P;
                 match mem.inject_poison(p) {
                     Ok(()) => d.poisons += 1,
+                    // The pinner holds a page of the huge page, which cannot split now.
+                    Err(PoisonError::Busy { .. }) => d.busy += 1,
                     Err(e) => run.fail(format!("poison {p:#x}: {e}")),
                 }
             }

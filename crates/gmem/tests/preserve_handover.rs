@@ -203,8 +203,8 @@ fn hugetlb_handover_keeps_split_pages_and_pending_merges() {
     // Huge page 1 split (one private page); huge page 2 uniform again but held by a pin on
     // one of its pieces, so it waits to merge.
     mem.convert(M2 + 5 * P, P, Attr::Private).unwrap();
-    let pin = mem.pin(2 * M2, P).unwrap();
     mem.convert(2 * M2 + 7 * P, P, Attr::Private).unwrap();
+    let pin = mem.pin(2 * M2, P).unwrap();
     mem.convert(2 * M2 + 7 * P, P, Attr::Shared).unwrap();
     let acct = mem.hugetlb_accounting().unwrap();
     assert_eq!((acct.split_pages(), acct.waiting_to_merge()), (2, 1));

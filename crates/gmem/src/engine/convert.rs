@@ -50,7 +50,8 @@ pub enum ConvertError {
     #[error(transparent)]
     Range(#[from] RangeError),
     /// A page still has a host user: a pin, a borrowed slice, in this process or a peer
-    /// (`EAGAIN`). `offset` is the first such page.
+    /// (`EAGAIN`), in the range or (HugeTLB) in a huge page the conversion must split.
+    /// `offset` is the first such page.
     #[error("page at offset {offset:#x} is in use by the host")]
     Busy {
         /// First page in the range with a host user.

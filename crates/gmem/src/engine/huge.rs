@@ -13,20 +13,30 @@
 //! # Mechanism: companion pieces
 //!
 //! Every HugeTLB file has a *companion* memfd (shmem, 4 KiB pages, same size, sparse). To split
-//! huge page `H`, with the control lock held:
+//! huge page `H`, with the control lock held, when no pin holds a page of `H`:
 //!
 //! 1. *freeze*: `H`'s window is write-protected with userfaultfd in gmem's guest mapping and
-//!    in every host view. Readers go on; a writer (a pin holder, the guest, a host view, the
-//!    kernel through any of them) blocks in its page fault;
+//!    in every host view. Readers go on; a writer (the guest, a host view, the kernel through
+//!    any of them) blocks in its page fault. The pins are checked under the page-state lock
+//!    for writing, held until the windows are frozen: a pin taken after it reaches `H` only
+//!    through the frozen windows. Participants hold off their own writers
+//!    ([`Step::Freeze`]: a peer process write-protects its windows, or refuses naming a page
+//!    it pins);
 //! 2. *copy*: `H` is copied into the companion at the same offset;
-//! 3. *participants*: peer processes map the pieces over their windows;
+//! 3. *participants*: peer processes map the pieces over their windows ([`Step::Split`]) and
+//!    let their writers go on;
 //! 4. *remap*: the companion is mapped over `H`'s window in the guest mapping, and in every
 //!    view a mapping of the pieces is built aside with guard markers on its private (and
 //!    poisoned) pieces, registered with the view userfaultfd, and moved over the window with
 //!    one `mremap` (so the window is never a mapping the tracker cannot see);
 //! 5. *thaw*: the waiting writers are woken; their faults retry on the pieces.
 //!
-//! Nothing written is lost and nothing private is ever shown. The huge page stays allocated
+//! Nothing written is lost and nothing private is ever shown. A pin stops a split (`EAGAIN`
+//! naming its page) because its pointer may be in the kernel's hands (an io_uring fixed
+//! buffer, `O_DIRECT` in flight, a DMA mapping): such a reference holds the huge page itself
+//! and would go on reading and writing it after the copy, unseen by the guest, as the
+//! kernel refuses to split a folio with unexpected references. For the same reason a merge
+//! waits until no pin holds a piece. The huge page stays allocated
 //! (and reserved) while `H` is split, so pool accounting stays honest and merging never needs
 //! a new page. Merging (when `H` is uniform, unpoisoned and no host reference holds a piece)
 //! freezes again, copies the pieces back, maps the huge page (or a hole, when private) over
@@ -71,7 +81,8 @@ pub(crate) struct Huge {
 /// Why a split or merge did not happen.
 #[derive(Debug)]
 pub(crate) enum RestructureError {
-    /// A peer process holds a page of the huge page (`EAGAIN` at `offset`).
+    /// A pin of this process or a peer process holds a page of the huge page (`EAGAIN` at
+    /// `offset`, the first such page).
     Busy { offset: u64 },
     /// The piece limit would be exceeded, or the process is near `vm.max_map_count`.
     NoMem { offset: u64 },
@@ -236,6 +247,7 @@ fn copy_to_companion(huge: &Mapping, pieces: BorrowedFd<'_>, r: ByteRange) -> io
 }
 
 /// Writers of one huge page held off: the guest mapping's window and every view window.
+#[derive(Debug)]
 struct Frozen {
     guest: Arc<Uffd>,
     views: Option<Arc<Uffd>>,
@@ -258,6 +270,24 @@ impl Frozen {
                 tracing::error!(addr, "waking writers: {e}");
             }
         }
+    }
+}
+
+/// A follower's huge page held for its owner's split or merge ([`Step::Freeze`]): its
+/// writers wait until the owner's next step about it.
+#[derive(Debug)]
+pub(crate) struct HeldForOwner {
+    h: u64,
+    frozen: Frozen,
+    /// The follower's own remaps of the page, announced from the freeze to the thaw.
+    own: Option<super::views::tracker::OwnGuard>,
+}
+
+impl HeldForOwner {
+    /// Lets the writers go on (on whatever the windows show now).
+    fn thaw(self) {
+        self.frozen.thaw();
+        drop(self.own);
     }
 }
 
@@ -371,6 +401,40 @@ impl Engine {
         }
     }
 
+    /// `Busy` naming the first page of `hp` a pin holds. A huge page is split or merged only
+    /// while no pin holds a page of it: a pin's pointer may have handed the page to the
+    /// kernel (an io_uring fixed buffer, `O_DIRECT`, a DMA mapping), whose reads and writes
+    /// would keep reaching the copy the restructuring leaves behind. The kernel refuses to
+    /// split a folio with unexpected references in the same way.
+    fn held_in(&self, hp: crate::model::units::PageRange) -> Result<(), RestructureError> {
+        match self.refs().first_busy(hp) {
+            Some(p) => Err(RestructureError::Busy {
+                offset: crate::model::units::page_offset(p),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Holds off the writers of huge page `h` ([`Engine::freeze_writers`]) once no pin holds
+    /// a page of it (`Busy` naming the first pinned page otherwise). The check and the freeze
+    /// are made under the page-state lock for writing, where pins are taken for reading: a
+    /// pin taken after it reaches the page only through write-protected windows, so every
+    /// write through it (a kernel reference's included) waits for the restructuring to end.
+    /// Nothing is frozen yet in this process, so no accessor holds the lock while it waits
+    /// on a frozen window.
+    fn freeze_unpinned(&self, ctl: &mut Control, h: u64) -> Result<Frozen, RestructureError> {
+        let (huge, _, _) = self
+            .huge_parts()
+            .map_err(|source| RestructureError::Os { offset: 0, source })?;
+        let _st = self.write_pages();
+        self.held_in(huge.geo.pages(h))?;
+        self.freeze_writers(ctl, h)
+            .map_err(|source| RestructureError::Os {
+                offset: huge.geo.bytes(h).start,
+                source,
+            })
+    }
+
     /// Splits huge page `h` into pieces (the caller holds the control lock). A no-op when it
     /// is split already. Changes nothing on error.
     pub(crate) fn split(&self, ctl: &mut Control, h: u64) -> Result<(), RestructureError> {
@@ -378,10 +442,6 @@ impl Engine {
             .huge_parts()
             .map_err(|source| RestructureError::Os { offset: 0, source })?;
         let hr = huge.geo.bytes(h);
-        let os = |source| RestructureError::Os {
-            offset: hr.start,
-            source,
-        };
         {
             let st = huge.state();
             if st.is_split(h) {
@@ -391,13 +451,24 @@ impl Engine {
                 return Err(RestructureError::NoMem { offset: hr.start });
             }
         }
+        // Checked first without the lock, so that a held page costs no freeze.
+        self.held_in(huge.geo.pages(h))?;
         self.headroom(ctl, 2)
             .map_err(|_| RestructureError::NoMem { offset: hr.start })?;
+        // Other processes' writers are held off first: one that holds a page of `h` refuses
+        // before anything is frozen here.
+        ctl.participants.apply(&Step::Freeze(hr)).map_err(refused)?;
         // Announced from the freeze to the thaw: the reader then takes every event at once,
         // so a remap by the VMM meanwhile never holds up the write-protection (the kernel
         // refuses it with `EAGAIN` while an event is unread).
         let own = ctl.views.announce(huge.geo, h);
-        let frozen = self.freeze_writers(ctl, h).map_err(os)?;
+        let frozen = match self.freeze_unpinned(ctl, h) {
+            Ok(f) => f,
+            Err(e) => {
+                ctl.participants.undo(&Step::Freeze(hr));
+                return Err(e);
+            }
+        };
         let res = self.split_frozen(ctl, huge, map, h);
         frozen.thaw();
         // The announcement ends first: a foreign event read until then is seen below.
@@ -426,10 +497,12 @@ impl Engine {
         };
         if let Err(e) = copied {
             huge.unused_pieces(h, cached);
+            ctl.participants.undo(&Step::Freeze(hr));
             return Err(os(e));
         }
         if let Err(e) = ctl.participants.apply(&Step::Split(hr)) {
             huge.unused_pieces(h, cached);
+            ctl.participants.undo(&Step::Freeze(hr));
             return Err(refused(e));
         }
         let undo = |ctl: &mut Control, this: &Engine| {
@@ -504,14 +577,44 @@ impl Engine {
             }
             st.attrs.all(hp.start, hp.end, Attr::Private)
         };
-        let own = ctl.views.announce(huge.geo, h);
-        let frozen = self.freeze_writers(ctl, h).map_err(os)?;
-        let res = (|| {
-            if keep {
-                copy_mapped(map, huge.pieces_map(), hr, Dir::FromPieces).map_err(os)?;
+        // Other processes' writers are held off first: one that holds a piece refuses before
+        // anything is frozen here.
+        let held = ctl
+            .participants
+            .apply(&Step::Freeze(hr))
+            .map_err(refused)
+            .and_then(|()| {
+                let own = ctl.views.announce(huge.geo, h);
+                match self.freeze_unpinned(ctl, h) {
+                    Ok(frozen) => Ok((own, frozen)),
+                    Err(e) => {
+                        ctl.participants.undo(&Step::Freeze(hr));
+                        Err(e)
+                    }
+                }
+            });
+        let (own, frozen) = match held {
+            Ok(held) => held,
+            Err(RestructureError::Busy { .. }) => {
+                // A piece is held (here, by a pin taken since the check above, or in a peer
+                // process): the page stays split for it.
+                huge.state().set_waiting(h, true);
+                self.note_merge_waiting(true);
+                return Ok(false);
             }
-            if let Err(e) = ctl.participants.apply(&Step::Merge(hr)) {
-                return Err(refused(e));
+            Err(e) => return Err(e),
+        };
+        let res = (|| {
+            let copied = if keep {
+                copy_mapped(map, huge.pieces_map(), hr, Dir::FromPieces).map_err(os)
+            } else {
+                Ok(())
+            };
+            if let Err(e) =
+                copied.and_then(|()| ctl.participants.apply(&Step::Merge(hr)).map_err(refused))
+            {
+                ctl.participants.undo(&Step::Freeze(hr));
+                return Err(e);
             }
             self.remap_guest_window(h, self.fd()).map_err(os)?;
             let numa = self.numa_policy_set();
@@ -553,6 +656,48 @@ impl Engine {
             }
         }
         n
+    }
+
+    /// A follower holds off the writers of huge page `h` for its owner's split or merge
+    /// (the owner's [`Step::Freeze`]) until the owner's next step about it; `Busy` naming
+    /// the first page a pin of this process holds, checked as the owner checks its own
+    /// ([`Engine::freeze_unpinned`]). Already held: nothing to do.
+    pub(crate) fn hold_for_owner(&self, ctl: &mut Control, h: u64) -> Result<(), RestructureError> {
+        if ctl.held_for_owner.iter().any(|held| held.h == h) {
+            return Ok(());
+        }
+        // The owner restructures one huge page at a time: a hold left from an earlier step
+        // (whose `Thaw` was lost with a stalled link) is over.
+        for held in std::mem::take(&mut ctl.held_for_owner) {
+            held.thaw();
+        }
+        let (huge, _, _) = self
+            .huge_parts()
+            .map_err(|source| RestructureError::Os { offset: 0, source })?;
+        let own = ctl.views.announce(huge.geo, h);
+        let frozen = self.freeze_unpinned(ctl, h)?;
+        ctl.held_for_owner.push(HeldForOwner { h, frozen, own });
+        Ok(())
+    }
+
+    /// True when huge page `h`'s writers are held for the owner ([`Engine::hold_for_owner`]).
+    pub(crate) fn held_for_owner(ctl: &Control, h: u64) -> bool {
+        ctl.held_for_owner.iter().any(|held| held.h == h)
+    }
+
+    /// Lets the writers of huge page `h` go on, if they were held for the owner.
+    pub(crate) fn release_for_owner(ctl: &mut Control, h: u64) {
+        if let Some(i) = ctl.held_for_owner.iter().position(|held| held.h == h) {
+            ctl.held_for_owner.swap_remove(i).thaw();
+        }
+    }
+
+    /// Lets every writer held for the owner go on (the owner is gone).
+    pub(crate) fn release_all_for_owner(&self) {
+        let mut ctl = self.control_unchecked();
+        for held in std::mem::take(&mut ctl.held_for_owner) {
+            held.thaw();
+        }
     }
 
     /// Merges every split huge page that is uniform and no longer held, under the control

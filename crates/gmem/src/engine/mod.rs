@@ -137,6 +137,9 @@ pub(crate) struct Control {
     pub(in crate::engine) participants: Participants,
     /// Buffers a conversion reuses, so that converting a page allocates nothing.
     pub(in crate::engine) scratch: Scratch,
+    /// A follower's huge pages whose writers are held off for the owner's split or merge
+    /// (its `Freeze` step), until the `Split`, `Merge` or `Thaw` that follows.
+    pub(in crate::engine) held_for_owner: Vec<huge::HeldForOwner>,
 }
 
 /// Buffers kept between conversions (see [`Control::scratch`]).
@@ -328,6 +331,7 @@ impl Engine {
                 },
                 listeners: ListenerSet::default(),
                 participants: Participants::default(),
+                held_for_owner: Vec::new(),
                 scratch: Scratch::default(),
             }),
             gate: Gate::new(how.follower),

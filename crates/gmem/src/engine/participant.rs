@@ -24,10 +24,19 @@ pub enum Step {
     Revoke(ByteRange),
     /// The pages become shared.
     Restore(ByteRange),
+    /// HugeTLB: the huge page is about to be split or merged: hold off every writer of it
+    /// until the [`Step::Split`] or [`Step::Merge`] that follows (or a [`Step::Thaw`]), so
+    /// that nothing written to the copy being taken is lost. A participant that holds a
+    /// page of it refuses with `EAGAIN` naming it.
+    Freeze(ByteRange),
+    /// HugeTLB: the split or merge a [`Step::Freeze`] announced did not happen; writers of
+    /// the huge page go on where they were.
+    Thaw(ByteRange),
     /// HugeTLB: the huge page is split into 4 KiB pieces (its contents are already in the
-    /// companion file of pieces).
+    /// companion file of pieces); writers a [`Step::Freeze`] held go on on the pieces.
     Split(ByteRange),
-    /// HugeTLB: the huge page is merged back (its contents are already in the huge page).
+    /// HugeTLB: the huge page is merged back (its contents are already in the huge page);
+    /// writers a [`Step::Freeze`] held go on on the huge page.
     Merge(ByteRange),
     /// The page is poisoned (memory failure).
     Poison(ByteRange),
@@ -45,6 +54,8 @@ impl Step {
         match *self {
             Step::Revoke(r)
             | Step::Restore(r)
+            | Step::Freeze(r)
+            | Step::Thaw(r)
             | Step::Split(r)
             | Step::Merge(r)
             | Step::Poison(r)
@@ -58,6 +69,8 @@ impl Step {
         match *self {
             Step::Revoke(r) => Step::Restore(r),
             Step::Restore(r) => Step::Revoke(r),
+            Step::Freeze(r) => Step::Thaw(r),
+            Step::Thaw(r) => Step::Freeze(r),
             Step::Split(r) => Step::Merge(r),
             Step::Merge(r) => Step::Split(r),
             Step::Poison(r) => Step::Unpoison(r),

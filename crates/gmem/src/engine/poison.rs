@@ -39,8 +39,8 @@ pub enum PoisonError {
     /// The offset is past the end of the file (`EINVAL`).
     #[error(transparent)]
     Range(#[from] RangeError),
-    /// The huge page holding the page must be split and a peer process holds a page of it,
-    /// or the file's piece limit is reached (`EBUSY`).
+    /// The huge page holding the page must be split and a pin of this or a peer process
+    /// holds a page of it, or the file's piece limit is reached (`EBUSY`).
     #[error("page at offset {offset:#x}: the huge page cannot be split now")]
     Busy {
         /// The page.

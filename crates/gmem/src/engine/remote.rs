@@ -36,6 +36,13 @@ impl Engine {
             Step::Restore(_) => self.as_conversion(&mut ctl, r, Attr::Shared, |this, ctl| {
                 this.follow_restore(ctl, &ctx, r)
             }),
+            Step::Freeze(_) => self.follow_freeze(&mut ctl, r),
+            Step::Thaw(_) => {
+                if let Some(huge) = self.huge() {
+                    Self::release_for_owner(&mut ctl, huge.geo.of_page(pages.start));
+                }
+                Ok(())
+            }
             Step::Split(_) | Step::Merge(_) => self.follow_restructure(&mut ctl, step, r),
             // This process's own participants (device listeners' poison relays) hear it as
             // they would in the owner.
@@ -214,14 +221,28 @@ impl Engine {
         Ok(())
     }
 
-    /// The owner split or merged the huge page `r`: the follower checks its references and
-    /// remaps its guest mapping and views (the owner moved the contents).
-    fn follow_restructure(
-        &self,
-        ctl: &mut super::Control,
-        step: &Step,
-        r: ByteRange,
-    ) -> Result<(), StepError> {
+    /// The owner is about to split or merge the huge page `r`: its writers here are held
+    /// off until the owner's next step about it (`EAGAIN` naming a page a pin here holds).
+    fn follow_freeze(&self, ctl: &mut super::Control, r: ByteRange) -> Result<(), StepError> {
+        use super::huge::RestructureError as E;
+        let (_, h) = self.whole_huge_page(r)?;
+        self.hold_for_owner(ctl, h).map_err(|e| match e {
+            E::Busy { offset } => StepError {
+                errno: libc::EAGAIN,
+                offset,
+            },
+            E::NoMem { offset } => StepError {
+                errno: libc::ENOMEM,
+                offset,
+            },
+            E::Participant { offset, errno } => StepError { errno, offset },
+            E::Os { offset, source } => step_err(offset, &source),
+        })
+    }
+
+    /// The restructuring state and the huge page `r` names exactly (`EINVAL` otherwise, and
+    /// on other backings).
+    fn whole_huge_page(&self, r: ByteRange) -> Result<(&super::huge::Huge, u64), StepError> {
         let einval = StepError {
             errno: libc::EINVAL,
             offset: r.start,
@@ -231,18 +252,51 @@ impl Engine {
         if huge.geo.bytes(h) != r {
             return Err(einval);
         }
+        Ok((huge, h))
+    }
+
+    /// The owner split or merged the huge page `r`: the follower checks its references
+    /// (unless it held the page's writers for the owner, and checked then) and remaps its
+    /// guest mapping and views (the owner moved the contents), then lets held writers go on.
+    fn follow_restructure(
+        &self,
+        ctl: &mut super::Control,
+        step: &Step,
+        r: ByteRange,
+    ) -> Result<(), StepError> {
+        let (huge, h) = self.whole_huge_page(r)?;
         let hp = huge.geo.pages(h);
         let split = matches!(step, Step::Split(_));
-        let private = {
-            let _st = self.write_pages();
+        let private = if Self::held_for_owner(ctl, h) {
+            // Writers held now may hold the page-state lock for reading: no write lock here.
+            self.read_pages().attrs.all(hp.start, hp.end, Attr::Private)
+        } else {
+            let st = self.write_pages();
             if let Some(p) = self.refs().first_busy(hp) {
                 return Err(StepError {
                     errno: libc::EAGAIN,
                     offset: page_offset(p),
                 });
             }
-            _st.attrs.all(hp.start, hp.end, Attr::Private)
+            st.attrs.all(hp.start, hp.end, Attr::Private)
         };
+        let res = self.remap_for_owner(ctl, huge, h, split, private, r);
+        // The announcement ends with the hold: a foreign event read until then is seen here.
+        Self::release_for_owner(ctl, h);
+        self.after_own_remap(ctl);
+        res
+    }
+
+    /// The remaps of [`Engine::follow_restructure`].
+    fn remap_for_owner(
+        &self,
+        ctl: &mut super::Control,
+        huge: &super::huge::Huge,
+        h: u64,
+        split: bool,
+        private: bool,
+        r: ByteRange,
+    ) -> Result<(), StepError> {
         let fd = if split { huge.companion() } else { self.fd() };
         if self.guest_map().is_some() {
             self.remap_guest_window(h, fd)
@@ -265,7 +319,6 @@ impl Engine {
             huge.state().set_merged(h);
             res
         };
-        self.after_own_remap(ctl);
         res
     }
 

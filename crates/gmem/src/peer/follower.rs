@@ -134,11 +134,19 @@ fn apply_queued(sock: &OwnedFd, engine: &Engine) -> Result<(), PeerError> {
     Ok(())
 }
 
-/// The follower's agent: serves the owner's requests until either side goes away.
+/// The follower's agent: serves the owner's requests until either side goes away. Writers
+/// held for an owner that went away mid-split go on.
 fn serve(sock: OwnedFd, file: Weak<Engine>) {
+    serve_until_gone(&sock, &file);
+    if let Some(engine) = file.upgrade() {
+        engine.release_all_for_owner();
+    }
+}
+
+fn serve_until_gone(sock: &OwnedFd, file: &Weak<Engine>) {
     loop {
         let mut msg = [0u8; MSG_LEN];
-        let n = match rustix::net::recv(&sock, &mut msg, RecvFlags::empty()) {
+        let n = match rustix::net::recv(sock, &mut msg, RecvFlags::empty()) {
             Ok((n, _)) => n,
             Err(rustix::io::Errno::INTR) => continue,
             Err(_) => return,
@@ -147,7 +155,7 @@ fn serve(sock: OwnedFd, file: Weak<Engine>) {
             return;
         }
         let Some(engine) = file.upgrade() else { return };
-        if !answer(&sock, &engine, &msg) {
+        if !answer(sock, &engine, &msg) {
             return;
         }
     }

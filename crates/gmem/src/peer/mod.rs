@@ -19,8 +19,10 @@
 //! |---|---|---|
 //! | `REVOKE offset len` | checks its own host references, marks the range private, revokes it in its views | `0`, or `EAGAIN` + first busy page |
 //! | `RESTORE offset len` | lets its views reach the range, marks it shared | `0` |
-//! | `SPLIT offset len` (HugeTLB) | maps the owner's pieces of that huge page over its windows | `0`, or `EAGAIN` + a page it holds |
-//! | `MERGE offset len` (HugeTLB) | maps the huge page back over its windows | `0`, or `EAGAIN` + a page it holds |
+//! | `FREEZE offset len` (HugeTLB) | holds off the writers of that huge page in its guest mapping and views (userfaultfd write protection) before the owner copies it, until the `SPLIT`, `MERGE` or `THAW` that follows | `0`, or `EAGAIN` + a page it holds |
+//! | `THAW offset len` (HugeTLB) | lets the writers it held go on (the split or merge did not happen) | `0` |
+//! | `SPLIT offset len` (HugeTLB) | maps the owner's pieces of that huge page over its windows, lets held writers go on | `0`, or `EAGAIN` + a page it holds |
+//! | `MERGE offset len` (HugeTLB) | maps the huge page back over its windows, lets held writers go on | `0`, or `EAGAIN` + a page it holds |
 //! | `POISON offset len` | records the page as poisoned and guards it in its views | `0` |
 //! | `UNPOISON offset len` | clears poison records in the range (after a punch-hole) | `0` |
 //! | `REFRESH offset len` | puts the markers of the range's private and poisoned pages back (after a punch-hole) | `0` |
@@ -47,7 +49,8 @@
 //! - A follower dies: its mappings die with its address space (the kernel tears down the
 //!   address space before it closes the descriptors), so the owner, seeing the socket closed,
 //!   drops the follower and goes on.
-//! - The owner dies: the follower's agent sees the socket closed and stops. The follower keeps
+//! - The owner dies: the follower's agent sees the socket closed, lets go of any writers it
+//!   held for a split or merge, and stops. The follower keeps
 //!   the memory (it holds the descriptor) with the attributes last received, still enforced in
 //!   its views; it receives no more conversions.
 //!

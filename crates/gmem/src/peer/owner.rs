@@ -168,7 +168,10 @@ impl Participant for PeerLink {
         if self.state == State::Gone {
             return Ok(());
         }
-        let restricts = matches!(step, Step::Revoke(_) | Step::Split(_) | Step::Merge(_));
+        let restricts = matches!(
+            step,
+            Step::Revoke(_) | Step::Freeze(_) | Step::Split(_) | Step::Merge(_)
+        );
         if !self.recover() {
             if self.state == State::Gone {
                 return Ok(());

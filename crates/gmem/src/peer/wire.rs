@@ -24,6 +24,8 @@ const OP_MERGE: u32 = 4;
 const OP_POISON: u32 = 5;
 const OP_UNPOISON: u32 = 6;
 const OP_REFRESH: u32 = 7;
+const OP_FREEZE: u32 = 8;
+const OP_THAW: u32 = 9;
 /// Largest number of runs a hello may announce (2^30 runs = 8 GiB of run table).
 const MAX_RUNS: u64 = 1 << 30;
 
@@ -37,6 +39,8 @@ pub(crate) fn encode_request(step: &Step, seq: u32) -> [u8; MSG_LEN] {
         Step::Poison(r) => (OP_POISON, r),
         Step::Unpoison(r) => (OP_UNPOISON, r),
         Step::Refresh(r) => (OP_REFRESH, r),
+        Step::Freeze(r) => (OP_FREEZE, r),
+        Step::Thaw(r) => (OP_THAW, r),
     };
     let mut msg = [0u8; MSG_LEN];
     msg[0..4].copy_from_slice(&op.to_le_bytes());
@@ -73,6 +77,8 @@ pub(crate) fn decode_request(b: &[u8; MSG_LEN]) -> (Result<Step, u64>, u32) {
         OP_POISON => Step::Poison(r),
         OP_UNPOISON => Step::Unpoison(r),
         OP_REFRESH => Step::Refresh(r),
+        OP_FREEZE => Step::Freeze(r),
+        OP_THAW => Step::Thaw(r),
         _ => return (Err(offset), seq),
     };
     (Ok(step), seq)

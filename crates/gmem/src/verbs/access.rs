@@ -34,7 +34,10 @@ impl GuestMemfd {
     }
 
     /// Pins `[offset, offset + len)`: while the pin lives, the pages cannot convert to private
-    /// (conversion fails with `EAGAIN` naming the first pinned page).
+    /// (conversion fails with `EAGAIN` naming the first pinned page). On HugeTLB the huge
+    /// pages holding them are not restructured either: a conversion of another page of one
+    /// of them that would split it fails with `EAGAIN` naming the pinned page, and a split
+    /// page stays split until the pin is dropped.
     ///
     /// This is the long-term pin a DMA user takes (like VFIO's GUP pin) and also the guard for
     /// borrowing a range for a while. It keeps the file alive.

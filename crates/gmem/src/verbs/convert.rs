@@ -19,7 +19,8 @@ impl GuestMemfd {
     /// - to shared: always possible;
     /// - atomic on base-page backings; HugeTLB converts one huge page at a time, a run of
     ///   whole huge pages (none split) at once ([`ConvertError::Partial`] says how far it
-    ///   got);
+    ///   got); a huge page that must split is not split while a pin (here or in a peer
+    ///   process) holds one of its pages: `EAGAIN` naming that page;
     /// - `EPERM` on a follower, once handed over, and in a forked child; a file frozen for a
     ///   hand-over makes the call wait.
     pub fn convert(&self, offset: u64, len: u64, to: Attr) -> Result<(), ConvertError> {

@@ -114,6 +114,8 @@ impl Participant for PoisonRelay {
             Step::Unpoison(r) => self.0.unpoisoned(r.start, r.len()),
             Step::Revoke(_)
             | Step::Restore(_)
+            | Step::Freeze(_)
+            | Step::Thaw(_)
             | Step::Split(_)
             | Step::Merge(_)
             | Step::Refresh(_) => {}
