@@ -179,9 +179,9 @@ fn peer_follower_kernel_reference_never_sees_private_bytes() {
     assert_eq!(b, [0x5a; 4], "the guest's page keeps its private bytes");
 }
 
-/// A HugeTLB file shared with a follower: two 2 MiB huge pages, or `None` (with `skipped:`)
-/// when the pool cannot be grown.
-fn shared_hugetlb() -> Option<(gmem::PoolGuard, GuestMemfd)> {
+/// A HugeTLB file of two 2 MiB huge pages shared with a follower process running `test`, or
+/// `None` (with `skipped:`) when the pool cannot be grown.
+fn shared_hugetlb(test: &str) -> Option<(gmem::PoolGuard, GuestMemfd, ChildProcess)> {
     let pool = match gmem::PoolGuard::grow(gmem::HUGE_2M, 2) {
         Ok(p) => p,
         Err(e) => {
@@ -194,7 +194,8 @@ fn shared_hugetlb() -> Option<(gmem::PoolGuard, GuestMemfd)> {
         .backing(gmem::BackingChoice::HugeTlb(gmem::HUGE_2M))
         .create()
         .expect("create on HugeTLB");
-    Some((pool, mem))
+    let child = ChildProcess::spawn(test, "follower", mem.share_with_process().expect("share"));
+    Some((pool, mem, child))
 }
 
 /// The 8-byte slots the follower writes once each: pages 64..512 of the first huge page.
@@ -227,15 +228,12 @@ fn peer_follower_writes_survive_the_owners_splits_and_merges() {
         let _ = side.ctl.try_recv();
         return;
     }
-    let Some((_pool, mem)) = shared_hugetlb() else {
+    let Some((_pool, mem, mut child)) =
+        shared_hugetlb("peer_follower_writes_survive_the_owners_splits_and_merges")
+    else {
         return;
     };
     let acct = mem.hugetlb_accounting().expect("accounting");
-    let mut child = ChildProcess::spawn(
-        "peer_follower_writes_survive_the_owners_splits_and_merges",
-        "follower",
-        mem.share_with_process().expect("share"),
-    );
     assert_eq!(child.recv(), "mapped");
     child.send("go");
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -289,15 +287,12 @@ fn peer_follower_pin_holds_off_the_owners_split() {
         let _ = side.ctl.try_recv();
         return;
     }
-    let Some((_pool, mem)) = shared_hugetlb() else {
+    let Some((_pool, mem, mut child)) =
+        shared_hugetlb("peer_follower_pin_holds_off_the_owners_split")
+    else {
         return;
     };
     let acct = mem.hugetlb_accounting().expect("accounting");
-    let mut child = ChildProcess::spawn(
-        "peer_follower_pin_holds_off_the_owners_split",
-        "follower",
-        mem.share_with_process().expect("share"),
-    );
     assert_eq!(child.recv(), "pinned");
     let e = mem
         .convert(7 * P, P, Attr::Private)

@@ -370,13 +370,8 @@ impl Model {
                 // A block a reference holds a page of is not split: the call stops there,
                 // naming that page.
                 if !self.split[at / per] {
-                    if let Some(mut f) = self.first_busy(hf, he) {
-                        self.aborts += 1;
-                        if at > ps {
-                            f.reached = Some(at as u64 * PAGE);
-                            self.commits += 1;
-                        }
-                        return Err(f);
+                    if let Some(f) = self.first_busy(hf, he) {
+                        return Err(self.stopped_at(f, ps, at));
                     }
                 }
                 // Split before converting; a failed conversion leaves it split until the
@@ -384,13 +379,8 @@ impl Model {
                 self.split[at / per] = true;
             }
             if to == Attr::Private && self.attrs[at..end].iter().any(|&a| a != to) {
-                if let Some(mut f) = self.first_busy(at, end) {
-                    self.aborts += 1;
-                    if at > ps {
-                        f.reached = Some(at as u64 * PAGE);
-                        self.commits += 1;
-                    }
-                    return Err(f);
+                if let Some(f) = self.first_busy(at, end) {
+                    return Err(self.stopped_at(f, ps, at));
                 }
             }
             self.attrs[at..end].fill(to);
@@ -398,6 +388,17 @@ impl Model {
         }
         self.commits += 1;
         Ok(())
+    }
+
+    /// A HugeTLB conversion of pages from `ps` refused with `f` at page `at`: the listener
+    /// hears an abort, and the commit of the part before `at`, which `f` reports.
+    fn stopped_at(&mut self, mut f: Fault, ps: usize, at: usize) -> Fault {
+        self.aborts += 1;
+        if at > ps {
+            f.reached = Some(at as u64 * PAGE);
+            self.commits += 1;
+        }
+        f
     }
 
     /// The first page of `[ps, pe)` holding a host reference, local before a follower's.

@@ -10,6 +10,9 @@
 //! - MAPS: P8's split + merge in a process with 10,000 more mappings, against the same
 //!   without them (each split counts the process's mappings to keep `vm.max_map_count`
 //!   headroom). Recorded, no bar.
+//! - FOLLOWER: P8's split + merge of a file a follower process maps, against the same of a
+//!   file no other process maps (the follower's freeze, split and merge steps, each a round
+//!   trip over the peer socket). Recorded, no bar.
 //!
 //! Grows the HugeTLB pool for the run (root) and gives the pages back at the end. Prints a
 //! markdown table. An optional argument scales the preallocation size in MiB (default 1024).
@@ -21,6 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use gmem::{Attr, BackingChoice, Flags, GuestMemfd, PoolGuard, Prealloc, HUGE_1G, HUGE_2M};
+use gmem_conformance::child::{child_side, ChildProcess, ChildSide};
 use gmem_conformance::mappings::ManyMappings;
 
 const P: u64 = 4096;
@@ -265,6 +269,46 @@ fn many_mappings(rows: &mut Vec<Row>) {
     });
 }
 
+/// FOLLOWER: P8's split + merge of a file a follower process maps (a view of the whole file),
+/// against the same of a file nobody else maps, interleaved. Recorded, no bar.
+fn with_follower(rows: &mut Vec<Row>) {
+    const N: u32 = 101;
+    let (alone, _alone_view) = p8_file();
+    let (shared, _shared_view) = p8_file();
+    let mut child = ChildProcess::spawn(
+        "follower",
+        "follower",
+        shared.share_with_process().expect("share"),
+    );
+    assert_eq!(child.recv(), "mapped");
+    let (mut base, mut followed) = (Vec::new(), Vec::new());
+    for i in 0..N {
+        base.push(to_private_and_back(&alone, i));
+        followed.push(to_private_and_back(&shared, i));
+    }
+    child.send("bye");
+    child.finish();
+    let (f, b) = (median(followed), median(base));
+    rows.push(Row {
+        bar: "FOLLOWER",
+        what: "split + merge of one 2 MiB page (as P8) of a file a follower process maps"
+            .to_string(),
+        gmem: f,
+        base: b,
+        base_what: "the same, no follower",
+        ratio: f.as_secs_f64() / b.as_secs_f64(),
+        target: "recorded",
+    });
+}
+
+/// The follower process of [`with_follower`]: attaches, maps the whole file, waits.
+fn follower(mut side: ChildSide) {
+    let mem = GuestMemfd::attach(side.peer).expect("attach");
+    let _view = mem.map(0, mem.size()).expect("map");
+    side.ctl.send("mapped");
+    let _ = side.ctl.try_recv();
+}
+
 /// Whole huge pages converting outside a split (64 MiB to private and back in one call each):
 /// with one host view, whose 32 windows are each replaced by a hole and back, against the
 /// same conversions of a file with no view. Recorded, no bar.
@@ -367,13 +411,17 @@ fn tlb(rows: &mut Vec<Row>, size: u64) {
 }
 
 fn main() {
+    if let Some(side) = child_side() {
+        follower(side);
+        return;
+    }
     let mib: u64 = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .and_then(|a| a.parse().ok())
         .unwrap_or(1024);
     let size = mib << 20;
-    // `GMEM_BENCH_ONLY=P8` (or `P6`, `WHOLE`, `TLB`, `MAPS`, comma-separated) runs only those
+    // `GMEM_BENCH_ONLY=P8` (or `P6`, `WHOLE`, `TLB`, `MAPS`, `FOLLOWER`, comma-separated) runs only those
     // rows.
     let only = std::env::var("GMEM_BENCH_ONLY").ok();
     let on = |bar: &str| {
@@ -405,6 +453,9 @@ fn main() {
                 }
                 if on("MAPS") {
                     many_mappings(&mut rows);
+                }
+                if on("FOLLOWER") {
+                    with_follower(&mut rows);
                 }
                 if on("TLB") {
                     tlb(&mut rows, size);

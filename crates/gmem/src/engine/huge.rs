@@ -692,7 +692,12 @@ impl Engine {
         }
     }
 
-    /// Lets every writer held for the owner go on (the owner is gone).
+    /// True when this follower holds writers for its owner ([`Engine::hold_for_owner`]).
+    pub(crate) fn holds_for_owner(&self) -> bool {
+        !self.control_unchecked().held_for_owner.is_empty()
+    }
+
+    /// Lets every writer held for the owner go on (the owner is gone, or gave up).
     pub(crate) fn release_all_for_owner(&self) {
         let mut ctl = self.control_unchecked();
         for held in std::mem::take(&mut ctl.held_for_owner) {

@@ -6,10 +6,13 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Weak};
 
+use std::time::Instant;
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendFlags};
 
 use super::wire::{self, HELLO_LEN, MSG_LEN};
-use super::{os, PeerError};
+use super::{os, PeerError, PEER_TIMEOUT};
 use crate::backing::{BackingKind, Received};
 use crate::engine::{Assembly, Engine};
 use crate::model::units::PAGE_SIZE;
@@ -145,6 +148,14 @@ fn serve(sock: OwnedFd, file: Weak<Engine>) {
 
 fn serve_until_gone(sock: &OwnedFd, file: &Weak<Engine>) {
     loop {
+        if file.upgrade().is_some_and(|e| e.holds_for_owner()) && !request_within(sock) {
+            // The owner sends its split or merge at once after a freeze it was answered in
+            // time; none came within its own deadline: it gave up (a stalled link, whose
+            // `Thaw` waits for the next request), and the held writers go on.
+            if let Some(engine) = file.upgrade() {
+                engine.release_all_for_owner();
+            }
+        }
         let mut msg = [0u8; MSG_LEN];
         let n = match rustix::net::recv(sock, &mut msg, RecvFlags::empty()) {
             Ok((n, _)) => n,
@@ -157,6 +168,21 @@ fn serve_until_gone(sock: &OwnedFd, file: &Weak<Engine>) {
         let Some(engine) = file.upgrade() else { return };
         if !answer(sock, &engine, &msg) {
             return;
+        }
+    }
+}
+
+/// True when a request (or the end of the stream) arrives within [`PEER_TIMEOUT`].
+fn request_within(sock: &OwnedFd) -> bool {
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = [PollFd::new(sock, PollFlags::IN)];
+        let timeout = Timespec::try_from(left).ok();
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(0) => return false,
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) | Err(_) => return true,
         }
     }
 }
@@ -214,9 +240,8 @@ mod tests {
         f
     }
 
-    /// Sends a hello announcing a shared shmem file of `SIZE` bytes (or `kind`) with the given
-    /// descriptors, and attaches to it.
-    fn attach_to(kind: BackingKind, fds: &[BorrowedFd<'_>]) -> Result<GuestMemfd, PeerError> {
+    /// Sends `hello` with `fds` on a new socket pair: (the owner's end, the follower's).
+    fn send_hello(hello: &Hello, fds: &[BorrowedFd<'_>]) -> (OwnedFd, OwnedFd) {
         let (mine, theirs) = socketpair(
             AddressFamily::UNIX,
             SocketType::SEQPACKET,
@@ -224,6 +249,22 @@ mod tests {
             None,
         )
         .expect("socketpair");
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
+        let mut anc = SendAncillaryBuffer::new(&mut space);
+        anc.push(SendAncillaryMessage::ScmRights(fds));
+        sendmsg(
+            mine.as_fd(),
+            &[IoSlice::new(&wire::encode_hello(hello))],
+            &mut anc,
+            SendFlags::NOSIGNAL,
+        )
+        .expect("sendmsg");
+        (mine, theirs)
+    }
+
+    /// Sends a hello announcing a shared shmem file of `SIZE` bytes (or `kind`) with the given
+    /// descriptors, and attaches to it.
+    fn attach_to(kind: BackingKind, fds: &[BorrowedFd<'_>]) -> Result<GuestMemfd, PeerError> {
         let hello = Hello {
             kind,
             size: SIZE,
@@ -231,16 +272,7 @@ mod tests {
             block: 4096,
             runs: 1,
         };
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
-        let mut anc = SendAncillaryBuffer::new(&mut space);
-        anc.push(SendAncillaryMessage::ScmRights(fds));
-        sendmsg(
-            mine.as_fd(),
-            &[IoSlice::new(&wire::encode_hello(&hello))],
-            &mut anc,
-            SendFlags::NOSIGNAL,
-        )
-        .expect("sendmsg");
+        let (mine, theirs) = send_hello(&hello, fds);
         let r = GuestMemfd::attach(theirs);
         drop(mine);
         r
@@ -320,5 +352,59 @@ mod tests {
         let f = attach_to(BackingKind::Shmem, &[mem.as_fd(), runs().as_fd()]).expect("attach");
         assert!(f.is_follower());
         assert_eq!(f.size(), SIZE);
+    }
+
+    /// An owner that froze a huge page and then never sent the split (a stalled link, whose
+    /// `THAW` waits for its next request): the follower's writers of that page are held, and
+    /// go on once the owner's own deadline has passed.
+    #[test]
+    fn writers_held_for_an_owner_that_gives_up_go_on() {
+        use crate::engine::participant::Step;
+        use crate::model::units::ByteRange;
+        const M2: u64 = crate::HUGE_2M;
+        let Ok(_pool) = crate::PoolGuard::grow(M2, 1) else {
+            eprintln!("skipped: cannot reserve a 2 MiB huge page");
+            return;
+        };
+        let owner = GuestMemfd::builder(M2)
+            .flags(Flags::MMAP | Flags::INIT_SHARED)
+            .backing(crate::BackingChoice::HugeTlb(M2))
+            .create()
+            .expect("owner");
+        let hello = Hello {
+            kind: owner.backing_kind(),
+            size: M2,
+            flags: Flags::MMAP | Flags::INIT_SHARED,
+            block: M2,
+            runs: 1,
+        };
+        let table = wire::write_runs(&AttrMap::new(M2 / 4096, Attr::Shared)).expect("runs");
+        let companion = owner.inner.huge().expect("HugeTLB").companion();
+        let (mine, theirs) = send_hello(&hello, &[owner.inner.fd(), table.as_fd(), companion]);
+        let follower = GuestMemfd::attach(theirs).expect("attach");
+        let view = follower.map(0, M2).expect("map");
+        let freeze = wire::encode_request(&Step::Freeze(ByteRange { start: 0, end: M2 }), 1);
+        rustix::net::send(&mine, &freeze, SendFlags::NOSIGNAL).expect("send FREEZE");
+        let mut reply = [0u8; wire::MSG_LEN];
+        rustix::net::recv(&mine, &mut reply, rustix::net::RecvFlags::empty()).expect("reply");
+        assert_eq!(wire::decode_reply(&reply), (1, 0, 0), "FREEZE accepted");
+        let at = view.as_ptr() as usize + 100;
+        let writer = std::thread::spawn(move || {
+            // SAFETY: byte 100 of the follower's live view of a shared huge page.
+            unsafe { std::ptr::write_volatile(at as *mut u8, 7) };
+        });
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        assert!(!writer.is_finished(), "a writer went on while held");
+        let until = std::time::Instant::now() + 6 * super::PEER_TIMEOUT;
+        while !writer.is_finished() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(writer.is_finished(), "the held writer never went on");
+        writer.join().expect("the writer");
+        let mut b = [0u8; 1];
+        owner.read_at(100, &mut b).expect("read");
+        assert_eq!(b, [7]);
+        drop(view);
+        drop(mine);
     }
 }

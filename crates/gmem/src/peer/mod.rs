@@ -19,7 +19,7 @@
 //! |---|---|---|
 //! | `REVOKE offset len` | checks its own host references, marks the range private, revokes it in its views | `0`, or `EAGAIN` + first busy page |
 //! | `RESTORE offset len` | lets its views reach the range, marks it shared | `0` |
-//! | `FREEZE offset len` (HugeTLB) | holds off the writers of that huge page in its guest mapping and views (userfaultfd write protection) before the owner copies it, until the `SPLIT`, `MERGE` or `THAW` that follows | `0`, or `EAGAIN` + a page it holds |
+//! | `FREEZE offset len` (HugeTLB) | holds off the writers of that huge page in its guest mapping and views (userfaultfd write protection) before the owner copies it, until the `SPLIT`, `MERGE` or `THAW` that follows (or [`PEER_TIMEOUT`] without a request: the owner gave up) | `0`, or `EAGAIN` + a page it holds |
 //! | `THAW offset len` (HugeTLB) | lets the writers it held go on (the split or merge did not happen) | `0` |
 //! | `SPLIT offset len` (HugeTLB) | maps the owner's pieces of that huge page over its windows, lets held writers go on | `0`, or `EAGAIN` + a page it holds |
 //! | `MERGE offset len` (HugeTLB) | maps the huge page back over its windows, lets held writers go on | `0`, or `EAGAIN` + a page it holds |
