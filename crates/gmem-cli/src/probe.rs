@@ -256,7 +256,11 @@ fn exceptions(vm: &Result<gmem_kvm::Vm, String>, backings: &[BackingReport]) -> 
             test: "hugetlb_hardening::hardening_refs_vmsplice_whole_huge_page_exception",
         },
         Exception {
-            what: "HugeTLB: while a pin (a device slice) holds a page of a whole huge page,                    converting another page of it, which would split it, fails with EAGAIN                    naming the pinned page (the kernel's base pages convert alone; a pin's                    kernel references hold the whole huge page, which a split would leave                    behind)",
+            what: "HugeTLB: while a pin (a device slice) holds a page of a whole huge page, \
+                   converting another page of it, which would split it, fails with EAGAIN \
+                   naming the pinned page (the kernel's base pages convert alone; a pin's \
+                   kernel references hold the whole huge page, which a split would leave \
+                   behind)",
             measured: pin_holds_off_a_split(),
             test: "hugetlb::conformance_convert_pinned_page, \
                    conformance_hugetlb_restructure_kernel_reference_through_a_pin",

@@ -5,14 +5,13 @@ use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Weak};
-
 use std::time::Instant;
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendFlags};
 
 use super::wire::{self, HELLO_LEN, MSG_LEN};
-use super::{os, PeerError, PEER_TIMEOUT};
+use super::{os, PeerError, FREEZE_LIMIT};
 use crate::backing::{BackingKind, Received};
 use crate::engine::{Assembly, Engine};
 use crate::model::units::PAGE_SIZE;
@@ -149,9 +148,9 @@ fn serve(sock: OwnedFd, file: Weak<Engine>) {
 fn serve_until_gone(sock: &OwnedFd, file: &Weak<Engine>) {
     loop {
         if file.upgrade().is_some_and(|e| e.holds_for_owner()) && !request_within(sock) {
-            // The owner sends its split or merge at once after a freeze it was answered in
-            // time; none came within its own deadline: it gave up (a stalled link, whose
-            // `Thaw` waits for the next request), and the held writers go on.
+            // An owner answered in time sends its split or merge within the limit; none came:
+            // it gave up on this follower (a stalled link, whose `Thaw` waits for the next
+            // request), and the held writers go on.
             if let Some(engine) = file.upgrade() {
                 engine.release_all_for_owner();
             }
@@ -172,9 +171,9 @@ fn serve_until_gone(sock: &OwnedFd, file: &Weak<Engine>) {
     }
 }
 
-/// True when a request (or the end of the stream) arrives within [`PEER_TIMEOUT`].
+/// True when a request (or the end of the stream) arrives within [`FREEZE_LIMIT`].
 fn request_within(sock: &OwnedFd) -> bool {
-    let deadline = Instant::now() + PEER_TIMEOUT;
+    let deadline = Instant::now() + FREEZE_LIMIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut fds = [PollFd::new(sock, PollFlags::IN)];
@@ -356,7 +355,7 @@ mod tests {
 
     /// An owner that froze a huge page and then never sent the split (a stalled link, whose
     /// `THAW` waits for its next request): the follower's writers of that page are held, and
-    /// go on once the owner's own deadline has passed.
+    /// go on after [`FREEZE_LIMIT`](super::super::FREEZE_LIMIT).
     #[test]
     fn writers_held_for_an_owner_that_gives_up_go_on() {
         use crate::engine::participant::Step;
@@ -395,7 +394,7 @@ mod tests {
         });
         std::thread::sleep(std::time::Duration::from_secs(1));
         assert!(!writer.is_finished(), "a writer went on while held");
-        let until = std::time::Instant::now() + 6 * super::PEER_TIMEOUT;
+        let until = std::time::Instant::now() + 2 * super::super::FREEZE_LIMIT;
         while !writer.is_finished() && std::time::Instant::now() < until {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

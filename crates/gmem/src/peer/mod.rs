@@ -19,7 +19,7 @@
 //! |---|---|---|
 //! | `REVOKE offset len` | checks its own host references, marks the range private, revokes it in its views | `0`, or `EAGAIN` + first busy page |
 //! | `RESTORE offset len` | lets its views reach the range, marks it shared | `0` |
-//! | `FREEZE offset len` (HugeTLB) | holds off the writers of that huge page in its guest mapping and views (userfaultfd write protection) before the owner copies it, until the `SPLIT`, `MERGE` or `THAW` that follows (or [`PEER_TIMEOUT`] without a request: the owner gave up) | `0`, or `EAGAIN` + a page it holds |
+//! | `FREEZE offset len` (HugeTLB) | holds off the writers of that huge page in its guest mapping and views (userfaultfd write protection) before the owner copies it, until the `SPLIT`, `MERGE` or `THAW` that follows (or [`FREEZE_LIMIT`] without a request: the owner gave up) | `0`, or `EAGAIN` + a page it holds |
 //! | `THAW offset len` (HugeTLB) | lets the writers it held go on (the split or merge did not happen) | `0` |
 //! | `SPLIT offset len` (HugeTLB) | maps the owner's pieces of that huge page over its windows, lets held writers go on | `0`, or `EAGAIN` + a page it holds |
 //! | `MERGE offset len` (HugeTLB) | maps the huge page back over its windows, lets held writers go on | `0`, or `EAGAIN` + a page it holds |
@@ -74,6 +74,13 @@ pub use wire::{parse_hello, parse_runs, Hello};
 
 /// The longest an owner waits for a follower's reply, in all.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a follower holds off its writers of a huge page for its owner's split or
+/// merge (from the `FREEZE` it accepted) without a request: an owner that timed out on this
+/// follower rolled back, and its `THAW` waits for its next request. Six times
+/// [`PEER_TIMEOUT`]: an owner that was answered in time sends the `SPLIT` or `MERGE` once
+/// its other followers have answered their own `FREEZE`, each within [`PEER_TIMEOUT`].
+pub const FREEZE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Why sharing with or attaching to another process failed.
 #[derive(Debug, thiserror::Error)]
