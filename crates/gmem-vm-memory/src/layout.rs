@@ -86,6 +86,15 @@ pub enum LayoutError {
         /// Guest-physical address given.
         gpa: u64,
     },
+    /// [`HoldMode::Tracked`] asked for a HugeTLB file (`EINVAL`): a split of a huge page
+    /// does not wait for tracked holds, and a tracked slice handed to the kernel (`O_DIRECT`,
+    /// an io_uring buffer) would keep reaching the huge page a split leaves behind. HugeTLB
+    /// regions hold with pins, which hold splits off.
+    #[error("region at {gpa:#x}: tracked holds on a HugeTLB file (its splits wait for pins only)")]
+    TrackedHugeTlb {
+        /// Guest-physical address given.
+        gpa: u64,
+    },
     /// The region is larger than this host's address space (`EOVERFLOW`).
     #[error("region at {gpa:#x} is too large for this host")]
     TooLarge {
@@ -121,7 +130,8 @@ impl LayoutError {
             | LayoutError::Wraps { .. }
             | LayoutError::PastFile { .. }
             | LayoutError::FileOverlap { .. }
-            | LayoutError::NotBindingFile { .. } => libc::EINVAL,
+            | LayoutError::NotBindingFile { .. }
+            | LayoutError::TrackedHugeTlb { .. } => libc::EINVAL,
             LayoutError::Overlap { .. } => libc::EEXIST,
             LayoutError::NoRegion { .. } => libc::ENOENT,
             LayoutError::NotMappable { .. } => libc::ENODEV,
@@ -141,6 +151,7 @@ impl LayoutError {
             | LayoutError::Overlap { gpa, .. }
             | LayoutError::FileOverlap { gpa, .. }
             | LayoutError::NotBindingFile { gpa }
+            | LayoutError::TrackedHugeTlb { gpa }
             | LayoutError::NoRegion { gpa }
             | LayoutError::NotMappable { gpa }
             | LayoutError::TooLarge { gpa }
@@ -181,7 +192,8 @@ pub struct RegionSpec {
     /// Length in bytes (page aligned, non-zero).
     pub len: u64,
     /// How slices hold pages; `None` chooses: [`HoldMode::Pinned`] for HugeTLB,
-    /// [`HoldMode::Tracked`] otherwise.
+    /// [`HoldMode::Tracked`] otherwise. `Tracked` on a HugeTLB file is refused
+    /// ([`LayoutError::TrackedHugeTlb`]).
     pub hold: Option<HoldMode>,
     /// The identity of the file the memslot binding this region was made from binds
     /// ([`RegionSpec::from_binding`]); the layout refuses the region when `file` is another
@@ -257,6 +269,11 @@ impl RegionSpec {
         }
         if !self.file.flags().contains(gmem::Flags::MMAP) {
             return Err(LayoutError::NotMappable { gpa });
+        }
+        if self.hold == Some(HoldMode::Tracked)
+            && matches!(self.file.backing_kind(), BackingKind::HugeTlb(_))
+        {
+            return Err(LayoutError::TrackedHugeTlb { gpa });
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! page stays split while a device holds one of its pieces.
 
 use gmem::{Attr, BackingChoice, Errno, Flags, GuestMemfd, PoolGuard, HUGE_2M};
-use gmem_vm_memory::{GmemMemory, HoldMode, Refusal, RegionSpec};
+use gmem_vm_memory::{GmemMemory, HoldMode, LayoutError, Refusal, RegionSpec};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 const P: u64 = 4096;
@@ -72,4 +72,37 @@ fn hugetlb_regions_hold_pins_across_split_and_merge() {
         0x5678
     );
     f.convert(5 * P, P, Attr::Private).expect("released");
+}
+
+/// Tracked holds on a HugeTLB file are refused (`EINVAL`): a split waits for pins only.
+#[test]
+fn tracked_holds_on_hugetlb_are_refused() {
+    let _pool = match PoolGuard::grow(HUGE_2M, 1) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skipped: cannot reserve a huge page of 2 MiB: {e}");
+            return;
+        }
+    };
+    let f = GuestMemfd::builder(HUGE_2M)
+        .flags(Flags::MMAP | Flags::INIT_SHARED)
+        .backing(BackingChoice::HugeTlb(HUGE_2M))
+        .create()
+        .expect("create");
+    let spec = RegionSpec {
+        hold: Some(HoldMode::Tracked),
+        ..RegionSpec::new(0x4000_0000, f.clone(), 0, HUGE_2M)
+    };
+    let e = GmemMemory::new([spec]).expect_err("tracked on HugeTLB");
+    assert!(
+        matches!(e, LayoutError::TrackedHugeTlb { gpa: 0x4000_0000 }),
+        "{e:?}"
+    );
+    assert_eq!((e.errno(), e.gpa()), (libc::EINVAL, 0x4000_0000));
+    let pinned = RegionSpec {
+        hold: Some(HoldMode::Pinned),
+        ..RegionSpec::new(0x4000_0000, f, 0, HUGE_2M)
+    };
+    let mem = GmemMemory::new([pinned]).expect("pinned on HugeTLB");
+    assert_eq!(mem.hold_mode(0x4000_0000), Some(HoldMode::Pinned));
 }
