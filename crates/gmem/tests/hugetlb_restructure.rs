@@ -497,3 +497,94 @@ fn preallocation_racing_page_moves_never_opens_a_view() {
     assert!(fills > 0, "no preallocation ran");
     check_view(&mem, &view, 2 * M2);
 }
+
+/// A participant that refuses every other split (`EIO`), after the file froze its writers
+/// and copied the huge page.
+struct RefuseEveryOtherSplit(u64);
+
+impl gmem::Participant for RefuseEveryOtherSplit {
+    fn name(&self) -> &str {
+        "refuse-every-other-split"
+    }
+
+    fn apply(&mut self, step: &gmem::Step) -> Result<(), gmem::StepError> {
+        match step {
+            gmem::Step::Split(r) => {
+                self.0 += 1;
+                if self.0 % 2 == 0 {
+                    return Err(gmem::StepError {
+                        errno: libc::EIO,
+                        offset: r.start,
+                    });
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn undo(&mut self, _: &gmem::Step) {}
+}
+
+/// Splits refused after the writers were frozen thaw the huge page in place, over and over,
+/// while two threads write into it through `write_at`. Every other split goes through and
+/// merges back, which maps the guest mapping's window afresh, so the next freeze finds pages
+/// not mapped there yet. Every writer the freeze held must go on, however it raced the thaw.
+/// An accessor's copy holds the page-state lock while its write waits, so a writer left
+/// asleep would stall the next punch-hole (which takes that lock for writing) for good: the
+/// punch-holes here must keep completing.
+#[test]
+fn writers_go_on_after_a_refused_split() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let Some(_pool) = pool(M2, 2) else { return };
+    let mem = huge(2);
+    mem.add_participant(Box::new(RefuseEveryOtherSplit(0)));
+    let stop = AtomicBool::new(false);
+    let stalled = std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (mem, stop) = (&mem, &stop);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let at = (64 + i % 400) * P + t * 64;
+                    mem.write_at(at, &[0x5a; 64]).expect("write");
+                    i += 1;
+                }
+            });
+        }
+        let converter = s.spawn(|| {
+            for i in 0..2_000u64 {
+                let at = (5 + i % 50) * P;
+                match mem.convert(at, P, Attr::Private) {
+                    Ok(()) => mem.convert(at, P, Attr::Shared).expect("merge"),
+                    Err(e) => assert_eq!(e.errno(), libc::EIO, "{e:?}"),
+                }
+                if i % 50 == 0 {
+                    mem.fallocate(FallocMode::PUNCH_HOLE, M2, M2)
+                        .expect("punch the other huge page");
+                }
+            }
+        });
+        let until = Instant::now() + Duration::from_secs(120);
+        while !converter.is_finished() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stalled = !converter.is_finished();
+        if stalled {
+            // The writers and the converter never return: report and end the process, which
+            // fails this test binary.
+            eprintln!("stalled: a writer held by a refused split never went on");
+            std::process::exit(101);
+        }
+        stop.store(true, Ordering::Relaxed);
+        stalled
+    });
+    assert!(!stalled);
+    let acct = mem.hugetlb_accounting().expect("accounting");
+    assert_eq!(
+        (acct.split_pages(), acct.splits(), acct.merges()),
+        (0, 1_000, 1_000)
+    );
+    assert!(!mem.any_private(0, 2 * M2).expect("any private"));
+}

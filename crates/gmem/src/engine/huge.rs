@@ -257,12 +257,25 @@ struct Frozen {
 impl Frozen {
     fn thaw(self) {
         for &(guest, addr, len) in &self.windows {
-            let u = if guest {
-                Some(&self.guest)
-            } else {
-                self.views.as_ref()
+            if guest {
+                // Unregistered, not just write-unprotected: unregistering waits for the faults
+                // in flight on the window (it takes the mapping's write lock), so every writer
+                // that saw the write protection is queued by the time of the wake below. After
+                // a plain unprotect a writer could queue after the wake and sleep until the
+                // next thaw, holding the page-state lock if it was an accessor's copy. The
+                // guest mapping's userfaultfd carries no events; the next freeze registers the
+                // window again.
+                if let Err(e) = self.guest.unregister(addr, len) {
+                    tracing::error!(addr, "unregistering a frozen guest window: {e}");
+                }
+                if let Err(e) = self.guest.wake(addr, len) {
+                    tracing::error!(addr, "waking writers: {e}");
+                }
+                continue;
+            }
+            let Some(u) = self.views.as_ref() else {
+                continue;
             };
-            let Some(u) = u else { continue };
             if let Err(e) = u.write_protect(addr, len, false) {
                 tracing::debug!(addr, "write-unprotect after a remap: {e}");
             }
