@@ -8,20 +8,29 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 const P: u64 = 4096;
 
-#[test]
-fn hugetlb_regions_hold_pins_across_split_and_merge() {
-    let _pool = match PoolGuard::grow(HUGE_2M, 2) {
+/// A shared HugeTLB file of `pages` 2 MiB pages, with the pool grown for it, or `None` (with
+/// `skipped:`) when the pool cannot be grown.
+fn huge_file(pages: u64) -> Option<(PoolGuard, GuestMemfd)> {
+    let pool = match PoolGuard::grow(HUGE_2M, pages) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("skipped: cannot reserve 2 huge pages of 2 MiB: {e}");
-            return;
+            eprintln!("skipped: cannot reserve {pages} huge pages of 2 MiB: {e}");
+            return None;
         }
     };
-    let f = GuestMemfd::builder(2 * HUGE_2M)
+    let f = GuestMemfd::builder(pages * HUGE_2M)
         .flags(Flags::MMAP | Flags::INIT_SHARED)
         .backing(BackingChoice::HugeTlb(HUGE_2M))
         .create()
         .expect("create");
+    Some((pool, f))
+}
+
+#[test]
+fn hugetlb_regions_hold_pins_across_split_and_merge() {
+    let Some((_pool, f)) = huge_file(2) else {
+        return;
+    };
     let mem =
         GmemMemory::new([RegionSpec::new(0x4000_0000, f.clone(), 0, 2 * HUGE_2M)]).expect("memory");
     assert_eq!(mem.hold_mode(0x4000_0000), Some(HoldMode::Pinned));
@@ -77,18 +86,9 @@ fn hugetlb_regions_hold_pins_across_split_and_merge() {
 /// Tracked holds on a HugeTLB file are refused (`EINVAL`): a split waits for pins only.
 #[test]
 fn tracked_holds_on_hugetlb_are_refused() {
-    let _pool = match PoolGuard::grow(HUGE_2M, 1) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("skipped: cannot reserve a huge page of 2 MiB: {e}");
-            return;
-        }
+    let Some((_pool, f)) = huge_file(1) else {
+        return;
     };
-    let f = GuestMemfd::builder(HUGE_2M)
-        .flags(Flags::MMAP | Flags::INIT_SHARED)
-        .backing(BackingChoice::HugeTlb(HUGE_2M))
-        .create()
-        .expect("create");
     let spec = RegionSpec {
         hold: Some(HoldMode::Tracked),
         ..RegionSpec::new(0x4000_0000, f.clone(), 0, HUGE_2M)

@@ -38,6 +38,12 @@ pub struct Veto {
 }
 
 /// Hears of conversions of one file.
+///
+/// Listeners are called with the file's control lock held (a conversion, a hand-over's
+/// commit and release): a callback must not call an operation that takes that lock
+/// (converting, mapping or dropping a view, [`HostView::fault_at`](crate::HostView::fault_at),
+/// registering a listener), which would wait for the callback's own caller.
+/// [`GuestMemfd::host_fault`](crate::GuestMemfd::host_fault) takes no such lock.
 pub trait ConversionListener: Send + Sync {
     /// Called before the range converts; an error vetoes the conversion.
     fn prepare(&self, conv: &Conversion) -> Result<(), Veto>;
